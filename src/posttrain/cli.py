@@ -1,0 +1,95 @@
+"""`posttrain <command>`: parse, load the config, call a recipe. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable
+
+from posttrain.config import RECIPE_CONFIGS, ConfigError, field_help, load_config
+
+# recipe name -> module whose train(cfg) runs it; configs come from posttrain.config.RECIPE_CONFIGS
+RECIPES: dict[str, str] = {
+    "pretrain": "posttrain.recipes.pretrain",
+    "sft": "posttrain.recipes.sft",
+}
+
+# other commands -> "module:function" taking argv and returning an exit code
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("posttrain.demo:main", "run the built-in demo end to end on a tiny model"),
+    "audit-verifier": ("posttrain.verifiers.audit:main", "probe a verifier with gold and adversarial completions"),
+}
+
+
+def _recipe_help(name: str) -> str:
+    cls = RECIPE_CONFIGS[name]
+    rows = field_help(cls)
+    width = max(len(r[0]) for r in rows)
+    lines = [f"usage: posttrain {name} [CONFIG.yaml] [key.sub=value ...]", "",
+             f"Fields of {cls.__name__} (override any with key.sub=value):", ""]
+    for fname, tname, default, text in rows:
+        lines.append(f"  {fname:<{width}}  {text}")
+        lines.append(f"  {'':<{width}}    type: {tname}; default: {default}")
+    return "\n".join(lines)
+
+
+def _expected_errors() -> tuple[type, ...]:
+    from posttrain.data.io import DataError
+    from posttrain.loop import NonFiniteError
+    from posttrain.models.loading import ModelError
+    from posttrain.tracking import TrackingError
+
+    return ConfigError, DataError, ModelError, NonFiniteError, TrackingError, FileNotFoundError
+
+
+def run_recipe(name: str, argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(_recipe_help(name))
+        return 0
+    path = argv[0] if argv and "=" not in argv[0] else None
+    overrides = argv[1:] if path else argv
+    try:
+        cfg = load_config(RECIPE_CONFIGS[name], path, overrides)
+    except ConfigError as e:
+        print(f"posttrain {name}: config error: {e}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(RECIPES[name])
+    try:
+        out = module.train(cfg)
+    except _expected_errors() as e:
+        print(f"posttrain {name}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"posttrain {name}: finished; model at {out}")
+    return 0
+
+
+def _load(target: str) -> Callable[[list[str]], int]:
+    mod, fn = target.split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="posttrain", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=[*RECIPES, *COMMANDS], help="a recipe or a command")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        print("\nrecipes:  " + ", ".join(RECIPES) + "   (posttrain RECIPE --help lists every config field)")
+        for cmd, (_, text) in COMMANDS.items():
+            print(f"  {cmd:<16} {text}")
+        return 0
+    if argv[0] not in RECIPES and argv[0] not in COMMANDS:
+        parser.parse_args(argv[:1])  # prints the choices and exits 2
+    if argv[0] in RECIPES:
+        return run_recipe(argv[0], argv[1:])
+    fn = _load(COMMANDS[argv[0]][0])
+    try:
+        return int(fn(argv[1:]) or 0)
+    except _expected_errors() as e:
+        print(f"posttrain {argv[0]}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

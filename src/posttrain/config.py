@@ -1,0 +1,377 @@
+"""Typed, frozen config records, YAML loading and dotted command-line overrides.
+
+Every recipe has one config dataclass. Fields carry their one-line doc in ``metadata["doc"]`` so
+``posttrain <recipe> --help`` can list them. This module imports no torch.
+
+    cfg = load_config(SFTConfig, "examples/sft_tiny.yaml", ["optim.lr=3e-4", "data.path=train.jsonl"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the field (and the file) at fault."""
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default and a one-line doc shown by ``--help``."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple or a factory for mutable defaults")
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def dict_doc(text: str) -> Any:
+    return field(default_factory=dict, metadata={"doc": text})
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared sub-records
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """`model: tiny` is shorthand for `model: {path: tiny}`."""
+
+    path: str = doc("tiny", "local HF model directory, or a tiny preset: tiny | small | medium")
+    arch: Literal["llama", "qwen2"] = doc("llama", "architecture of a tiny preset")
+    dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "parameter dtype")
+    device: str = doc("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+    tokenizer: str = doc("", "tokenizer directory (default: the model directory; tiny: built locally)")
+    tokenizer_kind: Literal["char", "bpe"] = doc("char", "tiny presets: character-level or BPE trained on the task text")
+    gradient_checkpointing: bool = doc(False, "recompute activations in backward to save memory")
+
+    _shorthand = "path"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = doc(0, "LoRA rank; 0 disables LoRA (full fine-tuning)")
+    alpha: float = doc(16.0, "LoRA alpha (scaling = alpha / r)")
+    dropout: float = doc(0.0, "LoRA dropout")
+    target_modules: tuple[str, ...] = doc(("q_proj", "k_proj", "v_proj", "o_proj"), "module names to adapt")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = doc("", "jsonl/json/parquet/csv file, a save_to_disk directory, a hub name, or builtin:<task>")
+    split: str = doc("train", "split to read from a dataset dict / hub dataset")
+    eval_path: str = doc("", "held-out file; empty: carve eval_fraction off the training data")
+    eval_fraction: float = doc(0.05, "fraction held out for eval loss when eval_path is empty")
+    max_length: int = doc(512, "maximum tokens per example (prompt + completion)")
+    overlong: Literal["drop", "truncate"] = doc("drop", "what to do with rows longer than max_length (always reported)")
+    shuffle: bool = doc(True, "shuffle training rows every epoch (seeded)")
+    num_examples: int = doc(0, "builtin tasks: how many rows to generate (0: the task default)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = doc(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    betas: tuple[float, float] = doc((0.9, 0.999), "AdamW betas")
+    eps: float = doc(1e-8, "AdamW epsilon")
+    warmup_steps: int = doc(0, "linear warmup steps")
+    schedule: Literal["cosine", "constant", "linear"] = doc("cosine", "decay after warmup")
+    min_lr_ratio: float = doc(0.1, "final lr as a fraction of the peak (cosine / linear)")
+    max_grad_norm: float = doc(1.0, "gradient clipping norm; 0 disables clipping")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = doc(100, "optimizer steps")
+    micro_batch_size: int = doc(8, "sequences per forward/backward")
+    grad_accum: int = doc(1, "micro-batches accumulated per optimizer step")
+    seed: int = doc(0, "seed for data order, init and sampling")
+    output_dir: str = doc("runs/run", "run directory: config, metrics.jsonl, checkpoints, report")
+    save_every: int = doc(0, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = doc(2, "how many step checkpoints to keep")
+    eval_every: int = doc(0, "evaluate every N steps (0: only at the end)")
+    log_every: int = doc(1, "print a log line every N steps")
+    resume: str = doc("auto", "auto: continue from the newest complete checkpoint | never | a checkpoint path")
+    report_to: tuple[str, ...] = doc((), "extra metric sinks: tensorboard, wandb, trackio")
+    progress: bool = doc(True, "show a progress bar")
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe configs
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: ModelConfig = doc(ModelConfig(), "policy model")
+    lora: LoraConfig = doc(LoraConfig(), "LoRA adapters (r=0: off)")
+    data: DataConfig = doc(DataConfig(), "training text (`text` or `messages` column)")
+    optim: OptimConfig = doc(OptimConfig(lr=1e-3, warmup_steps=10), "optimizer and schedule")
+    train: TrainConfig = doc(TrainConfig(), "loop, checkpoints, logging")
+    packing: bool = doc(True, "pack documents into max_length rows (attention never crosses documents)")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    model: ModelConfig = doc(ModelConfig(), "policy model")
+    lora: LoraConfig = doc(LoraConfig(), "LoRA adapters (r=0: off)")
+    data: DataConfig = doc(DataConfig(), "prompt+completion or messages rows")
+    optim: OptimConfig = doc(OptimConfig(lr=1e-4, warmup_steps=10), "optimizer and schedule")
+    train: TrainConfig = doc(TrainConfig(), "loop, checkpoints, logging")
+    packing: bool = doc(False, "pack examples into max_length rows (per-document positions, no cross attention)")
+    completion_only: bool = doc(True, "loss only on completion / assistant tokens")
+
+
+RECIPE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig}
+
+
+def register_recipe_config(name: str, cls: type) -> None:
+    RECIPE_CONFIGS[name] = cls
+
+
+# ---------------------------------------------------------------------------------------------
+# Building records from plain data
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is tuple:
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return f"list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping ({tp.__name__})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return the typed value."""
+    origin = get_origin(tp)
+    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in get_args(tp):
+            close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: {value!r} is not one of {_type_name(tp)}{hint}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where)
+            except ConfigError:
+                continue
+        raise bad
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            # A single string is accepted where a list of strings is expected: `report_to=wandb`.
+            args = get_args(tp)
+            if isinstance(value, str) and len(args) == 2 and args[1] is Ellipsis and args[0] is str:
+                return tuple(s for s in (p.strip() for p in value.split(",")) if s)
+            raise bad
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise bad
+        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise ConfigError(f"{where}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    shorthand = getattr(cls, "_shorthand", None)
+    if shorthand and not isinstance(data, dict):
+        data = {shorthand: data}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping ({cls.__name__}), got {data!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    defaults = {f.name: _default_of(f) for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {path!r}{hint} (valid: {', '.join(names)})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            # Partial nested mapping: start from the field's own default, not the class default.
+            value = {**_asdict_shallow(defaults[key]), **value}
+        kwargs[key] = _convert(value, tp, path)
+    return cls(**kwargs)
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _asdict_shallow(obj: Any) -> dict:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain YAML-ready data (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`optim.lr=3e-4` -> (["optim", "lr"], 0.0003). Values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads `3e-4` as a string; read it as a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def _set_path(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        child = node.get(k)
+        if not isinstance(child, dict):
+            child = {} if child is None or not isinstance(child, str) else {"path": child}
+            node[k] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def config_from_dict(cls: type, data: dict, overrides: list[str] = ()) -> Any:
+    data = dict(data or {})
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_path(data, keys, value)
+    cfg = _build(cls, data, "")
+    _check_ranges(cfg, "")
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of config keys")
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
+    data = read_yaml(path) if path else {}
+    try:
+        return config_from_dict(cls, data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def _check_ranges(cfg: Any, where: str) -> None:
+    """Value checks that types cannot express; named so the error points at the field."""
+    positive = {"steps", "micro_batch_size", "grad_accum", "max_length", "num_generations",
+                "prompts_per_step", "max_completion_length", "num_iterations", "max_gen_batches"}
+    non_negative = {"lr", "weight_decay", "warmup_steps", "save_every", "eval_every", "beta", "r"}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        path = f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(v):
+            _check_ranges(v, path)
+        elif f.name in positive and isinstance(v, (int, float)) and v <= 0:
+            raise ConfigError(f"{path}: must be > 0, got {v!r}")
+        elif f.name in non_negative and isinstance(v, (int, float)) and v < 0:
+            raise ConfigError(f"{path}: must be >= 0, got {v!r}")
+    if hasattr(cfg, "check"):
+        cfg.check()
+
+
+def field_help(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted name, type, default, doc) for every leaf field, for `--help`."""
+    rows = []
+    hints = _hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        tp = hints[f.name]
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(tp):
+            sub = field_help(tp, name + ".")
+            # Use this record's own default values for nested fields.
+            sub = [(n, t, repr(to_dict(_dig(value, n[len(name) + 1:]))), d) for n, t, _, d in sub]
+            rows.extend(sub)
+        else:
+            rows.append((name, _type_name(tp), repr(to_dict(value)), f.metadata.get("doc", "")))
+    return rows
+
+
+def _dig(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj

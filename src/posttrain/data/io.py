@@ -1,0 +1,151 @@
+"""Reading rows from jsonl / json / parquet / csv files, `save_to_disk` directories, hub names and
+built-in tasks, each row tagged with where it came from so errors can name the file and line."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the row (line for jsonl/csv) and the column."""
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows plus, for each, a human location such as ``train.jsonl:12``."""
+
+    rows: list[dict[str, Any]]
+    where: list[str]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, idx: list[int]) -> "Rows":
+        return Rows([self.rows[i] for i in idx], [self.where[i] for i in idx], self.source)
+
+
+def read_rows(path: str, split: str = "train", *, num_examples: int = 0, seed: int = 0) -> Rows:
+    """Rows from ``path``; for ``builtin:<task>`` the task generates them (split train/test)."""
+    if not path:
+        raise DataError("data.path is empty: give a jsonl/json/parquet/csv file, a dataset directory or builtin:<task>")
+    if path.startswith("builtin:"):
+        return _builtin(path, split, num_examples, seed)
+    p = Path(path)
+    if p.is_dir():
+        return _dataset_dir(p, split)
+    if p.is_file():
+        suffix = p.suffix.lower()
+        reader = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet, ".csv": _csv}.get(suffix)
+        if reader is None:
+            raise DataError(f"{p}: unsupported file type {suffix!r} (jsonl, json, parquet, csv, or a dataset directory)")
+        rows = reader(p)
+    elif "/" in path and not path.startswith((".", "/")) and not p.suffix:
+        rows = _hub(path, split)
+    else:
+        raise DataError(f"{path}: no such file or directory")
+    if len(rows) == 0:
+        raise DataError(f"{path}: the dataset is empty")
+    return rows
+
+
+def _builtin(path: str, split: str, n: int, seed: int) -> Rows:
+    from posttrain.tasks import get_task
+
+    spec = path[len("builtin:"):]
+    name, _, kind = spec.partition("/")
+    task = get_task(name)
+    n = n or (2000 if split == "train" else 200)
+    if kind == "pretrain":
+        rows = task.pretrain_text(n, seed=seed)
+    elif kind in ("", "sft"):
+        rows = task.rows(n, split="test" if split == "test" else "train", seed=seed)
+    else:
+        raise DataError(f"{path}: unknown builtin view {kind!r} (use builtin:{name} or builtin:{name}/pretrain)")
+    return Rows(rows, [f"{path}[{i}]" for i in range(len(rows))], path)
+
+
+def _jsonl(p: Path) -> Rows:
+    rows, where = [], []
+    with p.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{lineno}: invalid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{p}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+            where.append(f"{p}:{lineno}")
+    return Rows(rows, where, str(p))
+
+
+def _json(p: Path) -> Rows:
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{p}: expected a list of objects (or {{\"data\": [...]}})")
+    return Rows(list(data), [f"{p}[{i}]" for i in range(len(data))], str(p))
+
+
+def _parquet(p: Path) -> Rows:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(p).to_pylist()
+    return Rows(rows, [f"{p}[row {i}]" for i in range(len(rows))], str(p))
+
+
+def _csv(p: Path) -> Rows:
+    with p.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows, where = [], []
+        for row in reader:
+            rows.append(dict(row))
+            where.append(f"{p}:{reader.line_num}")
+    return Rows(rows, where, str(p))
+
+
+def _from_dataset(ds: Any, label: str) -> Rows:
+    rows = ds.to_list()
+    return Rows(rows, [f"{label}[row {i}]" for i in range(len(rows))], label)
+
+
+def _dataset_dir(p: Path, split: str) -> Rows:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except FileNotFoundError as e:
+        raise DataError(f"{p}: not a dataset saved with save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{p}: no split {split!r} (has {', '.join(ds)})")
+        ds = ds[split]
+    return _from_dataset(ds, f"{p}:{split}")
+
+
+def _hub(name: str, split: str) -> Rows:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001 - the hub raises many types; re-raised with the name
+        raise DataError(f"{name}: could not load from the dataset hub ({type(e).__name__}: {e})") from e
+    return _from_dataset(ds, f"{name}:{split}")
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Atomic: the file appears complete or not at all."""
+    from posttrain.io_utils import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

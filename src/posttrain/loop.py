@@ -1,0 +1,169 @@
+"""Loop glue shared by the recipes: run directory, seeding, optimizer + schedule, the guarded
+optimizer step, checkpoint/resume and the progress bar. No training math lives here."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from posttrain.config import OptimConfig, TrainConfig, to_dict
+from posttrain.io_utils import atomic_write_text
+from posttrain.models import checkpoint as ckpt
+from posttrain.tracking import Tracker
+
+log = logging.getLogger("posttrain")
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss or gradient; the run stops before the optimizer step, checkpoints stay intact."""
+
+
+@dataclass
+class Run:
+    """What travels through a recipe besides the config: where to write, on which device, logging."""
+
+    dir: Path
+    device: torch.device
+    tracker: Tracker
+    resume_from: Path | None
+    start_time: float = field(default_factory=time.time)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_logging() -> None:
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+
+
+def find_resume(train: TrainConfig) -> Path | None:
+    if train.resume == "never":
+        return None
+    if train.resume == "auto":
+        return ckpt.latest_checkpoint(train.output_dir)
+    path = Path(train.resume)
+    if not ckpt.is_complete(path):
+        raise FileNotFoundError(f"train.resume={train.resume!r}: not a complete checkpoint directory")
+    return path
+
+
+def start_run(cfg: Any, recipe: str, device: torch.device) -> Run:
+    setup_logging()
+    train: TrainConfig = cfg.train
+    run_dir = Path(train.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = find_resume(train)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({"recipe": recipe, **to_dict(cfg)}, sort_keys=False))
+    resume_step = int(resume_from.name.split("-")[-1]) if resume_from else None
+    tracker = Tracker(run_dir, train.report_to, to_dict(cfg), resume_step=resume_step, name=run_dir.name)
+    seed_everything(train.seed)
+    return Run(run_dir, device, tracker, resume_from)
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    """Linear warmup, then cosine / linear decay to min_lr_ratio, or constant."""
+
+    def f(step: int) -> float:
+        if optim.warmup_steps and step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - optim.warmup_steps)
+        progress = min(1.0, (step - optim.warmup_steps) / span)
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1 - progress
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * decay
+
+    return f
+
+
+def make_optimizer(model, optim: OptimConfig, total_steps: int):
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps))
+    return opt, sched
+
+
+def optimizer_step(model, optimizer, scheduler, *, max_grad_norm: float, step: int, loss: float) -> float:
+    """Check finiteness, clip, step. Returns the pre-clip gradient norm."""
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"non-finite loss ({loss}) at step {step}; stopped before updating the weights")
+    params = trainable_parameters(model)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"non-finite gradient norm at step {step}; stopped before updating the weights")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def save(run: Run, cfg: Any, step: int, model, tokenizer, optimizer, scheduler, train_state: dict) -> Path:
+    return ckpt.save_checkpoint(run.dir, step, model, tokenizer, optimizer=optimizer, scheduler=scheduler,
+                                train_state=train_state, keep=cfg.train.keep_checkpoints)
+
+
+def resume(run: Run, model, optimizer, scheduler) -> tuple[int, dict]:
+    """(start step, saved train_state) -- (0, {}) for a fresh run."""
+    if run.resume_from is None:
+        return 0, {}
+    state = ckpt.load_checkpoint(run.resume_from, model, optimizer=optimizer, scheduler=scheduler)
+    log.info("resumed from %s (step %d)", run.resume_from, state["step"])
+    return state["step"], state
+
+
+def should(every: int, step: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+class Progress:
+    """A rich progress bar with rate and ETA, plus the latest key metrics."""
+
+    def __init__(self, total: int, start: int, desc: str, enabled: bool = True):
+        self._p = None
+        if enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._p = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                   TextColumn("{task.fields[rate]}"),
+                                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                   TextColumn("{task.fields[info]}"), transient=False)
+            self._p.start()
+            self._task = self._p.add_task(desc, total=total, completed=start, rate="", info="")
+        self._t0, self._start = time.time(), start
+
+    def update(self, step: int, info: str = "") -> None:
+        if self._p is None:
+            return
+        elapsed = max(time.time() - self._t0, 1e-9)
+        rate = f"{(step - self._start) / elapsed:.2f} steps/s"
+        self._p.update(self._task, completed=step, rate=rate, info=info)
+
+    def close(self) -> None:
+        if self._p is not None:
+            self._p.stop()

@@ -1,0 +1,1 @@
+"""Model and tokenizer loading, the tiny in-process models, LoRA and checkpoint I/O."""

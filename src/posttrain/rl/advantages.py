@@ -1,0 +1,114 @@
+"""Outcome-reward advantages: GRPO group z-score, Dr. GRPO centring, RLOO, batch whitening.
+
+Shape letters: P prompts, G completions per prompt (the group), B batch, T tokens. Rewards are
+one scalar per completion, ``rewards_PG``; the advantage of completion (p, g) is broadcast to all
+of its tokens by the caller (``adv_PG.reshape(-1, 1)`` gives the (B, 1) that the policy losses
+take, with B = P * G in prompt-major order).
+
+Conventions:
+
+* Standard deviations are UNBIASED (Bessel, N - 1; ``torch.std``'s default), as in every
+  reference (verl, TRL, OpenRLHF, oat). The epsilon is added to the std, outside the square
+  root: (r - mean) / (std + eps), eps = 1e-6 as in verl (TRL uses 1e-4, OpenRLHF 1e-9, oat 1e-8).
+* A group whose rewards are all equal gets advantage EXACTLY 0. Computing (r - mean) / (std + eps)
+  there is not safe: in fp32, mean([0.3] * 16) differs from 0.3 by ~3e-8 and so does the std,
+  which gives advantages ~0.03 instead of 0. These groups carry no learning signal (DAPO's
+  dynamic sampling drops them; see ``zero_variance_groups``).
+* Groups must have G >= 2: a baseline from the group is undefined for a single sample (verl
+  silently falls back to the raw reward; here it is an error).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+
+def _check_groups(rewards_PG: Tensor) -> Tensor:
+    if rewards_PG.dim() != 2:
+        raise ValueError(f"rewards_PG must be (P, G); got shape {tuple(rewards_PG.shape)}")
+    if rewards_PG.shape[1] < 2:
+        raise ValueError(f"group-relative advantages need G >= 2 completions per prompt; got "
+                         f"G = {rewards_PG.shape[1]}")
+    return rewards_PG if rewards_PG.is_floating_point() else rewards_PG.float()
+
+
+def zero_variance_groups(rewards_PG: Tensor) -> Tensor:
+    """Bool (P,): True where all G rewards of the prompt are identical (all correct / all wrong).
+
+    Compared exactly (max == min), not with std < tol, so it does not depend on rounding.
+    """
+    if rewards_PG.dim() != 2:
+        raise ValueError(f"rewards_PG must be (P, G); got shape {tuple(rewards_PG.shape)}")
+    return rewards_PG.amax(dim=-1) == rewards_PG.amin(dim=-1)
+
+
+def group_advantages(
+    rewards_PG: Tensor,
+    *,
+    scale: Literal["std", "none"] = "std",
+    eps: float = 1e-6,
+) -> Tensor:
+    """GRPO outcome advantages (Shao et al. 2024, arXiv 2402.03300, §4.1.2), (P, G):
+
+        scale="std":  A_pg = (R_pg - mean_g R_p) / (std_g R_p + eps)    (GRPO, DAPO)
+        scale="none": A_pg =  R_pg - mean_g R_p                          (Dr. GRPO, arXiv 2503.20783)
+
+    std is unbiased (N - 1); zero-variance groups give exactly 0 (module docstring).
+    """
+    rewards = _check_groups(rewards_PG)
+    centred_PG = rewards - rewards.mean(dim=-1, keepdim=True)
+    if scale == "std":
+        adv_PG = centred_PG / (rewards.std(dim=-1, keepdim=True) + eps)
+    elif scale == "none":
+        adv_PG = centred_PG
+    else:
+        raise ValueError(f"unknown scale {scale!r}; expected 'std' or 'none'")
+    flat_P1 = zero_variance_groups(rewards)[:, None]
+    return torch.where(flat_P1, torch.zeros_like(adv_PG), adv_PG)
+
+
+def rloo_advantages(rewards_PG: Tensor) -> Tensor:
+    """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024,
+    arXiv 2402.14740), (P, G):
+
+        A_pg = R_pg - (1/(G-1)) sum_{j != g} R_pj  =  G/(G-1) (R_pg - mean_j R_pj)
+
+    Unbiased: the baseline of sample g does not depend on sample g. No std scaling. Any KL
+    penalty must already be folded into R (RLOO puts the sequence-summed k1 in the reward).
+    """
+    rewards = _check_groups(rewards_PG)
+    group_size = rewards.shape[1]
+    baseline_PG = (rewards.sum(dim=-1, keepdim=True) - rewards) / (group_size - 1)
+    adv_PG = rewards - baseline_PG
+    flat_P1 = zero_variance_groups(rewards)[:, None]
+    return torch.where(flat_P1, torch.zeros_like(adv_PG), adv_PG)
+
+
+def batch_normalize(adv: Tensor, eps: float = 1e-6, *, mask: Tensor | None = None) -> Tensor:
+    """Whiten advantages over the whole batch: (A - mean) / (std + eps).
+
+    REINFORCE++ (Hu 2025, arXiv 2501.03262) normalises globally over all valid tokens of the
+    batch; with per-token advantages (B, T) pass the loss ``mask`` so padding is excluded from
+    the statistics (output is 0 there). Any shape is accepted without a mask (e.g. (P, G)).
+
+    Conventions: unbiased std (verl ``masked_whiten``; OpenRLHF uses the population variance, and
+    verl puts its 1e-8 inside the square root: slightly different numbers), eps outside the
+    square root as in ``group_advantages``. If every selected value is equal the result is
+    exactly 0. The statistics are those of the tensor given: under data parallelism, gather
+    first or the normalisation becomes per-rank.
+    """
+    x = adv if adv.is_floating_point() else adv.float()
+    keep = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.bool().expand_as(x)
+    n = keep.sum().to(x.dtype)
+    zero = torch.zeros_like(x)
+    mean = torch.where(keep, x, zero).sum() / n.clamp(min=1)
+    centred = torch.where(keep, x - mean, zero)
+    var = (centred**2).sum() / (n - 1).clamp(min=1)
+    out = centred / (var.sqrt() + eps)
+    selected = x[keep]
+    if selected.numel() == 0 or bool(selected.amax() == selected.amin()):
+        return zero
+    return out

@@ -1,0 +1,11 @@
+"""Built-in tasks: generated data with checkable answers (no downloads)."""
+
+from posttrain.tasks.arithmetic import ArithmeticTask
+
+BUILTIN_TASKS = {"arithmetic": ArithmeticTask}
+
+
+def get_task(name: str, **options):
+    if name not in BUILTIN_TASKS:
+        raise ValueError(f"unknown builtin task {name!r}; available: {', '.join(BUILTIN_TASKS)}")
+    return BUILTIN_TASKS[name](**options)

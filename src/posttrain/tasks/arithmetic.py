@@ -1,0 +1,79 @@
+"""Multi-step arithmetic with a short worked solution: the built-in demo task.
+
+    prompt:      "47+18-25="
+    completion:  "47+18=65,65-25=40 \\boxed{40}"
+    answer:      "40"
+
+Each stage has its own work: pretraining learns single operations from plain equations
+("47+18=65"); SFT learns to chain them and to end with the boxed answer; preference and RL stages
+make the chained steps right more often. The held-out split is a disjoint set of expressions,
+chosen by a hash of the expression, so no split is ever trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+
+def _is_heldout(expr: str, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(expr.encode()).digest()[:8], "big")
+    return (h % 10_000) < fraction * 10_000
+
+
+@dataclass(frozen=True)
+class ArithmeticTask:
+    min_terms: int = 2
+    max_terms: int = 3
+    max_operand: int = 99
+    heldout_fraction: float = 0.1
+    verifier: str = "math"
+
+    def _expression(self, rng: random.Random) -> tuple[str, list[str], int]:
+        k = rng.randint(self.min_terms, self.max_terms)
+        value = rng.randint(0, self.max_operand)
+        expr = str(value)
+        steps = []
+        for _ in range(k - 1):
+            b = rng.randint(0, self.max_operand)
+            # Subtract only when the result stays non-negative: answers are natural numbers.
+            op = "-" if (b <= value and rng.random() < 0.5) else "+"
+            new = value + b if op == "+" else value - b
+            steps.append(f"{value}{op}{b}={new}")
+            expr += f"{op}{b}"
+            value = new
+        return expr, steps, value
+
+    def rows(self, n: int, split: str = "train", seed: int = 0) -> list[dict]:
+        """``n`` prompt/completion/answer rows from one split ("train" or "test")."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split {split!r}: expected 'train' or 'test'")
+        rng = random.Random(f"arith-{split}-{seed}")
+        out, seen = [], set()
+        tries = 0
+        while len(out) < n:
+            tries += 1
+            if tries > 200 * n + 1000:
+                raise ValueError(f"cannot draw {n} distinct {split} expressions; widen the task")
+            expr, steps, value = self._expression(rng)
+            if expr in seen or _is_heldout(expr, self.heldout_fraction) != (split == "test"):
+                continue
+            seen.add(expr)
+            out.append({
+                "prompt": f"{expr}=",
+                "completion": ",".join(steps) + f" \\boxed{{{value}}}",
+                "answer": str(value),
+            })
+        return out
+
+    def pretrain_text(self, n: int, seed: int = 0) -> list[dict]:
+        """Plain equations (single operations, and chains without the answer format)."""
+        rng = random.Random(f"arith-pretrain-{seed}")
+        out = []
+        while len(out) < n:
+            expr, steps, value = self._expression(rng)
+            if _is_heldout(expr, self.heldout_fraction):
+                continue
+            out.append({"text": " ".join(steps)})
+        return out

@@ -1,0 +1,266 @@
+"""Final-answer extraction and normalization shared by the math, label and spurious verifiers.
+
+Everything here is pure string processing: no sympy, no eval, no process pool. Extraction is strict on
+purpose (see /work/shared/reference/verifiers.md §3.1): an answer only counts when the model states it in
+the expected format, and two or more different final answers (a hedge) count as no answer at all.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal
+
+ExtractMode = Literal["auto", "boxed", "answer_tag"]
+
+DEFAULT_MAX_CHARS = 10_000
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_THINK_CLOSE = "</think>"
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """The final-answer claims found in a completion.
+
+    `candidates` are in order of appearance; `answer` is the last one, or None when nothing was found
+    or the candidates disagree (`hedged`).
+    """
+
+    candidates: tuple[str, ...]
+    hedged: bool
+
+    @property
+    def answer(self) -> str | None:
+        if self.hedged or not self.candidates:
+            return None
+        return self.candidates[-1]
+
+
+def cap_text(text: str, max_chars: int) -> str:
+    """Keep only the tail: the final answer is at the end, and parsing cost grows with length."""
+    if max_chars <= 0:
+        raise ValueError(f"max_chars must be positive, got {max_chars}")
+    return text if len(text) <= max_chars else text[-max_chars:]
+
+
+def _scan_group(text: str, open_index: int) -> int:
+    """Return the index just past the brace group that opens at `open_index`, or -1 if it never closes.
+
+    `\\{` and `\\}` are literal set braces in LaTeX, not grouping, so an escaped brace is skipped.
+    A regex cannot do this: `[^}]+` stops at the first inner brace (`\\boxed{\\frac{1}{2}}`).
+    """
+    depth = 0
+    i = open_index
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return -1
+
+
+def find_boxed(text: str) -> list[tuple[int, str]]:
+    """All `\\boxed{...}` / `\\fbox{...}` contents with their start offsets; an unclosed box is ignored.
+
+    A box nested inside another box is part of the outer content (the caller unwraps it when normalizing).
+    """
+    found: list[tuple[int, str]] = []
+    i = 0
+    while True:
+        starts = [(text.find(cmd, i), cmd) for cmd in _BOX_COMMANDS]
+        starts = [(s, cmd) for s, cmd in starts if s >= 0]
+        if not starts:
+            return found
+        start, cmd = min(starts)
+        j = start + len(cmd)
+        # `\boxedfoo` is a different macro; only `\boxed{`, `\boxed {` or `\boxed 5` are boxes.
+        if j < len(text) and (text[j].isalpha()):
+            i = j
+            continue
+        while j < len(text) and text[j] in " \t":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            end = _scan_group(text, j)
+            if end < 0:
+                return found  # unclosed: a truncated completion has no final answer
+            found.append((start, text[j + 1 : end - 1]))
+            i = end
+        elif j > start + len(cmd) and j < len(text):
+            # `\boxed 5`: TeX takes the next token.
+            m = re.match(r"[^\s$]+", text[j:])
+            assert m is not None
+            found.append((start, m.group(0)))
+            i = j + m.end()
+        else:
+            i = j
+
+
+def _after_reasoning(text: str) -> str:
+    """The reasoning block is not the answer: boxes tried inside <think> must not count as hedges."""
+    cut = text.rfind(_THINK_CLOSE)
+    return text if cut < 0 else text[cut + len(_THINK_CLOSE) :]
+
+
+def find_candidates(text: str, mode: ExtractMode = "auto", pattern: str | re.Pattern[str] | None = None) -> list[str]:
+    """Every final-answer claim in `text`, in order of appearance.
+
+    - `pattern` (a regex) overrides `mode`: each match is a claim (named group `answer`, else group 1, else
+      the whole match).
+    - "boxed": the contents of every `\\boxed{}`.
+    - "answer_tag": the contents of every `<answer>...</answer>`.
+    - "auto": both; an answer tag that contains a box contributes its box(es) instead of its full text, so
+      `<answer>The answer is \\boxed{5}</answer>` is one claim, `5`.
+    In "auto" and "answer_tag" modes only the text after the last `</think>` is searched.
+    """
+    if pattern is not None:
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        out = []
+        for m in regex.finditer(text):
+            if "answer" in regex.groupindex:
+                out.append(m.group("answer"))
+            elif regex.groups:
+                out.append(m.group(1))
+            else:
+                out.append(m.group(0))
+        return [c for c in out if c is not None]
+    if mode == "boxed":
+        return [c for _, c in find_boxed(text)]
+    if mode not in ("auto", "answer_tag"):
+        raise ValueError(f"unknown extraction mode {mode!r}; expected 'auto', 'boxed' or 'answer_tag'")
+    body = _after_reasoning(text)
+    tags = [(m.start(), m.group(1)) for m in _ANSWER_TAG_RE.finditer(body)]
+    if mode == "answer_tag":
+        return [c for _, c in tags]
+    claims: list[tuple[int, str]] = list(find_boxed(body))
+    for start, content in tags:
+        if not any(cmd in content for cmd in _BOX_COMMANDS):
+            claims.append((start, content))
+    claims.sort(key=lambda pair: pair[0])
+    return [c for _, c in claims]
+
+
+def extract_answers(
+    text: str,
+    *,
+    mode: ExtractMode = "auto",
+    pattern: str | re.Pattern[str] | None = None,
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> Extraction:
+    """Find the final-answer claims in the (capped) completion and decide whether they hedge.
+
+    Claims are compared after `normalize_answer`, and plain numbers by value, so `\\boxed{0.5}` then
+    `\\boxed{\\frac12}` is one answer while `\\boxed{1} or \\boxed{2}` is a hedge.
+    """
+    capped = cap_text(text, max_chars)
+    raw = [c.strip() for c in find_candidates(capped, mode, pattern)]
+    claims = tuple(c for c in raw if normalize_answer(c))
+    distinct: list[str] = []
+    for claim in claims:
+        if not any(same_answer(claim, seen) for seen in distinct):
+            distinct.append(claim)
+    return Extraction(candidates=claims, hedged=len(distinct) > 1)
+
+
+def extract_answer(
+    text: str,
+    *,
+    mode: ExtractMode = "auto",
+    pattern: str | re.Pattern[str] | None = None,
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> str | None:
+    """The final answer of a completion (stripped, not normalized), or None when absent or hedged.
+
+    Used by evaluation (maj@k votes over these) and by the math verifier.
+    """
+    return extract_answers(text, mode=mode, pattern=pattern, max_chars=max_chars).answer
+
+
+# --- normalization -------------------------------------------------------------------------------------
+
+_SPACING_RE = re.compile(r"\\(?:(?:left|right|displaystyle)(?![a-zA-Z])|[!,;: ])|~|\s+")
+_FRAC_ALIAS_RE = re.compile(r"\\[dt]frac")
+_WRAPPERS = ("\\boxed{", "\\fbox{", "\\text{", "\\textbf{", "\\mathrm{", "\\mathbf{")
+
+
+def _unwrap(s: str) -> str:
+    """Strip `$...$` and one whole-answer wrapper like `\\text{...}` or a nested `\\boxed{...}`, repeatedly."""
+    while True:
+        before = s
+        if len(s) >= 2 and s[0] == "$" and s[-1] == "$":
+            s = s.strip("$")
+        for w in _WRAPPERS:
+            if s.startswith(w) and _scan_group(s, len(w) - 1) == len(s):
+                s = s[len(w) : -1]
+        if s == before:
+            return s
+
+
+def normalize_answer(answer: str) -> str:
+    """A canonical spelling for comparing two answers as strings: spacing and sizing macros removed,
+    `\\dfrac`/`\\tfrac` -> `\\frac`, wrappers unwrapped, a trailing full stop dropped. Case is kept
+    (in math `A` and `a` differ)."""
+    s = _SPACING_RE.sub("", answer)
+    s = _FRAC_ALIAS_RE.sub(r"\\frac", s)
+    s = _unwrap(s).rstrip(".")
+    return _unwrap(s)
+
+
+_NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_LATEX_FRAC_RE = re.compile(r"([+-]?)\\frac\{([^{}]+)\}\{([^{}]+)\}")
+_SHORT_FRAC_RE = re.compile(r"([+-]?)\\frac(\d)(\d)")
+_SLASH_FRAC_RE = re.compile(r"([+-]?\d+)/([+-]?\d+)")
+_MAX_NUMBER_CHARS = 200  # Fraction of a 10k-digit literal is fine, but nobody's short answer is that long
+
+
+def parse_number(answer: str) -> Fraction | None:
+    """The exact rational value of a plain number (`42`, `-0.50`, `3/4`, `\\frac{1}{2}`, `\\frac12`,
+    `-\\frac{3}{4}`), or None for anything else (symbols, units, percentages, thousands separators, sets),
+    which the caller must hand to math-verify instead. Never guesses: None means "not decided here"."""
+    s = normalize_answer(answer)
+    if not s or len(s) > _MAX_NUMBER_CHARS:
+        return None
+    if _NUMBER_RE.fullmatch(s):
+        return Fraction(s)
+    for regex in (_LATEX_FRAC_RE, _SHORT_FRAC_RE, _SLASH_FRAC_RE):
+        m = regex.fullmatch(s)
+        if m is None:
+            continue
+        sign, num, den = ("",) + m.groups() if regex is _SLASH_FRAC_RE else m.groups()
+        if not (_NUMBER_RE.fullmatch(num) and _NUMBER_RE.fullmatch(den)):
+            return None
+        d = Fraction(den)
+        if d == 0:
+            return None
+        value = Fraction(num) / d
+        return -value if sign == "-" else value
+    return None
+
+
+def numbers_close(a: Fraction, b: Fraction, tolerance: float) -> bool:
+    """Exact rational equality, or relative difference within `tolerance` (0 = exact only)."""
+    if a == b:
+        return True
+    if tolerance <= 0:
+        return False
+    scale = max(abs(a), abs(b))
+    return abs(a - b) <= Fraction(tolerance) * scale
+
+
+def same_answer(a: str, b: str, tolerance: float = 0.0) -> bool:
+    """Cheap equivalence: equal after normalization, or equal plain numbers. False means "not shown equal
+    here", not "different" (symbolic forms need math-verify)."""
+    if normalize_answer(a) == normalize_answer(b):
+        return True
+    x, y = parse_number(a), parse_number(b)
+    return x is not None and y is not None and numbers_close(x, y, tolerance)
