@@ -184,6 +184,17 @@ def test_global_count_as_tensor_is_accepted():
     assert out.item() == pytest.approx(1.5)
 
 
+def test_half_precision_loss_reduces_in_fp32():
+    """bf16 cannot represent 100001 (it rounds to 99840 or 100352), so a bf16 denominator would
+    be off by ~0.2%; the result must match the fp32 computation and come back as fp32."""
+    loss = torch.full((1, 4), 2.0, dtype=torch.bfloat16, requires_grad=True)
+    out = aggregate(loss, torch.ones(1, 4), "token_mean", num_tokens=100001)
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(8.0 / 100001, rel=1e-6)
+    out.backward()
+    assert loss.grad.dtype == torch.bfloat16
+
+
 def test_masked_mean():
     """mean of {1, 3} = 2 overall; per row: row 0 -> 1, row 1 -> 3, row 2 empty -> 0 (not NaN)."""
     x = torch.tensor([[1.0, NAN], [NAN, 3.0], [NAN, NAN]])

@@ -81,7 +81,7 @@ def aggregate(
             completion length). Required for that mode, rejected by the others.
 
     Returns:
-        A scalar tensor.
+        A scalar tensor, in fp32 (or fp64) even for half-precision ``loss_BT``.
     """
     if loss_BT.shape != mask_BT.shape or loss_BT.dim() != 2:
         raise ValueError(f"loss_BT and mask_BT must both be (B, T); got {tuple(loss_BT.shape)} "
@@ -96,17 +96,19 @@ def aggregate(
         raise ValueError(f"mode {mode!r} normalises by num_seqs, not num_tokens")
 
     keep_BT = mask_BT.bool()
-    masked_BT = torch.where(keep_BT, loss_BT, torch.zeros_like(loss_BT))
+    # Reduce in at least fp32: a bf16 denominator cannot even represent 100001 tokens.
+    acc_BT = loss_BT.to(torch.promote_types(loss_BT.dtype, torch.float32))
+    masked_BT = torch.where(keep_BT, acc_BT, torch.zeros_like(acc_BT))
 
     if mode == "token_mean":
         n_tok = token_count(mask_BT) if num_tokens is None else num_tokens
-        return masked_BT.sum() / _as_denominator(n_tok, loss_BT)
+        return masked_BT.sum() / _as_denominator(n_tok, acc_BT)
 
     n_seq = sequence_count(mask_BT) if num_seqs is None else num_seqs
-    denom = _as_denominator(n_seq, loss_BT)
+    denom = _as_denominator(n_seq, acc_BT)
     if mode == "seq_mean_token_mean":
         # max(|y_i|, 1): an all-masked row has a zero numerator and contributes exactly 0.
-        len_B = keep_BT.sum(dim=-1).clamp(min=1).to(loss_BT.dtype)
+        len_B = keep_BT.sum(dim=-1).clamp(min=1).to(acc_BT.dtype)
         return (masked_BT.sum(dim=-1) / len_B).sum() / denom
     if mode == "seq_sum_const":
         if const_len <= 0:
@@ -122,8 +124,8 @@ def masked_mean(x_BT: Tensor, mask_BT: Tensor, dim: int | None = None) -> Tensor
     NaN. Masked positions are selected away, so NaN there does not leak.
     """
     keep = mask_BT.bool()
-    if not x_BT.is_floating_point():
-        x_BT = x_BT.float()
+    acc_dtype = torch.promote_types(x_BT.dtype, torch.float32) if x_BT.is_floating_point() else torch.float32
+    x_BT = x_BT.to(acc_dtype)
     x_kept = torch.where(keep, x_BT, torch.zeros_like(x_BT))
     if dim is None:
         return x_kept.sum() / keep.sum().clamp(min=1).to(x_kept.dtype)

@@ -150,9 +150,10 @@ def gspo_loss(
 
         s_i = exp( (1/|y_i|) sum_t m_it (logp_theta - logp_old)_it )
 
-    GSPO-token ratio (the paper's token-level variant): s_it = sg[s_i] * pi_theta(y_it) / sg[pi_theta(y_it)], built
-    in log space as ``logp - sg(logp) + sg(log s_i)``. Its value is s_i and its gradient is
-    s_i * grad(logp_it). Per token:
+    GSPO-token ratio (the paper's token-level variant):
+    s_it = sg[s_i] * pi_theta(y_it) / sg[pi_theta(y_it)], built in log space as
+    ``logp - sg(logp) + sg(log s_i)``. Its value is s_i and its gradient is s_i * grad(logp_it).
+    Per token:
 
         L_it = max( -A_it s_it , -A_it clip(s_it, 1 - eps_low, 1 + eps_high) )
 
