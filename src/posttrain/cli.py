@@ -13,11 +13,13 @@ from posttrain.config import RECIPE_CONFIGS, ConfigError, field_help, load_confi
 RECIPES: dict[str, str] = {
     "pretrain": "posttrain.recipes.pretrain",
     "sft": "posttrain.recipes.sft",
+    "grpo": "posttrain.recipes.grpo",
 }
 
 # other commands -> "module:function" taking argv and returning an exit code
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("posttrain.demo:main", "run the built-in demo end to end on a tiny model"),
+    "eval": ("posttrain.evaluation:main", "greedy accuracy, pass@k, maj@k, mean@k of a model with a verifier"),
     "audit-verifier": ("posttrain.verifiers.audit:main", "probe a verifier with gold and adversarial completions"),
 }
 

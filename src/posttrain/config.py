@@ -128,7 +128,63 @@ class SFTConfig:
     completion_only: bool = doc(True, "loss only on completion / assistant tokens")
 
 
-RECIPE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig}
+@dataclass(frozen=True)
+class RewardConfig:
+    name: str = doc("math", "verifier name (math, code, json, label, format, regex, overlong, random, ...) or module:fn")
+    weight: float = doc(1.0, "weight in the summed reward")
+    options: dict = dict_doc("keyword options for the verifier, e.g. {timeout: 5}")
+
+    _shorthand = "name"
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    model: ModelConfig = doc(ModelConfig(), "policy model (a local directory or a tiny preset)")
+    lora: LoraConfig = doc(LoraConfig(), "LoRA adapters (r=0: off)")
+    data: DataConfig = doc(DataConfig(max_length=256), "prompt rows; extra columns go to the rewards")
+    optim: OptimConfig = doc(OptimConfig(lr=1e-5, max_grad_norm=1.0), "optimizer and schedule")
+    train: TrainConfig = doc(TrainConfig(micro_batch_size=16), "loop (train.steps = rollout steps)")
+    rewards: tuple[RewardConfig, ...] = doc((RewardConfig(),), "verifiers summed with weights; the first defines accuracy")
+    reward_workers: int = doc(0, "worker processes for slow verifiers (0: auto)")
+    prompts_per_step: int = doc(8, "P: prompt groups per step")
+    num_generations: int = doc(8, "G: completions per prompt")
+    max_completion_length: int = doc(64, "max new tokens per completion")
+    temperature: float = doc(1.0, "sampling temperature (log-probs use the same temperature)")
+    top_p: float = doc(1.0, "nucleus sampling")
+    num_iterations: int = doc(1, "mu: updates per rollout batch (1: ratio is exactly 1, no old-logp pass)")
+    advantage: Literal["grpo", "rloo"] = doc("grpo", "group baseline: z-score (grpo) or leave-one-out (rloo)")
+    scale: Literal["std", "none", "batch"] = doc("std", "std: divide by group std; none: Dr. GRPO; batch: whiten over the batch")
+    loss: Literal["ppo_clip", "gspo", "cispo"] = doc("ppo_clip", "policy loss")
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_sum_const", "seq_mean_token_sum"] = doc(
+        "token_mean", "token_mean (DAPO) | seq_mean_token_mean (GRPO) | seq_sum_const (Dr. GRPO)")
+    eps_low: float = doc(0.2, "lower clip range (ratio >= 1 - eps_low)")
+    eps_high: float = doc(0.28, "upper clip range (Clip-Higher; DAPO uses 0.28)")
+    dual_clip: float = doc(0.0, "dual-clip constant c > 1 for negative advantages (0: off)")
+    beta: float = doc(0.0, "KL coefficient; 0 loads no reference model")
+    kl_estimator: Literal["k1", "k2", "k3"] = doc("k3", "KL estimator (Schulman)")
+    kl_in: Literal["loss", "reward"] = doc("loss", "add beta * KL to the loss, or subtract it from the reward")
+    ref_model: str = doc("initial", "reference model: initial (the starting weights) or a checkpoint path")
+    dynamic_sampling: bool = doc(False, "DAPO: regenerate until P groups have non-zero reward variance")
+    max_gen_batches: int = doc(4, "dynamic sampling: most generation rounds per step")
+    mask_truncated_completions: bool = doc(False, "truncated completions add no loss (DAPO overlong filtering)")
+    eval_every: int = doc(0, "held-out greedy accuracy every N steps (needs data.eval_path; 0: at the end)")
+    eval_examples: int = doc(200, "held-out rows to evaluate")
+    samples_every: int = doc(10, "write sample completions to samples.jsonl every N steps")
+
+    def check(self) -> None:
+        if self.num_generations < 2:
+            raise ConfigError("num_generations: a group needs at least 2 completions for a baseline")
+        if not self.rewards:
+            raise ConfigError("rewards: give at least one verifier")
+        if self.eps_low < 0 or self.eps_high < 0:
+            raise ConfigError("eps_low / eps_high must be >= 0")
+        if self.dual_clip and self.dual_clip <= 1:
+            raise ConfigError(f"dual_clip: must be > 1 (or 0 for off), got {self.dual_clip}")
+        if self.temperature <= 0:
+            raise ConfigError("temperature: RL needs sampling, must be > 0")
+
+
+RECIPE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "grpo": GRPOConfig}
 
 
 def register_recipe_config(name: str, cls: type) -> None:

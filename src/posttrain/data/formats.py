@@ -95,8 +95,11 @@ def validate(rows: Rows, kind: str) -> None:
             _check_text(row, where, "prompt", allow_messages=True, nonempty=True)
 
 
-def extra_columns(rows: Rows) -> dict[str, list]:
-    """The columns besides the prompt, as lists: what reward functions receive (TRL convention)."""
-    skip = {"prompt"}
-    names = [k for k in rows.rows[0] if k not in skip] if rows.rows else []
-    return {k: [r.get(k) for r in rows.rows] for k in names}
+# Not handed to verifiers: the prompt goes separately, and a reference `completion` column would
+# collide with the completion being scored.
+NOT_REWARD_COLUMNS = ("prompt", "completion")
+
+
+def reward_columns(row: dict) -> dict:
+    """The row's columns a verifier receives as keyword arguments (e.g. answer, tests)."""
+    return {k: v for k, v in row.items() if k not in NOT_REWARD_COLUMNS}

@@ -1,5 +1,4 @@
-"""Reinforcement-learning pieces that are not losses: advantages (and, later, dynamic sampling,
-overlong shaping, rollout records)."""
+"""Reinforcement-learning pieces that are not losses: advantages, rollout groups, dynamic sampling."""
 
 from posttrain.rl.advantages import (
     batch_normalize,

@@ -1,0 +1,199 @@
+"""Evaluation with verifiers: greedy accuracy, pass@k (unbiased), maj@k and mean@k, with intervals.
+
+    pass@k = E_prompts[ 1 - C(n - c, k) / C(n, k) ]      (Chen et al. 2021; n samples, c correct)
+    maj@k  = E_prompts[ the most common extracted answer among k samples is correct ]
+    mean@k = E_prompts[ c / n ]
+
+Intervals: Wilson score interval for greedy accuracy (a proportion over prompts); for the per-prompt
+averages a normal interval on the mean over prompts (t ~ 1.96), clipped to [0, 1].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from posttrain.data.formats import reward_columns
+from posttrain.data.tokenize import render_prompt
+from posttrain.rollout.engine import HFEngine, SamplingParams
+
+Z95 = 1.959963984540054
+
+
+def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mean_ci(values: list[float], z: float = Z95) -> tuple[float, float]:
+    n = len(values)
+    if n < 2:
+        return (0.0, 1.0)
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    half = z * sd / math.sqrt(n)
+    return (max(0.0, m - half), min(1.0, m + half))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimator 1 - C(n-c, k)/C(n, k), as a stable product."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least k samples, got n={n}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
+    """Is the most common extracted answer a correct one? (ties: the first seen; no answer never wins)."""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return False
+    best = max(votes.values())
+    winner = next(a for a in answers if a is not None and votes[a] == best)
+    return any(ok for a, ok in zip(answers, correct) if a == winner)
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    n_prompts: int
+    greedy_accuracy: float
+    greedy_ci: tuple[float, float]
+    k: int = 0
+    temperature: float = 0.0
+    pass_at_k: float | None = None
+    pass_at_k_ci: tuple[float, float] | None = None
+    maj_at_k: float | None = None
+    maj_at_k_ci: tuple[float, float] | None = None
+    mean_at_k: float | None = None
+    mean_at_k_ci: tuple[float, float] | None = None
+    samples: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _is_correct(score: float) -> bool:
+    return float(score) >= 1.0 - 1e-9
+
+
+def evaluate(model, tokenizer, rows: list[dict], verifier: Callable[..., float], *, k: int = 0,
+             temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 64,
+             extract: Callable[[str], str | None] | None = None, keep_samples: int = 8) -> EvalSummary:
+    """Greedy accuracy on every row; with k > 0 also k samples per row for pass@k, maj@k, mean@k."""
+    engine = HFEngine(model, tokenizer, max_batch=batch_size)
+    prompts = [tokenizer(render_prompt(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"] for r in rows]
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    greedy = engine.generate(prompts, 1, SamplingParams(max_new_tokens, temperature=0.0))
+    texts = [decode(c) for c in greedy.completion_ids]
+    extras = [reward_columns(r) for r in rows]
+    scores = [float(verifier(t, **ex)) for t, ex in zip(texts, extras)]
+    correct = [_is_correct(s) for s in scores]
+    acc = sum(correct) / max(1, len(rows))
+    samples = [{"prompt": r["prompt"], "completion": t, "reward": s, "answer": r.get("answer")}
+               for r, t, s in list(zip(rows, texts, scores))[:keep_samples]]
+    summary = dict(n_prompts=len(rows), greedy_accuracy=acc, greedy_ci=wilson(sum(correct), len(rows)),
+                   samples=samples)
+    if k > 0:
+        gen = engine.generate(prompts, k, SamplingParams(max_new_tokens, temperature=temperature))
+        p_at, maj, mean = [], [], []
+        for i, ex in enumerate(extras):
+            outs = [decode(c) for c in gen.completion_ids[i * k:(i + 1) * k]]
+            ok = [_is_correct(verifier(t, **ex)) for t in outs]
+            c = sum(ok)
+            p_at.append(pass_at_k(k, c, k))
+            mean.append(c / k)
+            if extract is not None:
+                maj.append(float(majority_correct([extract(t) for t in outs], ok)))
+        summary.update(k=k, temperature=temperature,
+                       pass_at_k=sum(p_at) / len(p_at), pass_at_k_ci=mean_ci(p_at),
+                       mean_at_k=sum(mean) / len(mean), mean_at_k_ci=mean_ci(mean))
+        if maj:
+            summary.update(maj_at_k=sum(maj) / len(maj), maj_at_k_ci=wilson(sum(maj), len(maj)))
+    return EvalSummary(**summary)
+
+
+def answer_extractor(verifier_name: str) -> Callable[[str], str | None] | None:
+    """How maj@k reads an answer for a verifier family (None: maj@k not defined for it)."""
+    if verifier_name in ("math", "label", "incorrect", "format_only"):
+        from posttrain.verifiers import extract_answer
+
+        return extract_answer
+    return None
+
+
+def sample_completions(model_path: str, prompts: list[Any], n: int, max_new_tokens: int,
+                       temperature: float) -> list[list[str]]:
+    """n sampled completions per prompt from a local model directory (used by audit-verifier)."""
+    from posttrain.config import ModelConfig
+    from posttrain.models.loading import load_model
+
+    model, tok = load_model(ModelConfig(path=model_path))
+    ids = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    gen = HFEngine(model, tok).generate(ids, n, SamplingParams(max_new_tokens, temperature=temperature))
+    texts = [tok.decode(c, skip_special_tokens=True) for c in gen.completion_ids]
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def format_summary(s: EvalSummary) -> str:
+    def pct(x, ci):
+        return f"{100 * x:5.1f}%  [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+    lines = [f"prompts: {s.n_prompts}", f"greedy accuracy: {pct(s.greedy_accuracy, s.greedy_ci)}"]
+    if s.k:
+        lines.append(f"pass@{s.k} (T={s.temperature}): {pct(s.pass_at_k, s.pass_at_k_ci)}")
+        lines.append(f"mean@{s.k}: {pct(s.mean_at_k, s.mean_at_k_ci)}")
+        if s.maj_at_k is not None:
+            lines.append(f"maj@{s.k}: {pct(s.maj_at_k, s.maj_at_k_ci)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """posttrain eval --model DIR --data FILE --verifier NAME [-k 8] [--temperature 1.0] [--json OUT]"""
+    from posttrain.config import ModelConfig
+    from posttrain.data.formats import validate
+    from posttrain.data.io import read_rows
+    from posttrain.io_utils import atomic_write_json
+    from posttrain.models.loading import load_model
+    from posttrain.verifiers import load as load_verifier
+
+    p = argparse.ArgumentParser(prog="posttrain eval", description=main.__doc__)
+    p.add_argument("--model", required=True, help="local model directory")
+    p.add_argument("--data", required=True, help="prompt rows with the verifier's columns (e.g. answer)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--verifier", default="math")
+    p.add_argument("-k", type=int, default=0, help="samples per prompt for pass@k / maj@k / mean@k")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N rows only")
+    p.add_argument("--json", default="", help="write the summary here")
+    a = p.parse_args(argv)
+    rows = read_rows(a.data, a.split)
+    validate(rows, "prompt")
+    data = rows.rows[: a.limit] if a.limit else rows.rows
+    torch.manual_seed(0)
+    model, tok = load_model(ModelConfig(path=a.model))
+    s = evaluate(model, tok, data, load_verifier(a.verifier), k=a.k, temperature=a.temperature,
+                 max_new_tokens=a.max_new_tokens, extract=answer_extractor(a.verifier))
+    print(format_summary(s))
+    if a.json:
+        atomic_write_json(Path(a.json), s.to_json())
+    return 0

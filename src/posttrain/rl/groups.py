@@ -1,0 +1,66 @@
+"""Rollout records and DAPO's Dynamic Sampling.
+
+A ``Group`` is one prompt with its G scored completions. Dynamic Sampling (DAPO, Yu et al. 2025,
+Eq. 11: keep only groups with 0 < #correct < G) generates rounds of groups until the batch holds
+``target`` groups whose rewards vary; groups with identical rewards have zero advantage and only
+dilute the gradient. verl's recipe raises when ``max_num_gen_batches`` is reached; here the step
+goes on with the groups it has, and says so in ``SamplingStats``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Group:
+    row: int                          # index of the prompt row in the dataset
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[tuple[int, ...], ...]   # G completions, EOS kept
+    texts: tuple[str, ...]
+    truncated: tuple[bool, ...]
+    rewards: tuple[float, ...]        # total (weighted) reward per completion
+    components: dict[str, tuple[float, ...]]      # unweighted score per verifier
+
+    @property
+    def has_variance(self) -> bool:
+        return max(self.rewards) - min(self.rewards) > 1e-9
+
+
+@dataclass(frozen=True)
+class SamplingStats:
+    rounds: int                # generation rounds this step
+    generated_groups: int      # all groups generated
+    zero_variance_groups: int  # of those, groups with identical rewards
+    kept_groups: int           # groups the step trains on
+    bound_reached: bool        # dynamic sampling stopped at max_gen_batches with fewer than the target
+
+    @property
+    def zero_variance_frac(self) -> float:
+        return self.zero_variance_groups / max(1, self.generated_groups)
+
+
+def collect_groups(generate_round: Callable[[], list[Group]], target: int, *, dynamic: bool,
+                   max_rounds: int) -> tuple[list[Group], list[Group], SamplingStats]:
+    """(groups to train on, every group generated, stats).
+
+    Without ``dynamic``: one round, every group kept. With it: rounds until ``target`` groups with
+    reward variance are in hand or ``max_rounds`` is reached (then: whatever was kept, maybe none).
+    """
+    if max_rounds < 1:
+        raise ValueError("max_rounds must be >= 1")
+    kept: list[Group] = []
+    generated: list[Group] = []
+    rounds = 0
+    while True:
+        groups = generate_round()
+        rounds += 1
+        generated.extend(groups)
+        kept.extend(g for g in groups if g.has_variance or not dynamic)
+        if not dynamic or len(kept) >= target or rounds >= max_rounds:
+            break
+    short = dynamic and len(kept) < target
+    kept = kept[:target]
+    zero = sum(not g.has_variance for g in generated)
+    return kept, generated, SamplingStats(rounds, len(generated), zero, len(kept), short)

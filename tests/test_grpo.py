@@ -1,0 +1,144 @@
+import copy
+
+import pytest
+import torch
+
+from posttrain.config import GRPOConfig, config_from_dict
+from posttrain.recipes import grpo
+from posttrain.rl.groups import Group, collect_groups
+from posttrain.tracking import read_metrics
+
+
+def _group(row, prompt, completions, rewards, truncated=None):
+    G = len(completions)
+    return Group(row, tuple(prompt), tuple(tuple(c) for c in completions), tuple("x" * len(c) for c in completions),
+                 tuple(truncated or [False] * G), tuple(rewards), {"r": tuple(rewards)})
+
+
+def test_dynamic_sampling_keeps_only_varied_groups():
+    rounds = iter([[_group(0, [5], [[6], [7]], [1, 1]), _group(1, [5], [[6], [7]], [0, 1])],
+                   [_group(2, [5], [[6], [7]], [0, 0]), _group(3, [5], [[6], [7]], [1, 0])],
+                   [_group(4, [5], [[6], [7]], [0, 1])]])
+    kept, generated, stats = collect_groups(lambda: next(rounds), 2, dynamic=True, max_rounds=5)
+    assert [g.row for g in kept] == [1, 3] and all(g.has_variance for g in kept)
+    assert (stats.rounds, stats.generated_groups, stats.zero_variance_groups) == (2, 4, 2)
+    assert not stats.bound_reached and len(generated) == 4
+
+
+def test_dynamic_sampling_survives_all_uniform_groups():
+    calls = []
+
+    def uniform():
+        calls.append(1)
+        return [_group(i, [5], [[6], [7]], [1, 1]) for i in range(4)]
+
+    kept, _, stats = collect_groups(uniform, 4, dynamic=True, max_rounds=3)
+    assert kept == [] and stats.bound_reached and stats.rounds == 3 and len(calls) == 3
+    assert stats.zero_variance_frac == 1.0
+    # Without dynamic sampling every group is kept after one round.
+    kept, _, stats = collect_groups(uniform, 4, dynamic=False, max_rounds=3)
+    assert len(kept) == 4 and stats.rounds == 1
+
+
+def _cfg(tmp_path, *overrides):
+    return config_from_dict(GRPOConfig, {}, [f"train.output_dir={tmp_path}", "train.progress=false",
+                                             *overrides])
+
+
+def _groups():
+    torch.manual_seed(0)
+    out = []
+    for p in range(4):
+        comps = [torch.randint(5, 60, (int(n),)).tolist() for n in torch.randint(1, 9, (4,))]
+        out.append(_group(p, torch.randint(5, 60, (3 + p,)).tolist(), comps, torch.rand(4).tolist()))
+    return out
+
+
+def _update(model, cfg, groups, lr=1.0):
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    timing = {"logps": 0.0, "update": 0.0}
+    m = grpo.update_policy(cfg, model, None, groups, opt, sched, grpo.make_policy_loss(cfg), 0, "cpu", timing, 1)
+    return model, m
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_sum_const"])
+def test_micro_batch_1x8_equals_8x1_for_the_whole_update(tmp_path, tiny_model, mode):
+    groups = _groups()[:2]  # 8 sequences
+    cfg8 = _cfg(tmp_path, f"aggregation={mode}", "train.micro_batch_size=8", "optim.max_grad_norm=0")
+    cfg1 = _cfg(tmp_path, f"aggregation={mode}", "train.micro_batch_size=1", "optim.max_grad_norm=0")
+    a, ma = _update(tiny_model, cfg8, groups)
+    b, mb = _update(tiny_model, cfg1, groups)
+    assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-6)
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), n
+    assert any(not torch.equal(pa, p0) for pa, p0 in zip(a.parameters(), tiny_model.parameters()))
+
+
+def test_truncated_completions_add_no_loss_when_masked(tmp_path, tiny_model):
+    # The only completions with a non-zero advantage are truncated: masked, the update is exactly zero.
+    groups = [_group(0, [10, 11, 12], [[20, 21], [22, 23, 24]], [1.0, 0.0], truncated=[True, True]),
+              _group(1, [13, 14], [[25], [26, 27]], [0.5, 0.5])]
+    on = _cfg(tmp_path, "mask_truncated_completions=true", "train.micro_batch_size=4")
+    off = _cfg(tmp_path, "mask_truncated_completions=false", "train.micro_batch_size=4")
+    a, m = _update(tiny_model, on, groups)
+    assert m["num_tokens"] == 3  # only group 1's completion tokens remain
+    for pa, p0 in zip(a.parameters(), tiny_model.parameters()):
+        assert torch.equal(pa, p0)
+    b, _ = _update(tiny_model, off, groups)
+    assert any(not torch.equal(pb, p0) for pb, p0 in zip(b.parameters(), tiny_model.parameters()))
+
+
+def test_mu_1_makes_no_old_logp_pass_and_mu_2_makes_one(tmp_path, tiny_model, monkeypatch):
+    calls = []
+    real = grpo.frozen_logps
+    monkeypatch.setattr(grpo, "frozen_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, m1 = _update(tiny_model, _cfg(tmp_path, "num_iterations=1"), _groups())
+    assert calls == [] and m1["clip_frac/low"] == 0 and m1["clip_frac/high"] == 0  # ratio exactly 1
+    _, m2 = _update(tiny_model, _cfg(tmp_path, "num_iterations=2", "optim.lr=1e-2"), _groups(), lr=0.5)
+    assert calls == [1]
+    # The second update sees ratio != 1: with lr 0.5 some tokens leave the clip range.
+    assert m2["clip_frac/low_last"] + m2["clip_frac/high_last"] > 0
+
+
+def test_beta_zero_loads_no_reference_model(tmp_path, tiny_model):
+    assert grpo.reference_model(_cfg(tmp_path, "beta=0"), tiny_model, "cpu") is None
+    ref = grpo.reference_model(_cfg(tmp_path, "beta=0.1"), tiny_model, "cpu")
+    assert ref is not None and not any(p.requires_grad for p in ref.parameters())
+
+
+def test_grpo_reward_rises_on_a_toy_verifiable_task(tmp_path):
+    cfg = _cfg(tmp_path, "model=tiny", "data.path=builtin:arithmetic", "data.num_examples=200",
+               "rewards=[toy_rewards:ones]", "prompts_per_step=4", "num_generations=8",
+               "max_completion_length=12", "optim.lr=3e-3", "optim.schedule=constant", "train.steps=30",
+               "train.micro_batch_size=32", "samples_every=0")
+    grpo.train(cfg)
+    m = read_metrics(tmp_path)
+    first = sum(r["reward/mean"] for r in m[:5]) / 5
+    last = sum(r["reward/mean"] for r in m[-5:]) / 5
+    assert last > first + 0.3, (first, last)
+    for key in ("reward/ones/mean", "accuracy", "zero_variance_frac", "completion_len/max", "truncation_rate",
+                "entropy", "clip_frac/low", "clip_frac/high", "grad_norm", "lr", "time/generate",
+                "time/reward", "time/logps", "time/update", "tokens_per_s"):
+        assert key in m[-1], key
+    assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_grpo_resume_is_exact(tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["model=tiny", "data.path=builtin:arithmetic", "data.num_examples=100", "rewards=[toy_rewards:ones]",
+              "prompts_per_step=2", "num_generations=4", "max_completion_length=8", "optim.lr=3e-3",
+              "optim.schedule=constant", "train.micro_batch_size=8", "samples_every=0", "num_iterations=2"]
+    full = _cfg(tmp_path / "full", *common, "train.steps=4")
+    grpo.train(full)
+    grpo.train(_cfg(tmp_path / "split", *common, "train.steps=2"))
+    grpo.train(_cfg(tmp_path / "split", *common, "train.steps=4"))  # resume: auto
+    wa = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "split" / "final" / "model.safetensors")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    ra = [r["reward/mean"] for r in read_metrics(tmp_path / "full")]
+    rb = [r["reward/mean"] for r in read_metrics(tmp_path / "split")]
+    assert ra == pytest.approx(rb, abs=1e-7) and len(rb) == 4
