@@ -60,16 +60,28 @@ def _completion_text(tokenizer, prompt: Any, completion: Any) -> str:
     return full[len(prompt_text):]
 
 
+def prompt_ids(tokenizer, prompt: Any) -> list[int]:
+    return _ids(tokenizer, render_prompt(tokenizer, prompt))
+
+
+def completion_ids(tokenizer, prompt: Any, completion: Any) -> list[int]:
+    """Completion tokens, ending with EOS (the policy must learn to stop)."""
+    ids = _ids(tokenizer, _completion_text(tokenizer, prompt, completion))
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def join(prompt: list[int], completion: list[int], *, completion_only: bool = True) -> Example:
+    mask = [0 if completion_only else 1] * len(prompt) + [1] * len(completion)
+    mask[0] = 0
+    return Example(tuple(prompt) + tuple(completion), tuple(mask))
+
+
 def encode_prompt_completion(tokenizer, prompt: Any, completion: Any, *, completion_only: bool = True) -> Example:
     """Prompt tokens (masked out) + completion tokens + EOS (trained)."""
-    prompt_ids = _ids(tokenizer, render_prompt(tokenizer, prompt))
-    completion_ids = _ids(tokenizer, _completion_text(tokenizer, prompt, completion))
-    if not completion_ids or completion_ids[-1] != tokenizer.eos_token_id:
-        completion_ids.append(tokenizer.eos_token_id)
-    ids = prompt_ids + completion_ids
-    mask = [0 if completion_only else 1] * len(prompt_ids) + [1] * len(completion_ids)
-    mask[0] = 0
-    return Example(tuple(ids), tuple(mask))
+    return join(prompt_ids(tokenizer, prompt), completion_ids(tokenizer, prompt, completion),
+                completion_only=completion_only)
 
 
 def encode_messages(tokenizer, messages: list[dict], *, assistant_only: bool = True) -> Example:

@@ -258,9 +258,72 @@ def numbers_close(a: Fraction, b: Fraction, tolerance: float) -> bool:
 
 
 def same_answer(a: str, b: str, tolerance: float = 0.0) -> bool:
-    """Cheap equivalence: equal after normalization, or equal plain numbers. False means "not shown equal
-    here", not "different" (symbolic forms need math-verify)."""
-    if normalize_answer(a) == normalize_answer(b):
+    """Cheap equivalence (`fast_equivalence`): False means "not shown equal here", not "different"
+    (symbolic forms need math-verify)."""
+    return fast_equivalence(a, b, tolerance) is True
+
+
+# --- the math fast path ------------------------------------------------------------------------------
+
+_ASSIGNMENT_RE = re.compile(r"([a-zA-Z])=([^=<>]+)")
+_SET_RE = re.compile(r"\\\{(.*)\\\}")
+_STRICT_NUMBER_RE = re.compile(r"[+-]?(?:0|[1-9]\d*)(?:\.\d+)?")  # no "000": `\{1,000\}` is ambiguous
+
+
+def _set_of_numbers(body: str) -> frozenset[Fraction] | None:
+    values = []
+    for part in body.split(","):
+        if _NUMBER_RE.fullmatch(part) and not _STRICT_NUMBER_RE.fullmatch(part):
+            return None  # "000", "01", ".5": maybe a thousands group, so not decided here
+        value = parse_number(part)
+        if value is None:
+            return None
+        values.append(value)
+    return frozenset(values)
+
+
+def plain_value(answer: str) -> tuple[str | None, Fraction | frozenset[Fraction]] | None:
+    """(variable, value) for the answers the fast path decides without sympy: a plain number, a
+    one-letter assignment of one (`x=5`), or a set of plain numbers (`\\{1, \\frac12\\}`); None otherwise."""
+    s = normalize_answer(answer)
+    variable = None
+    m = _ASSIGNMENT_RE.fullmatch(s)
+    if m is not None:
+        variable, s = m.group(1), m.group(2)
+    number = parse_number(s)
+    if number is not None:
+        return variable, number
+    m = _SET_RE.fullmatch(s)
+    if m is not None and variable is None:
+        values = _set_of_numbers(m.group(1))
+        if values is not None:
+            return None, values
+    return None
+
+
+def fast_equivalence(gold: str, answer: str, tolerance: float) -> bool | None:
+    """The math verdict when it needs no symbolic work, else None (ask math-verify).
+
+    Decided here: identical after normalization; plain numbers (exact rationals, relative `tolerance`);
+    `x=5` against `5` (math-verify compares an equation's right-hand side, so this agrees with it);
+    sets of plain numbers, order and repeats ignored. Two different variable names, or a set against a
+    number, are left to math-verify.
+    """
+    if normalize_answer(answer) == normalize_answer(gold):
         return True
-    x, y = parse_number(a), parse_number(b)
-    return x is not None and y is not None and numbers_close(x, y, tolerance)
+    g, p = plain_value(gold), plain_value(answer)
+    if g is None or p is None:
+        return None
+    (g_var, g_val), (p_var, p_val) = g, p
+    if g_var is not None and p_var is not None and g_var != p_var:
+        return None
+    if isinstance(g_val, Fraction) and isinstance(p_val, Fraction):
+        return numbers_close(g_val, p_val, tolerance)
+    if isinstance(g_val, frozenset) and isinstance(p_val, frozenset):
+        if g_val == p_val:
+            return True
+        if len(g_val) != len(p_val):
+            return False
+        # Numbers within tolerance pair up one-to-one (sorted, so the pairing is the nearest one).
+        return all(numbers_close(a, b, tolerance) for a, b in zip(sorted(g_val), sorted(p_val)))
+    return None

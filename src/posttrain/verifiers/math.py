@@ -4,8 +4,9 @@ Pipeline for one completion (each step's reason ends up in `Score.reason`):
   1. cap the completion to its last `max_chars` characters (the answer is at the end; parsing is O(length));
   2. extract the final answer: the last `\\boxed{}` / `<answer>` tag / `pattern` match (extract.py);
      no answer -> 0 "no_answer"; different final answers -> 0 "hedged";
-  3. fast path, in the calling process: equal after normalization -> 1 "exact"; both plain numbers ->
-     compared as exact rationals with relative `tolerance` -> 1 "numeric" or 0 "numeric_mismatch";
+  3. fast path, in the calling process (extract.fast_equivalence): identical after normalization, plain
+     numbers as exact rationals with relative `tolerance`, `x=5` vs `5`, sets of plain numbers ->
+     1 "exact" or 0 "mismatch" (it agrees with math-verify; the benchmark re-checks that);
   4. otherwise math-verify in a worker process (pool.py): `verify(gold, pred)` (gold first: the check is
      deliberately asymmetric), then the numeric tolerance on the parsed values; a check that outlives
      `timeout` is killed -> 0 "timeout"; a worker that dies -> 0 "crashed".
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .base import Example, Score, VerifierError
-from .extract import DEFAULT_MAX_CHARS, ExtractMode, extract_answers, find_boxed, normalize_answer, numbers_close, parse_number
+from .extract import DEFAULT_MAX_CHARS, ExtractMode, extract_answers, fast_equivalence, find_boxed
 from .pool import WorkerPool, default_workers
 
 
@@ -61,7 +62,12 @@ def _numeric_close(gold: Any, pred: Any, tolerance: float) -> bool:
         return False
     if gold.free_symbols or pred.free_symbols or not (gold.is_number and pred.is_number):
         return False
-    g, p = complex(sympy.N(gold, 30)), complex(sympy.N(pred, 30))
+    try:
+        g, p = complex(sympy.N(gold, 30)), complex(sympy.N(pred, 30))
+    except (TypeError, ValueError):
+        # `is_number` is also true for values with no complex form (zoo, nan, unevaluated limits):
+        # those are not "close" to anything, so no tolerance applies.
+        return False
     if not all(_math.isfinite(v) for v in (g.real, g.imag, p.real, p.imag)):
         return False
     return abs(g - p) <= tolerance * max(abs(g), abs(p))
@@ -111,7 +117,8 @@ class MathVerifier:
     math-verify), `memory_limit_mb` (address-space cap per worker).
 
     The pool starts on the first check that needs math-verify; call `close()` (or use `with`) to stop it
-    early, otherwise its daemon workers end with the process.
+    early, otherwise its daemon workers end with the process. Workers are spawned (start_method="spawn"),
+    so a script that scores at top level needs the usual `if __name__ == "__main__":` guard.
     """
 
     name = "math"
@@ -206,12 +213,9 @@ class MathVerifier:
         if answer is None:
             return Score(0.0, "no_answer", None)
         if self.fast_path:
-            if normalize_answer(answer) == normalize_answer(gold):
-                return Score(1.0, "exact", answer)
-            g, p = parse_number(gold), parse_number(answer)
-            if g is not None and p is not None:
-                close = numbers_close(g, p, self.tolerance)
-                return Score(1.0 if close else 0.0, "numeric" if close else "numeric_mismatch", answer)
+            verdict = fast_equivalence(gold, answer, self.tolerance)
+            if verdict is not None:
+                return Score(1.0 if verdict else 0.0, "exact" if verdict else "mismatch", answer)
         return gold, answer.strip("$").strip()
 
     def check_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Score]:

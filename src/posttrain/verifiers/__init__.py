@@ -1,0 +1,37 @@
+"""Verifiers: reward functions that check a completion against a dataset row.
+
+    from posttrain import verifiers
+    math_check = verifiers.load("math", timeout=5)
+    math_check("... so \\boxed{0.5}", answer="\\frac12")        # -> 1.0 (a Score: a float with .reason)
+    trl_fn = verifiers.batch(math_check)                        # fn(completions, prompts=..., answer=[...])
+    reward = verifiers.build_reward([("math", 1.0, {}), ("format", 0.1, {})])
+    reward(completions, prompts, {"answer": answers}).total
+
+Built-in names: math, code, json, label, format, regex, overlong, random, incorrect, format_only; any
+other "pkg.module:function" imports a user function (TRL batch form or per-example form).
+See base.py for the failure policy (what scores 0 and what raises). Importing this package imports
+neither math-verify nor the code sandbox.
+"""
+
+from .base import Score, Verifier, VerifierError, as_text, batch, score_all
+from .composite import RewardFunction, RewardScores, build_reward
+from .extract import Extraction, extract_answer, extract_answers
+from .registry import BUILTINS, UserFunction, load
+
+__all__ = [
+    "BUILTINS",
+    "Extraction",
+    "RewardFunction",
+    "RewardScores",
+    "Score",
+    "UserFunction",
+    "Verifier",
+    "VerifierError",
+    "as_text",
+    "batch",
+    "build_reward",
+    "extract_answer",
+    "extract_answers",
+    "load",
+    "score_all",
+]

@@ -1,0 +1,150 @@
+"""`load(name, **options)`: built-in verifiers by name, or a user function by "pkg.module:function".
+
+Built-ins are registered as "module:attribute" strings and imported on first use, so importing
+`posttrain.verifiers` imports neither math-verify nor the code sandbox.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from .base import Example, Score, VerifierError, as_text, columns_from_rows, verifier_name
+
+BUILTINS: dict[str, str] = {
+    "math": "posttrain.verifiers.math:MathVerifier",
+    "code": "posttrain.verifiers.code:CodeVerifier",
+    "json": "posttrain.verifiers.structured:JsonVerifier",
+    "label": "posttrain.verifiers.structured:LabelVerifier",
+    "format": "posttrain.verifiers.format:FormatVerifier",
+    "regex": "posttrain.verifiers.format:RegexVerifier",
+    "overlong": "posttrain.verifiers.format:OverlongPenalty",
+    "random": "posttrain.verifiers.spurious:RandomReward",
+    "incorrect": "posttrain.verifiers.spurious:IncorrectReward",
+    "format_only": "posttrain.verifiers.spurious:FormatOnlyReward",
+}
+
+
+def import_object(spec: str) -> Any:
+    """Import "pkg.module:attr" (attr may be dotted, e.g. "module:Class.method")."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected 'pkg.module:name', got {spec!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"cannot import module {module_name!r} for verifier {spec!r}: {exc}") from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise AttributeError(f"module {module_name!r} has no attribute {attr!r} (verifier {spec!r})") from exc
+    return obj
+
+
+def _first_parameter(fn: Callable[..., Any]) -> str | None:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # some builtins have no signature
+        return None
+    return params[0].name if params else None
+
+
+class UserFunction:
+    """A user reward function as a verifier, in either form:
+
+    - "batch", TRL's `fn(completions: list[str], **kwargs) -> list[float | None]` (kwargs: `prompts` and
+      the dataset's other columns, as lists). Called once per batch, unchanged.
+    - "single", `fn(completion: str, **example) -> float`.
+
+    `form="auto"` picks "batch" when the first parameter is named `completions`. A `None` score (TRL's
+    "not applicable to this row") becomes NaN, which `RewardFunction` leaves out of the weighted sum.
+    Exceptions from the function propagate as `VerifierError` naming the function (and the row, for
+    single-form functions): they are bugs, not scores.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, form: Literal["auto", "batch", "single"] = "auto", name: str | None = None) -> None:
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        if form == "auto":
+            form = "batch" if _first_parameter(fn) == "completions" else "single"
+        if form not in ("batch", "single"):
+            raise ValueError(f"form must be 'auto', 'batch' or 'single', got {form!r}")
+        self.fn = fn
+        self.form = form
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+    @staticmethod
+    def _to_score(value: Any, where: str) -> float:
+        if value is None:
+            return math.nan
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # bool is an int subclass, but a True reward is almost always a bug in the function.
+            raise VerifierError(f"{where} returned {value!r}; expected a float or None")
+        return value if isinstance(value, Score) else float(value)
+
+    def score_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
+        if self.form == "single":
+            out = []
+            for row, (completion, example) in enumerate(zip(completions, examples)):
+                try:
+                    value = self.fn(completion, **example)
+                except Exception as exc:
+                    raise VerifierError(f"reward function {self.name!r} raised on row {row}: {type(exc).__name__}: {exc}") from exc
+                out.append(self._to_score(value, f"reward function {self.name!r} on row {row}"))
+            return out
+        columns = columns_from_rows(examples)
+        columns.setdefault("prompts", [None] * len(completions))
+        try:
+            values = self.fn(list(completions), **columns)
+        except Exception as exc:
+            raise VerifierError(f"reward function {self.name!r} raised on a batch of {len(completions)}: {type(exc).__name__}: {exc}") from exc
+        if values is None or len(values) != len(completions):
+            got = "None" if values is None else f"{len(values)} values"
+            raise VerifierError(f"reward function {self.name!r} returned {got} for {len(completions)} completions")
+        return [self._to_score(v, f"reward function {self.name!r} on row {i}") for i, v in enumerate(values)]
+
+    def __call__(self, completion: str, **example: Any) -> float:
+        return self.score_batch([as_text(completion)], [example])[0]
+
+
+def load(name: str, **options: Any) -> Callable[..., float]:
+    """A verifier by built-in name (see `BUILTINS`) or "pkg.module:function".
+
+    For an imported object: a class is instantiated with `options`; a function becomes a `UserFunction`
+    (options: `form`, `name`); anything else is an error.
+    """
+    if name in BUILTINS:
+        factory = import_object(BUILTINS[name])
+        return factory(**options)
+    if ":" not in name:
+        raise ValueError(f"unknown verifier {name!r}; built-ins are {sorted(BUILTINS)}, or pass 'pkg.module:function'")
+    obj = import_object(name)
+    if inspect.isclass(obj):
+        return obj(**options)
+    if callable(obj):
+        unknown = set(options) - {"form", "name"}
+        if unknown:
+            raise TypeError(f"reward function {name!r} takes no options {sorted(unknown)} (only 'form', 'name')")
+        return UserFunction(obj, **options)
+    raise TypeError(f"{name!r} is a {type(obj).__name__}, not a verifier class or function")
+
+
+def accepts_option(name: str, option: str) -> bool:
+    """Whether the built-in (or imported class) `name` names the keyword `option` explicitly in its
+    constructor. A catch-all `**options` does not count: `format` forwards those to the regex verifier,
+    which would reject e.g. `workers`."""
+    spec = BUILTINS.get(name, name if ":" in name else None)
+    if spec is None:
+        return False
+    obj = import_object(spec)
+    if not inspect.isclass(obj):
+        return False
+    param = inspect.signature(obj).parameters.get(option)
+    return param is not None and param.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+__all__ = ["BUILTINS", "UserFunction", "accepts_option", "import_object", "load", "verifier_name"]
