@@ -1,0 +1,513 @@
+"""`posttrain report RUN_DIR`: one self-contained HTML file (inline CSS and SVG, no scripts) per run or pipeline.
+
+The page is built from plain strings; every piece of text that came from a file (model completions, prompts,
+config values, metric names) passes through ``escape`` exactly once, where it is placed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from fnmatch import fnmatchcase
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from posttrain.io_utils import atomic_write_text
+from posttrain.report import svg
+from posttrain.report.load import PipelineData, RunData, StageData, load, numeric
+
+
+@dataclass(frozen=True)
+class ChartSpec:
+    title: str
+    keys: tuple[str, ...]  # metric names or fnmatch patterns, one line each, in legend order
+    band: tuple[str, str] | None = None  # (low, high) metric names shaded around the first line
+    std: str | None = None  # a std metric shaded as mean +- std around the first line
+    y_range: tuple[float | None, float | None] = (None, None)
+
+
+CHARTS: tuple[ChartSpec, ...] = (
+    ChartSpec("Reward", ("reward/mean", "reward/*/mean"), std="reward/std"),
+    ChartSpec("Accuracy", ("accuracy", "eval_accuracy"), y_range=(0.0, 1.0)),
+    ChartSpec("Entropy", ("entropy",)),
+    ChartSpec("Truncation rate", ("truncation_rate",), y_range=(0.0, None)),
+    ChartSpec("Completion length (tokens)", ("completion_len/mean",), band=("completion_len/min", "completion_len/max")),
+    ChartSpec("KL to reference", ("kl",)),
+    ChartSpec("Loss", ("loss", "eval_loss")),
+    ChartSpec("Preference reward margin", ("rewards/margin",)),
+    ChartSpec("Preference accuracy", ("rewards/accuracy",), y_range=(0.0, 1.0)),
+    ChartSpec("Log-probs: chosen vs rejected", ("logps/chosen", "logps/rejected")),
+    ChartSpec("Clip fraction", ("clip_frac/low", "clip_frac/high"), y_range=(0.0, None)),
+    ChartSpec("Zero-variance groups", ("zero_variance_frac",), y_range=(0.0, 1.0)),
+    ChartSpec("Generation rounds per step", ("gen_rounds",), y_range=(0.0, None)),
+    ChartSpec("Gradient norm", ("grad_norm",)),
+    ChartSpec("Learning rate", ("lr",), y_range=(0.0, None)),
+    ChartSpec("Throughput (tokens/s)", ("tokens_per_s",)),
+)
+NOT_CHARTED = ("step", "wall_time", "epoch", "time/*")  # bookkeeping, or drawn as the time split
+TIME_ORDER = ("time/generate", "time/reward", "time/logps", "time/update")
+HEADLINE = ("reward/mean", "accuracy", "eval_accuracy", "loss", "eval_loss", "rewards/accuracy", "rewards/margin",
+            "kl", "entropy")
+RL_RECIPES = ("grpo", "ppo")
+MAX_SAMPLES = 6  # per step shown from samples.jsonl
+MAX_EVAL_ROWS = 8  # paired eval samples shown per stage
+
+CSS = """
+:root{--fg:#111827;--muted:#6b7280;--line:#e5e7eb;--bg:#f9fafb;--accent:#2563eb}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.5 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:var(--fg);background:var(--bg)}
+main{max-width:1240px;margin:0 auto;padding:24px 28px 60px}
+header{margin-bottom:8px}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:19px;margin:34px 0 8px;padding-top:8px;border-top:2px solid var(--line)}
+h3{font-size:15px;margin:22px 0 8px}
+.meta{color:var(--muted);font-size:13px}.meta span{margin-right:18px}.meta b{color:var(--fg);font-weight:600}
+nav{font-size:13px;margin:6px 0 0}nav a{margin-right:14px;color:var(--accent);text-decoration:none}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(370px,1fr));gap:14px}
+.card{background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px}
+.wide{background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px;display:inline-block;max-width:100%}
+svg{max-width:100%;height:auto}
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin:8px 0}
+.stat{background:#fff;border:1px solid var(--line);border-radius:8px;padding:6px 12px;min-width:130px}
+.stat .k{color:var(--muted);font-size:12px}.stat .v{font-size:16px;font-weight:600}
+table{border-collapse:collapse;background:#fff;font-size:13px;margin:8px 0}
+th,td{border:1px solid var(--line);padding:5px 9px;text-align:left;vertical-align:top}
+th{background:#f3f4f6;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tr.baseline td{color:var(--muted)}tr.control td{background:#fffbeb}
+pre{margin:0;white-space:pre-wrap;word-break:break-word;font:12px/1.45 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
+pre.config{background:#fff;border:1px solid var(--line);border-radius:6px;padding:10px;max-height:520px;overflow:auto}
+.samples{display:grid;grid-template-columns:1fr 1fr;gap:14px}
+.sample{background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px 10px;margin-bottom:8px}
+.sample .prompt{color:var(--muted);border-bottom:1px dashed var(--line);padding-bottom:4px;margin-bottom:4px}
+.sample pre.completion{max-height:220px;overflow:auto}
+.badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;font-weight:600;margin-bottom:4px}
+.good{background:#dcfce7;color:#166534}.bad{background:#fee2e2;color:#991b1b}.mid{background:#fef3c7;color:#92400e}
+.na{background:#f3f4f6;color:var(--muted)}
+table.pairs{width:100%;table-layout:fixed}table.pairs th:first-child{width:28%}
+td.up{background:#f0fdf4}td.down{background:#fef2f2}
+details{margin:10px 0}summary{cursor:pointer;color:var(--accent);font-weight:600}
+.note{color:var(--muted);font-size:13px}.warn{color:#92400e;background:#fffbeb;border:1px solid #fde68a;
+border-radius:6px;padding:6px 10px;font-size:13px}
+"""
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "—"
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+
+
+def fmt_pct(v: Any, ci: Any = None) -> str:
+    v = numeric(v)
+    if v is None:
+        return "—"
+    out = f"{100 * v:.1f}%"
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(numeric(c) is not None for c in ci):
+        out += f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+    return out
+
+
+def fmt_value(v: Any) -> str:
+    n = numeric(v)
+    return "—" if n is None else svg.fmt_num(n) if abs(n) >= 1e-3 or n == 0 else f"{n:.2e}"
+
+
+def as_text(v: Any) -> str:
+    """A prompt or completion as plain text: chat messages become "role: content" lines."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and all(isinstance(m, dict) and "content" in m for m in v):
+        return "\n".join(f"{m.get('role', '?')}: {m['content']}" for m in v)
+    return json.dumps(v, ensure_ascii=False, indent=1, default=str)
+
+
+def reward_badge(r: Any) -> str:
+    v = numeric(r)
+    if v is None:
+        return '<span class="badge na">reward —</span>'
+    cls = "good" if v >= 1 - 1e-9 else "bad" if v <= 1e-9 else "mid"
+    return f'<span class="badge {cls}">reward {svg.fmt_num(v) if v else "0"}</span>'
+
+
+def _when(dt: datetime | None) -> str:
+    return dt.strftime("%Y-%m-%d %H:%M") if dt else "—"
+
+
+def _meta(items: list[tuple[str, str]]) -> str:
+    return '<div class="meta">' + "".join(f"<span>{escape(k)} <b>{escape(v)}</b></span>" for k, v in items) + "</div>"
+
+
+# ---------------------------------------------------------------- curves
+
+
+def _series(metrics: tuple[dict, ...], key: str) -> list[tuple[float, float]]:
+    out = []
+    for m in metrics:
+        v = numeric(m.get(key))
+        if v is not None:
+            out.append((float(m["step"]), v))
+    return out
+
+
+def metric_keys(metrics: tuple[dict, ...]) -> list[str]:
+    """Keys with at least one finite number, in first-seen order."""
+    seen: dict[str, None] = {}
+    for m in metrics:
+        for k, v in m.items():
+            if k not in seen and numeric(v) is not None:
+                seen[k] = None
+    return list(seen)
+
+
+def _matching(keys: list[str], patterns: tuple[str, ...]) -> list[str]:
+    out: list[str] = []
+    for p in patterns:
+        out += [k for k in keys if fnmatchcase(k, p) and k not in out]
+    return out
+
+
+def _band(metrics: tuple[dict, ...], spec: ChartSpec, key: str) -> tuple[tuple[float, float, float], ...]:
+    out = []
+    for m in metrics:
+        mid = numeric(m.get(key))
+        if spec.band:
+            lo, hi = numeric(m.get(spec.band[0])), numeric(m.get(spec.band[1]))
+        elif spec.std and mid is not None and numeric(m.get(spec.std)) is not None:
+            lo, hi = mid - m[spec.std], mid + m[spec.std]
+        else:
+            continue
+        if lo is not None and hi is not None:
+            out.append((float(m["step"]), lo, hi))
+    return tuple(out)
+
+
+def charts(metrics: tuple[dict, ...], chart_prefix: str = "") -> tuple[list[str], list[str]]:
+    """(the known charts, one chart per other numeric metric) for whichever metrics a run logged."""
+    keys = metric_keys(metrics)
+    used = set(_matching(keys, NOT_CHARTED))
+    main = []
+    for spec in CHARTS:
+        present = _matching(keys, spec.keys)
+        if not present:
+            continue
+        series = [svg.Series(k, tuple(_series(metrics, k)), _band(metrics, spec, k) if i == 0 else ())
+                  for i, k in enumerate(present)]
+        used.update(present, spec.band or (), [spec.std] if spec.std else [])
+        main.append(svg.line_chart(spec.title, series, chart_id=chart_prefix + spec.title, y_range=spec.y_range))
+    other = [svg.line_chart(k, [svg.Series(k, tuple(_series(metrics, k)))], chart_id=chart_prefix + k,
+                            width=360, height=200)
+             for k in keys if k not in used]
+    return main, other
+
+
+def time_split(metrics: tuple[dict, ...], chart_prefix: str = "") -> str:
+    """Seconds per phase of a step: a stacked area over steps plus a table of the means."""
+    keys = _matching(metric_keys(metrics), TIME_ORDER + ("time/*",))
+    if not keys:
+        return ""
+    rows = [m for m in metrics if any(numeric(m.get(k)) is not None for k in keys)]
+    layers = [(k.removeprefix("time/"), [numeric(m.get(k)) or 0.0 for m in rows]) for k in keys]
+    total = sum(sum(v) for _, v in layers) or 1.0
+    table = ["<table><tr><th>phase</th><th>mean s / step</th><th>share</th><th>total</th></tr>"]
+    for name, vals in layers:
+        table.append(f"<tr><td>{escape(name)}</td><td class=num>{sum(vals) / len(vals):.3f}</td>"
+                     f"<td class=num>{100 * sum(vals) / total:.1f}%</td><td class=num>{fmt_seconds(sum(vals))}</td></tr>")
+    table.append("</table>")
+    chart = ""
+    if len(rows) > 1:
+        chart = '<div class="card">' + svg.stacked_area("Seconds per step, by phase", [float(m["step"]) for m in rows],
+                                                        layers, chart_id=chart_prefix + "time split") + "</div>"
+    return (f'<h3>Time split</h3><div class="grid">{chart}<div>{"".join(table)}'
+            f'<p class="note">Seconds per step spent in each phase, over the {len(rows)} logged steps.</p>'
+            f"</div></div>")
+
+
+def headline(metrics: tuple[dict, ...]) -> str:
+    """Start -> end values of the metrics people look at first (means over a few steps at each end)."""
+    cards = []
+    for key in HEADLINE:
+        pts = _series(metrics, key)
+        if not pts:
+            continue
+        k = 1 if key.startswith("eval") else max(1, min(10, len(pts) // 10))
+        start, end = (sum(v for _, v in pts[:k]) / k, sum(v for _, v in pts[-k:]) / k)
+        cards.append(f'<div class="stat" title="mean of the first and last {k} logged value(s)">'
+                     f'<div class="k">{escape(key)}</div><div class="v">{fmt_value(start)} → {fmt_value(end)}</div></div>')
+    return f'<div class="cards">{"".join(cards)}</div>' if cards else ""
+
+
+# ---------------------------------------------------------------- samples
+
+
+def _sample_card(s: dict) -> str:
+    answer = f' <span class="note">expected: {escape(as_text(s["answer"]))}</span>' if "answer" in s else ""
+    return (f'<div class="sample">{reward_badge(s.get("reward"))}{answer}'
+            f'<pre class="prompt">{escape(as_text(s.get("prompt", "")))}</pre>'
+            f'<pre class="completion">{escape(as_text(s.get("completion", "")))}</pre></div>')
+
+
+def training_samples(samples: tuple[dict, ...]) -> str:
+    """Completions sampled during RL: the first logged step beside the last."""
+    steps = sorted({s["step"] for s in samples if numeric(s.get("step")) is not None})
+    if not steps:
+        return ""
+    cols = []
+    for step, when in ((steps[0], "start of training"), (steps[-1], "end of training")):
+        if len(steps) == 1 and cols:
+            break
+        shown = [s for s in samples if s.get("step") == step][:MAX_SAMPLES]
+        rewards = [numeric(s.get("reward")) for s in shown]
+        mean = [r for r in rewards if r is not None]
+        avg = f", mean reward {svg.fmt_num(sum(mean) / len(mean))}" if mean else ""
+        cols.append(f"<div><h4>Step {escape(svg.fmt_num(step))} ({when}{avg})</h4>"
+                    + "".join(_sample_card(s) for s in shown) + "</div>")
+    note = "" if len(steps) > 1 else '<p class="note">Only one step was sampled.</p>'
+    return f'<h3>Sample completions: before vs after</h3>{note}<div class="samples">{"".join(cols)}</div>'
+
+
+def _pair_key(s: dict) -> str:
+    return as_text(s.get("prompt", ""))
+
+
+def eval_comparison(before: dict | None, before_label: str, after: dict | None, after_label: str) -> str:
+    """The same eval prompts answered before and after a stage; rows whose reward changed come first."""
+    a = (before or {}).get("samples") or []
+    b = (after or {}).get("samples") or []
+    if not a or not b:
+        return ""
+    by_prompt = {_pair_key(s): s for s in a}
+    pairs = [(by_prompt[_pair_key(s)], s) for s in b if _pair_key(s) in by_prompt]
+    if not pairs and len(a) == len(b):
+        pairs = list(zip(a, b))
+    if not pairs:
+        return ""
+
+    def delta(p):
+        ra, rb = numeric(p[0].get("reward")), numeric(p[1].get("reward"))
+        return 0.0 if ra is None or rb is None else rb - ra
+
+    up, down = sum(delta(p) > 0 for p in pairs), sum(delta(p) < 0 for p in pairs)
+    shown = sorted(pairs, key=lambda p: delta(p) == 0)[:MAX_EVAL_ROWS]
+    rows = [f"<tr><th>prompt</th><th>{escape(before_label)}</th><th>{escape(after_label)}</th></tr>"]
+    for x, y in shown:
+        d = delta((x, y))
+        cls = ' class="up"' if d > 0 else ' class="down"' if d < 0 else ""
+        answer = f'<div class="note">expected: {escape(as_text(y["answer"]))}</div>' if "answer" in y else ""
+        rows.append(f"<tr><td><pre>{escape(_pair_key(y))}</pre>{answer}</td>"
+                    f"<td>{reward_badge(x.get('reward'))}<pre>{escape(as_text(x.get('completion', '')))}</pre></td>"
+                    f"<td{cls}>{reward_badge(y.get('reward'))}<pre>{escape(as_text(y.get('completion', '')))}</pre>"
+                    f"</td></tr>")
+    return (f'<p class="note">{len(pairs)} eval prompts paired: {up} improved, {down} got worse, '
+            f"{len(pairs) - up - down} unchanged; {len(shown)} shown, changed ones first.</p>"
+            f'<table class="pairs">{"".join(rows)}</table>')
+
+
+# ---------------------------------------------------------------- one run
+
+
+def run_body(run: RunData, chart_prefix: str = "") -> str:
+    """Everything about one recipe run: headline numbers, curves, time split, samples, config."""
+    if not run.exists:
+        return f'<p class="warn">Run directory {escape(str(run.path))} not found.</p>'
+    parts = [headline(run.metrics)]
+    if run.metrics:
+        main, other = charts(run.metrics, chart_prefix)
+        if main:
+            parts.append('<h3>Training curves</h3><div class="grid">'
+                         + "".join(f'<div class="card">{c}</div>' for c in main) + "</div>")
+        parts.append(time_split(run.metrics, chart_prefix))
+        if other:
+            parts.append(f"<details><summary>Other metrics ({len(other)})</summary><div class=\"grid\">"
+                         + "".join(f'<div class="card">{c}</div>' for c in other) + "</div></details>")
+    else:
+        parts.append('<p class="note">No metrics.jsonl (or it is empty).</p>')
+    parts.append(training_samples(run.samples))
+    if run.problems:
+        parts.append('<p class="warn">' + "<br>".join(escape(p) for p in run.problems) + "</p>")
+    if run.config_text is not None:
+        parts.append(f"<details><summary>Resolved config (config.yaml)</summary>"
+                     f'<pre class="config">{escape(run.config_text)}</pre></details>')
+    else:
+        parts.append('<p class="note">No config.yaml.</p>')
+    return "".join(parts)
+
+
+def render_run(run: RunData) -> str:
+    steps = [m["step"] for m in run.metrics]
+    wall = max((numeric(m.get("wall_time")) or 0.0 for m in run.metrics), default=0.0)
+    meta = [("recipe", run.recipe or "unknown"),
+            ("steps", f"{int(min(steps))}–{int(max(steps))}" if steps else "none logged"),
+            ("finished", _when(run.finished)), ("time", fmt_seconds(wall) if wall else "—")]
+    return page(f"{run.name}", meta, "", run_body(run))
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+def _ev(st: StageData | None, key: str) -> Any:
+    return (st.eval or {}).get(key) if st else None
+
+
+def _k_cell(ev: dict | None, key: str, common_k: bool) -> str:
+    if not ev or numeric(ev.get(key)) is None:
+        return "—"
+    suffix = "" if common_k else f" (k={ev.get('k')})"
+    return fmt_pct(ev.get(key), ev.get(key + "_ci")) + suffix
+
+
+def stage_table(p: PipelineData) -> str:
+    rows: list[tuple[str, StageData]] = []
+    if p.baseline_eval:
+        rows.append(("baseline", StageData("before training", None, p.baseline_eval, None, None, None)))
+    rows += [("stage", s) for s in p.stages] + [("control", c) for c in p.controls]
+    ks = {_ev(s, "k") for _, s in rows if _ev(s, "pass_at_k") is not None}
+    common = len(ks) == 1
+    k = f"@{ks.pop()}" if common else "@k"
+    head = ["stage", "recipe", "greedy accuracy [95% CI]", "Δ vs previous", f"pass{k}", f"maj{k}", f"mean{k}",
+            "prompts", "time", "reference model"]
+    out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    prev = None
+    for kind, s in rows:
+        acc = numeric(_ev(s, "greedy_accuracy"))
+        d = f"{100 * (acc - prev):+.1f} pp" if acc is not None and prev is not None and kind != "control" else ""
+        name = s.name + (f" (control of {s.of})" if kind == "control" and s.of else "")
+        cells = [escape(name), escape(s.recipe or "—"), fmt_pct(acc, _ev(s, "greedy_ci")), d,
+                 _k_cell(s.eval, "pass_at_k", common), _k_cell(s.eval, "maj_at_k", common),
+                 _k_cell(s.eval, "mean_at_k", common), escape(str(_ev(s, "n_prompts") or "—")),
+                 fmt_seconds(s.seconds), escape(str(s.ref_model or "—"))]
+        out.append(f'<tr class="{kind}">' + "".join(
+            f"<td class=num>{c}</td>" if 2 <= i <= 8 else f"<td>{c}</td>" for i, c in enumerate(cells)) + "</tr>")
+        if kind != "control" and acc is not None:
+            prev = acc
+    out.append("</table>")
+    return "".join(out)
+
+
+def accuracy_chart(p: PipelineData) -> str:
+    def bar(label: str, ev: dict | None, kind: str) -> svg.Bar:
+        ci = (ev or {}).get("greedy_ci")
+        ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(numeric(c) is not None for c in ci)
+        return svg.Bar(label, numeric((ev or {}).get("greedy_accuracy")), tuple(ci) if ok else None, kind)
+
+    bars = ([bar("before training", p.baseline_eval, "baseline")] if p.baseline_eval else [])
+    bars += [bar(s.name, s.eval, "stage") for s in p.stages] + [bar(c.name, c.eval, "control") for c in p.controls]
+    if not any(b.value is not None for b in bars):
+        return '<p class="note">No stage has an evaluation.</p>'
+    return '<div class="wide">' + svg.bar_chart("Greedy accuracy per stage (95% CI)", bars,
+                                                chart_id="accuracy per stage") + "</div>"
+
+
+def _stage_named(p: PipelineData, name: str | None) -> StageData | None:
+    found = [s for s in p.stages if s.name == name] or [s for s in p.stages if s.recipe == name]
+    return found[-1] if found else None
+
+
+def _before(p: PipelineData, st: StageData, with_samples: bool = False) -> tuple[dict | None, str]:
+    """The evaluation just before a stage ran (the previous stage's, or the baseline before the first);
+    ``with_samples`` skips back over evaluations that kept no samples."""
+    for prev in reversed(p.stages[:p.stages.index(st)]):
+        if prev.eval and (prev.eval.get("samples") or not with_samples):
+            return prev.eval, f"after {prev.name}"
+    return p.baseline_eval, "before training"
+
+
+def control_comparison(p: PipelineData) -> str:
+    items = []
+    for c in p.controls:
+        real = _stage_named(p, c.of)
+        ra, ca = numeric(_ev(real, "greedy_accuracy")), numeric(_ev(c, "greedy_accuracy"))
+        if real is None or ra is None or ca is None:
+            items.append(f"<li>{escape(c.name)}: cannot compare (stage {escape(str(c.of))} or an evaluation "
+                         f"is missing).</li>")
+            continue
+        rci, cci = _ev(real, "greedy_ci"), _ev(c, "greedy_ci")
+        text = (f"<b>{escape(real.name)}</b> {fmt_pct(ra, rci)} vs control <b>{escape(c.name)}</b> "
+                f"{fmt_pct(ca, cci)}: gain of the real reward over the control <b>{100 * (ra - ca):+.1f} pp</b>")
+        start = numeric((_before(p, real)[0] or {}).get("greedy_accuracy"))
+        if start is not None:
+            text += (f" (from {fmt_pct(start)} the real run moved {100 * (ra - start):+.1f} pp, "
+                     f"the control {100 * (ca - start):+.1f} pp)")
+        if isinstance(rci, (list, tuple)) and isinstance(cci, (list, tuple)) and len(rci) == len(cci) == 2:
+            apart = rci[0] > cci[1] or cci[0] > rci[1]
+            text += (". The 95% intervals do not overlap." if apart else
+                     ". The 95% intervals overlap: this gain is not clearly separated from the control.")
+        items.append(f"<li>{text}</li>")
+    return f"<h3>Control comparison</h3><ul>{''.join(items)}</ul>" if items else ""
+
+
+def stage_section(p: PipelineData, i: int, st: StageData) -> str:
+    ev = st.eval or {}
+    meta = [("recipe", st.recipe or "unknown"), ("time", fmt_seconds(st.seconds)),
+            ("greedy accuracy", fmt_pct(ev.get("greedy_accuracy"), ev.get("greedy_ci"))),
+            ("reference model", str(st.ref_model or "—")), ("dir", st.dir or "—")]
+    parts = [f'<h2 id="stage-{i}">Stage {i + 1}: {escape(st.name)}</h2>', _meta(meta)]
+    before, label = _before(p, st, with_samples=True)
+    cmp = eval_comparison(before, label, st.eval, f"after {st.name}")
+    if cmp:
+        opened = " open" if st.recipe in RL_RECIPES else ""
+        parts.append(f"<details{opened}><summary>Eval samples: before vs after this stage</summary>{cmp}</details>")
+    parts.append(run_body(st.run, f"{st.name}: ") if st.run else '<p class="note">No run directory recorded.</p>')
+    return "".join(parts)
+
+
+def _without_samples(raw: dict) -> dict:
+    out = copy.deepcopy(raw)
+    evals = [out.get("baseline_eval")] + [e.get("eval") for e in (out.get("stages") or []) + (out.get("controls") or [])
+                                           if isinstance(e, dict)]
+    for ev in evals:
+        if isinstance(ev, dict) and isinstance(ev.get("samples"), list):
+            ev["samples"] = f"<{len(ev['samples'])} samples, shown above>"
+    return out
+
+
+def render_pipeline(p: PipelineData) -> str:
+    meta = [("pipeline", f"{len(p.stages)} stage(s)" + (f" + {len(p.controls)} control(s)" if p.controls else "")),
+            ("finished", _when(p.finished)), ("total time", fmt_seconds(p.total_seconds))]
+    nav = "<nav><a href=\"#overview\">overview</a>" + "".join(
+        f'<a href="#stage-{i}">{escape(s.name)}</a>' for i, s in enumerate(p.stages)) + "</nav>"
+    body = ['<h2 id="overview">Accuracy per stage</h2>', accuracy_chart(p), stage_table(p), control_comparison(p)]
+    body += [stage_section(p, i, s) for i, s in enumerate(p.stages)]
+    body.append("<h2>pipeline.json</h2><details><summary>pipeline.json (eval samples omitted)</summary>"
+                f'<pre class="config">{escape(json.dumps(_without_samples(p.raw), indent=2, default=str))}</pre>'
+                "</details>")
+    return page(p.name, meta, nav, "".join(body))
+
+
+# ---------------------------------------------------------------- page + entry points
+
+
+def page(title: str, meta: list[tuple[str, str]], nav: str, body: str) -> str:
+    generated = datetime.now().strftime("%Y-%m-%d %H:%M")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+            f"<title>{escape(title)} — posttrain report</title><style>{CSS}</style></head><body><main>"
+            f"<header><h1>{escape(title)}</h1>{_meta(meta + [('report generated', generated)])}{nav}</header>"
+            f"{body}</main></body></html>\n")
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write ``<run_dir>/report.html`` for a recipe run or a pipeline directory and return its path."""
+    data = load(run_dir)
+    text = render_pipeline(data) if isinstance(data, PipelineData) else render_run(data)
+    out = Path(run_dir) / "report.html"
+    atomic_write_text(out, text)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    """posttrain report RUN_DIR: write RUN_DIR/report.html (a recipe run or a pipeline directory)."""
+    p = argparse.ArgumentParser(prog="posttrain report", description=main.__doc__)
+    p.add_argument("run_dir", help="a run's output_dir, or a pipeline directory holding pipeline.json")
+    a = p.parse_args(argv)
+    print(f"posttrain report: wrote {build_report(a.run_dir)}")
+    return 0
