@@ -4,3 +4,10 @@
 def ones(completions, **kwargs):
     """Fraction of the completion's characters that are '1': a dense, checkable toy reward."""
     return [sum(c == "1" for c in text) / max(1, len(text)) for text in completions]
+
+
+def parity(completion, answer="0", **row):
+    """1.0 when the completion's character codes plus int(answer) sum to an even number: a
+    deterministic verdict that splits a random model's samples about evenly and depends on a
+    dataset column (so a test can see that the row's columns reach the verifier)."""
+    return float((sum(map(ord, completion)) + int(answer)) % 2 == 0)

@@ -7,20 +7,29 @@ import importlib
 import sys
 from typing import Callable
 
-from posttrain.config import RECIPE_CONFIGS, ConfigError, field_help, load_config
+from posttrain.config import PREFERENCE_LOSSES, RECIPE_CONFIGS, ConfigError, field_help, load_config
 
 # recipe name -> module whose train(cfg) runs it; configs come from posttrain.config.RECIPE_CONFIGS
 RECIPES: dict[str, str] = {
     "pretrain": "posttrain.recipes.pretrain",
     "sft": "posttrain.recipes.sft",
     "grpo": "posttrain.recipes.grpo",
+    "preference": "posttrain.recipes.preference",
+}
+
+# shorthand recipes: name -> (recipe, overrides put before the user's own)
+ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
+    name: ("preference", (f"loss={name}",)) for name in PREFERENCE_LOSSES
 }
 
 # other commands -> "module:function" taking argv and returning an exit code
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("posttrain.demo:main", "run the built-in demo end to end on a tiny model"),
     "eval": ("posttrain.evaluation:main", "greedy accuracy, pass@k, maj@k, mean@k of a model with a verifier"),
+    "pipeline": ("posttrain.pipeline:main", "run stages (pretrain -> sft -> dpo -> grpo) with evaluation between them"),
+    "report": ("posttrain.report:main", "write RUN_DIR/report.html: curves, per-stage accuracy, samples, configs"),
     "audit-verifier": ("posttrain.verifiers.audit:main", "probe a verifier with gold and adversarial completions"),
+    "make-pairs": ("posttrain.pairs:main", "sample completions, score them with a verifier, write preference pairs"),
 }
 
 
@@ -45,12 +54,12 @@ def _expected_errors() -> tuple[type, ...]:
     return ConfigError, DataError, ModelError, NonFiniteError, TrackingError, FileNotFoundError
 
 
-def run_recipe(name: str, argv: list[str]) -> int:
+def run_recipe(name: str, argv: list[str], preset: tuple[str, ...] = ()) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(_recipe_help(name))
         return 0
     path = argv[0] if argv and "=" not in argv[0] else None
-    overrides = argv[1:] if path else argv
+    overrides = [*preset, *(argv[1:] if path else argv)]
     try:
         cfg = load_config(RECIPE_CONFIGS[name], path, overrides)
     except ConfigError as e:
@@ -74,17 +83,21 @@ def _load(target: str) -> Callable[[list[str]], int]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="posttrain", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=[*RECIPES, *COMMANDS], help="a recipe or a command")
+    parser.add_argument("command", choices=[*RECIPES, *ALIASES, *COMMANDS], help="a recipe or a command")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         print("\nrecipes:  " + ", ".join(RECIPES) + "   (posttrain RECIPE --help lists every config field)")
+        print("aliases:  " + ", ".join(f"{a} = {r} {' '.join(o)}" for a, (r, o) in ALIASES.items()))
         for cmd, (_, text) in COMMANDS.items():
             print(f"  {cmd:<16} {text}")
         return 0
-    if argv[0] not in RECIPES and argv[0] not in COMMANDS:
+    if argv[0] not in RECIPES and argv[0] not in ALIASES and argv[0] not in COMMANDS:
         parser.parse_args(argv[:1])  # prints the choices and exits 2
     if argv[0] in RECIPES:
         return run_recipe(argv[0], argv[1:])
+    if argv[0] in ALIASES:
+        recipe, preset = ALIASES[argv[0]]
+        return run_recipe(recipe, argv[1:], preset)
     fn = _load(COMMANDS[argv[0]][0])
     try:
         return int(fn(argv[1:]) or 0)

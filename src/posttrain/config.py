@@ -128,6 +128,67 @@ class SFTConfig:
     completion_only: bool = doc(True, "loss only on completion / assistant tokens")
 
 
+PREFERENCE_LOSSES = ("dpo", "ipo", "simpo", "kto", "orpo")
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+# beta when the config leaves it empty: the papers' / TRL's defaults (SimPO's beta is on a
+# length-averaged log-prob, so it is ~20x larger than DPO's).
+DEFAULT_PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "kto": 0.1, "simpo": 2.0}
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    model: ModelConfig = doc(ModelConfig(), "policy model (usually an SFT checkpoint directory)")
+    lora: LoraConfig = doc(LoraConfig(), "LoRA adapters (r=0: off); the initial reference = adapters off")
+    data: DataConfig = doc(DataConfig(), "prompt/chosen/rejected rows, or prompt/completion/label rows for kto")
+    optim: OptimConfig = doc(OptimConfig(lr=1e-6, warmup_steps=10), "optimizer and schedule (DPO: lr ~5e-7..1e-6)")
+    train: TrainConfig = doc(TrainConfig(), "loop (micro_batch_size counts pairs, or examples for kto)")
+    loss: Literal["dpo", "ipo", "simpo", "kto", "orpo"] = doc("dpo", "preference objective")
+    beta: Union[float, None] = doc(None, "beta (empty: dpo/ipo/kto 0.1, simpo 2.0); orpo uses orpo_lambda instead")
+    label_smoothing: float = doc(0.0, "dpo only: assumed label-flip rate of conservative DPO (cDPO), in [0, 0.5)")
+    simpo_gamma: float = doc(1.0, "simpo only: target reward margin gamma in reward units (gamma/beta 0.5 at beta 2)")
+    orpo_lambda: float = doc(0.1, "orpo only: weight of the odds-ratio term added to the chosen NLL")
+    kto_desirable_weight: float = doc(1.0, "kto only: lambda_D, weight of desirable examples")
+    kto_undesirable_weight: float = doc(1.0, "kto only: lambda_U, weight of undesirable examples")
+    ref_model: str = doc("initial", "reference: initial (the starting weights) or a model directory; simpo/orpo: none")
+    precompute_ref: bool = doc(True, "compute reference log-probs once before training (holds one model); false: "
+                                     "a frozen reference model scores every batch")
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss in REFERENCE_FREE_LOSSES
+
+    @property
+    def effective_beta(self) -> float:
+        return self.beta if self.beta is not None else DEFAULT_PREFERENCE_BETA.get(self.loss, 0.0)
+
+    def check(self) -> None:
+        defaults = PreferenceConfig()
+        if self.loss == "orpo" and self.beta is not None:
+            raise ConfigError("beta: orpo has no beta; its odds-ratio weight is orpo_lambda")
+        if self.beta is not None and self.beta <= 0:
+            raise ConfigError(f"beta: must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        # Options of another loss would be silently ignored: say so instead.
+        only = {"label_smoothing": "dpo", "simpo_gamma": "simpo", "orpo_lambda": "orpo",
+                "kto_desirable_weight": "kto", "kto_undesirable_weight": "kto"}
+        for name, owner in only.items():
+            if self.loss != owner and getattr(self, name) != getattr(defaults, name):
+                raise ConfigError(f"{name}: only used by loss={owner}, but loss={self.loss}")
+        for name in ("kto_desirable_weight", "kto_undesirable_weight"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.simpo_gamma < 0 or self.orpo_lambda < 0:
+            raise ConfigError("simpo_gamma / orpo_lambda: must be >= 0")
+        if self.reference_free:
+            if self.ref_model != "initial":
+                raise ConfigError(f"ref_model: {self.loss} is reference-free and loads no reference model")
+            if not self.precompute_ref:
+                raise ConfigError(f"precompute_ref: {self.loss} is reference-free; there is nothing to compute")
+        if not self.ref_model:
+            raise ConfigError("ref_model: give 'initial' or a model directory")
+
+
 @dataclass(frozen=True)
 class RewardConfig:
     name: str = doc("math", "verifier name (math, code, json, label, format, regex, overlong, random, ...) or module:fn")
@@ -184,7 +245,8 @@ class GRPOConfig:
             raise ConfigError("temperature: RL needs sampling, must be > 0")
 
 
-RECIPE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "grpo": GRPOConfig}
+RECIPE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "grpo": GRPOConfig,
+                                   "preference": PreferenceConfig}
 
 
 def register_recipe_config(name: str, cls: type) -> None:

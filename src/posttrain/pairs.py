@@ -1,0 +1,156 @@
+"""`posttrain make-pairs`: on-policy preference data from a verifier.
+
+Sample n completions per prompt from a model, score each with a verifier, and write
+(prompt, chosen = a correct completion, rejected = an incorrect one) rows for DPO / IPO / SimPO /
+ORPO, or (prompt, completion, label = correct?) rows for KTO. A prompt whose samples are all correct
+or all wrong yields no pair (there is nothing to prefer) and is counted. The dataset's other
+columns (e.g. `answer`) are kept in every output row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from posttrain.data.formats import reward_columns
+from posttrain.data.tokenize import is_conversational, render_prompt
+from posttrain.rollout.engine import HFEngine, SamplingParams
+from posttrain.verifiers.base import score_all
+
+# Columns the output rows define themselves; an input row's own values for these are not copied.
+OWN_COLUMNS = ("prompt", "completion", "chosen", "rejected", "label")
+
+
+@dataclass(frozen=True)
+class PairStats:
+    prompts: int
+    completions: int
+    correct: int
+    empty: int                # empty completions, left out
+    pairs: int                # preference rows written (kto: completion rows written)
+    skipped_all_correct: int
+    skipped_all_wrong: int
+    desirable: int = 0        # kto only
+    undesirable: int = 0      # kto only
+
+
+def is_correct(score: float) -> bool:
+    """Binary verdict: full marks only, so partial-credit verifiers never make a 'correct' chosen."""
+    return float(score) >= 1.0 - 1e-9
+
+
+def _as_completion(prompt: Any, text: str) -> Any:
+    """Conversational prompts get conversational completions (one assistant message)."""
+    return [{"role": "assistant", "content": text}] if is_conversational(prompt) else text
+
+
+def _distinct(texts: list[str]) -> list[str]:
+    return list(dict.fromkeys(texts))
+
+
+def make_pairs(model, tokenizer, rows: list[dict], verifier: Callable[..., float], n: int, *,
+               max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, pairs_per_prompt: int = 1,
+               kto: bool = False, seed: int = 0, batch_size: int = 256) -> tuple[list[dict], PairStats]:
+    """(output rows, counts). Pairs: up to ``pairs_per_prompt`` distinct (correct, incorrect)
+    combinations per prompt, drawn with ``seed``. KTO: every distinct completion, labelled by the
+    verifier (prompts with one kind only are kept: KTO needs no pair, but they are still counted)."""
+    if n < 2 and not kto:
+        raise ValueError("make_pairs: n must be >= 2 to find a correct and an incorrect completion")
+    if temperature <= 0:
+        raise ValueError("make_pairs: temperature must be > 0; greedy decoding gives n identical samples")
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    engine = HFEngine(model, tokenizer, max_batch=batch_size)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    prompt_ids = [tokenizer(render_prompt(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"] for r in rows]
+    gen = engine.generate(prompt_ids, n, params)
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in gen.completion_ids]
+    examples = [reward_columns(r) for r in rows for _ in range(n)]
+    scores = score_all(verifier, texts, examples)
+
+    out: list[dict] = []
+    counts = dict(correct=0, empty=0, all_correct=0, all_wrong=0, desirable=0, undesirable=0)
+    for i, row in enumerate(rows):
+        # NaN is a verifier's "does not apply": such samples are neither correct nor incorrect.
+        # An empty completion (EOS first) is no training text in either format: it is counted only.
+        samples = [(t, s) for t, s in zip(texts[i * n:(i + 1) * n], scores[i * n:(i + 1) * n]) if s == s]
+        counts["empty"] += sum(not t.strip() for t, _ in samples)
+        samples = [(t, s) for t, s in samples if t.strip()]
+        good = _distinct([t for t, s in samples if is_correct(s)])
+        bad = _distinct([t for t, s in samples if not is_correct(s)])
+        counts["correct"] += sum(is_correct(s) for _, s in samples)
+        if good and not bad:
+            counts["all_correct"] += 1
+        elif not good:  # all wrong, or nothing usable (all empty / not applicable)
+            counts["all_wrong"] += 1
+        extra = {k: v for k, v in row.items() if k not in OWN_COLUMNS}
+        prompt = row["prompt"]
+        if kto:
+            for text, label in [(t, True) for t in good] + [(t, False) for t in bad]:
+                out.append({"prompt": prompt, "completion": _as_completion(prompt, text), "label": label, **extra})
+                counts["desirable" if label else "undesirable"] += 1
+            continue
+        combos = [(g, b) for g in good for b in bad]
+        for g, b in rng.sample(combos, min(pairs_per_prompt, len(combos))):
+            out.append({"prompt": prompt, "chosen": _as_completion(prompt, g),
+                        "rejected": _as_completion(prompt, b), **extra})
+    stats = PairStats(prompts=len(rows), completions=len(texts), correct=counts["correct"], empty=counts["empty"],
+                      pairs=len(out), skipped_all_correct=counts["all_correct"], skipped_all_wrong=counts["all_wrong"],
+                      desirable=counts["desirable"], undesirable=counts["undesirable"])
+    return out, stats
+
+
+def format_stats(s: PairStats, kto: bool) -> str:
+    written = (f"kto rows: {s.pairs} ({s.desirable} desirable, {s.undesirable} undesirable)" if kto
+               else f"pairs: {s.pairs}")
+    no_pair = "kept for kto, no pair" if kto else "skipped"
+    return "\n".join([f"prompts: {s.prompts}",
+                      f"completions: {s.completions} ({s.correct} correct, {s.empty} empty and left out)", written,
+                      f"prompts with every sample correct ({no_pair}): {s.skipped_all_correct}",
+                      f"prompts with every sample wrong ({no_pair}): {s.skipped_all_wrong}"])
+
+
+def main(argv: list[str]) -> int:
+    """posttrain make-pairs --model DIR --data FILE --verifier NAME -n 8 --out pairs.jsonl [--kto]"""
+    from posttrain.config import ModelConfig
+    from posttrain.data.formats import validate
+    from posttrain.data.io import read_rows, write_jsonl
+    from posttrain.io_utils import atomic_write_json
+    from posttrain.models.loading import load_model
+    from posttrain.verifiers import load as load_verifier
+
+    p = argparse.ArgumentParser(prog="posttrain make-pairs", description=main.__doc__)
+    p.add_argument("--model", required=True, help="local model directory to sample from")
+    p.add_argument("--data", required=True, help="prompt rows with the verifier columns (answer, ...) or builtin:<task>")
+    p.add_argument("--split", default="train")
+    p.add_argument("--verifier", default="math", help="built-in verifier name or pkg.module:function")
+    p.add_argument("-n", type=int, default=8, help="samples per prompt")
+    p.add_argument("--out", required=True, help="output jsonl (written atomically)")
+    p.add_argument("--kto", action="store_true", help="write prompt/completion/label rows instead of pairs")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--pairs-per-prompt", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0, help="use the first N rows only")
+    p.add_argument("--num-examples", type=int, default=0, help="builtin tasks: rows to generate")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--stats", default="", help="also write the counts as json here")
+    a = p.parse_args(argv)
+    rows = read_rows(a.data, a.split, num_examples=a.num_examples, seed=a.seed)
+    validate(rows, "prompt")
+    data = rows.rows[: a.limit] if a.limit else rows.rows
+    model, tok = load_model(ModelConfig(path=a.model, device=a.device))
+    out, stats = make_pairs(model, tok, data, load_verifier(a.verifier), a.n, max_new_tokens=a.max_new_tokens,
+                            temperature=a.temperature, top_p=a.top_p, pairs_per_prompt=a.pairs_per_prompt,
+                            kto=a.kto, seed=a.seed)
+    write_jsonl(a.out, out)
+    print(format_stats(stats, a.kto))
+    print(f"wrote {len(out)} rows to {a.out}")
+    if a.stats:
+        atomic_write_json(a.stats, asdict(stats))
+    return 0
