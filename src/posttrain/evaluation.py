@@ -23,6 +23,7 @@ import torch
 from posttrain.data.formats import reward_columns
 from posttrain.data.tokenize import render_prompt
 from posttrain.rollout.engine import HFEngine, SamplingParams
+from posttrain.verifiers import score_all
 
 Z95 = 1.959963984540054
 
@@ -105,7 +106,7 @@ def evaluate(model, tokenizer, rows: list[dict], verifier: Callable[..., float],
     greedy = engine.generate(prompts, 1, SamplingParams(max_new_tokens, temperature=0.0))
     texts = [decode(c) for c in greedy.completion_ids]
     extras = [reward_columns(r) for r in rows]
-    scores = [float(verifier(t, **ex)) for t, ex in zip(texts, extras)]
+    scores = [float(x) for x in score_all(verifier, texts, extras)]
     correct = [_is_correct(s) for s in scores]
     acc = sum(correct) / max(1, len(rows))
     samples = [{"prompt": r["prompt"], "completion": t, "reward": s, "answer": r.get("answer")}
@@ -115,9 +116,10 @@ def evaluate(model, tokenizer, rows: list[dict], verifier: Callable[..., float],
     if k > 0:
         gen = engine.generate(prompts, k, SamplingParams(max_new_tokens, temperature=temperature))
         p_at, maj, mean = [], [], []
-        for i, ex in enumerate(extras):
-            outs = [decode(c) for c in gen.completion_ids[i * k:(i + 1) * k]]
-            ok = [_is_correct(verifier(t, **ex)) for t in outs]
+        all_texts = [decode(c) for c in gen.completion_ids]
+        all_ok = [_is_correct(x) for x in score_all(verifier, all_texts, [ex for ex in extras for _ in range(k)])]
+        for i in range(len(extras)):
+            outs, ok = all_texts[i * k:(i + 1) * k], all_ok[i * k:(i + 1) * k]
             c = sum(ok)
             p_at.append(pass_at_k(k, c, k))
             mean.append(c / k)

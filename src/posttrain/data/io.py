@@ -56,16 +56,32 @@ def read_rows(path: str, split: str = "train", *, num_examples: int = 0, seed: i
 def _builtin(path: str, split: str, n: int, seed: int) -> Rows:
     from posttrain.tasks import get_task
 
-    spec = path[len("builtin:"):]
+    spec, _, query = path[len("builtin:"):].partition("?")
     name, _, kind = spec.partition("/")
-    task = get_task(name)
+    options = {}
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = float(value) if "." in value else int(value)
+        except ValueError:
+            raise DataError(f"{path}: option {key}={value!r} is not a number") from None
+    try:
+        task = get_task(name, **options)
+    except TypeError as e:
+        raise DataError(f"{path}: {e}") from None
     n = n or (2000 if split == "train" else 200)
-    if kind == "pretrain":
-        rows = task.pretrain_text(n, seed=seed)
-    elif kind in ("", "sft"):
-        rows = task.rows(n, split="test" if split == "test" else "train", seed=seed)
-    else:
-        raise DataError(f"{path}: unknown builtin view {kind!r} (use builtin:{name} or builtin:{name}/pretrain)")
+    try:
+        if kind == "pretrain":
+            rows = task.pretrain_text(n, seed=seed)
+        elif kind in ("", "sft"):
+            rows = task.rows(n, split="test" if split == "test" else "train", seed=seed)
+        else:
+            rows = None
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
+    if rows is None:
+        raise DataError(f"{path}: unknown builtin view {kind!r} (use builtin:{name} or builtin:{name}/pretrain, "
+                        f"options as builtin:{name}?max_terms=3)")
     return Rows(rows, [f"{path}[{i}]" for i in range(len(rows))], path)
 
 

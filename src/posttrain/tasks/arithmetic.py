@@ -1,11 +1,11 @@
 """Multi-step arithmetic with a short worked solution: the built-in demo task.
 
-    prompt:      "47+18-25="
-    completion:  "47+18=65,65-25=40 \\boxed{40}"
-    answer:      "40"
+    prompt:      "7+8-5+9="
+    completion:  "7+8=15,15-5=10,10+9=19 \\boxed{19}"
+    answer:      "19"
 
-Each stage has its own work: pretraining learns single operations from plain equations
-("47+18=65"); SFT learns to chain them and to end with the boxed answer; preference and RL stages
+Each stage has its own work: pretraining learns the operations from plain worked equations
+("7+8-5=7+8=15,15-5=10"); SFT learns the prompt / answer format and to end with the boxed answer; preference and RL stages
 make the chained steps right more often. The held-out split is a disjoint set of expressions,
 chosen by a hash of the expression, so no split is ever trained on.
 """
@@ -25,8 +25,8 @@ def _is_heldout(expr: str, fraction: float) -> bool:
 @dataclass(frozen=True)
 class ArithmeticTask:
     min_terms: int = 2
-    max_terms: int = 3
-    max_operand: int = 99
+    max_terms: int = 4
+    max_operand: int = 9
     heldout_fraction: float = 0.1
     verifier: str = "math"
 
@@ -68,12 +68,12 @@ class ArithmeticTask:
         return out
 
     def pretrain_text(self, n: int, seed: int = 0) -> list[dict]:
-        """Plain equations (single operations, and chains without the answer format)."""
+        """Plain worked equations, "7+8-5=7+8=15,15-5=10": no answer format, never a held-out expression."""
         rng = random.Random(f"arith-pretrain-{seed}")
         out = []
         while len(out) < n:
             expr, steps, value = self._expression(rng)
             if _is_heldout(expr, self.heldout_fraction):
                 continue
-            out.append({"text": " ".join(steps)})
+            out.append({"text": f"{expr}=" + ",".join(steps)})
         return out

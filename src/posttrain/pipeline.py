@@ -1,0 +1,344 @@
+"""Chaining stages: pretrain -> SFT -> DPO -> GRPO, with evaluation between stages.
+
+A pipeline config is an ordered list of stages, each a recipe config. A stage starts from the
+previous stage's exported model unless its config names a model; `ref_model` may name an earlier
+stage (e.g. GRPO against the SFT model rather than the DPO model). A preference stage can build its
+pairs from the model it starts from (`make_pairs`), so a verifiable domain needs no human labels.
+After every stage the model is scored on a held-out set with the task's verifier.
+
+Re-running skips stages whose model and evaluation are complete and resumes an interrupted stage
+from its newest checkpoint (each stage is an ordinary run directory with `resume: auto`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from posttrain.config import (RECIPE_CONFIGS, ConfigError, config_from_dict, dict_doc, doc, read_yaml, to_dict)
+
+log = logging.getLogger("posttrain")
+
+CONTROL_VERIFIERS = {"random_reward": "random", "incorrect_reward": "incorrect", "format_reward": "format_only"}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    data: str = doc("builtin:arithmetic", "held-out prompt rows (split `test` of a builtin task)")
+    split: str = doc("test", "split to read")
+    verifier: str = doc("math", "verifier that scores a completion (1 = correct)")
+    verifier_options: dict = dict_doc("options for the verifier")
+    examples: int = doc(200, "how many held-out rows")
+    k: int = doc(4, "samples per prompt for pass@k / maj@k / mean@k (0: greedy only)")
+    temperature: float = doc(1.0, "sampling temperature for the k samples")
+    max_new_tokens: int = doc(64, "generation budget")
+    baseline: bool = doc(False, "also evaluate the model the first stage starts from")
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    data: str = doc("", "prompt rows to sample from (empty: no pairs are made)")
+    n: int = doc(8, "samples per prompt")
+    limit: int = doc(0, "use the first N prompt rows (0: all)")
+    verifier: str = doc("math", "verifier that separates chosen from rejected")
+    temperature: float = doc(1.0, "sampling temperature")
+    max_new_tokens: int = doc(64, "generation budget")
+    pairs_per_prompt: int = doc(1, "pairs written per prompt")
+    kto: bool = doc(False, "write KTO rows (prompt, completion, label) instead of pairs")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str = doc("", "stage name (used in directory names, reports and ref_model references)")
+    recipe: Literal["pretrain", "sft", "preference", "grpo"] = doc("sft", "which recipe runs the stage")
+    config: dict = dict_doc("the recipe's config (any field; model defaults to the previous stage's output)")
+    make_pairs: PairsConfig = doc(PairsConfig(), "preference stages: make pairs from the starting model")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    output_dir: str = doc("runs/pipeline", "pipeline directory: stages/, pipeline.json, report.html")
+    eval: EvalConfig = doc(EvalConfig(), "evaluation after every stage")
+    stages: tuple[StageConfig, ...] = doc((), "the stages, in order")
+    controls: tuple[str, ...] = doc((), "spurious-reward reruns of the last RL stage: random_reward, incorrect_reward, format_reward")
+    seed: int = doc(0, "seed for evaluation sampling")
+
+    def check(self) -> None:
+        if not self.stages:
+            raise ConfigError("stages: a pipeline needs at least one stage")
+        names = [s.name for s in self.stages]
+        for i, s in enumerate(self.stages):
+            if not s.name:
+                raise ConfigError(f"stages[{i}].name is empty")
+            if names.count(s.name) > 1:
+                raise ConfigError(f"stages[{i}].name {s.name!r} is used twice")
+        for c in self.controls:
+            if c not in CONTROL_VERIFIERS:
+                raise ConfigError(f"controls: unknown control {c!r} (choose from {', '.join(CONTROL_VERIFIERS)})")
+        if self.controls and not any(s.recipe == "grpo" for s in self.stages):
+            raise ConfigError("controls: need a grpo stage to repeat with a spurious reward")
+
+
+RECIPE_CONFIGS["pipeline"] = PipelineConfig
+RECIPE_MODULES = {"pretrain": "posttrain.recipes.pretrain", "sft": "posttrain.recipes.sft",
+                  "preference": "posttrain.recipes.preference", "grpo": "posttrain.recipes.grpo"}
+
+
+@dataclass
+class StagePlan:
+    """A stage with everything resolved: its directory, its typed recipe config, where it starts."""
+
+    name: str
+    recipe: str
+    dir: Path
+    cfg: Any
+    start_model: str
+    ref_label: str = ""
+    pairs: PairsConfig | None = None
+    control_of: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def final(self) -> Path:
+        return self.dir / "final"
+
+
+def _stage_overrides(stage: StageConfig, start: str | None, out_dir: Path, finals: dict[str, str]) -> dict:
+    data = json.loads(json.dumps(stage.config))  # deep copy of plain data
+    if start is not None and "model" not in data:
+        data["model"] = start
+    train = dict(data.get("train") or {})
+    train["output_dir"] = str(out_dir)
+    data["train"] = train
+    ref = data.get("ref_model")
+    if isinstance(ref, str) and ref in finals:
+        data["ref_model"] = finals[ref]
+    return data
+
+
+def plan(cfg: PipelineConfig) -> list[StagePlan]:
+    """Resolve every stage's config up front, so a typo in stage 4 fails before stage 1 runs."""
+    root = Path(cfg.output_dir)
+    finals: dict[str, str] = {}
+    plans: list[StagePlan] = []
+    prev: str | None = None
+    for i, stage in enumerate(cfg.stages, 1):
+        out = root / "stages" / f"{i:02d}_{stage.name}"
+        data = _stage_overrides(stage, prev, out, finals)
+        try:
+            rcfg = config_from_dict(RECIPE_CONFIGS[stage.recipe], data)
+        except ConfigError as e:
+            raise ConfigError(f"stages[{i - 1}] ({stage.name}): {e}") from None
+        model_path = rcfg.model.path
+        ref = getattr(rcfg, "ref_model", "")
+        ref_label = next((n for n, p in finals.items() if p == ref), ref)
+        if ref_label == "initial":
+            ref_label = f"initial ({next((n for n, p in finals.items() if p == model_path), model_path)})"
+        pairs = stage.make_pairs if stage.make_pairs.data else None
+        if pairs and stage.recipe != "preference":
+            raise ConfigError(f"stages[{i - 1}] ({stage.name}): make_pairs only applies to preference stages")
+        if pairs:
+            # The pairs file is the stage's training data; it is written before the stage trains.
+            rcfg = replace(rcfg, data=replace(rcfg.data, path=str(out / "pairs.jsonl")))
+        plans.append(StagePlan(stage.name, stage.recipe, out, rcfg, model_path, ref_label, pairs))
+        finals[stage.name] = str(out / "final")
+        prev = finals[stage.name]
+    for control in cfg.controls:
+        base = next(p for p in reversed(plans) if p.recipe == "grpo")
+        out = root / "controls" / f"{base.name}_{control}"
+        first = base.cfg.rewards[0]
+        spurious = replace(first, name=CONTROL_VERIFIERS[control], options={})
+        rcfg = replace(base.cfg, rewards=(spurious,) + tuple(base.cfg.rewards[1:]),
+                       train=replace(base.cfg.train, output_dir=str(out)))
+        plans.append(StagePlan(f"{base.name}_{control}", "grpo", out, rcfg, base.start_model, base.ref_label,
+                               control_of=base.name))
+    return plans
+
+
+def _evaluate(model_dir: str, cfg: PipelineConfig) -> dict:
+    import torch
+
+    from posttrain.config import ModelConfig
+    from posttrain.data.formats import validate
+    from posttrain.data.io import read_rows
+    from posttrain.evaluation import answer_extractor, evaluate
+    from posttrain.models.loading import load_model
+    from posttrain.verifiers import load as load_verifier
+
+    rows = read_rows(cfg.eval.data, cfg.eval.split, num_examples=cfg.eval.examples, seed=cfg.seed)
+    validate(rows, "prompt")
+    torch.manual_seed(cfg.seed)
+    model, tok = load_model(ModelConfig(path=model_dir))
+    verifier = load_verifier(cfg.eval.verifier, **cfg.eval.verifier_options)
+    try:
+        s = evaluate(model, tok, rows.rows[: cfg.eval.examples], verifier, k=cfg.eval.k,
+                     temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens,
+                     extract=answer_extractor(cfg.eval.verifier))
+    finally:
+        getattr(verifier, "close", lambda: None)()
+    return s.to_json()
+
+
+def _make_pairs(plan_: StagePlan) -> int:
+    """Write the stage's pairs.jsonl from its starting model; return how many pairs there are."""
+    from posttrain.config import ModelConfig
+    from posttrain.data.io import read_rows, write_jsonl
+    from posttrain.models.loading import load_model
+    from posttrain.pairs import make_pairs
+    from posttrain.verifiers import load as load_verifier
+
+    p = plan_.pairs
+    path = plan_.dir / "pairs.jsonl"
+    if path.exists():
+        return sum(1 for line in path.read_text().splitlines() if line.strip())
+    rows = read_rows(p.data, "train", seed=plan_.cfg.train.seed)
+    data = rows.rows[: p.limit] if p.limit else rows.rows
+    model, tok = load_model(ModelConfig(path=plan_.start_model))
+    verifier = load_verifier(p.verifier)
+    try:
+        out, stats = make_pairs(model, tok, data, verifier, p.n, max_new_tokens=p.max_new_tokens,
+                                temperature=p.temperature, pairs_per_prompt=p.pairs_per_prompt, kto=p.kto,
+                                seed=plan_.cfg.train.seed)
+    finally:
+        getattr(verifier, "close", lambda: None)()
+    log.info("stage %s: %d pairs from %s (%s)", plan_.name, len(out), p.data, stats)
+    if out:
+        plan_.dir.mkdir(parents=True, exist_ok=True)
+        write_jsonl(path, out)
+    return len(out)
+
+
+def _pass_through(plan_: StagePlan, reason: str) -> None:
+    """Publish the starting model unchanged as this stage's output (said loudly, and recorded)."""
+    import shutil
+
+    from posttrain.io_utils import atomic_write_json
+    from posttrain.models.checkpoint import MARKER
+
+    log.warning("stage %s: %s; the stage passes its starting model through unchanged", plan_.name, reason)
+    tmp = plan_.dir / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(plan_.start_model, tmp)
+    (tmp / MARKER).write_text("ok\n")
+    shutil.rmtree(plan_.final, ignore_errors=True)
+    tmp.rename(plan_.final)
+    atomic_write_json(plan_.dir / "skipped.json", {"reason": reason})
+
+
+def _write_summary(root: Path, cfg: PipelineConfig, entries: list[dict], controls: list[dict],
+                   baseline: dict | None, t0: float) -> None:
+    from posttrain.io_utils import atomic_write_json
+
+    summary = {"stages": entries, "controls": controls, "total_seconds": time.time() - t0,
+               "config": to_dict(cfg)}
+    if baseline is not None:
+        summary["baseline_eval"] = baseline
+    atomic_write_json(root / "pipeline.json", summary)
+
+
+def run(cfg: PipelineConfig) -> dict:
+    from posttrain.io_utils import atomic_write_json
+    from posttrain.loop import setup_logging
+    from posttrain.models.checkpoint import is_complete
+
+    setup_logging()
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    plans = plan(cfg)
+    t0 = time.time()
+    previous = _read_json(root / "pipeline.json") or {}
+    prior_seconds = {e["name"]: e.get("seconds", 0.0) for e in previous.get("stages", []) + previous.get("controls", [])}
+    baseline = None
+    if cfg.eval.baseline and Path(plans[0].start_model).is_dir():
+        baseline = _read_json(root / "baseline_eval.json") or _evaluate(plans[0].start_model, cfg)
+        atomic_write_json(root / "baseline_eval.json", baseline)
+    entries: list[dict] = []
+    controls: list[dict] = []
+    for p in plans:
+        eval_file = p.dir / "eval.json"
+        started = time.time()
+        if is_complete(p.final) and eval_file.exists():
+            log.info("stage %s: complete, skipped", p.name)
+            ev, seconds = _read_json(eval_file), prior_seconds.get(p.name, 0.0)
+        else:
+            log.info("stage %s (%s) from %s", p.name, p.recipe, p.start_model)
+            if p.pairs and not is_complete(p.final) and _make_pairs(p) == 0:
+                # Every prompt's samples were all right or all wrong: nothing to prefer.
+                _pass_through(p, "make_pairs found no prompt with both a correct and an incorrect sample")
+            if not is_complete(p.final):
+                importlib.import_module(RECIPE_MODULES[p.recipe]).train(p.cfg)
+            ev = _evaluate(str(p.final), cfg)
+            atomic_write_json(eval_file, ev)
+            seconds = prior_seconds.get(p.name, 0.0) + time.time() - started
+        entry = {"name": p.name, "recipe": p.recipe, "dir": str(p.dir.relative_to(root)), "eval": ev,
+                 "seconds": seconds, "start_model": p.start_model, "ref_model": p.ref_label}
+        skipped = _read_json(p.dir / "skipped.json")
+        if skipped:
+            entry["skipped"] = skipped["reason"]
+        if p.control_of:
+            controls.append({**entry, "of": p.control_of})
+        else:
+            entries.append(entry)
+        _write_summary(root, cfg, entries, controls, baseline, t0)
+    summary = _read_json(root / "pipeline.json")
+    _build_report(root)
+    return summary
+
+
+def _build_report(root: Path) -> None:
+    try:
+        from posttrain.report import build_report
+    except ImportError:
+        return
+    build_report(root)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_pipeline(path: str | None, overrides: list[str] = ()) -> PipelineConfig:
+    data = read_yaml(path) if path else {}
+    data.pop("recipe", None)
+    try:
+        return config_from_dict(PipelineConfig, data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def format_table(summary: dict) -> Any:
+    """A rich table: held-out accuracy after every stage with its 95% interval."""
+    from rich.table import Table
+
+    t = Table(title="held-out accuracy after each stage")
+    for col in ("stage", "recipe", "greedy acc [95% CI]", "pass@k", "maj@k", "time"):
+        t.add_column(col)
+    rows = ([("(start)", "", summary["baseline_eval"], 0.0)] if "baseline_eval" in summary else []) + \
+        [(e["name"], e["recipe"], e["eval"], e["seconds"]) for e in summary["stages"] + summary.get("controls", [])]
+    for name, recipe, ev, secs in rows:
+        lo, hi = ev["greedy_ci"]
+        k = ev.get("k") or 0
+        t.add_row(name, recipe, f"{100 * ev['greedy_accuracy']:.1f}%  [{100 * lo:.1f}, {100 * hi:.1f}]",
+                  f"{100 * ev['pass_at_k']:.1f}% (k={k})" if k else "-",
+                  f"{100 * ev['maj_at_k']:.1f}%" if ev.get("maj_at_k") is not None else "-", f"{secs:.0f}s")
+    return t
+
+
+def main(argv: list[str]) -> int:
+    """posttrain pipeline CONFIG.yaml [key.sub=value ...]"""
+    from rich.console import Console
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(main.__doc__)
+        return 0
+    path = argv[0] if argv and "=" not in argv[0] else None
+    cfg = load_pipeline(path, argv[1:] if path else argv)
+    summary = run(cfg)
+    Console().print(format_table(summary))
+    print(f"report: {Path(cfg.output_dir) / 'report.html'}")
+    return 0

@@ -1,0 +1,102 @@
+import json
+
+import pytest
+
+from posttrain.config import ConfigError, config_from_dict
+from posttrain.demo import check_targets, demo_config
+from posttrain.pipeline import PipelineConfig, plan, run
+
+
+def _tiny_pipeline(tmp_path, **extra):
+    data = {
+        "output_dir": str(tmp_path / "pipe"),
+        "eval": {"data": "builtin:arithmetic?max_terms=2", "examples": 16, "k": 2, "max_new_tokens": 16},
+        "stages": [
+            {"name": "sft", "recipe": "sft", "config": {
+                "model": "tiny", "data": {"path": "builtin:arithmetic?max_terms=2", "num_examples": 120, "max_length": 32},
+                "optim": {"lr": 3e-3}, "train": {"steps": 6, "micro_batch_size": 16, "progress": False}}},
+            {"name": "grpo", "recipe": "grpo", "config": {
+                "data": {"path": "builtin:arithmetic?max_terms=2", "num_examples": 50, "max_length": 16},
+                "prompts_per_step": 2, "num_generations": 4, "max_completion_length": 12, "beta": 0.05,
+                "ref_model": "sft", "train": {"steps": 2, "micro_batch_size": 8, "progress": False}}},
+        ],
+    }
+    data.update(extra)
+    return config_from_dict(PipelineConfig, data)
+
+
+def test_stages_chain_and_name_their_reference(tmp_path):
+    cfg = _tiny_pipeline(tmp_path)
+    plans = plan(cfg)
+    assert plans[1].start_model == str(plans[0].final)
+    assert plans[1].cfg.ref_model == str(plans[0].final) and plans[1].ref_label == "sft"
+    assert plans[1].cfg.train.output_dir == str(tmp_path / "pipe" / "stages" / "02_grpo")
+
+
+def test_a_typo_in_a_later_stage_fails_before_anything_runs(tmp_path):
+    cfg = _tiny_pipeline(tmp_path)
+    bad = cfg.stages[1].config | {"prompts_per_stepp": 3}
+    data = {"output_dir": str(tmp_path / "p"), "stages": [
+        {"name": "sft", "recipe": "sft", "config": cfg.stages[0].config},
+        {"name": "grpo", "recipe": "grpo", "config": bad}]}
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(grpo\): unknown config key 'prompts_per_stepp'"):
+        plan(config_from_dict(PipelineConfig, data))
+    assert not (tmp_path / "p" / "stages").exists()
+    with pytest.raises(ConfigError, match="controls: unknown control"):
+        config_from_dict(PipelineConfig, data | {"controls": ["random"]})
+
+
+def test_pipeline_runs_evaluates_controls_and_skips_completed_stages(tmp_path, caplog):
+    cfg = _tiny_pipeline(tmp_path, controls=["random_reward"])
+    summary = run(cfg)
+    root = tmp_path / "pipe"
+    assert [e["name"] for e in summary["stages"]] == ["sft", "grpo"]
+    for e in summary["stages"]:
+        ev = e["eval"]
+        assert 0 <= ev["greedy_accuracy"] <= 1 and ev["n_prompts"] == 16 and ev["k"] == 2
+        assert ev["greedy_ci"][0] <= ev["greedy_accuracy"] <= ev["greedy_ci"][1]
+        assert (root / e["dir"] / "final" / "COMPLETE").exists()
+    (control,) = summary["controls"]
+    assert control["of"] == "grpo" and control["name"] == "grpo_random_reward"
+    cfg_text = (root / "controls" / "grpo_random_reward" / "config.yaml").read_text()
+    assert "name: random" in cfg_text
+    assert (root / "report.html").exists() and "grpo_random_reward" in (root / "report.html").read_text()
+    marker = root / "stages" / "01_sft" / "final" / "model.safetensors"
+    before = marker.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="posttrain"):
+        again = run(cfg)
+    assert marker.stat().st_mtime_ns == before
+    assert "stage sft: complete, skipped" in caplog.text and "stage grpo: complete, skipped" in caplog.text
+    assert [e["eval"] for e in again["stages"]] == [e["eval"] for e in summary["stages"]]
+    assert json.loads((root / "pipeline.json").read_text())["stages"][0]["name"] == "sft"
+
+
+def test_demo_config_is_a_valid_pipeline_and_fast_mode_shrinks_it():
+    full = config_from_dict(PipelineConfig, demo_config(False, "runs/x"))
+    fast = config_from_dict(PipelineConfig, demo_config(True, "runs/x"))
+    assert [s.name for s in full.stages] == ["pretrain", "sft", "dpo", "grpo"]
+    assert [s.recipe for s in full.stages] == ["pretrain", "sft", "preference", "grpo"]
+    steps = {p.name: p.cfg.train.steps for p in plan(fast)}
+    assert steps == {"pretrain": 60, "sft": 30, "dpo": 5, "grpo": 3}
+    g = plan(full)[3].cfg
+    assert (g.aggregation, g.eps_low, g.eps_high, g.dynamic_sampling, g.beta) == ("token_mean", 0.2, 0.28, True, 0.0)
+
+
+def test_check_targets_flags_a_drop_and_the_grpo_gain():
+    s = {"stages": [{"name": "sft", "recipe": "sft", "eval": {"greedy_accuracy": 0.4}},
+                    {"name": "dpo", "recipe": "preference", "eval": {"greedy_accuracy": 0.35}},
+                    {"name": "grpo", "recipe": "grpo", "eval": {"greedy_accuracy": 0.6}}]}
+    lines = check_targets(s)
+    assert "dpo: 40.0% -> 35.0% (LOWER)" in lines
+    assert "GRPO gain over dpo: +25.0 points (target >= 15: met)" in lines
+
+
+def test_demo_fast_runs_end_to_end(tmp_path):
+    from posttrain.demo import main
+
+    assert main(["--fast", "--output", str(tmp_path / "demo")]) == 0
+    summary = json.loads((tmp_path / "demo" / "pipeline.json").read_text())
+    assert [e["name"] for e in summary["stages"]] == ["pretrain", "sft", "dpo", "grpo"]
+    html = (tmp_path / "demo" / "report.html").read_text()
+    for name in ("pretrain", "sft", "dpo", "grpo"):
+        assert name in html
