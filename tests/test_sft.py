@@ -177,3 +177,18 @@ def test_missing_tracking_sink_is_a_clear_error(tmp_path):
         pass
     with pytest.raises(TrackingError, match=r"report_to asks for 'wandb' but it is not installed"):
         sft.train(_cfg(tmp_path, "train.report_to=wandb"))
+
+
+def test_lora_sft_checkpoints_resume_and_export_merged(tmp_path):
+    common = ("lora.r=4", "lora.alpha=8", "train.save_every=2", "optim.lr=1e-2")
+    sft.train(_cfg(tmp_path, *common, "train.steps=2", name="split"))
+    final = sft.train(_cfg(tmp_path, *common, "train.steps=4", name="split"))  # resumes from step 2
+    full = sft.train(_cfg(tmp_path, *common, "train.steps=4", name="full"))
+    assert (tmp_path / "split" / "checkpoints" / "step-00000002" / "adapter_model.safetensors").exists()
+    wa, wb = load_file(final / "model.safetensors"), load_file(full / "model.safetensors")
+    assert not any("lora" in k for k in wa)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    base = sft.train(_cfg(tmp_path, "train.steps=1", "optim.lr=0", name="base"))  # the untouched init
+    wbase = load_file(base / "model.safetensors")
+    assert any(not torch.allclose(wa[k], wbase[k]) for k in wa)  # the merged adapters changed the weights
