@@ -237,20 +237,11 @@ def run_audit(
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a .jsonl file; an error names the file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+    """Rows of any data file the project reads (jsonl, json, parquet, csv, dataset dir, builtin:<task>);
+    an error names the file and line."""
+    from posttrain.data.io import read_rows
+
+    return read_rows(str(path), "test" if str(path).startswith("builtin:") else "train").rows
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
