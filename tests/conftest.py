@@ -4,8 +4,11 @@ import os
 import pytest
 import torch
 
-# Two cores: keep torch from oversubscribing when tests run alongside worker processes.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread per process: the models here are tiny, and with two threads per process a
+# 2-core machine running a test plus verifier workers or a subprocess trainer thrashes (measured
+# 5-50x slower steps). Subprocesses (CLI tests) inherit OMP_NUM_THREADS.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -27,16 +27,16 @@ from posttrain.data.collate import EpochSampler, LMBatch, collate_padded
 from posttrain.data.formats import reward_columns, validate
 from posttrain.data.io import read_rows
 from posttrain.data.tokenize import Example, render_prompt
-from posttrain.losses.aggregation import aggregate, masked_mean
+from posttrain.losses.aggregation import aggregate
 from posttrain.losses.kl import kl_estimate
-from posttrain.losses.logprobs import entropy_from_logits, forward_logits, token_logps
+from posttrain.losses.logprobs import completion_logps
 from posttrain.losses.policy import PolicyLossTerms, cispo_loss, gspo_loss, ppo_clip_loss
 from posttrain.models.checkpoint import export_model
 from posttrain.models.loading import load_frozen, load_model, resolve_device
 from posttrain.models.lora import apply_lora, is_peft
 from posttrain.rl.advantages import batch_normalize, group_advantages, rloo_advantages
 from posttrain.rl.groups import Group, collect_groups
-from posttrain.rollout.engine import HFEngine, SamplingParams
+from posttrain.rollout.engine import KVCacheEngine, SamplingParams
 from posttrain.verifiers import build_reward
 
 log = logging.getLogger("posttrain")
@@ -87,13 +87,9 @@ def micro_batches(seqs, size: int, pad_id: int, device) -> list[tuple[LMBatch, t
 
 
 def policy_logps(model, batch: LMBatch, temperature: float, with_entropy: bool = False):
-    logits = forward_logits(model, batch.input_ids_BT, batch.attention_mask, batch.position_ids_BT)
-    logps = token_logps(logits, batch.targets_BT, temperature)
-    ent = None
-    if with_entropy:
-        with torch.no_grad():
-            ent = masked_mean(entropy_from_logits(logits.detach(), temperature), batch.target_mask_BT).item()
-    return logps, ent
+    """(logps_BT, mean entropy): log-probs of the completion tokens (0 at masked positions)."""
+    return completion_logps(model, batch.input_ids_BT, batch.attention_mask, batch.position_ids_BT,
+                            batch.targets_BT, batch.target_mask_BT, temperature, with_entropy=with_entropy)
 
 
 @torch.no_grad()
@@ -132,7 +128,7 @@ def train(cfg: GRPOConfig) -> Path:
     ref = reference_model(cfg, model, device)
     reward_fn = build_reward([(r.name, r.weight, r.options) for r in cfg.rewards], workers=cfg.reward_workers)
     primary = reward_fn.keys[0]
-    engine = HFEngine(model, tok)
+    engine = KVCacheEngine(model, tok)
     sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p)
     policy_loss = make_policy_loss(cfg)
 
@@ -173,6 +169,7 @@ def train(cfg: GRPOConfig) -> Path:
 
     progress = loop.Progress(cfg.train.steps, start, "grpo", cfg.train.progress)
     last = cfg.train.steps
+    short_steps = 0
     try:
         for step in range(start + 1, last + 1):
             timing = {"generate": 0.0, "reward": 0.0, "logps": 0.0, "update": 0.0}
@@ -183,8 +180,9 @@ def train(cfg: GRPOConfig) -> Path:
             timing["generate"] = time.time() - t_step - timing["reward"]
             metrics = rollout_metrics(generated, stats)  # what the policy did, before any filtering
             if stats.bound_reached:
-                log.warning("step %d: dynamic sampling hit max_gen_batches=%d with %d/%d varied groups; "
-                            "training on those", step, cfg.max_gen_batches, stats.kept_groups, cfg.prompts_per_step)
+                short_steps += 1
+                log.debug("step %d: dynamic sampling hit max_gen_batches=%d with %d/%d varied groups; "
+                          "training on those", step, cfg.max_gen_batches, stats.kept_groups, cfg.prompts_per_step)
             if groups:
                 metrics.update(update_policy(cfg, model, ref, groups, optimizer, scheduler, policy_loss,
                                              tok.pad_token_id, device, timing, step))
@@ -210,6 +208,10 @@ def train(cfg: GRPOConfig) -> Path:
         progress.close()
         run.tracker.close()
         reward_fn.close()
+    if short_steps:
+        log.warning("dynamic sampling reached max_gen_batches=%d with fewer than %d varied groups on %d of %d "
+                    "steps; those steps trained on the groups they had (metric: dynamic_sampling_short)",
+                    cfg.max_gen_batches, cfg.prompts_per_step, short_steps, last - start)
     return export_model(run.dir, model, tok)
 
 

@@ -1,7 +1,9 @@
 """Rollout engines: prompts in, token ids (and optionally sampling log-probs) out.
 
-The interface is one method, ``generate(prompt_ids, n, params) -> Generation``; the first engine
-runs transformers' ``generate`` on the policy itself (KV cache, batched, left padding).
+The interface is one method, ``generate(prompt_ids, n, params) -> Generation``. Both engines run
+on the policy itself (no weight copy, so no sync step), batched with left padding and a KV cache:
+``HFEngine`` calls transformers' ``generate``; ``KVCacheEngine`` is a lean sampling loop that
+prefills each distinct prompt once and drops finished rows from the batch (what a GRPO step uses).
 Completions are returned unpadded: everything after the first EOS is cut, and EOS itself is kept
 (it is a token the policy chose, so it carries loss).
 """
@@ -9,6 +11,7 @@ Completions are returned unpadded: everything after the first EOS is cut, and EO
 from __future__ import annotations
 
 from dataclasses import dataclass
+import inspect
 from typing import Protocol
 
 import torch
@@ -91,3 +94,129 @@ class HFEngine:
         finally:
             self.model.train(was_training)
         return Generation([list(p) for p in prompt_ids], completions, truncated, logps)
+
+
+def top_p_filter(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter (Holtzman et al. 2020): keep the most likely tokens until their mass reaches
+    ``top_p``, the most likely one always; the rest get -inf. A token is dropped when the tokens ranked
+    strictly above it already hold >= top_p of the mass (the rule transformers' TopPLogitsWarper uses)."""
+    if top_p >= 1.0:
+        return logits_BV
+    sorted_BV, order_BV = logits_BV.sort(-1, descending=True)
+    probs_BV = sorted_BV.softmax(-1)
+    mass_above_BV = probs_BV.cumsum(-1) - probs_BV
+    drop_BV = mass_above_BV >= top_p
+    drop_BV[:, 0] = False
+    return logits_BV.masked_fill(drop_BV.scatter(-1, order_BV, drop_BV), float("-inf"))
+
+
+class KVCacheEngine:
+    """A lean sampling loop with a KV cache over the policy: one forward per new token, nothing else.
+
+    Against ``model.generate`` it saves: (1) the prefill of repeated prompts -- each distinct prompt is
+    prefilled once and its cache copied to its n samples (GRPO's G samples share a prompt); (2) compute
+    on finished rows -- rows that emitted EOS leave the batch (the cache is compacted once at least an
+    eighth of the rows are done); (3) the per-token logits-processor / stopping-criteria machinery.
+    Sampling: logits / temperature, nucleus filter, one multinomial draw (temperature <= 0: argmax).
+    Greedy output equals transformers' greedy ``generate`` (tests/test_rollout.py); the sampled
+    distribution is softmax(top_p_filter(logits / T)), the one ``return_logps`` reports.
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 256, eos_token_id: int | None = None):
+        self.model, self.tok, self.max_batch = model, tokenizer, max_batch
+        self.eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        params = inspect.signature(type(_unwrap(model)).forward).parameters
+        self._keep_arg = "logits_to_keep" in params
+        # transformers >= 5.2x names the cache argument `cache`; earlier versions `past_key_values`.
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Generation:
+        was_training = self.model.training
+        self.model.eval()
+        completions: list[list[int]] = []
+        truncated: list[bool] = []
+        logps: list[list[float]] | None = [] if params.return_logps else None
+        per_chunk = max(1, self.max_batch // n)
+        try:
+            for s in range(0, len(prompt_ids), per_chunk):
+                c, t, lp = self._generate_chunk(prompt_ids[s:s + per_chunk], n, params)
+                completions += c
+                truncated += t
+                if logps is not None:
+                    logps += lp
+        finally:
+            self.model.train(was_training)
+        return Generation([list(p) for p in prompt_ids], completions, truncated, logps)
+
+    def _sample(self, logits_BV: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(next token (B,), its log-prob under the distribution it was drawn from, or None)."""
+        z_BV = logits_BV.float()
+        if params.temperature <= 0:
+            nxt_B = z_BV.argmax(-1)
+        else:
+            z_BV = top_p_filter(z_BV / params.temperature, params.top_p)
+            nxt_B = torch.multinomial(z_BV.softmax(-1), 1)[:, 0]
+        if not params.return_logps:
+            return nxt_B, None
+        return nxt_B, z_BV.log_softmax(-1).gather(-1, nxt_B[:, None])[:, 0]
+
+    def _generate_chunk(self, prompts: list[list[int]], n: int, params: SamplingParams):
+        from transformers import DynamicCache
+
+        device = next(self.model.parameters()).device
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
+        ids_PL, attn_PL = _left_pad(prompts, pad, device)
+        pos_PL = (attn_PL.cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache(config=_unwrap(self.model).config)
+        keep = {"logits_to_keep": 1} if self._keep_arg else {}
+        out = self.model(input_ids=ids_PL, attention_mask=attn_PL, position_ids=pos_PL, use_cache=True,
+                         **{self._cache_arg: cache}, **keep)
+        # Prefill once per prompt (the cache is filled in place), then copy it to each of the n samples.
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        logits_BV = out.logits[:, -1].repeat_interleave(n, 0)
+        attn_BT = attn_PL.repeat_interleave(n, 0)
+        pos_B1 = pos_PL[:, -1:].repeat_interleave(n, 0) + 1
+        B, T_new = logits_BV.shape[0], params.max_new_tokens
+        tokens_BN = torch.full((B, T_new), pad, dtype=torch.long, device=device)
+        logps_BN = torch.zeros((B, T_new), device=device) if params.return_logps else None
+        length_B = torch.full((B,), T_new, dtype=torch.long, device=device)
+        rows_A = torch.arange(B, device=device)        # batch row -> output row, for the A rows still in the batch
+        done_A = torch.zeros(B, dtype=torch.bool, device=device)
+        for t in range(T_new):
+            nxt_A, lp_A = self._sample(logits_BV, params)
+            live_A = ~done_A
+            tokens_BN[rows_A[live_A], t] = nxt_A[live_A]
+            if lp_A is not None:
+                logps_BN[rows_A[live_A], t] = lp_A[live_A]
+            ended_A = live_A & (nxt_A == self.eos)
+            length_B[rows_A[ended_A]] = t + 1
+            done_A |= ended_A
+            n_done = int(done_A.sum())
+            if n_done == len(done_A) or t == T_new - 1:
+                break
+            if n_done * 8 >= len(done_A):
+                # Compacting copies the cache, so it waits until an eighth of the rows are finished.
+                idx = (~done_A).nonzero()[:, 0]
+                cache.batch_select_indices(idx)
+                attn_BT, pos_B1, nxt_A, rows_A = attn_BT[idx], pos_B1[idx], nxt_A[idx], rows_A[idx]
+                done_A = done_A[idx]
+            attn_BT = torch.cat([attn_BT, attn_BT.new_ones((len(rows_A), 1))], 1)
+            out = self.model(input_ids=nxt_A[:, None], attention_mask=attn_BT, position_ids=pos_B1,
+                             use_cache=True, **{self._cache_arg: cache})
+            logits_BV = out.logits[:, -1]
+            pos_B1 = pos_B1 + 1
+        lengths = length_B.tolist()
+        toks = tokens_BN.tolist()
+        completions = [row[:k] for row, k in zip(toks, lengths)]
+        truncated = [k == T_new and (k == 0 or row[k - 1] != self.eos) for row, k in zip(toks, lengths)]
+        lps = None
+        if logps_BN is not None:
+            lps = [row[:k] for row, k in zip(logps_BN.tolist(), lengths)]
+        return completions, truncated, lps
+
+
+def _unwrap(model):
+    """The transformers model under a PEFT wrapper (for its config and forward signature)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -1,0 +1,125 @@
+"""Shared pieces of the GRPO benchmarks: the model directory both sides load, the reward both sides
+score with, thread and memory measurement. Imported by grpo_vs_trl.py and floor.py (and, through
+``bench_common:digit_reward``, by posttrain's reward loader)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+from pathlib import Path
+
+
+
+def digit_reward(completions, **kwargs) -> list[float]:
+    """Fraction of a completion's characters that are digits.
+
+    Deliberately cheap (microseconds per batch) and identical on both sides, so the benchmarks measure
+    the trainer, not the verifier; it varies between samples, so advantages are not all zero.
+    """
+    return [sum(ch.isdigit() for ch in text) / max(1, len(text)) for text in completions]
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def build_model_dir(out: Path, preset: str, arch: str, vocab_size: int = 0, seed: int = 0) -> Path:
+    """Save a seeded tiny model + character tokenizer as a plain HF directory that both trainers load.
+
+    The character tokenizer has ~105 tokens, which makes the LM head and the log-softmax nearly free.
+    ``vocab_size`` > that pads the vocabulary with never-seen added tokens (a random-init model still
+    samples them), so the vocabulary-dependent cost -- head matmul, softmax, sampling, (B, T, V) logits
+    memory -- is a real model's (Qwen2: 151,936). Tokenization of the prompts is unchanged.
+    """
+    from posttrain.models.tiny import build_tiny_model, build_tokenizer
+
+    tok = build_tokenizer("char")
+    if vocab_size > len(tok):
+        tok.add_tokens([f"<|v{i}|>" for i in range(vocab_size - len(tok))])
+    model = build_tiny_model(preset, tok, arch=arch, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+class PeakMemory:
+    """Peak memory of this process during a run.
+
+    cuda: torch.cuda.max_memory_allocated (bytes held by tensors, reset at start).
+    cpu: peak resident set size (getrusage ru_maxrss, the kernel's high-water mark) minus the RSS at
+    start. Run each measurement in a fresh process that imported the same modules before ``start``,
+    so the baseline is the same for every trainer and the high-water mark belongs to this run only.
+    """
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def start(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            import psutil
+
+            self.base = psutil.Process().memory_info().rss
+            self.base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def stop(self) -> dict:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            return {"peak_bytes": peak, "base_bytes": self.base, "delta_bytes": peak - self.base,
+                    "kind": "cuda max_memory_allocated"}
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"peak_bytes": peak, "base_bytes": self.base, "delta_bytes": peak - self.base,
+                "import_peak_bytes": self.base_peak, "kind": "cpu peak RSS (ru_maxrss) - RSS after imports"}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def write_json(path: str, obj: dict) -> None:
+    Path(path).write_text(json.dumps(obj))
+
+
+def load_average() -> str:
+    try:
+        a = os.getloadavg()
+        return f"{a[0]:.1f} {a[1]:.1f} {a[2]:.1f}"
+    except OSError:
+        return "n/a"
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {dev}; python "
+            f"{sys.version.split()[0]}, torch {torch.__version__}")
