@@ -83,12 +83,14 @@ def test_demo_config_is_a_valid_pipeline_and_fast_mode_shrinks_it():
 
 
 def test_check_targets_flags_a_drop_and_the_grpo_gain():
-    s = {"stages": [{"name": "sft", "recipe": "sft", "eval": {"greedy_accuracy": 0.4}},
-                    {"name": "dpo", "recipe": "preference", "eval": {"greedy_accuracy": 0.35}},
-                    {"name": "grpo", "recipe": "grpo", "eval": {"greedy_accuracy": 0.6}}]}
+    s = {"stages": [{"name": "sft", "recipe": "sft", "eval": {"greedy_accuracy": 0.4, "greedy_ci": [0.37, 0.43]}},
+                    {"name": "dpo", "recipe": "preference", "eval": {"greedy_accuracy": 0.35, "greedy_ci": [0.3, 0.4]}},
+                    {"name": "grpo", "recipe": "grpo", "eval": {"greedy_accuracy": 0.345, "greedy_ci": [0.3, 0.4]}},
+                    {"name": "grpo2", "recipe": "grpo", "eval": {"greedy_accuracy": 0.6, "greedy_ci": [0.55, 0.65]}}]}
     lines = check_targets(s)
-    assert "dpo: 40.0% -> 35.0% (LOWER)" in lines
-    assert "GRPO gain over dpo: +25.0 points (target >= 15: met)" in lines
+    assert "dpo: 40.0% -> 35.0% (-5.0 points, LOWER)" in lines
+    assert "grpo: 35.0% -> 34.5% (-0.5 points, within noise)" in lines
+    assert "GRPO gain over grpo: +25.5 points (target >= 15: met)" in lines
 
 
 def test_demo_fast_runs_end_to_end(tmp_path):

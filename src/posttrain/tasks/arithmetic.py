@@ -29,9 +29,19 @@ class ArithmeticTask:
     max_operand: int = 9
     heldout_fraction: float = 0.1
     verifier: str = "math"
+    # With long_fraction in (0, 1): chains longer than short_terms are drawn only that often.
+    short_terms: int = 3
+    long_fraction: float = -1.0
+
+    def _terms(self, rng: random.Random) -> int:
+        if 0 <= self.long_fraction <= 1 and self.min_terms <= self.short_terms < self.max_terms:
+            if rng.random() < self.long_fraction:
+                return rng.randint(self.short_terms + 1, self.max_terms)
+            return rng.randint(self.min_terms, self.short_terms)
+        return rng.randint(self.min_terms, self.max_terms)
 
     def _expression(self, rng: random.Random) -> tuple[str, list[str], int]:
-        k = rng.randint(self.min_terms, self.max_terms)
+        k = self._terms(rng)
         value = rng.randint(0, self.max_operand)
         expr = str(value)
         steps = []
