@@ -153,3 +153,42 @@ def test_grpo_with_lora_and_kl_uses_adapters_off_as_reference(tmp_path):
     m = read_metrics(tmp_path)
     assert m[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts equal to its reference
     assert m[-1]["kl"] > 0  # and moves away from it
+
+
+def test_kl_in_reward_subtracts_the_summed_sequence_kl_before_the_baseline(tmp_path, tiny_model, monkeypatch):
+    """With kl_in=reward the advantages come from r - beta * sum_t KL_t; a policy equal to its reference
+    has zero KL, so the advantages equal the plain ones; a shifted reference changes them."""
+    groups = _groups()[:2]
+    cfg = _cfg(tmp_path, "beta=0.5", "kl_in=reward", "kl_estimator=k1", "train.micro_batch_size=8")
+    seen = []
+    real = grpo.compute_advantages
+    monkeypatch.setattr(grpo, "compute_advantages", lambda r, c: seen.append(r.clone()) or real(r, c))
+    ref_same = copy.deepcopy(tiny_model).requires_grad_(False)
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    timing = {"logps": 0.0, "update": 0.0}
+    grpo.update_policy(cfg, tiny_model, ref_same, groups, opt, sched, grpo.make_policy_loss(cfg), 0, "cpu", timing, 1)
+    plain = torch.tensor([g.rewards for g in groups])
+    assert torch.allclose(seen[-1], plain, atol=1e-5)
+    ref_other = copy.deepcopy(tiny_model).requires_grad_(False)
+    with torch.no_grad():
+        for p in ref_other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    grpo.update_policy(cfg, tiny_model, ref_other, groups, opt, sched, grpo.make_policy_loss(cfg), 0, "cpu", timing, 1)
+    mbs = grpo.micro_batches(grpo.sequences(groups, False), 8, 0, "cpu")
+    refs = grpo.frozen_logps(ref_other, mbs, 1.0)
+    kl = grpo.sequence_kl(tiny_model, mbs, refs, cfg).view_as(plain)
+    assert kl.abs().sum() > 0
+    assert torch.allclose(seen[-1], plain - 0.5 * kl, atol=1e-5)
+    # sequence_kl against a one-sequence-at-a-time reference: k1 summed over completion tokens
+    from posttrain.data.collate import collate_padded
+    from posttrain.losses.logprobs import forward_logits, token_logps
+
+    seqs = grpo.sequences(groups, False)
+    for i, (ex, _) in enumerate(seqs):
+        b = collate_padded([ex], 0)
+        with torch.no_grad():
+            lp = token_logps(forward_logits(tiny_model, b.input_ids_BT, b.attention_mask, b.position_ids_BT), b.targets_BT)
+            rp = token_logps(forward_logits(ref_other, b.input_ids_BT, b.attention_mask, b.position_ids_BT), b.targets_BT)
+        expected = ((lp - rp) * b.target_mask_BT).sum().item()
+        assert kl.flatten()[i].item() == pytest.approx(expected, abs=1e-4)
