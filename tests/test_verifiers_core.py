@@ -389,3 +389,11 @@ def test_fast_path_agrees_with_math_verify(gold, answer):
     fast = fast_equivalence(gold, answer, 1e-6)
     assert fast is not None, "this pair should be decided by the fast path"
     assert fast == check_equivalence(gold, answer, 1e-6, 5)[0]  # in-process: this is the main thread
+
+
+@pytest.mark.parametrize("text", ["\\boxed \n5", "\\boxed $5$", "so \\boxed \t\n", "\\boxed  $"])
+def test_a_box_without_an_argument_is_no_answer_not_a_crash(text):
+    from posttrain.verifiers.extract import find_boxed
+
+    assert all(content.strip() for _, content in find_boxed(text))  # found nothing bogus, raised nothing
+    assert float(load("math", workers=1)(text, answer="5")) == 0.0

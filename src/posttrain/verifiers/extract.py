@@ -99,7 +99,9 @@ def find_boxed(text: str) -> list[tuple[int, str]]:
         elif j > start + len(cmd) and j < len(text):
             # `\boxed 5`: TeX takes the next token.
             m = re.match(r"[^\s$]+", text[j:])
-            assert m is not None
+            if m is None:  # `\boxed ` then a newline or `$`: no argument, no answer
+                i = j
+                continue
             found.append((start, m.group(0)))
             i = j + m.end()
         else:
