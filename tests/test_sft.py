@@ -106,7 +106,7 @@ def _cli(out_dir, steps):
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
-    steps = 60
+    steps = 150  # long enough that the kill at step >= 17 always lands mid-run
     full = tmp_path / "full"
     subprocess.run(_cli(full, steps), check=True, capture_output=True)
     killed = tmp_path / "killed"
