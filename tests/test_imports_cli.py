@@ -40,3 +40,9 @@ def test_cli_data_error_exits_1_naming_row(tmp_path, capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "posttrain.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "sft" in out.stdout
+
+
+def test_pipeline_help_lists_its_fields(capsys):
+    assert main(["pipeline", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "eval.examples" in out and "controls" in out and "stages" in out

@@ -334,7 +334,10 @@ def main(argv: list[str]) -> int:
     from rich.console import Console
 
     if any(a in ("-h", "--help") for a in argv):
-        print(main.__doc__)
+        from posttrain.cli import _recipe_help
+
+        print(_recipe_help("pipeline"))
+        print("\nEach stage's `config` is that recipe's config: posttrain RECIPE --help lists its fields.")
         return 0
     path = argv[0] if argv and "=" not in argv[0] else None
     cfg = load_pipeline(path, argv[1:] if path else argv)
