@@ -93,21 +93,10 @@ def _import_everything():
 
 
 def run_posttrain(a, run_dir: Path) -> dict:
-    from posttrain.config import GRPOConfig, config_from_dict
     from posttrain.recipes import grpo
     from posttrain.tracking import read_metrics
 
-    total = a.warmup + a.steps
-    cfg = config_from_dict(GRPOConfig, {}, [
-        f"model.path={a.model_dir}", f"model.device={a.device}", f"model.dtype={a.dtype}",
-        "data.path=builtin:arithmetic", f"data.num_examples={a.prompts * total}", "data.shuffle=false",
-        "rewards=[bench_common:digit_reward]", f"prompts_per_step={a.prompts}", f"num_generations={a.generations}",
-        f"max_completion_length={a.max_completion_length}", "temperature=1.0", "top_p=1.0",
-        "loss=ppo_clip", "aggregation=token_mean", "eps_low=0.2", "eps_high=0.28", "beta=0", "num_iterations=1",
-        "scale=std", "advantage=grpo", f"optim.lr={a.lr}", "optim.schedule=constant", "optim.weight_decay=0",
-        "optim.max_grad_norm=1.0", f"train.micro_batch_size={a.prompts * a.generations}", f"train.steps={total}",
-        f"train.seed={a.seed}", f"train.output_dir={run_dir}", "train.progress=false", "train.log_every=1000000",
-        "samples_every=0", "train.resume=never"])
+    cfg = bc.grpo_bench_config(a, a.model_dir, run_dir)
     grpo.train(cfg)
     m = read_metrics(run_dir)
     timed = m[a.warmup:]

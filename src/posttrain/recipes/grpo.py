@@ -202,7 +202,7 @@ def train(cfg: GRPOConfig) -> Path:
             if not cfg.train.progress and loop.should(cfg.train.log_every, step, last):
                 log.info("grpo step %d/%d reward %.3f acc %.3f len %.1f", step, last, metrics["reward/mean"],
                          metrics["accuracy"], metrics["completion_len/mean"])
-            if cfg.train.save_every and step % cfg.train.save_every == 0 or step == last:
+            if loop.should(cfg.train.save_every, step, last):
                 loop.save(run, cfg, step, model, tok, optimizer, scheduler, {"sampler": sampler.state_dict()})
     finally:
         progress.close()

@@ -454,7 +454,7 @@ def train(cfg: PreferenceConfig) -> Path:
             progress.update(step, info)
             if loop.should(cfg.train.log_every, step, last) and not cfg.train.progress:
                 log.info("preference step %d/%d %s lr %.2e", step, last, info, lr)
-            if cfg.train.save_every and step % cfg.train.save_every == 0 or step == last:
+            if loop.should(cfg.train.save_every, step, last):
                 loop.save(run, cfg, step, model, tok, optimizer, scheduler, {"sampler": sampler.state_dict()})
     finally:
         progress.close()

@@ -128,7 +128,7 @@ def train(cfg: SFTConfig, kind: str = "sft", recipe: str = "sft") -> Path:
             progress.update(step, f"loss {loss_sum:.4f}")
             if loop.should(cfg.train.log_every, step, last) and not cfg.train.progress:
                 log.info("%s step %d/%d loss %.4f lr %.2e", recipe, step, last, loss_sum, lr)
-            if cfg.train.save_every and step % cfg.train.save_every == 0 or step == last:
+            if loop.should(cfg.train.save_every, step, last):
                 loop.save(run, cfg, step, model, tok, optimizer, scheduler, {"sampler": sampler.state_dict()})
     finally:
         progress.close()
