@@ -11,7 +11,6 @@ averages a normal interval on the mean over prompts (t ~ 1.96), clipped to [0, 1
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -21,9 +20,9 @@ from typing import Any, Callable
 import torch
 
 from posttrain.data.formats import reward_columns
-from posttrain.data.tokenize import render_prompt
+from posttrain.data.tokenize import prompt_ids
 from posttrain.rollout.engine import HFEngine, SamplingParams
-from posttrain.verifiers import score_all
+from posttrain.verifiers import is_correct, score_all
 
 Z95 = 1.959963984540054
 
@@ -89,16 +88,12 @@ class EvalSummary:
         return asdict(self)
 
 
-def _is_correct(score: float) -> bool:
-    return float(score) >= 1.0 - 1e-9
-
-
 def evaluate(model, tokenizer, rows: list[dict], verifier: Callable[..., float], *, k: int = 0,
              temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 64,
              extract: Callable[[str], str | None] | None = None, keep_samples: int = 8) -> EvalSummary:
     """Greedy accuracy on every row; with k > 0 also k samples per row for pass@k, maj@k, mean@k."""
     engine = HFEngine(model, tokenizer, max_batch=batch_size)
-    prompts = [tokenizer(render_prompt(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"] for r in rows]
+    prompts = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
@@ -107,7 +102,7 @@ def evaluate(model, tokenizer, rows: list[dict], verifier: Callable[..., float],
     texts = [decode(c) for c in greedy.completion_ids]
     extras = [reward_columns(r) for r in rows]
     scores = [float(x) for x in score_all(verifier, texts, extras)]
-    correct = [_is_correct(s) for s in scores]
+    correct = [is_correct(s) for s in scores]
     acc = sum(correct) / max(1, len(rows))
     samples = [{"prompt": r["prompt"], "completion": t, "reward": s, "answer": r.get("answer")}
                for r, t, s in list(zip(rows, texts, scores))[:keep_samples]]
@@ -117,7 +112,7 @@ def evaluate(model, tokenizer, rows: list[dict], verifier: Callable[..., float],
         gen = engine.generate(prompts, k, SamplingParams(max_new_tokens, temperature=temperature))
         p_at, maj, mean = [], [], []
         all_texts = [decode(c) for c in gen.completion_ids]
-        all_ok = [_is_correct(x) for x in score_all(verifier, all_texts, [ex for ex in extras for _ in range(k)])]
+        all_ok = [is_correct(x) for x in score_all(verifier, all_texts, [ex for ex in extras for _ in range(k)])]
         for i in range(len(extras)):
             outs, ok = all_texts[i * k:(i + 1) * k], all_ok[i * k:(i + 1) * k]
             c = sum(ok)
@@ -149,10 +144,33 @@ def sample_completions(model_path: str, prompts: list[Any], n: int, max_new_toke
     from posttrain.models.loading import load_model
 
     model, tok = load_model(ModelConfig(path=model_path))
-    ids = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = [prompt_ids(tok, p) for p in prompts]
     gen = HFEngine(model, tok).generate(ids, n, SamplingParams(max_new_tokens, temperature=temperature))
     texts = [tok.decode(c, skip_special_tokens=True) for c in gen.completion_ids]
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def evaluate_model_dir(model_dir: str, data: str, *, split: str = "test", limit: int = 0, num_examples: int = 0,
+                       verifier: str = "math", verifier_options: dict | None = None, k: int = 0,
+                       temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0) -> EvalSummary:
+    """Load a model directory and a prompt dataset, evaluate with a named verifier (used by
+    `posttrain eval` and by the pipeline between stages)."""
+    from posttrain.config import ModelConfig
+    from posttrain.data.formats import validate
+    from posttrain.data.io import read_rows
+    from posttrain.models.loading import load_model
+    from posttrain.verifiers import load as load_verifier
+
+    rows = read_rows(data, split, num_examples=num_examples, seed=seed)
+    validate(rows, "prompt")
+    torch.manual_seed(seed)
+    model, tok = load_model(ModelConfig(path=model_dir))
+    check = load_verifier(verifier, **(verifier_options or {}))
+    try:
+        return evaluate(model, tok, rows.rows[:limit] if limit else rows.rows, check, k=k, temperature=temperature,
+                        max_new_tokens=max_new_tokens, extract=answer_extractor(verifier))
+    finally:
+        getattr(check, "close", lambda: None)()
 
 
 def format_summary(s: EvalSummary) -> str:
@@ -170,12 +188,7 @@ def format_summary(s: EvalSummary) -> str:
 
 def main(argv: list[str]) -> int:
     """posttrain eval --model DIR --data FILE --verifier NAME [-k 8] [--temperature 1.0] [--json OUT]"""
-    from posttrain.config import ModelConfig
-    from posttrain.data.formats import validate
-    from posttrain.data.io import read_rows
     from posttrain.io_utils import atomic_write_json
-    from posttrain.models.loading import load_model
-    from posttrain.verifiers import load as load_verifier
 
     p = argparse.ArgumentParser(prog="posttrain eval", description=main.__doc__)
     p.add_argument("--model", required=True, help="local model directory")
@@ -188,13 +201,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N rows only")
     p.add_argument("--json", default="", help="write the summary here")
     a = p.parse_args(argv)
-    rows = read_rows(a.data, a.split)
-    validate(rows, "prompt")
-    data = rows.rows[: a.limit] if a.limit else rows.rows
-    torch.manual_seed(0)
-    model, tok = load_model(ModelConfig(path=a.model))
-    s = evaluate(model, tok, data, load_verifier(a.verifier), k=a.k, temperature=a.temperature,
-                 max_new_tokens=a.max_new_tokens, extract=answer_extractor(a.verifier))
+    s = evaluate_model_dir(a.model, a.data, split=a.split, limit=a.limit, verifier=a.verifier, k=a.k,
+                           temperature=a.temperature, max_new_tokens=a.max_new_tokens)
     print(format_summary(s))
     if a.json:
         atomic_write_json(Path(a.json), s.to_json())

@@ -17,9 +17,9 @@ from typing import Any, Callable
 import torch
 
 from posttrain.data.formats import reward_columns
-from posttrain.data.tokenize import is_conversational, render_prompt
+from posttrain.data.tokenize import is_conversational, prompt_ids as encode_prompt
 from posttrain.rollout.engine import HFEngine, SamplingParams
-from posttrain.verifiers.base import score_all
+from posttrain.verifiers.base import is_correct, score_all
 
 # Columns the output rows define themselves; an input row's own values for these are not copied.
 OWN_COLUMNS = ("prompt", "completion", "chosen", "rejected", "label")
@@ -36,11 +36,6 @@ class PairStats:
     skipped_all_wrong: int
     desirable: int = 0        # kto only
     undesirable: int = 0      # kto only
-
-
-def is_correct(score: float) -> bool:
-    """Binary verdict: full marks only, so partial-credit verifiers never make a 'correct' chosen."""
-    return float(score) >= 1.0 - 1e-9
 
 
 def _as_completion(prompt: Any, text: str) -> Any:
@@ -66,8 +61,7 @@ def make_pairs(model, tokenizer, rows: list[dict], verifier: Callable[..., float
     rng = random.Random(seed)
     engine = HFEngine(model, tokenizer, max_batch=batch_size)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    prompt_ids = [tokenizer(render_prompt(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"] for r in rows]
-    gen = engine.generate(prompt_ids, n, params)
+    gen = engine.generate([encode_prompt(tokenizer, r["prompt"]) for r in rows], n, params)
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in gen.completion_ids]
     examples = [reward_columns(r) for r in rows for _ in range(n)]
     scores = score_all(verifier, texts, examples)

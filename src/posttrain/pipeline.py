@@ -161,27 +161,12 @@ def plan(cfg: PipelineConfig) -> list[StagePlan]:
 
 
 def _evaluate(model_dir: str, cfg: PipelineConfig) -> dict:
-    import torch
+    from posttrain.evaluation import evaluate_model_dir
 
-    from posttrain.config import ModelConfig
-    from posttrain.data.formats import validate
-    from posttrain.data.io import read_rows
-    from posttrain.evaluation import answer_extractor, evaluate
-    from posttrain.models.loading import load_model
-    from posttrain.verifiers import load as load_verifier
-
-    rows = read_rows(cfg.eval.data, cfg.eval.split, num_examples=cfg.eval.examples, seed=cfg.seed)
-    validate(rows, "prompt")
-    torch.manual_seed(cfg.seed)
-    model, tok = load_model(ModelConfig(path=model_dir))
-    verifier = load_verifier(cfg.eval.verifier, **cfg.eval.verifier_options)
-    try:
-        s = evaluate(model, tok, rows.rows[: cfg.eval.examples], verifier, k=cfg.eval.k,
-                     temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens,
-                     extract=answer_extractor(cfg.eval.verifier))
-    finally:
-        getattr(verifier, "close", lambda: None)()
-    return s.to_json()
+    e = cfg.eval
+    return evaluate_model_dir(model_dir, e.data, split=e.split, limit=e.examples, num_examples=e.examples,
+                              verifier=e.verifier, verifier_options=e.verifier_options, k=e.k,
+                              temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=cfg.seed).to_json()
 
 
 def _make_pairs(plan_: StagePlan) -> int:

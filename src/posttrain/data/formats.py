@@ -48,20 +48,6 @@ def _check_text(row: dict, where: str, column: str, *, allow_messages: bool, non
         raise DataError(f"{where}: column {column!r} is empty")
 
 
-def detect_kind(row: dict) -> str:
-    if "chosen" in row and "rejected" in row:
-        return "preference"
-    if "label" in row and "completion" in row:
-        return "unpaired"
-    if "completion" in row:
-        return "sft"
-    if "messages" in row or "text" in row:
-        return "lm"
-    if "prompt" in row:
-        return "prompt"
-    return "unknown"
-
-
 def validate(rows: Rows, kind: str) -> None:
     """Raise DataError naming the first bad row and column; accept a dataset fit for ``kind``."""
     if kind not in KINDS:

@@ -26,7 +26,7 @@ from posttrain.config import GRPOConfig
 from posttrain.data.collate import EpochSampler, LMBatch, collate_padded
 from posttrain.data.formats import reward_columns, validate
 from posttrain.data.io import read_rows
-from posttrain.data.tokenize import Example, render_prompt
+from posttrain.data.tokenize import Example, prompt_ids as encode_prompt
 from posttrain.losses.aggregation import aggregate
 from posttrain.losses.kl import kl_estimate
 from posttrain.losses.logprobs import completion_logps
@@ -37,7 +37,7 @@ from posttrain.models.lora import apply_lora, is_peft
 from posttrain.rl.advantages import batch_normalize, group_advantages, rloo_advantages
 from posttrain.rl.groups import Group, collect_groups
 from posttrain.rollout.engine import KVCacheEngine, SamplingParams
-from posttrain.verifiers import build_reward
+from posttrain.verifiers import build_reward, is_correct
 
 log = logging.getLogger("posttrain")
 
@@ -127,12 +127,11 @@ def train(cfg: GRPOConfig) -> Path:
     model.train()
     ref = reference_model(cfg, model, device)
     reward_fn = build_reward([(r.name, r.weight, r.options) for r in cfg.rewards], workers=cfg.reward_workers)
-    primary = reward_fn.keys[0]
     engine = KVCacheEngine(model, tok)
     sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p)
     policy_loss = make_policy_loss(cfg)
 
-    prompt_ids = [tok(render_prompt(tok, r["prompt"]), add_special_tokens=False)["input_ids"] for r in rows.rows]
+    prompt_ids = [encode_prompt(tok, r["prompt"]) for r in rows.rows]
     usable = [i for i, p in enumerate(prompt_ids) if len(p) <= cfg.data.max_length]
     if len(usable) < len(prompt_ids):
         log.warning("%s: %d of %d prompts are longer than max_length=%d and are dropped", rows.source,
@@ -300,7 +299,7 @@ def rollout_metrics(groups: list[Group], stats) -> dict:
         out[f"reward/{name}/mean"] = v.mean().item() if len(v) else 0.0
         out[f"reward/{name}/std"] = v.std().item() if len(v) > 1 else 0.0
     first = [x for g in groups for x in g.components[names[0]]]
-    out["accuracy"] = sum(1.0 for x in first if x >= 1.0 - 1e-9) / len(first)
+    out["accuracy"] = sum(is_correct(x) for x in first) / len(first)
     return out
 
 

@@ -17,7 +17,7 @@ from posttrain import loop
 from posttrain.config import SFTConfig
 from posttrain.data.collate import EpochSampler, LMBatch, collate_packed, collate_padded, pack
 from posttrain.data.formats import validate
-from posttrain.data.io import DataError, Rows, read_rows
+from posttrain.data.io import Rows, read_rows
 from posttrain.data.tokenize import Example, encode_rows
 from posttrain.losses.logprobs import forward_logits, token_logps
 from posttrain.losses.sft import sft_loss

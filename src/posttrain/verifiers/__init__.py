@@ -13,7 +13,7 @@ See base.py for the failure policy (what scores 0 and what raises). Importing th
 neither math-verify nor the code sandbox.
 """
 
-from .base import Score, Verifier, VerifierError, as_text, batch, score_all
+from .base import Score, Verifier, VerifierError, as_text, batch, is_correct, score_all
 from .composite import RewardFunction, RewardScores, build_reward
 from .extract import Extraction, extract_answer, extract_answers
 from .registry import BUILTINS, UserFunction, load
@@ -32,6 +32,7 @@ __all__ = [
     "build_reward",
     "extract_answer",
     "extract_answers",
+    "is_correct",
     "load",
     "score_all",
 ]

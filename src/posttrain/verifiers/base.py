@@ -55,6 +55,12 @@ class Verifier(Protocol):
     def __call__(self, completion: str, **example: Any) -> float: ...
 
 
+def is_correct(score: float) -> bool:
+    """The binary verdict every consumer uses (accuracy, pass@k, pair making): full marks only, so a
+    partial-credit verifier never counts as correct."""
+    return float(score) >= 1.0 - 1e-9
+
+
 def verifier_name(verifier: Any) -> str:
     name = getattr(verifier, "name", None)
     if isinstance(name, str) and name:
