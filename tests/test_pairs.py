@@ -4,7 +4,6 @@ verifier agrees with, keep the dataset's columns, and train the preference recip
 import json
 
 import pytest
-import torch
 
 from posttrain.cli import main
 from posttrain.config import PreferenceConfig, config_from_dict
@@ -17,14 +16,6 @@ from posttrain.tracking import read_metrics
 from posttrain.verifiers import load as load_verifier
 
 VERIFIER = "toy_rewards:parity"  # deterministic, ~half of a random model's samples pass, reads `answer`
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

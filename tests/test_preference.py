@@ -18,16 +18,6 @@ from posttrain.tasks import get_task
 from posttrain.tracking import read_metrics
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from a second thread, and on a shared 2-core machine two threads
-    # per process slow these runs down several times.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def toy_pairs(n: int, seed: int = 0) -> list[dict]:
     """Arithmetic rows: chosen = the worked solution with the boxed answer; rejected = the same
     steps ending in a wrong, unboxed answer ("= w")."""
