@@ -127,7 +127,8 @@ def machine() -> str:
 
 def grpo_bench_config(a, model_dir, run_dir):
     """The GRPO config both benchmarks run posttrain with: DAPO loss settings, beta 0, one update per
-    rollout, the whole batch in one micro-batch, the shared digit reward (so the reward is not measured)."""
+    rollout, the whole batch in one micro-batch, the shared digit reward (so the reward is not measured).
+    ``--set KEY=VALUE`` options (``a.set``) are applied last, e.g. ``--set padding_free=false`` for an A/B run."""
     from posttrain.config import GRPOConfig, config_from_dict
 
     total = a.warmup + a.steps
@@ -140,4 +141,4 @@ def grpo_bench_config(a, model_dir, run_dir):
         "scale=std", "advantage=grpo", f"optim.lr={a.lr}", "optim.schedule=constant", "optim.weight_decay=0",
         "optim.max_grad_norm=1.0", f"train.micro_batch_size={a.prompts * a.generations}", f"train.steps={total}",
         f"train.seed={a.seed}", f"train.output_dir={run_dir}", "train.progress=false", "train.log_every=1000000",
-        "samples_every=0", "train.resume=never"])
+        "samples_every=0", "train.resume=never", *(getattr(a, "set", None) or [])])

@@ -8,7 +8,8 @@ Checks, each printed PASS/FAIL with its measured error:
   2. ``completion_logps`` (LM head on completion positions, tiled, recomputed in backward) on CUDA
      against full logits in float64 on the same weights: float32 log-probs and gradients, and a
      bfloat16 model's log-probs within bf16 round-off;
-  3. a few steps of the GRPO and SFT recipes on CUDA in bfloat16 (tiny Qwen2 shape): finite losses,
+  3. the padding-free (packed) GRPO update equals the padded update;
+  4. a few steps of the GRPO and SFT recipes on CUDA in bfloat16 (tiny Qwen2 shape): finite losses,
      parameters still bf16, the final model saved and reloaded on CUDA.
 """
 
@@ -111,6 +112,31 @@ def check_logps(tok) -> None:
                   f"worst parameter relative error {worst:.2e} (tolerance {tol_g:g})")
 
 
+def check_padding_free(tok) -> None:
+    """The packed (padding-free) GRPO update equals the padded one on the GPU (float32, SDPA with a
+    block-diagonal 4D mask), in loss and in the updated weights."""
+    from test_grpo import _cfg, _varied_groups
+
+    from posttrain.recipes import grpo
+
+    base = peaked(tok, "qwen2", seed=1).to(DEV)
+    with tempfile.TemporaryDirectory() as d:
+        out = []
+        for packed in (False, True):
+            cfg = _cfg(Path(d), f"padding_free={str(packed).lower()}", "train.micro_batch_size=5",
+                       "aggregation=seq_mean_token_mean", "optim.max_grad_norm=0")
+            m = copy.deepcopy(base)
+            opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+            met = grpo.update_policy(cfg, m, None, _varied_groups(), opt, sched, grpo.make_policy_loss(cfg), 0, DEV,
+                                     {"logps": 0.0, "update": 0.0}, 1)
+            out.append((m, met))
+    (a, ma), (b, mb) = out
+    worst = max(rel(pb - p0, pa - p0) for pa, pb, p0 in zip(a.parameters(), b.parameters(), base.parameters()))
+    check(f"padding-free GRPO update == padded ({DEV} fp32)", abs(ma["loss"] - mb["loss"]) < 1e-5 and worst < 1e-3,
+          f"loss {ma['loss']:.6f} vs {mb['loss']:.6f}; worst relative difference of the weight updates {worst:.1e}")
+
+
 def check_recipes() -> None:
     from posttrain.config import GRPOConfig, ModelConfig, SFTConfig, config_from_dict
     from posttrain.models.loading import load_model
@@ -157,9 +183,9 @@ def main() -> int:
 
     print(f"device: {torch.cuda.get_device_name(0) if DEV.startswith('cuda') else DEV}; torch {torch.__version__}")
     tok = build_tokenizer("char")
-    for fn in (check_greedy, lambda: check_logps(tok), check_recipes):
+    for fn in (check_greedy, check_logps, check_padding_free, check_recipes):
         try:
-            fn(tok) if fn is check_greedy else fn()
+            fn(tok) if fn is not check_recipes else fn()
         except Exception as e:  # report and go on: one broken path should not hide the others
             import traceback
 

@@ -57,6 +57,8 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (see grpo_vs_trl.py --help)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra posttrain GRPO config override (repeatable), e.g. padding_free=false")
     return ap.parse_args(argv)
 
 

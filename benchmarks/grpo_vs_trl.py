@@ -70,6 +70,8 @@ def parse_args(argv=None):
                     help="torch threads, the same for both (0: torch's default). 1 by default: on a shared 2-core "
                          "machine two spinning OpenMP threads per process made steps 5-50x slower and erratic")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra posttrain GRPO config override (repeatable), e.g. padding_free=false")
     ap.add_argument("--only", choices=["posttrain", "trl"], help="run one side only")
     ap.add_argument("--json", help="write all runs and the summary here")
     ap.add_argument("--worker", choices=["posttrain", "trl"], help=argparse.SUPPRESS)
@@ -190,6 +192,8 @@ def spawn(a, which: str, model_dir: Path, out: Path) -> dict:
     for k in ("preset", "arch", "device", "dtype", "prompts", "generations", "max_completion_length", "steps",
               "warmup", "lr", "threads", "seed"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+    for kv in a.set:
+        cmd += ["--set", kv]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -234,7 +238,8 @@ def main(argv=None) -> None:
     print(f"machine: {bc.machine()}; load average {bc.load_average()}")
     print(f"preset={a.preset} arch={a.arch} vocab={a.vocab_size or 'char'} device={a.device} dtype={a.dtype} "
           f"P={a.prompts} G={a.generations} max_completion_length={a.max_completion_length} "
-          f"steps={a.steps} (+{a.warmup} warmup) rounds={a.rounds} threads={a.threads or 'default'}")
+          f"steps={a.steps} (+{a.warmup} warmup) rounds={a.rounds} threads={a.threads or 'default'}"
+          + (f" posttrain overrides: {' '.join(a.set)}" if a.set else ""))
     runs = []
     with tempfile.TemporaryDirectory() as d:
         model_dir = bc.build_model_dir(Path(d) / "model", a.preset, a.arch, a.vocab_size, a.seed)

@@ -192,3 +192,78 @@ def test_kl_in_reward_subtracts_the_summed_sequence_kl_before_the_baseline(tmp_p
             rp = token_logps(forward_logits(ref_other, b.input_ids_BT, b.attention_mask, b.position_ids_BT), b.targets_BT)
         expected = ((lp - rp) * b.target_mask_BT).sum().item()
         assert kl.flatten()[i].item() == pytest.approx(expected, abs=1e-4)
+
+
+# --- padding-free update: packed rows compute the padded update exactly ------------------------------
+
+
+def _varied_groups():
+    """Completions of very different lengths, so packing changes the layout a lot."""
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for p in range(3):
+        lens = [1, 9, 3, 14]
+        comps = [torch.randint(5, 60, (n,), generator=g).tolist() for n in lens]
+        out.append(_group(p, torch.randint(5, 60, (2 + 2 * p,), generator=g).tolist(), comps,
+                          torch.rand(4, generator=g).tolist(), truncated=[False, False, False, p == 1]))
+    return out
+
+
+def test_packed_micro_batches_run_fewer_tokens_and_map_back_exactly():
+    seqs = grpo.sequences(_varied_groups(), mask_truncated=True)
+    packed = grpo.micro_batches(seqs, 4, 0, "cpu", packed=True)  # up to 4 packed rows per micro-batch
+    assert sorted(i for _, idx in packed for i in idx.tolist()) == list(range(len(seqs)))
+    assert len(packed) == 2  # 12 sequences fit in 8 rows of the longest length
+    for b, idx in packed:
+        # the same micro-batch, padded: the loss layout must be identical
+        a, _ = grpo.micro_batches([seqs[i] for i in idx.tolist()], 99, 0, "cpu")[0]
+        order = sorted(range(len(idx)), key=lambda j: len(seqs[idx[j]][0]))  # padded sorts by length
+        a_mask = torch.zeros_like(a.target_mask_BT)
+        a_mask[order] = a.target_mask_BT
+        assert torch.equal(a_mask, b.target_mask_BT)
+        assert b.inputs.input_ids_BT.shape[0] <= 4 and b.inputs.attention_mask.dim() == 4
+        a_targets, a_pos = torch.zeros_like(a.inputs.targets_BT), torch.zeros_like(a.inputs.position_ids_BT)
+        a_targets[order], a_pos[order] = a.inputs.targets_BT, a.inputs.position_ids_BT
+        sel = b.target_mask_BT > 0
+        # every loss position maps to the same target token and the same position id in the packed rows
+        assert torch.equal(b.inputs.targets_BT.reshape(-1)[b.src], a_targets[sel])
+        assert torch.equal(b.inputs.position_ids_BT.reshape(-1)[b.src], a_pos[sel])
+        assert b.inputs.target_mask_BT.sum() == b.target_mask_BT.sum()
+    padded = grpo.micro_batches(seqs, 12, 0, "cpu")
+    total = lambda mbs: sum(m.inputs.input_ids_BT.numel() for m, _ in mbs)  # noqa: E731
+    assert total(packed) < 0.8 * total(padded)
+
+
+@pytest.mark.parametrize("overrides", [
+    ("loss=ppo_clip", "aggregation=token_mean"),
+    ("loss=ppo_clip", "aggregation=seq_mean_token_mean", "num_iterations=2"),
+    ("loss=gspo", "aggregation=seq_mean_token_mean"),
+    ("loss=cispo", "aggregation=seq_sum_const"),
+    ("loss=ppo_clip", "aggregation=seq_mean_token_sum", "beta=0.1"),
+])
+def test_padding_free_update_equals_padded_update(tmp_path, tiny_model, overrides):
+    model = copy.deepcopy(tiny_model).double()
+    ref = None
+    if "beta=0.1" in overrides:
+        ref = copy.deepcopy(model).requires_grad_(False)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    results = []
+    for packed in (False, True):
+        cfg = _cfg(tmp_path, *overrides, f"padding_free={str(packed).lower()}", "train.micro_batch_size=5",
+                   "mask_truncated_completions=true", "optim.max_grad_norm=0")
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        metrics = grpo.update_policy(cfg, m, ref, _varied_groups(), opt, sched, grpo.make_policy_loss(cfg), 0, "cpu",
+                                     {"logps": 0.0, "update": 0.0}, 1)
+        results.append((m, metrics))
+    (a, ma), (b, mb) = results
+    for k in ("loss", "entropy", "clip_frac/low_last", "clip_frac/high_last", "num_tokens") + (("kl",) if ref else ()):
+        assert ma[k] == pytest.approx(mb[k], rel=1e-9, abs=1e-12), k
+    moved = False
+    for (n, pa), (_, pb), p0 in zip(a.named_parameters(), b.named_parameters(), model.parameters()):
+        assert torch.allclose(pa, pb, rtol=0, atol=1e-10), n
+        moved |= not torch.equal(pa, p0)
+    assert moved

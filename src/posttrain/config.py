@@ -228,6 +228,7 @@ class GRPOConfig:
     dynamic_sampling: bool = doc(False, "DAPO: regenerate until P groups have non-zero reward variance")
     max_gen_batches: int = doc(4, "dynamic sampling: most generation rounds per step")
     mask_truncated_completions: bool = doc(False, "truncated completions add no loss (DAPO overlong filtering)")
+    padding_free: bool = doc(True, "pack each micro-batch's sequences into rows for the update (same loss, no padding compute)")
     eval_every: int = doc(0, "held-out greedy accuracy every N steps (needs data.eval_path; 0: at the end)")
     eval_examples: int = doc(200, "held-out rows to evaluate")
     samples_every: int = doc(10, "write sample completions to samples.jsonl every N steps")

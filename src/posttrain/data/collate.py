@@ -60,13 +60,14 @@ def collate_padded(examples: list[Example], pad_id: int, *, pad_to: int | None =
     return LMBatch(ids, attn, pos, targets, mask)
 
 
-def pack(examples: list[Example], max_length: int) -> list[list[Example]]:
-    """First-fit-decreasing bins of total length <= max_length (deterministic for a given input)."""
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]), i))
+def pack_indices(lengths: list[int], max_length: int) -> list[list[int]]:
+    """First-fit-decreasing bins of indices whose lengths sum to <= max_length, each bin in input
+    order (deterministic for a given input)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     room: list[int] = []
     for i in order:
-        n = len(examples[i])
+        n = lengths[i]
         if n > max_length:
             raise ValueError(f"example of {n} tokens does not fit max_length={max_length}")
         for b, r in enumerate(room):
@@ -78,7 +79,12 @@ def pack(examples: list[Example], max_length: int) -> list[list[Example]]:
             bins.append([i])
             room.append(max_length - n)
     # Keep documents in input order inside a bin: it makes packed batches easy to read.
-    return [[examples[i] for i in sorted(b)] for b in bins]
+    return [sorted(b) for b in bins]
+
+
+def pack(examples: list[Example], max_length: int) -> list[list[Example]]:
+    """First-fit-decreasing bins of examples of total length <= max_length."""
+    return [[examples[i] for i in b] for b in pack_indices([len(e) for e in examples], max_length)]
 
 
 def collate_packed(rows: list[list[Example]], pad_id: int) -> LMBatch:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +24,7 @@ import torch
 
 from posttrain import loop
 from posttrain.config import GRPOConfig
-from posttrain.data.collate import EpochSampler, LMBatch, collate_padded
+from posttrain.data.collate import EpochSampler, LMBatch, collate_packed, collate_padded, pack_indices
 from posttrain.data.formats import reward_columns, validate
 from posttrain.data.io import read_rows
 from posttrain.data.tokenize import Example, prompt_ids as encode_prompt
@@ -72,24 +73,79 @@ def sequences(groups: list[Group], mask_truncated: bool) -> list[tuple[Example, 
     return out
 
 
-def micro_batches(seqs, size: int, pad_id: int, device) -> list[tuple[LMBatch, torch.Tensor]]:
-    """Length-sorted micro-batches, each with the flat indices of its sequences. Sorting only cuts
-    padding: the loss uses global counts, so how sequences are grouped does not change it."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+@dataclass(frozen=True)
+class StepBatch:
+    """One micro-batch of rollout sequences.
+
+    The loss always sees sequence layout: row i of ``target_mask_BT`` (and of every log-prob tensor) is
+    sequence i, right-padded. The model runs on ``inputs``: those same padded rows, or -- padding-free
+    -- several sequences packed into each row (per-sequence positions, block-diagonal attention), which
+    skips the padding's share of the forward and backward. ``src`` then maps each loss position
+    (row-major over ``target_mask_BT > 0``) to its flat index in the packed rows.
+    """
+
+    inputs: LMBatch
+    target_mask_BT: torch.Tensor
+    src: torch.Tensor | None = None
+
+    def to(self, device) -> "StepBatch":
+        return StepBatch(self.inputs.to(device), self.target_mask_BT.to(device),
+                         None if self.src is None else self.src.to(device))
+
+
+def micro_batches(seqs, size: int, pad_id: int, device, packed: bool = False) -> list[tuple[StepBatch, torch.Tensor]]:
+    """Micro-batches of the step's sequences, each with the flat indices of its sequences.
+
+    Padded: length-sorted chunks of ``size`` sequences (sorting cuts padding). Packed: all sequences
+    packed first-fit into rows as long as the step's longest sequence, ``size`` rows per micro-batch --
+    the same bound on tokens per forward, with (almost) no padding. The loss uses global counts, so
+    how sequences are grouped changes neither its value nor its gradient (tests/test_grpo.py)."""
+    if packed:
+        bins = pack_indices([len(e) for e, _ in seqs], max(len(e) for e, _ in seqs))
+        chunks = [bins[s:s + size] for s in range(0, len(bins), size)]
+    else:
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+        chunks = [[[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
     out = []
-    for s in range(0, len(order), size):
-        idx = order[s:s + size]
-        b = collate_padded([seqs[i][0] for i in idx], pad_id)
+    for rows in chunks:
+        idx = [i for row in rows for i in row]
+        exs = [seqs[i][0] for i in idx]
+        b = collate_padded(exs, pad_id)
         keep = torch.tensor([float(seqs[i][1]) for i in idx])
-        b = LMBatch(b.input_ids_BT, b.attention_mask, b.position_ids_BT, b.targets_BT, b.target_mask_BT * keep[:, None])
-        out.append((b.to(device), torch.tensor(idx)))
+        mask_BT = b.target_mask_BT * keep[:, None]
+        if not packed:
+            mb = StepBatch(LMBatch(b.input_ids_BT, b.attention_mask, b.position_ids_BT, b.targets_BT, mask_BT), mask_BT)
+        else:
+            p = collate_packed([[seqs[i][0] for i in row] for row in rows], pad_id)
+            row_of, offset_of = torch.zeros(len(idx), dtype=torch.long), torch.zeros(len(idx), dtype=torch.long)
+            k = 0
+            for r, row in enumerate(rows):
+                o = 0
+                for i in row:  # idx lists the sequences row by row, so k walks it in order
+                    row_of[k], offset_of[k] = r, o
+                    o += len(seqs[i][0])
+                    k += 1
+            seq_K, t_K = (mask_BT > 0).nonzero(as_tuple=True)
+            src = row_of[seq_K] * p.input_ids_BT.shape[1] + offset_of[seq_K] + t_K
+            packed_mask = torch.zeros_like(p.target_mask_BT)
+            packed_mask.view(-1)[src] = 1.0
+            mb = StepBatch(LMBatch(p.input_ids_BT, p.attention_mask, p.position_ids_BT, p.targets_BT, packed_mask),
+                           mask_BT, src)
+        out.append((mb.to(device), torch.tensor(idx)))
     return out
 
 
-def policy_logps(model, batch: LMBatch, temperature: float, with_entropy: bool = False):
-    """(logps_BT, mean entropy): log-probs of the completion tokens (0 at masked positions)."""
-    return completion_logps(model, batch.input_ids_BT, batch.attention_mask, batch.position_ids_BT,
-                            batch.targets_BT, batch.target_mask_BT, temperature, with_entropy=with_entropy)
+def policy_logps(model, batch: StepBatch, temperature: float, with_entropy: bool = False):
+    """(logps_BT, mean entropy): log-probs of the completion tokens in sequence layout (0 at masked
+    positions), whichever layout the model ran on."""
+    x = batch.inputs
+    logps, ent = completion_logps(model, x.input_ids_BT, x.attention_mask, x.position_ids_BT, x.targets_BT,
+                                  x.target_mask_BT, temperature, with_entropy=with_entropy)
+    if batch.src is None:
+        return logps, ent
+    sel_BT = batch.target_mask_BT > 0
+    return torch.zeros(sel_BT.shape, dtype=logps.dtype, device=logps.device).masked_scatter(
+        sel_BT, logps.reshape(-1)[batch.src]), ent
 
 
 @torch.no_grad()
@@ -219,7 +275,8 @@ def update_policy(cfg: GRPOConfig, model, ref, groups: list[Group], optimizer, s
     """Steps 3-5: advantages, log-probs, mu optimizer updates. Returns the update metrics."""
     rewards_PG = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
     t0 = time.time()
-    mbs = micro_batches(sequences(groups, cfg.mask_truncated_completions), cfg.train.micro_batch_size, pad_id, device)
+    mbs = micro_batches(sequences(groups, cfg.mask_truncated_completions), cfg.train.micro_batch_size, pad_id, device,
+                       packed=cfg.padding_free)
     refs = ref_logps(ref, model, mbs, cfg.temperature) if ref is not None else None
     if refs is not None and cfg.kl_in == "reward":
         # Subtract beta * (summed KL of the completion) from its reward, before the baseline.
