@@ -204,7 +204,8 @@ class GRPOConfig:
     lora: LoraConfig = doc(LoraConfig(), "LoRA adapters (r=0: off)")
     data: DataConfig = doc(DataConfig(max_length=256), "prompt rows; extra columns go to the rewards")
     optim: OptimConfig = doc(OptimConfig(lr=1e-5, max_grad_norm=1.0), "optimizer and schedule")
-    train: TrainConfig = doc(TrainConfig(micro_batch_size=16), "loop (train.steps = rollout steps)")
+    train: TrainConfig = doc(TrainConfig(micro_batch_size=16),
+                             "loop (train.steps = rollout steps; padding_free: micro_batch_size counts packed rows)")
     rewards: tuple[RewardConfig, ...] = doc((RewardConfig(),), "verifiers summed with weights; the first defines accuracy")
     reward_workers: int = doc(0, "worker processes for slow verifiers (0: auto)")
     prompts_per_step: int = doc(8, "P: prompt groups per step")
@@ -228,7 +229,8 @@ class GRPOConfig:
     dynamic_sampling: bool = doc(False, "DAPO: regenerate until P groups have non-zero reward variance")
     max_gen_batches: int = doc(4, "dynamic sampling: most generation rounds per step")
     mask_truncated_completions: bool = doc(False, "truncated completions add no loss (DAPO overlong filtering)")
-    padding_free: bool = doc(True, "pack each micro-batch's sequences into rows for the update (same loss, no padding compute)")
+    padding_free: bool = doc(True, "update on packed rows (the step's sequences first-fit into rows as long as the "
+                                   "longest): the same loss, no compute spent on padding")
     eval_every: int = doc(0, "held-out greedy accuracy every N steps (needs data.eval_path; 0: at the end)")
     eval_examples: int = doc(200, "held-out rows to evaluate")
     samples_every: int = doc(10, "write sample completions to samples.jsonl every N steps")

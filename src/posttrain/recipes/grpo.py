@@ -7,7 +7,8 @@ Each step:
   4. loss     -- per-token policy loss (PPO-clip with eps_low/eps_high, GSPO or CISPO) [+ beta * KL],
                  aggregated with global token / sequence counts over every micro-batch of the step
   5. update   -- mu = num_iterations optimizer steps on the same rollouts (old log-probs computed once;
-                 with mu = 1 the ratio is exactly 1 and no extra forward pass is made)
+                 with mu = 1 the ratio is exactly 1 and no extra forward pass is made). The model runs
+                 on packed rows (padding_free): no compute on padding, the loss unchanged.
 Shapes: P prompts, G generations, B sequences in a micro-batch, T tokens.
 """
 
