@@ -202,7 +202,7 @@ def _varied_groups():
     g = torch.Generator().manual_seed(3)
     out = []
     for p in range(3):
-        lens = [1, 9, 3, 14]
+        lens = [1, 2, 3, 30]
         comps = [torch.randint(5, 60, (n,), generator=g).tolist() for n in lens]
         out.append(_group(p, torch.randint(5, 60, (2 + 2 * p,), generator=g).tolist(), comps,
                           torch.rand(4, generator=g).tolist(), truncated=[False, False, False, p == 1]))
@@ -234,6 +234,13 @@ def test_packed_micro_batches_run_fewer_tokens_and_map_back_exactly():
     assert total(packed) < 0.8 * total(padded)
 
 
+def test_packing_falls_back_to_padded_rows_when_it_saves_nothing():
+    # Every sequence the same length (e.g. all completions hit the cap): nothing to pack.
+    groups = [_group(p, [5, 6, 7], [[8] * 10] * 4, [0.0, 1.0, 0.0, 1.0]) for p in range(2)]
+    mbs = grpo.micro_batches(grpo.sequences(groups, False), 4, 0, "cpu", packed=True)
+    assert all(m.src is None and m.inputs.attention_mask.dim() == 2 for m, _ in mbs)
+
+
 @pytest.mark.parametrize("overrides", [
     ("loss=ppo_clip", "aggregation=token_mean"),
     ("loss=ppo_clip", "aggregation=seq_mean_token_mean", "num_iterations=2"),
@@ -251,7 +258,7 @@ def test_padding_free_update_equals_padded_update(tmp_path, tiny_model, override
                 p.add_(0.05 * torch.randn_like(p))
     results = []
     for packed in (False, True):
-        cfg = _cfg(tmp_path, *overrides, f"padding_free={str(packed).lower()}", "train.micro_batch_size=5",
+        cfg = _cfg(tmp_path, *overrides, f"padding_free={str(packed).lower()}", "train.micro_batch_size=2",
                    "mask_truncated_completions=true", "optim.max_grad_norm=0")
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.parameters(), lr=1.0)
@@ -259,6 +266,9 @@ def test_padding_free_update_equals_padded_update(tmp_path, tiny_model, override
         metrics = grpo.update_policy(cfg, m, ref, _varied_groups(), opt, sched, grpo.make_policy_loss(cfg), 0, "cpu",
                                      {"logps": 0.0, "update": 0.0}, 1)
         results.append((m, metrics))
+    # the packed run really packed: 3 micro-batches of 2 packed rows instead of 6 padded ones
+    mbs = grpo.micro_batches(grpo.sequences(_varied_groups(), True), 2, 0, "cpu", packed=True)
+    assert len(mbs) == 3 and all(m.src is not None for m, _ in mbs)
     (a, ma), (b, mb) = results
     for k in ("loss", "entropy", "clip_frac/low_last", "clip_frac/high_last", "num_tokens") + (("kl",) if ref else ()):
         assert ma[k] == pytest.approx(mb[k], rel=1e-9, abs=1e-12), k

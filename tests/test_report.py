@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from posttrain.report import build_report, main
-from posttrain.report.html import CHARTS
 from posttrain.report.svg import nice_ticks
 
 XSS = "<script>alert(1)</script>"

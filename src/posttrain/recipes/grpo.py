@@ -99,14 +99,19 @@ def micro_batches(seqs, size: int, pad_id: int, device, packed: bool = False) ->
 
     Padded: length-sorted chunks of ``size`` sequences (sorting cuts padding). Packed: all sequences
     packed first-fit into rows as long as the step's longest sequence, ``size`` rows per micro-batch --
-    the same bound on tokens per forward, with (almost) no padding. The loss uses global counts, so
+    the same bound on tokens per forward, with (almost) no padding -- when that runs fewer tokens
+    than the padded chunks (else the padded layout is used). The loss uses global counts, so
     how sequences are grouped changes neither its value nor its gradient (tests/test_grpo.py)."""
+    lengths = [len(e) for e, _ in seqs]
+    order = sorted(range(len(seqs)), key=lambda i: lengths[i])
+    chunks = [[[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
     if packed:
-        bins = pack_indices([len(e) for e, _ in seqs], max(len(e) for e, _ in seqs))
-        chunks = [bins[s:s + size] for s in range(0, len(bins), size)]
-    else:
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-        chunks = [[[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
+        bins = pack_indices(lengths, max(lengths))
+        # Packing pays only where it removes padding; else (e.g. every completion hit the length cap)
+        # the padded rows cost no more and skip the 4D mask.
+        packed = len(bins) * max(lengths) < sum(len(c) * lengths[c[-1][0]] for c in chunks)
+        if packed:
+            chunks = [bins[s:s + size] for s in range(0, len(bins), size)]
     out = []
     for rows in chunks:
         idx = [i for row in rows for i in row]
