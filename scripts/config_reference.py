@@ -1,10 +1,14 @@
 """Print the README's config reference (shared sections once, then each recipe's own fields).
 
     python scripts/config_reference.py > /tmp/ref.md    # tests/test_readme.py checks README holds it
+    python scripts/config_reference.py --write          # replace the block in README.md
 """
 
 import dataclasses
+import re
+import sys
 import typing
+from pathlib import Path
 
 import posttrain.pipeline  # noqa: F401 - registers the pipeline config
 from posttrain.config import RECIPE_CONFIGS, field_help
@@ -30,5 +34,18 @@ def reference() -> str:
     return "\n".join(out) + "\n"
 
 
+def write_readme(path: Path) -> None:
+    text = path.read_text()
+    m = re.search(r"(<!-- config-reference:start[^>]*-->\n)(.*)(<!-- config-reference:end -->)", text, re.S)
+    if not m:
+        raise SystemExit(f"{path}: no config-reference markers")
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text[:m.start(2)] + reference() + text[m.end(2):])
+    tmp.replace(path)
+
+
 if __name__ == "__main__":
-    print(reference(), end="")
+    if sys.argv[1:] == ["--write"]:
+        write_readme(Path(__file__).resolve().parent.parent / "README.md")
+    else:
+        print(reference(), end="")

@@ -12,7 +12,7 @@ def test_readme_config_reference_is_current():
     assert block, "README lost its config-reference markers"
     fresh = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_reference.py")],
                            capture_output=True, text=True, check=True).stdout
-    assert block.group(1) == fresh, "README config reference is stale: regenerate with scripts/config_reference.py"
+    assert block.group(1) == fresh, "README config reference is stale: regenerate: python scripts/config_reference.py --write"
 
 
 def test_readme_glossary_covers_every_logged_metric_name():
