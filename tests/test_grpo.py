@@ -277,3 +277,23 @@ def test_padding_free_update_equals_padded_update(tmp_path, tiny_model, override
         assert torch.allclose(pa, pb, rtol=0, atol=1e-10), n
         moved |= not torch.equal(pa, p0)
     assert moved
+
+
+def test_resume_drops_samples_and_metrics_written_after_the_checkpoint(tmp_path):
+    import json
+
+    common = ["model=tiny", "data.path=builtin:arithmetic", "data.num_examples=50", "rewards=[toy_rewards:ones]",
+              "prompts_per_step=2", "num_generations=2", "max_completion_length=4", "train.micro_batch_size=4",
+              "samples_every=1"]
+    grpo.train(_cfg(tmp_path, *common, "train.steps=2"))
+    # A run killed during step 3, after its samples and metrics were written but before a checkpoint:
+    for name in ("samples.jsonl", "metrics.jsonl"):
+        with open(tmp_path / name, "a") as fh:
+            fh.write(json.dumps({"step": 3, "prompt": "stale", "completion": "stale", "reward": 0.0}) + "\n")
+            fh.write('{"step": 3, "prom')  # torn line
+    grpo.train(_cfg(tmp_path, *common, "train.steps=4"))  # resumes from step 2
+    samples = [json.loads(ln) for ln in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert sorted({s["step"] for s in samples}) == [1, 2, 3, 4]
+    assert all(s["prompt"] != "stale" for s in samples)
+    assert len([s for s in samples if s["step"] == 3]) == 2  # prompts_per_step records, once
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]

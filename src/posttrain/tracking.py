@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from posttrain.io_utils import atomic_write_text
+from posttrain.io_utils import keep_steps_upto
 
 SINKS = ("tensorboard", "wandb", "trackio")
 
@@ -29,11 +29,8 @@ class Tracker:
                  resume_step: int | None = None, name: str = "run"):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            # Records after the checkpoint we resume from will be produced again: drop them.
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        if resume_step is not None:
+            keep_steps_upto(self.path, resume_step)  # later records will be produced again
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._fh = self.path.open("a", encoding="utf-8")

@@ -28,6 +28,7 @@ from posttrain.config import GRPOConfig
 from posttrain.data.collate import EpochSampler, LMBatch, collate_packed, collate_padded, pack_indices
 from posttrain.data.formats import reward_columns, validate
 from posttrain.data.io import read_rows
+from posttrain.io_utils import keep_steps_upto
 from posttrain.data.tokenize import Example, prompt_ids as encode_prompt
 from posttrain.losses.aggregation import aggregate
 from posttrain.losses.kl import kl_estimate
@@ -207,6 +208,7 @@ def train(cfg: GRPOConfig) -> Path:
     start, state = loop.resume(run, model, optimizer, scheduler)
     if state:
         sampler.load_state_dict(state["sampler"])
+        keep_steps_upto(run.dir / "samples.jsonl", start)  # steps after the checkpoint run again
     elif (run.dir / "samples.jsonl").exists():
         (run.dir / "samples.jsonl").unlink()
 
