@@ -4,7 +4,9 @@
 
 Checks, each printed PASS/FAIL with its measured error:
   1. KVCacheEngine greedy output on CUDA (float32) equals transformers' greedy ``generate`` on CUDA,
-     with rows ending at different steps (batch compaction exercised);
+     with rows ending at different steps, for each decode loop (dynamic: batch compaction; static;
+     cuda_graph: the step captured and replayed), and cuda_graph's sampling log-probs equal a
+     teacher-forced forward;
   2. ``completion_logps`` (LM head on completion positions, tiled, recomputed in backward) on CUDA
      against full logits in float64 on the same weights: float32 log-probs and gradients, and a
      bfloat16 model's log-probs within bf16 round-off;
@@ -69,10 +71,36 @@ def check_greedy(tok) -> None:
         ref = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=24, do_sample=False,
                              eos_token_id=best, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:].tolist()
         ref = [r[:r.index(best) + 1] if best in r else r for r in ref]
-        gen = KVCacheEngine(model, tok, eos_token_id=best).generate(prompts, 2, SamplingParams(24, temperature=0))
         lengths = sorted({len(c) for c in ref})
-        check(f"greedy KVCacheEngine == generate ({arch}, {DEV} fp32)", gen.completion_ids == ref,
-              f"{sum(a == b for a, b in zip(gen.completion_ids, ref))}/{len(ref)} rows equal; lengths {lengths}")
+        for decode in ("dynamic", "static") + (("cuda_graph",) if DEV.startswith("cuda") else ()):
+            gen = KVCacheEngine(model, tok, eos_token_id=best, decode=decode).generate(
+                prompts, 2, SamplingParams(24, temperature=0))
+            check(f"greedy KVCacheEngine[{decode}] == generate ({arch}, {DEV} fp32)", gen.completion_ids == ref,
+                  f"{sum(a == b for a, b in zip(gen.completion_ids, ref))}/{len(ref)} rows equal; lengths {lengths}")
+        if DEV.startswith("cuda"):
+            check_sampled_logps(model, tok, prompts, best)
+
+
+def check_sampled_logps(model, tok, prompts, eos) -> None:
+    """CUDA-graph decoding samples from the model's distribution at every step: its sampling log-probs
+    equal a teacher-forced forward over the sampled completions."""
+    from posttrain.data.collate import collate_padded
+    from posttrain.data.tokenize import Example
+    from posttrain.losses.logprobs import forward_logits, token_logps
+    from posttrain.rollout.engine import KVCacheEngine, SamplingParams
+
+    torch.manual_seed(1)
+    gen = KVCacheEngine(model, tok, eos_token_id=eos, decode="cuda_graph").generate(
+        prompts, 3, SamplingParams(20, temperature=0.8, return_logps=True))
+    seqs = [(prompts[i // 3], c) for i, c in enumerate(gen.completion_ids)]
+    b = collate_padded([Example(p + c, (0,) * len(p) + (1,) * len(c)) for p, c in seqs], tok.pad_token_id).to(DEV)
+    with torch.no_grad():
+        lp = token_logps(forward_logits(model, b.input_ids_BT, b.attention_mask, b.position_ids_BT), b.targets_BT, 0.8)
+    worst = max((torch.tensor(gen.logps[i]) - lp[i, len(p) - 1:len(p) - 1 + len(c)].cpu()).abs().max().item()
+                for i, (p, c) in enumerate(seqs))
+    check("sampling log-probs of cuda_graph decoding == teacher-forced forward", worst < 1e-3,
+          f"max abs difference {worst:.1e} over {sum(map(len, gen.completion_ids))} tokens, "
+          f"lengths {sorted({len(c) for c in gen.completion_ids})}")
 
 
 def check_logps(tok) -> None:

@@ -43,20 +43,23 @@ def _eos_with_spread(completions):
     return best[1]
 
 
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_greedy_output_equals_transformers_generate(char_tok, arch):
+def test_greedy_output_equals_transformers_generate(char_tok, arch, decode):
     model = _peaked_model(char_tok, arch)
     prompts = _prompts(char_tok)
     free = _hf_greedy(model, char_tok, prompts, 2, 24, char_tok.eos_token_id)
     eos = _eos_with_spread(free)
     ref = _hf_greedy(model, char_tok, prompts, 2, 24, eos)
     assert len({len(c) for c in ref}) >= 3  # rows end at different steps
-    gen = KVCacheEngine(model, char_tok, eos_token_id=eos).generate(prompts, 2, SamplingParams(24, temperature=0))
+    engine = KVCacheEngine(model, char_tok, eos_token_id=eos, decode=decode)
+    assert engine.decode == decode
+    gen = engine.generate(prompts, 2, SamplingParams(24, temperature=0))
     assert gen.completion_ids == ref
     assert gen.truncated == [eos not in c for c in ref]
     # Small max_batch: several chunks, same result.
-    small = KVCacheEngine(model, char_tok, max_batch=3, eos_token_id=eos).generate(prompts, 2,
-                                                                                 SamplingParams(24, temperature=0))
+    small = KVCacheEngine(model, char_tok, max_batch=3, eos_token_id=eos, decode=decode).generate(
+        prompts, 2, SamplingParams(24, temperature=0))
     assert small.completion_ids == ref
     # And the same as the HFEngine the other recipes use.
     assert HFEngine(model, char_tok).generate(prompts, 2, SamplingParams(24, temperature=0)).completion_ids == free
@@ -105,13 +108,15 @@ def test_top_p_filter_matches_transformers_warper():
     assert torch.equal(top_p_filter(logits, 1.0), logits)
 
 
-def test_samples_of_one_prompt_differ_and_stop_at_eos(char_tok):
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_samples_of_one_prompt_differ_and_stop_at_eos(char_tok, decode):
     model = _peaked_model(char_tok, "llama", seed=5)
     prompts = _prompts(char_tok)[:3]
     free = KVCacheEngine(model, char_tok).generate(prompts, 4, SamplingParams(16, temperature=0)).completion_ids
     eos = _eos_with_spread(free)
     torch.manual_seed(0)
-    gen = KVCacheEngine(model, char_tok, eos_token_id=eos).generate(prompts, 4, SamplingParams(16, temperature=1.0))
+    gen = KVCacheEngine(model, char_tok, eos_token_id=eos, decode=decode).generate(
+        prompts, 4, SamplingParams(16, temperature=1.0))
     assert len(gen.completion_ids) == 12 and gen.prompt_ids == [list(p) for p in prompts]
     for c, trunc in zip(gen.completion_ids, gen.truncated):
         assert eos not in c[:-1]  # nothing after the first EOS
@@ -150,3 +155,38 @@ def test_completion_logps_match_full_logits_with_gradients(char_tok, temperature
     (lp_ref * w * m).sum().backward()
     for (n, pa), (_, pb) in zip(a.named_parameters(), ref.named_parameters()):
         assert torch.allclose(pa.grad, pb.grad, rtol=1e-8, atol=1e-10), n
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sampling_logps_equal_a_teacher_forced_forward(char_tok, arch, decode):
+    """Every decode step's distribution is the model's: the log-probs reported while sampling equal
+    those of one full forward over prompt + completion (left-padded prompts, rows ending early)."""
+    from posttrain.data.collate import collate_padded
+    from posttrain.data.tokenize import Example
+    from posttrain.losses.logprobs import forward_logits, token_logps
+
+    model = _peaked_model(char_tok, arch, seed=2)
+    prompts = _prompts(char_tok)
+    eos = _eos_with_spread(KVCacheEngine(model, char_tok).generate(prompts, 1, SamplingParams(12, temperature=0))
+                           .completion_ids)
+    torch.manual_seed(1)
+    gen = KVCacheEngine(model, char_tok, eos_token_id=eos, decode=decode).generate(
+        prompts, 3, SamplingParams(12, temperature=0.8, top_p=1.0, return_logps=True))
+    assert len({len(c) for c in gen.completion_ids}) > 1
+    seqs = [(p, c) for p in prompts for c in gen.completion_ids[3 * prompts.index(p):3 * prompts.index(p) + 3]]
+    b = collate_padded([Example(p + c, (0,) * len(p) + (1,) * len(c)) for p, c in seqs], char_tok.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        lp = token_logps(forward_logits(model, b.input_ids_BT, b.attention_mask, b.position_ids_BT), b.targets_BT, 0.8)
+    for i, (p, c) in enumerate(seqs):
+        ref = lp[i, len(p) - 1:len(p) - 1 + len(c)]
+        assert torch.allclose(torch.tensor(gen.logps[i]), ref, atol=1e-4), i
+
+
+def test_decode_modes_reject_what_they_cannot_run(char_tok, tiny_model):
+    with pytest.raises(ValueError, match="cuda_graph.*CUDA"):
+        KVCacheEngine(tiny_model, char_tok, decode="cuda_graph")
+    with pytest.raises(ValueError, match="decode"):
+        KVCacheEngine(tiny_model, char_tok, decode="graph")
+    assert KVCacheEngine(tiny_model, char_tok).decode == "dynamic"  # auto on CPU

@@ -213,6 +213,8 @@ class GRPOConfig:
     max_completion_length: int = doc(64, "max new tokens per completion")
     temperature: float = doc(1.0, "sampling temperature (log-probs use the same temperature)")
     top_p: float = doc(1.0, "nucleus sampling")
+    rollout_decode: Literal["auto", "dynamic", "static", "cuda_graph"] = doc(
+        "auto", "decode loop: auto (cuda_graph on CUDA, else dynamic) | dynamic | static | cuda_graph")
     num_iterations: int = doc(1, "mu: updates per rollout batch (1: ratio is exactly 1, no old-logp pass)")
     advantage: Literal["grpo", "rloo"] = doc("grpo", "group baseline: z-score (grpo) or leave-one-out (rloo)")
     scale: Literal["std", "none", "batch"] = doc("std", "std: divide by group std; none: Dr. GRPO; batch: whiten over the batch")

@@ -190,7 +190,7 @@ def train(cfg: GRPOConfig) -> Path:
     model.train()
     ref = reference_model(cfg, model, device)
     reward_fn = build_reward([(r.name, r.weight, r.options) for r in cfg.rewards], workers=cfg.reward_workers)
-    engine = KVCacheEngine(model, tok)
+    engine = KVCacheEngine(model, tok, decode=cfg.rollout_decode)
     sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p)
     policy_loss = make_policy_loss(cfg)
 

@@ -120,15 +120,34 @@ class KVCacheEngine:
     Sampling: logits / temperature, nucleus filter, one multinomial draw (temperature <= 0: argmax).
     Greedy output equals transformers' greedy ``generate`` (tests/test_rollout.py); the sampled
     distribution is softmax(top_p_filter(logits / T)), the one ``return_logps`` reports.
+
+    ``decode`` picks the loop after the prefill. "dynamic": the cache grows each step and finished
+    rows leave the batch (best where each step is real work: CPU, large batches). "static": every
+    tensor the decode step touches is preallocated -- keys/values for the whole completion, the
+    attention mask, the input and position buffers -- and updated in place, with all rows kept to
+    the end. "cuda_graph": the static step captured once per chunk in a CUDA graph and replayed per
+    token, which removes the per-kernel launch cost that bounds a small model's decode on a GPU.
+    "auto": cuda_graph on CUDA for models whose layers are all full attention, else dynamic.
     """
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 256, eos_token_id: int | None = None):
+    def __init__(self, model, tokenizer, *, max_batch: int = 256, eos_token_id: int | None = None,
+                 decode: str = "auto"):
+        if decode not in ("auto", "dynamic", "static", "cuda_graph"):
+            raise ValueError(f"decode: expected auto | dynamic | static | cuda_graph, got {decode!r}")
         self.model, self.tok, self.max_batch = model, tokenizer, max_batch
         self.eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         params = inspect.signature(type(_unwrap(model)).forward).parameters
         self._keep_arg = "logits_to_keep" in params
         # transformers >= 5.2x names the cache argument `cache`; earlier versions `past_key_values`.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        config = _unwrap(model).config
+        full_attention = set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+        if decode in ("static", "cuda_graph") and not full_attention:
+            raise ValueError(f"decode={decode!r} needs a model whose layers are all full attention")
+        cuda = next(model.parameters()).is_cuda
+        if decode == "cuda_graph" and not cuda:
+            raise ValueError("decode='cuda_graph' needs the model on a CUDA device")
+        self.decode = decode if decode != "auto" else ("cuda_graph" if cuda and full_attention else "dynamic")
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Generation:
@@ -172,6 +191,8 @@ class KVCacheEngine:
         keep = {"logits_to_keep": 1} if self._keep_arg else {}
         out = self.model(input_ids=ids_PL, attention_mask=attn_PL, position_ids=pos_PL, use_cache=True,
                          **{self._cache_arg: cache}, **keep)
+        if self.decode != "dynamic":
+            return self._decode_static(out.logits[:, -1], cache, attn_PL, pos_PL, n, params, pad)
         # Prefill once per prompt (the cache is filled in place), then copy it to each of the n samples.
         if n > 1:
             cache.batch_repeat_interleave(n)
@@ -207,6 +228,9 @@ class KVCacheEngine:
                              use_cache=True, **{self._cache_arg: cache})
             logits_BV = out.logits[:, -1]
             pos_B1 = pos_B1 + 1
+        return self._unpad(tokens_BN, length_B, logps_BN, T_new)
+
+    def _unpad(self, tokens_BN, length_B, logps_BN, T_new):
         lengths = length_B.tolist()
         toks = tokens_BN.tolist()
         completions = [row[:k] for row, k in zip(toks, lengths)]
@@ -215,6 +239,99 @@ class KVCacheEngine:
         if logps_BN is not None:
             lps = [row[:k] for row, k in zip(logps_BN.tolist(), lengths)]
         return completions, truncated, lps
+
+    def _decode_static(self, logits_PV, cache, attn_PL, pos_PL, n: int, params: SamplingParams, pad: int):
+        """The decode loop over preallocated buffers (``decode`` static / cuda_graph). Column Lp + t of
+        the cache holds token t of every row; a row's mask opens that column when the token is fed."""
+        device = logits_PV.device
+        (P, Lp), T_new = attn_PL.shape, params.max_new_tokens
+        B, L = P * n, Lp + T_new
+        keys, values = [], []
+        for i in range(len(cache)):
+            for src, out in zip(_layer_kv(cache, i), (keys, values)):
+                buf = src.new_zeros((B, src.shape[1], L, src.shape[3]))
+                buf[:, :, :Lp] = src.repeat_interleave(n, 0)
+                out.append(buf)
+        del cache
+        kv = _StaticKV(keys, values)
+        mask_B11L = torch.zeros((B, 1, 1, L), dtype=torch.bool, device=device)
+        mask_B11L[:, 0, 0, :Lp] = attn_PL.bool().repeat_interleave(n, 0)
+        ids_B1 = torch.full((B, 1), pad, dtype=torch.long, device=device)
+        pos_B1 = pos_PL[:, -1:].repeat_interleave(n, 0) + 1
+
+        def step() -> torch.Tensor:
+            return self.model(input_ids=ids_B1, attention_mask=mask_B11L, position_ids=pos_B1, use_cache=True,
+                              **{self._cache_arg: kv}).logits[:, -1]
+
+        if self.decode != "cuda_graph" or T_new == 1:
+            run = step
+        else:
+            # Warm up on a side stream, then capture one step. The warm-up writes column Lp, which the
+            # first real step overwrites (and it opens that column, as the first real step does).
+            kv.at.fill_(Lp)
+            mask_B11L[:, 0, 0, Lp] = True
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits_static = step()
+
+            def run() -> torch.Tensor:  # noqa: F811 -- the captured step
+                graph.replay()
+                return logits_static
+
+        logits_BV = logits_PV.repeat_interleave(n, 0)
+        tokens_BN = torch.full((B, T_new), pad, dtype=torch.long, device=device)
+        logps_BN = torch.zeros((B, T_new), device=device) if params.return_logps else None
+        length_B = torch.full((B,), T_new, dtype=torch.long, device=device)
+        done_B = torch.zeros(B, dtype=torch.bool, device=device)
+        for t in range(T_new):
+            nxt_B, lp_B = self._sample(logits_BV, params)
+            live_B = ~done_B
+            tokens_BN[:, t] = torch.where(live_B, nxt_B, pad)
+            if lp_B is not None:
+                logps_BN[:, t] = torch.where(live_B, lp_B, 0.0)
+            ended_B = live_B & (nxt_B == self.eos)
+            length_B = torch.where(ended_B, t + 1, length_B)
+            done_B |= ended_B
+            # Every row runs to the end of the chunk or until all are done (checked every 8 tokens:
+            # each check is a device sync).
+            if t == T_new - 1 or (t % 8 == 7 and bool(done_B.all())):
+                break
+            ids_B1.copy_(nxt_B[:, None])
+            kv.at.fill_(Lp + t)
+            mask_B11L[:, 0, 0, Lp + t] = True
+            logits_BV = run()
+            pos_B1.add_(1)
+        return self._unpad(tokens_BN, length_B, logps_BN, T_new)
+
+
+class _StaticKV:
+    """Keys/values preallocated for the whole completion, (B, H_kv, L, D) per layer, written in place at
+    column ``at`` (a 1-element tensor on the device). No tensor moves or grows, so a captured CUDA graph
+    can replay the step. Implements what the Llama/Qwen2-style attention calls while decoding with a
+    ready 4D mask and explicit positions: ``update``."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+        self.at = torch.zeros(1, dtype=torch.long, device=keys[0].device)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k.index_copy_(2, self.at, key_states)
+        v.index_copy_(2, self.at, value_states)
+        return k, v
+
+
+def _layer_kv(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer i's keys and values from a transformers DynamicCache (v5 layers, or v4 lists)."""
+    if hasattr(cache, "layers"):
+        return cache.layers[i].keys, cache.layers[i].values
+    return cache.key_cache[i], cache.value_cache[i]
 
 
 def _unwrap(model):
