@@ -21,7 +21,7 @@ import torch
 
 from posttrain.data.formats import reward_columns
 from posttrain.data.tokenize import prompt_ids
-from posttrain.rollout.engine import HFEngine, SamplingParams
+from posttrain.rollout.engine import KVCacheEngine, SamplingParams
 from posttrain.verifiers import is_correct, score_all
 
 Z95 = 1.959963984540054
@@ -92,7 +92,7 @@ def evaluate(model, tokenizer, rows: list[dict], verifier: Callable[..., float],
              temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 64,
              extract: Callable[[str], str | None] | None = None, keep_samples: int = 8) -> EvalSummary:
     """Greedy accuracy on every row; with k > 0 also k samples per row for pass@k, maj@k, mean@k."""
-    engine = HFEngine(model, tokenizer, max_batch=batch_size)
+    engine = KVCacheEngine(model, tokenizer, max_batch=batch_size)
     prompts = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
 
     def decode(ids: list[int]) -> str:
@@ -145,7 +145,7 @@ def sample_completions(model_path: str, prompts: list[Any], n: int, max_new_toke
 
     model, tok = load_model(ModelConfig(path=model_path))
     ids = [prompt_ids(tok, p) for p in prompts]
-    gen = HFEngine(model, tok).generate(ids, n, SamplingParams(max_new_tokens, temperature=temperature))
+    gen = KVCacheEngine(model, tok).generate(ids, n, SamplingParams(max_new_tokens, temperature=temperature))
     texts = [tok.decode(c, skip_special_tokens=True) for c in gen.completion_ids]
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 

@@ -18,7 +18,7 @@ import torch
 
 from posttrain.data.formats import reward_columns
 from posttrain.data.tokenize import is_conversational, prompt_ids as encode_prompt
-from posttrain.rollout.engine import HFEngine, SamplingParams
+from posttrain.rollout.engine import KVCacheEngine, SamplingParams
 from posttrain.verifiers.base import is_correct, score_all
 
 # Columns the output rows define themselves; an input row's own values for these are not copied.
@@ -59,7 +59,7 @@ def make_pairs(model, tokenizer, rows: list[dict], verifier: Callable[..., float
         raise ValueError("make_pairs: temperature must be > 0; greedy decoding gives n identical samples")
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    engine = HFEngine(model, tokenizer, max_batch=batch_size)
+    engine = KVCacheEngine(model, tokenizer, max_batch=batch_size)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     gen = engine.generate([encode_prompt(tokenizer, r["prompt"]) for r in rows], n, params)
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in gen.completion_ids]

@@ -2,8 +2,10 @@
 
 The interface is one method, ``generate(prompt_ids, n, params) -> Generation``. Both engines run
 on the policy itself (no weight copy, so no sync step), batched with left padding and a KV cache:
-``HFEngine`` calls transformers' ``generate``; ``KVCacheEngine`` is a lean sampling loop that
-prefills each distinct prompt once and drops finished rows from the batch (what a GRPO step uses).
+``KVCacheEngine`` is a lean sampling loop that prefills each distinct prompt once and drops finished
+rows from the batch, or replays a CUDA graph per token on a GPU (what GRPO, evaluation and make-pairs
+use); ``HFEngine`` calls transformers' ``generate``, the reference and the fallback for models the
+lean loop does not cover.
 Completions are returned unpadded: everything after the first EOS is cut, and EOS itself is kept
 (it is a token the policy chose, so it carries loss).
 """
