@@ -28,8 +28,8 @@ from posttrain.config import GRPOConfig
 from posttrain.data.collate import EpochSampler, LMBatch, collate_packed, collate_padded, pack_indices
 from posttrain.data.formats import reward_columns, validate
 from posttrain.data.io import read_rows
-from posttrain.io_utils import keep_steps_upto
 from posttrain.data.tokenize import Example, prompt_ids as encode_prompt
+from posttrain.io_utils import keep_steps_upto
 from posttrain.losses.aggregation import aggregate
 from posttrain.losses.kl import kl_estimate
 from posttrain.losses.logprobs import completion_logps
@@ -120,26 +120,26 @@ def micro_batches(seqs, size: int, pad_id: int, device, packed: bool = False) ->
         b = collate_padded(exs, pad_id)
         keep = torch.tensor([float(seqs[i][1]) for i in idx])
         mask_BT = b.target_mask_BT * keep[:, None]
-        if not packed:
-            mb = StepBatch(LMBatch(b.input_ids_BT, b.attention_mask, b.position_ids_BT, b.targets_BT, mask_BT), mask_BT)
+        if packed:
+            mb = _pack_rows([[seqs[i][0] for i in row] for row in rows], mask_BT, pad_id)
         else:
-            p = collate_packed([[seqs[i][0] for i in row] for row in rows], pad_id)
-            row_of, offset_of = torch.zeros(len(idx), dtype=torch.long), torch.zeros(len(idx), dtype=torch.long)
-            k = 0
-            for r, row in enumerate(rows):
-                o = 0
-                for i in row:  # idx lists the sequences row by row, so k walks it in order
-                    row_of[k], offset_of[k] = r, o
-                    o += len(seqs[i][0])
-                    k += 1
-            seq_K, t_K = (mask_BT > 0).nonzero(as_tuple=True)
-            src = row_of[seq_K] * p.input_ids_BT.shape[1] + offset_of[seq_K] + t_K
-            packed_mask = torch.zeros_like(p.target_mask_BT)
-            packed_mask.view(-1)[src] = 1.0
-            mb = StepBatch(LMBatch(p.input_ids_BT, p.attention_mask, p.position_ids_BT, p.targets_BT, packed_mask),
-                           mask_BT, src)
+            mb = StepBatch(LMBatch(b.input_ids_BT, b.attention_mask, b.position_ids_BT, b.targets_BT, mask_BT), mask_BT)
         out.append((mb.to(device), torch.tensor(idx)))
     return out
+
+
+def _pack_rows(rows: list[list[Example]], mask_BT: torch.Tensor, pad_id: int) -> StepBatch:
+    """``rows`` of sequences packed one row each; ``mask_BT`` is their loss mask in sequence layout,
+    sequences numbered row by row."""
+    p = collate_packed(rows, pad_id)
+    row_B = torch.tensor([r for r, row in enumerate(rows) for _ in row])
+    offset_B = torch.tensor([sum(len(e) for e in row[:j]) for row in rows for j in range(len(row))])
+    seq_K, t_K = (mask_BT > 0).nonzero(as_tuple=True)
+    src_K = row_B[seq_K] * p.input_ids_BT.shape[1] + offset_B[seq_K] + t_K
+    packed_mask = torch.zeros_like(p.target_mask_BT)
+    packed_mask.view(-1)[src_K] = 1.0
+    return StepBatch(LMBatch(p.input_ids_BT, p.attention_mask, p.position_ids_BT, p.targets_BT, packed_mask),
+                     mask_BT, src_K)
 
 
 def policy_logps(model, batch: StepBatch, temperature: float, with_entropy: bool = False):
