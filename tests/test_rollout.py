@@ -190,3 +190,16 @@ def test_decode_modes_reject_what_they_cannot_run(char_tok, tiny_model):
     with pytest.raises(ValueError, match="decode"):
         KVCacheEngine(tiny_model, char_tok, decode="graph")
     assert KVCacheEngine(tiny_model, char_tok).decode == "dynamic"  # auto on CPU
+
+
+def test_static_decode_runs_a_lora_wrapped_policy(char_tok):
+    """GRPO with LoRA decodes through the peft wrapper: the static loop gives the same greedy output."""
+    pytest.importorskip("peft")
+    from posttrain.config import LoraConfig
+    from posttrain.models.lora import apply_lora
+
+    model = apply_lora(_peaked_model(char_tok, "qwen2", seed=4), LoraConfig(r=4))
+    prompts = _prompts(char_tok)
+    dyn = KVCacheEngine(model, char_tok, decode="dynamic").generate(prompts, 2, SamplingParams(16, temperature=0))
+    sta = KVCacheEngine(model, char_tok, decode="static").generate(prompts, 2, SamplingParams(16, temperature=0))
+    assert sta.completion_ids == dyn.completion_ids
