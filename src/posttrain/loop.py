@@ -143,7 +143,7 @@ def should(every: int, step: int, last: int) -> bool:
 class Progress:
     """A rich progress bar with rate and ETA, plus the latest key metrics."""
 
-    def __init__(self, total: int, start: int, desc: str, enabled: bool = True):
+    def __init__(self, total: int, start: int, desc: str, enabled: bool = True, unit: str = "steps"):
         self._p = None
         if enabled:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
@@ -155,13 +155,13 @@ class Progress:
                                    TextColumn("{task.fields[info]}"), transient=False)
             self._p.start()
             self._task = self._p.add_task(desc, total=total, completed=start, rate="", info="")
-        self._t0, self._start = time.time(), start
+        self._t0, self._start, self._unit = time.time(), start, unit
 
     def update(self, step: int, info: str = "") -> None:
         if self._p is None:
             return
         elapsed = max(time.time() - self._t0, 1e-9)
-        rate = f"{(step - self._start) / elapsed:.2f} steps/s"
+        rate = f"{(step - self._start) / elapsed:.2f} {self._unit}/s"
         self._p.update(self._task, completed=step, rate=rate, info=info)
 
     def close(self) -> None:

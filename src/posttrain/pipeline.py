@@ -188,7 +188,7 @@ def _make_pairs(plan_: StagePlan) -> int:
     try:
         out, stats = make_pairs(model, tok, data, verifier, p.n, max_new_tokens=p.max_new_tokens,
                                 temperature=p.temperature, pairs_per_prompt=p.pairs_per_prompt, kto=p.kto,
-                                seed=plan_.cfg.train.seed)
+                                seed=plan_.cfg.train.seed, progress=plan_.cfg.train.progress)
     finally:
         getattr(verifier, "close", lambda: None)()
     log.info("stage %s: %d pairs from %s (%s)", plan_.name, len(out), p.data, stats)
