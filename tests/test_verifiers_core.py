@@ -397,3 +397,36 @@ def test_a_box_without_an_argument_is_no_answer_not_a_crash(text):
 
     assert all(content.strip() for _, content in find_boxed(text))  # found nothing bogus, raised nothing
     assert float(load("math", workers=1)(text, answer="5")) == 0.0
+
+
+@pytest.mark.parametrize("completion,mode,expected", [
+    ("5-0=5,5+3=8 \\boxed{8}", "auto", 1.0),
+    ("so $\\boxed{8}$.", "auto", 1.0),
+    ("\\[ \\boxed{8} \\]", "auto", 1.0),
+    ("<answer>\\boxed{8}</answer>", "auto", 1.0),
+    ("<think>maybe \\boxed{3}</think><answer>8</answer>\n", "auto", 1.0),
+    ("8+0=8 \\boxed{8} 0}0},4}0}7}", "auto", 0.0),    # what the demo's GRPO policy learned to do
+    ("\\boxed{8} and that is final", "auto", 0.0),
+    ("<answer>8</answer> trailing", "answer_tag", 0.0),
+    ("The answer is 8. Done", "pattern", 0.0),
+    ("The answer is 8.", "pattern", 1.0),
+])
+def test_math_trailing_reject_scores_text_after_the_final_answer(completion, mode, expected):
+    opts = {"pattern": r"answer is (\d+)"} if mode == "pattern" else {"extract": mode}
+    strict = MathVerifier(trailing="reject", workers=1, **opts)
+    lenient = MathVerifier(workers=1, **opts)
+    got = strict(completion, answer="8")
+    assert float(got) == expected
+    if expected == 0.0:
+        assert got.reason == "trailing_text" and got.answer == "8"
+    assert float(lenient(completion, answer="8")) == 1.0  # the default still accepts it
+    with pytest.raises(ValueError, match="trailing"):
+        MathVerifier(trailing="strict")
+
+
+def test_text_after_final_answer():
+    from posttrain.verifiers.extract import text_after_final_answer
+
+    assert text_after_final_answer("a \\boxed{1} b \\boxed{\\frac{1}{2}} tail") == " tail"
+    assert text_after_final_answer("no claim here") is None
+    assert text_after_final_answer("\\boxed 5 rest", "boxed") == " rest"

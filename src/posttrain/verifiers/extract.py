@@ -75,7 +75,12 @@ def find_boxed(text: str) -> list[tuple[int, str]]:
 
     A box nested inside another box is part of the outer content (the caller unwraps it when normalizing).
     """
-    found: list[tuple[int, str]] = []
+    return [(start, content) for start, _, content in _boxed_spans(text)]
+
+
+def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, content) of every box, ``end`` just past it."""
+    found: list[tuple[int, int, str]] = []
     i = 0
     while True:
         starts = [(text.find(cmd, i), cmd) for cmd in _BOX_COMMANDS]
@@ -94,7 +99,7 @@ def find_boxed(text: str) -> list[tuple[int, str]]:
             end = _scan_group(text, j)
             if end < 0:
                 return found  # unclosed: a truncated completion has no final answer
-            found.append((start, text[j + 1 : end - 1]))
+            found.append((start, end, text[j + 1 : end - 1]))
             i = end
         elif j > start + len(cmd) and j < len(text):
             # `\boxed 5`: TeX takes the next token.
@@ -102,7 +107,7 @@ def find_boxed(text: str) -> list[tuple[int, str]]:
             if m is None:  # `\boxed ` then a newline or `$`: no argument, no answer
                 i = j
                 continue
-            found.append((start, m.group(0)))
+            found.append((start, j + m.end(), m.group(0)))
             i = j + m.end()
         else:
             i = j
@@ -125,31 +130,45 @@ def find_candidates(text: str, mode: ExtractMode = "auto", pattern: str | re.Pat
       `<answer>The answer is \\boxed{5}</answer>` is one claim, `5`.
     In "auto" and "answer_tag" modes only the text after the last `</think>` is searched.
     """
+    return [c for _, _, c in _claim_spans(text, mode, pattern)[1]]
+
+
+def text_after_final_answer(text: str, mode: ExtractMode = "auto",
+                            pattern: str | re.Pattern[str] | None = None) -> str | None:
+    """What the completion says after its last final-answer claim (None when it makes no claim)."""
+    body, spans = _claim_spans(text, mode, pattern)
+    return body[max(end for _, end, _ in spans):] if spans else None
+
+
+def _claim_spans(text: str, mode: ExtractMode, pattern) -> tuple[str, list[tuple[int, int, str]]]:
+    """(searched text, (start, end, claim) spans in it, in order): the rules of ``find_candidates``."""
     if pattern is not None:
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         out = []
         for m in regex.finditer(text):
             if "answer" in regex.groupindex:
-                out.append(m.group("answer"))
+                claim = m.group("answer")
             elif regex.groups:
-                out.append(m.group(1))
+                claim = m.group(1)
             else:
-                out.append(m.group(0))
-        return [c for c in out if c is not None]
+                claim = m.group(0)
+            if claim is not None:
+                out.append((m.start(), m.end(), claim))
+        return text, out
     if mode == "boxed":
-        return [c for _, c in find_boxed(text)]
+        return text, _boxed_spans(text)
     if mode not in ("auto", "answer_tag"):
         raise ValueError(f"unknown extraction mode {mode!r}; expected 'auto', 'boxed' or 'answer_tag'")
     body = _after_reasoning(text)
-    tags = [(m.start(), m.group(1)) for m in _ANSWER_TAG_RE.finditer(body)]
+    tags = [(m.start(), m.end(), m.group(1)) for m in _ANSWER_TAG_RE.finditer(body)]
     if mode == "answer_tag":
-        return [c for _, c in tags]
-    claims: list[tuple[int, str]] = list(find_boxed(body))
-    for start, content in tags:
-        if not any(cmd in content for cmd in _BOX_COMMANDS):
-            claims.append((start, content))
-    claims.sort(key=lambda pair: pair[0])
-    return [c for _, c in claims]
+        return body, tags
+    claims = _boxed_spans(body)
+    for span in tags:
+        if not any(cmd in span[2] for cmd in _BOX_COMMANDS):
+            claims.append(span)
+    claims.sort(key=lambda span: span[0])
+    return body, claims
 
 
 def extract_answers(

@@ -20,11 +20,13 @@ from __future__ import annotations
 import functools
 import logging
 import math as _math
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from .base import Example, Score, VerifierError
-from .extract import DEFAULT_MAX_CHARS, ExtractMode, extract_answers, fast_equivalence, find_boxed
+from .extract import (DEFAULT_MAX_CHARS, ExtractMode, cap_text, extract_answers, fast_equivalence, find_boxed,
+                      text_after_final_answer)
 from .pool import WorkerPool, default_workers
 
 
@@ -106,6 +108,10 @@ def gold_answer_text(gold: Any) -> str:
     return text.strip("$").strip()
 
 
+# What may follow a final answer when `trailing="reject"`: closing math delimiters and punctuation.
+_ALLOWED_TAIL_RE = re.compile(r"(?:\s|\$|\.|\\\]|\\\)|</answer>)*")
+
+
 class MathVerifier:
     """Score 1 when the completion's final answer is mathematically equivalent to the gold answer.
 
@@ -114,7 +120,9 @@ class MathVerifier:
     `max_chars` (completion cap, keeps the tail), `tolerance` (relative, for numbers; 0 = exact; math-verify
     itself also rounds floats to 6 decimals), `timeout` (seconds per check, enforced by killing the worker),
     `workers` (pool size; 0 = auto), `fast_path` (decide plain numbers and identical strings without
-    math-verify), `memory_limit_mb` (address-space cap per worker).
+    math-verify), `memory_limit_mb` (address-space cap per worker), `trailing` ("allow", or "reject":
+    score 0, reason "trailing_text", when anything but whitespace, `$`, `.`, `\\]`, `\\)` or `</answer>`
+    follows the final answer -- for policies that learn to keep writing after it).
 
     The pool starts on the first check that needs math-verify; call `close()` (or use `with`) to stop it
     early, otherwise its daemon workers end with the process. Workers are spawned (start_method="spawn"),
@@ -136,7 +144,10 @@ class MathVerifier:
         fast_path: bool = True,
         start_method: str = "spawn",
         memory_limit_mb: int | None = 4096,
+        trailing: str = "allow",
     ) -> None:
+        if trailing not in ("allow", "reject"):
+            raise ValueError(f"trailing must be 'allow' or 'reject', got {trailing!r}")
         if tolerance < 0:
             raise ValueError(f"tolerance must be >= 0, got {tolerance}")
         if timeout <= 0:
@@ -151,6 +162,7 @@ class MathVerifier:
         self.fast_path = fast_path
         self.start_method = start_method
         self.memory_limit_mb = memory_limit_mb
+        self.trailing = trailing
         # math-verify's alarm fires first when there is room for it (no worker restart needed); the
         # pool's kill is the backstop for work SIGALRM cannot interrupt.
         self._inner_timeout = max(1, int(self.timeout * 0.8))
@@ -212,6 +224,10 @@ class MathVerifier:
         answer = found.answer
         if answer is None:
             return Score(0.0, "no_answer", None)
+        if self.trailing == "reject":
+            tail = text_after_final_answer(cap_text(completion, self.max_chars), self.extract, self.pattern)
+            if tail and not _ALLOWED_TAIL_RE.fullmatch(tail):
+                return Score(0.0, "trailing_text", answer)
         if self.fast_path:
             verdict = fast_equivalence(gold, answer, self.tolerance)
             if verdict is not None:
