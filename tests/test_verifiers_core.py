@@ -424,9 +424,9 @@ def test_math_trailing_reject_scores_text_after_the_final_answer(completion, mod
         MathVerifier(trailing="strict")
 
 
-def test_text_after_final_answer():
-    from posttrain.verifiers.extract import text_after_final_answer
+def test_extraction_keeps_the_text_after_the_final_answer():
+    from posttrain.verifiers.extract import extract_answers
 
-    assert text_after_final_answer("a \\boxed{1} b \\boxed{\\frac{1}{2}} tail") == " tail"
-    assert text_after_final_answer("no claim here") is None
-    assert text_after_final_answer("\\boxed 5 rest", "boxed") == " rest"
+    assert extract_answers("a \\boxed{1} b \\boxed{\\frac{1}{2}} tail").after == " tail"
+    assert extract_answers("no claim here").after is None
+    assert extract_answers("\\boxed 5 rest", mode="boxed").after == " rest"

@@ -26,11 +26,13 @@ class Extraction:
     """The final-answer claims found in a completion.
 
     `candidates` are in order of appearance; `answer` is the last one, or None when nothing was found
-    or the candidates disagree (`hedged`).
+    or the candidates disagree (`hedged`). `after` is the text that follows the last claim (None when
+    there is no claim): what `math`'s `trailing="reject"` checks.
     """
 
     candidates: tuple[str, ...]
     hedged: bool
+    after: str | None = None
 
     @property
     def answer(self) -> str | None:
@@ -133,13 +135,6 @@ def find_candidates(text: str, mode: ExtractMode = "auto", pattern: str | re.Pat
     return [c for _, _, c in _claim_spans(text, mode, pattern)[1]]
 
 
-def text_after_final_answer(text: str, mode: ExtractMode = "auto",
-                            pattern: str | re.Pattern[str] | None = None) -> str | None:
-    """What the completion says after its last final-answer claim (None when it makes no claim)."""
-    body, spans = _claim_spans(text, mode, pattern)
-    return body[max(end for _, end, _ in spans):] if spans else None
-
-
 def _claim_spans(text: str, mode: ExtractMode, pattern) -> tuple[str, list[tuple[int, int, str]]]:
     """(searched text, (start, end, claim) spans in it, in order): the rules of ``find_candidates``."""
     if pattern is not None:
@@ -183,14 +178,15 @@ def extract_answers(
     Claims are compared after `normalize_answer`, and plain numbers by value, so `\\boxed{0.5}` then
     `\\boxed{\\frac12}` is one answer while `\\boxed{1} or \\boxed{2}` is a hedge.
     """
-    capped = cap_text(text, max_chars)
-    raw = [c.strip() for c in find_candidates(capped, mode, pattern)]
+    body, spans = _claim_spans(cap_text(text, max_chars), mode, pattern)
+    raw = [c.strip() for _, _, c in spans]
     claims = tuple(c for c in raw if normalize_answer(c))
     distinct: list[str] = []
     for claim in claims:
         if not any(same_answer(claim, seen) for seen in distinct):
             distinct.append(claim)
-    return Extraction(candidates=claims, hedged=len(distinct) > 1)
+    after = body[max(end for _, end, _ in spans):] if spans else None
+    return Extraction(candidates=claims, hedged=len(distinct) > 1, after=after)
 
 
 def extract_answer(

@@ -25,8 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .base import Example, Score, VerifierError
-from .extract import (DEFAULT_MAX_CHARS, ExtractMode, cap_text, extract_answers, fast_equivalence, find_boxed,
-                      text_after_final_answer)
+from .extract import DEFAULT_MAX_CHARS, ExtractMode, extract_answers, fast_equivalence, find_boxed
 from .pool import WorkerPool, default_workers
 
 
@@ -224,10 +223,8 @@ class MathVerifier:
         answer = found.answer
         if answer is None:
             return Score(0.0, "no_answer", None)
-        if self.trailing == "reject":
-            tail = text_after_final_answer(cap_text(completion, self.max_chars), self.extract, self.pattern)
-            if tail and not _ALLOWED_TAIL_RE.fullmatch(tail):
-                return Score(0.0, "trailing_text", answer)
+        if self.trailing == "reject" and found.after and not _ALLOWED_TAIL_RE.fullmatch(found.after):
+            return Score(0.0, "trailing_text", answer)
         if self.fast_path:
             verdict = fast_equivalence(gold, answer, self.tolerance)
             if verdict is not None:
