@@ -121,8 +121,9 @@ def _after_reasoning(text: str) -> str:
     return text if cut < 0 else text[cut + len(_THINK_CLOSE) :]
 
 
-def find_candidates(text: str, mode: ExtractMode = "auto", pattern: str | re.Pattern[str] | None = None) -> list[str]:
-    """Every final-answer claim in `text`, in order of appearance.
+def _claim_spans(text: str, mode: ExtractMode, pattern) -> tuple[str, list[tuple[int, int, str]]]:
+    """Every final-answer claim in `text` as (start, end, claim) spans, in order of appearance, with the
+    text they index into.
 
     - `pattern` (a regex) overrides `mode`: each match is a claim (named group `answer`, else group 1, else
       the whole match).
@@ -132,11 +133,6 @@ def find_candidates(text: str, mode: ExtractMode = "auto", pattern: str | re.Pat
       `<answer>The answer is \\boxed{5}</answer>` is one claim, `5`.
     In "auto" and "answer_tag" modes only the text after the last `</think>` is searched.
     """
-    return [c for _, _, c in _claim_spans(text, mode, pattern)[1]]
-
-
-def _claim_spans(text: str, mode: ExtractMode, pattern) -> tuple[str, list[tuple[int, int, str]]]:
-    """(searched text, (start, end, claim) spans in it, in order): the rules of ``find_candidates``."""
     if pattern is not None:
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         out = []
