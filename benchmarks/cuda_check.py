@@ -27,7 +27,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))  # toy_rewards, for the recipe runs
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' model and groups, toy_rewards
 
 RESULTS: list[tuple[str, bool, str]] = []
 DEV = "cuda"  # --device cpu: a smoke run of this script where there is no GPU
@@ -39,15 +39,10 @@ def check(name: str, ok: bool, detail: str) -> None:
 
 
 def peaked(tok, arch, seed=0):
-    from posttrain.models.tiny import build_tiny_model
+    """The tests' large-weight tiny model (its greedy output depends on the context)."""
+    from test_rollout import _peaked_model
 
-    model = build_tiny_model("tiny", tok, arch=arch, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
+    return _peaked_model(tok, arch, seed)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
