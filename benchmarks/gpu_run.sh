@@ -35,12 +35,6 @@ if [[ " $PARTS " == *" grpo "* ]]; then
   grep -vE "Writing|Loading|it/s\]" "$OUT/grpo_vs_trl.log" | tail -25
 fi
 
-if [[ " $PARTS " == *" graph "* ]]; then  # one quick round: posttrain (default decode) vs TRL
-  echo "== grpo_vs_trl, one round"; SECONDS=0
-  timeout 150 python3 benchmarks/grpo_vs_trl.py $GPU_ARGS --rounds 1 --json "$OUT/grpo_vs_trl_1.json" \
-    >"$OUT/grpo_vs_trl_1.log" 2>&1; echo "exit $? in ${SECONDS}s"
-  grep -vE "Writing|Loading|it/s\]" "$OUT/grpo_vs_trl_1.log" | tail -25
-fi
 if [[ " $PARTS " == *" floor "* ]]; then
   echo "== floor"; SECONDS=0
   timeout 150 python3 benchmarks/floor.py $GPU_ARGS --rounds 1 >"$OUT/floor.log" 2>&1; echo "exit $? in ${SECONDS}s"
