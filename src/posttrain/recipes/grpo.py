@@ -179,6 +179,27 @@ def ref_logps(ref, policy, mbs, temperature: float) -> list[torch.Tensor]:
     return frozen_logps(ref, mbs, temperature)
 
 
+def sample_groups(engine, tok, rows: list[dict], prompt_ids: list[list[int]], picked: list[int], G: int,
+                  sampling: SamplingParams, reward_fn, timing: dict) -> list[Group]:
+    """Steps 1-2 for the rows ``picked``: G samples each from ``engine``, scored by ``reward_fn`` (the
+    dataset's extra columns reach the verifiers), as one Group per prompt. ``timing["reward"]`` gains the
+    scoring time. Shared by every RL recipe (GRPO, PPO)."""
+    gen = engine.generate([prompt_ids[i] for i in picked], G, sampling)
+    texts = [tok.decode(c, skip_special_tokens=True) for c in gen.completion_ids]
+    row_of = [i for i in picked for _ in range(G)]
+    columns = {k: [rows[i].get(k) for i in row_of] for k in reward_columns(rows[picked[0]])}
+    t0 = time.time()
+    scores = reward_fn(texts, [rows[i]["prompt"] for i in row_of], columns,
+                       completion_lengths=[len(c) for c in gen.completion_ids])
+    timing["reward"] += time.time() - t0
+    total = torch.nan_to_num(torch.tensor(scores.total, dtype=torch.float32), nan=0.0)
+    return [Group(row, tuple(prompt_ids[row]), tuple(tuple(c) for c in gen.completion_ids[k * G:(k + 1) * G]),
+                  tuple(texts[k * G:(k + 1) * G]), tuple(gen.truncated[k * G:(k + 1) * G]),
+                  tuple(total[k * G:(k + 1) * G].tolist()),
+                  {n: tuple(v[k * G:(k + 1) * G]) for n, v in scores.components.items()})
+            for k, row in enumerate(picked)]
+
+
 def train(cfg: GRPOConfig) -> Path:
     device = resolve_device(cfg.model.device)
     run = loop.start_run(cfg, "grpo", device)
@@ -214,21 +235,8 @@ def train(cfg: GRPOConfig) -> Path:
 
     def rollout_round() -> list[Group]:
         picked = [usable[i] for i in sampler.take(cfg.prompts_per_step)]
-        gen = engine.generate([prompt_ids[i] for i in picked], cfg.num_generations, sampling)
-        texts = [tok.decode(c, skip_special_tokens=True) for c in gen.completion_ids]
-        G = cfg.num_generations
-        row_of = [i for i in picked for _ in range(G)]
-        columns = {k: [rows.rows[i].get(k) for i in row_of] for k in reward_columns(rows.rows[picked[0]])}
-        t0 = time.time()
-        scores = reward_fn(texts, [rows.rows[i]["prompt"] for i in row_of], columns,
-                           completion_lengths=[len(c) for c in gen.completion_ids])
-        timing["reward"] += time.time() - t0
-        total = torch.nan_to_num(torch.tensor(scores.total, dtype=torch.float32), nan=0.0)
-        return [Group(row, tuple(prompt_ids[row]), tuple(tuple(c) for c in gen.completion_ids[k * G:(k + 1) * G]),
-                      tuple(texts[k * G:(k + 1) * G]), tuple(gen.truncated[k * G:(k + 1) * G]),
-                      tuple(total[k * G:(k + 1) * G].tolist()),
-                      {n: tuple(v[k * G:(k + 1) * G]) for n, v in scores.components.items()})
-                for k, row in enumerate(picked)]
+        return sample_groups(engine, tok, rows.rows, prompt_ids, picked, cfg.num_generations, sampling, reward_fn,
+                             timing)
 
     progress = loop.Progress(cfg.train.steps, start, "grpo", cfg.train.progress)
     last = cfg.train.steps
