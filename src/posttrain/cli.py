@@ -15,11 +15,14 @@ RECIPES: dict[str, str] = {
     "sft": "posttrain.recipes.sft",
     "grpo": "posttrain.recipes.grpo",
     "preference": "posttrain.recipes.preference",
+    "reward_model": "posttrain.recipes.reward_model",
+    "ppo": "posttrain.recipes.ppo",
 }
 
 # shorthand recipes: name -> (recipe, overrides put before the user's own)
 ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
-    name: ("preference", (f"loss={name}",)) for name in PREFERENCE_LOSSES
+    **{name: ("preference", (f"loss={name}",)) for name in PREFERENCE_LOSSES},
+    "reward-model": ("reward_model", ()),
 }
 
 # other commands -> "module:function" taking argv and returning an exit code

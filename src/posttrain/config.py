@@ -250,8 +250,102 @@ class GRPOConfig:
             raise ConfigError("temperature: RL needs sampling, must be > 0")
 
 
+@dataclass(frozen=True)
+class RewardModelConfig:
+    model: ModelConfig = doc(ModelConfig(), "start: a tiny preset or a causal LM directory (its backbone + a new scalar "
+                                            "head), or a reward model directory to train further")
+    lora: LoraConfig = doc(LoraConfig(), "LoRA adapters (r=0: off); the score head always trains in full")
+    data: DataConfig = doc(DataConfig(), "prompt/chosen/rejected rows, optional numeric `margin` column")
+    optim: OptimConfig = doc(OptimConfig(lr=1e-4, warmup_steps=10), "optimizer and schedule")
+    train: TrainConfig = doc(TrainConfig(), "loop (micro_batch_size counts pairs)")
+    center_rewards_coefficient: float = doc(0.0, "c of the centring term c * (r_chosen + r_rejected)^2 (TRL's; 0: off, "
+                                                 "~0.01 keeps scores near 0)")
+    use_margin: bool = doc(True, "subtract the data's `margin` column inside the sigmoid (Llama 2) when it has one")
+
+    def check(self) -> None:
+        if self.center_rewards_coefficient < 0:
+            raise ConfigError(f"center_rewards_coefficient: must be >= 0, got {self.center_rewards_coefficient}")
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    """`critic: reward_model` is shorthand for `critic: {init: reward_model}`."""
+
+    init: str = doc("policy", "where the critic starts: policy (the policy's starting backbone, value head at 0), "
+                              "reward_model (the first reward_model reward's weights) or a model directory")
+    lr: float = doc(1e-5, "critic learning rate (its own AdamW, with the policy's schedule)")
+    value_clip: float = doc(0.2, "eps_v of the clipped value loss: V stays within V_old +- eps_v per batch (0: no clip)")
+    max_grad_norm: float = doc(1.0, "critic gradient clipping norm; 0 disables clipping")
+    dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "critic parameter dtype")
+
+    _shorthand = "init"
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    model: ModelConfig = doc(ModelConfig(), "policy model (a local directory or a tiny preset)")
+    lora: LoraConfig = doc(LoraConfig(), "policy LoRA adapters (r=0: off)")
+    data: DataConfig = doc(DataConfig(max_length=256), "prompt rows; extra columns go to the rewards")
+    optim: OptimConfig = doc(OptimConfig(lr=1e-5, max_grad_norm=1.0), "policy optimizer and schedule")
+    train: TrainConfig = doc(TrainConfig(micro_batch_size=16),
+                             "loop (train.steps = rollout steps; micro_batch_size counts sequences or packed rows)")
+    rewards: tuple[RewardConfig, ...] = doc(
+        (RewardConfig(name="reward_model"),),
+        "sequence score: reward models ({name: reward_model, options: {path: DIR}}) and/or verifiers, summed with "
+        "weights (weight 0: logged only); the first defines accuracy")
+    reward_workers: int = doc(0, "worker processes for slow verifiers (0: auto)")
+    critic: CriticConfig = doc(CriticConfig(), "the value model")
+    prompts_per_step: int = doc(8, "P: prompts per rollout batch")
+    num_generations: int = doc(4, "G: completions per prompt")
+    max_completion_length: int = doc(64, "max new tokens per completion")
+    temperature: float = doc(1.0, "sampling temperature (log-probs use the same temperature)")
+    top_p: float = doc(1.0, "nucleus sampling")
+    rollout_decode: Literal["auto", "dynamic", "static", "cuda_graph"] = doc(
+        "auto", "decode loop: auto (cuda_graph on CUDA, else dynamic) | dynamic | static | cuda_graph")
+    ppo_epochs: int = doc(4, "passes over each rollout batch")
+    num_mini_batches: int = doc(1, "mini-batches per pass, each one optimizer step of the policy and of the critic")
+    gamma: float = doc(1.0, "GAE discount")
+    lam: float = doc(0.95, "GAE lambda")
+    whiten_advantages: bool = doc(True, "whiten advantages over the rollout batch's valid tokens")
+    loss: Literal["ppo_clip", "gspo", "cispo"] = doc("ppo_clip", "policy loss (the GRPO recipe's functions)")
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_sum_const", "seq_mean_token_sum"] = doc(
+        "token_mean", "policy-loss aggregation over the mini-batch (the value loss is a token mean)")
+    eps_low: float = doc(0.2, "lower clip range (ratio >= 1 - eps_low)")
+    eps_high: float = doc(0.2, "upper clip range (raise it for Clip-Higher)")
+    dual_clip: float = doc(0.0, "dual-clip constant c > 1 for negative advantages (0: off)")
+    beta: float = doc(0.05, "KL coefficient of the per-token reward -beta * KL (0: no reference model)")
+    kl_estimator: Literal["k1", "k2", "k3"] = doc("k1", "per-token KL estimate in the reward (InstructGPT: k1)")
+    ref_model: str = doc("initial", "reference model: initial (the starting weights) or a checkpoint path")
+    mask_truncated_completions: bool = doc(False, "truncated completions add no loss")
+    padding_free: bool = doc(True, "run the model on packed rows (same loss, no compute on padding)")
+    eval_every: int = doc(0, "held-out greedy accuracy every N steps (needs data.eval_path; 0: at the end)")
+    eval_examples: int = doc(200, "held-out rows to evaluate")
+    samples_every: int = doc(10, "write sample completions to samples.jsonl every N steps")
+
+    def check(self) -> None:
+        if not self.rewards:
+            raise ConfigError("rewards: give at least one reward model or verifier")
+        if self.eps_low < 0 or self.eps_high < 0:
+            raise ConfigError("eps_low / eps_high must be >= 0")
+        if self.dual_clip and self.dual_clip <= 1:
+            raise ConfigError(f"dual_clip: must be > 1 (or 0 for off), got {self.dual_clip}")
+        if self.temperature <= 0:
+            raise ConfigError("temperature: RL needs sampling, must be > 0")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+        if self.num_mini_batches > self.prompts_per_step * self.num_generations:
+            raise ConfigError(f"num_mini_batches: {self.num_mini_batches} mini-batches of a rollout batch of "
+                              f"{self.prompts_per_step * self.num_generations} sequences")
+        if self.critic.value_clip < 0 or self.critic.lr < 0:
+            raise ConfigError("critic.value_clip / critic.lr: must be >= 0")
+        if self.critic.init == "reward_model" and not any(r.name == "reward_model" for r in self.rewards):
+            raise ConfigError("critic.init: 'reward_model' needs a reward_model entry in rewards")
+
+
 RECIPE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "grpo": GRPOConfig,
-                                   "preference": PreferenceConfig}
+                                   "preference": PreferenceConfig, "reward_model": RewardModelConfig,
+                                   "ppo": PPOConfig}
 
 
 def register_recipe_config(name: str, cls: type) -> None:
@@ -460,7 +554,8 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
 def _check_ranges(cfg: Any, where: str) -> None:
     """Value checks that types cannot express; named so the error points at the field."""
     positive = {"steps", "micro_batch_size", "grad_accum", "max_length", "num_generations",
-                "prompts_per_step", "max_completion_length", "num_iterations", "max_gen_batches"}
+                "prompts_per_step", "max_completion_length", "num_iterations", "max_gen_batches", "ppo_epochs",
+                "num_mini_batches"}
     non_negative = {"lr", "weight_decay", "warmup_steps", "save_every", "eval_every", "beta", "r"}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)

@@ -55,7 +55,7 @@ def _write_model(model, tokenizer, directory: Path, *, merge: bool) -> None:
 
 def _publish(tmp: Path, final: Path) -> None:
     (tmp / MARKER).write_text("ok\n")
-    for f in tmp.iterdir():
+    for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -80,11 +80,16 @@ def _tmp_dir(parent: Path, name: str) -> Path:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, *, optimizer, scheduler,
-                    train_state: dict[str, Any], keep: int = 2) -> Path:
+                    train_state: dict[str, Any], keep: int = 2, extras: dict[str, Any] | None = None) -> Path:
+    """``extras``: other trained models of the run (PPO's critic), each saved in a subdirectory of its
+    name and restored with ``load_weights(model, checkpoint / name)``; their optimizer states go in
+    ``train_state``."""
     root = Path(run_dir) / "checkpoints"
     name = f"step-{step:08d}"
     tmp = _tmp_dir(root, name)
     _write_model(model, tokenizer, tmp, merge=False)
+    for sub, extra in (extras or {}).items():
+        _write_model(extra, None, tmp / sub, merge=False)
     torch.save({
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -136,16 +141,20 @@ def load_checkpoint(path: str | Path, model, *, optimizer, scheduler) -> dict[st
 
         set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
     else:
-        from transformers import AutoModelForCausalLM
-
-        saved = AutoModelForCausalLM.from_pretrained(str(path), dtype=next(model.parameters()).dtype)
-        model.load_state_dict(saved.state_dict())
+        load_weights(model, path)
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return {"step": state["step"], **state["train_state"]}
+
+
+def load_weights(model, directory: str | Path) -> None:
+    """Load a save_pretrained directory's weights into ``model`` in place (its own class reads them, so
+    causal LMs and sequence classifiers alike)."""
+    saved = type(model).from_pretrained(str(directory), dtype=next(model.parameters()).dtype)
+    model.load_state_dict(saved.state_dict())
 
 
 def export_model(run_dir: str | Path, model, tokenizer, name: str = "final") -> Path:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from posttrain.config import LoraConfig
 
 
-def apply_lora(model, cfg: LoraConfig):
+def apply_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
+    """peft LoRA adapters on ``cfg.target_modules``; ``task_type="SEQ_CLS"`` (reward models, critics) also
+    trains the score head in full (peft's modules_to_save)."""
     if cfg.r <= 0:
         return model
     try:
@@ -19,7 +21,7 @@ def apply_lora(model, cfg: LoraConfig):
         raise ValueError(f"lora.target_modules: {missing} not found in the model (it has e.g. "
                          f"{sorted(n for n in present if n.endswith('proj'))[:8]})")
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+                              target_modules=list(cfg.target_modules), task_type=task_type)
     return get_peft_model(model, peft_cfg)
 
 

@@ -97,6 +97,9 @@ def encode_units(tok, rows: Rows, *, paired: bool, split_pairs: bool, max_length
             comps = [completion_ids(tok, row["prompt"], row[c]) for c in cols]
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
+        if paired and comps[0] == comps[1]:
+            raise DataError(f"{where}: columns 'chosen' and 'rejected' are the same completion; a pair must "
+                            f"prefer one completion over a different one")
         if len(p) + max(len(c) for c in comps) > max_length:
             overlong_n += 1
             comps = _fit(p, comps, max_length, overlong)

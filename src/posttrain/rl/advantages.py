@@ -1,4 +1,5 @@
-"""Outcome-reward advantages: GRPO group z-score, Dr. GRPO centring, RLOO, batch whitening.
+"""Advantages: GRPO group z-score, Dr. GRPO centring, RLOO, batch whitening (outcome rewards), and
+GAE over per-token rewards with a critic (PPO / RLHF).
 
 Shape letters: P prompts, G completions per prompt (the group), B batch, T tokens. Rewards are
 one scalar per completion, ``rewards_PG``; the advantage of completion (p, g) is broadcast to all
@@ -112,3 +113,52 @@ def batch_normalize(adv: Tensor, eps: float = 1e-6, *, mask: Tensor | None = Non
     if selected.numel() == 0 or bool(selected.amax() == selected.amin()):
         return zero
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO with a critic (RLHF): per-token rewards and GAE. Shapes: N sequences, L completion tokens
+# (completion layout: token t of sequence n at [n, t]; ``mask_NL`` is 1 on the tokens that carry loss).
+
+
+def per_token_rewards(scores_N: Tensor, kl_NL: Tensor, mask_NL: Tensor, beta: float) -> Tensor:
+    """The RLHF reward of every completion token (InstructGPT; losses.md §1-2), (N, L):
+
+        r_t = -beta * KL_t                  on every valid token
+        r_T += score                        at the last valid token T of the sequence
+
+    ``KL_t`` is the per-token estimate between the rollout policy and the reference (usually k1), a
+    constant; ``score`` is the sequence's reward (reward model and/or verifiers). Rows without a valid
+    token (masked out) get no reward at all."""
+    mask = mask_NL.to(kl_NL.dtype)
+    rewards_NL = -beta * kl_NL.detach() * mask
+    has_token_N = mask.sum(-1) > 0
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    last_N = (positions * mask).argmax(-1)  # index of the last valid token (0 for an empty row)
+    rows = has_token_N.nonzero()[:, 0]
+    rewards_NL[rows, last_N[rows]] += scores_N.to(rewards_NL.dtype)[rows]
+    return rewards_NL
+
+
+def gae(rewards_NL: Tensor, values_NL: Tensor, mask_NL: Tensor, *, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016, arXiv 1506.02438), backwards over the
+    valid tokens of each sequence:
+
+        delta_t = r_t + gamma V_{t+1} - V_t,    A_t = delta_t + gamma lam A_{t+1},    G_t = A_t + V_t
+
+    with V and A = 0 after the last valid token: the completion ends there (EOS, or the length cap,
+    which RLHF implementations also treat as terminal, since the score is given there). Positions
+    outside the mask are skipped, carrying V_{t+1} and A_{t+1} across them (as verl does for
+    observation tokens), and get A = G = 0. Returns (advantages_NL, returns_NL), both constants."""
+    r, v, keep = rewards_NL.detach(), values_NL.detach(), mask_NL.bool()
+    adv_NL = torch.zeros_like(r)
+    next_value, next_adv = torch.zeros_like(r[:, 0]), torch.zeros_like(r[:, 0])
+    for t in range(r.shape[-1] - 1, -1, -1):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        a_t = delta + gamma * lam * next_adv
+        k = keep[:, t]
+        adv_NL[:, t] = torch.where(k, a_t, torch.zeros_like(a_t))
+        next_adv = torch.where(k, a_t, next_adv)
+        next_value = torch.where(k, v[:, t], next_value)
+    returns_NL = torch.where(keep, adv_NL + v, torch.zeros_like(adv_NL))
+    return adv_NL, returns_NL

@@ -25,6 +25,7 @@ BUILTINS: dict[str, str] = {
     "random": "posttrain.verifiers.spurious:RandomReward",
     "incorrect": "posttrain.verifiers.spurious:IncorrectReward",
     "format_only": "posttrain.verifiers.spurious:FormatOnlyReward",
+    "reward_model": "posttrain.verifiers.reward_model:RewardModelReward",
 }
 
 
