@@ -122,9 +122,10 @@ def optimizer_step(model, optimizer, scheduler, *, max_grad_norm: float, step: i
     return float(norm)
 
 
-def save(run: Run, cfg: Any, step: int, model, tokenizer, optimizer, scheduler, train_state: dict) -> Path:
+def save(run: Run, cfg: Any, step: int, model, tokenizer, optimizer, scheduler, train_state: dict,
+         extras: dict | None = None) -> Path:
     return ckpt.save_checkpoint(run.dir, step, model, tokenizer, optimizer=optimizer, scheduler=scheduler,
-                                train_state=train_state, keep=cfg.train.keep_checkpoints)
+                                train_state=train_state, keep=cfg.train.keep_checkpoints, extras=extras)
 
 
 def resume(run: Run, model, optimizer, scheduler) -> tuple[int, dict]:

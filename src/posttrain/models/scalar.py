@@ -102,7 +102,8 @@ def same_vocabulary(a, b) -> bool:
 
 def sequence_scores(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
     """(B,) reward-model scores: transformers' forward, the head on each row's last non-pad token."""
-    return model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False).logits[:, 0].float()
+    logits = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False).logits[:, 0]
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def token_values(model, input_ids_BT, attention_mask, position_ids_BT) -> torch.Tensor:
@@ -110,4 +111,5 @@ def token_values(model, input_ids_BT, attention_mask, position_ids_BT) -> torch.
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = getattr(lm, lm.base_model_prefix)(input_ids=input_ids_BT, attention_mask=attention_mask,
                                               position_ids=position_ids_BT, use_cache=False).last_hidden_state
-    return lm.score(hidden)[..., 0].float()
+    values = lm.score(hidden)[..., 0]
+    return values.to(torch.promote_types(values.dtype, torch.float32))

@@ -48,13 +48,18 @@ PolicyLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], 
 
 
 def make_policy_loss(cfg: GRPOConfig) -> PolicyLoss:
-    """Chosen once at setup: (logps_BT, old_logps_BT, advantages_B, mask_BT) -> per-token terms."""
+    """Chosen once at setup: (logps_BT, old_logps_BT, advantages, mask_BT) -> per-token terms. The
+    advantages are per sequence, (B,) (GRPO), or per token, (B, T) (PPO's GAE). ``cfg`` is any config
+    with the policy-loss fields (GRPO's, PPO's)."""
+    def per_token(adv):
+        return adv[:, None] if adv.dim() == 1 else adv
+
     if cfg.loss == "ppo_clip":
-        return lambda lp, old, adv, m: ppo_clip_loss(lp, old, adv[:, None], eps_low=cfg.eps_low,
+        return lambda lp, old, adv, m: ppo_clip_loss(lp, old, per_token(adv), eps_low=cfg.eps_low,
                                                      eps_high=cfg.eps_high, dual_clip=cfg.dual_clip or None)
     if cfg.loss == "gspo":
         return lambda lp, old, adv, m: gspo_loss(lp, old, adv, m, eps_low=cfg.eps_low, eps_high=cfg.eps_high)
-    return lambda lp, old, adv, m: cispo_loss(lp, old, adv[:, None], eps_high=cfg.eps_high)
+    return lambda lp, old, adv, m: cispo_loss(lp, old, per_token(adv), eps_high=cfg.eps_high)
 
 
 def compute_advantages(rewards_PG: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
@@ -179,6 +184,18 @@ def ref_logps(ref, policy, mbs, temperature: float) -> list[torch.Tensor]:
     return frozen_logps(ref, mbs, temperature)
 
 
+def encode_prompts(tok, rows, max_length: int) -> tuple[list[list[int]], list[int]]:
+    """(token ids of every row's prompt, indices of the rows whose prompt fits ``max_length``)."""
+    prompt_ids = [encode_prompt(tok, r["prompt"]) for r in rows.rows]
+    usable = [i for i, p in enumerate(prompt_ids) if len(p) <= max_length]
+    if len(usable) < len(prompt_ids):
+        log.warning("%s: %d of %d prompts are longer than max_length=%d and are dropped", rows.source,
+                    len(prompt_ids) - len(usable), len(prompt_ids), max_length)
+    if not usable:
+        raise ValueError(f"{rows.source}: no prompt fits data.max_length={max_length}")
+    return prompt_ids, usable
+
+
 def sample_groups(engine, tok, rows: list[dict], prompt_ids: list[list[int]], picked: list[int], G: int,
                   sampling: SamplingParams, reward_fn, timing: dict) -> list[Group]:
     """Steps 1-2 for the rows ``picked``: G samples each from ``engine``, scored by ``reward_fn`` (the
@@ -215,13 +232,7 @@ def train(cfg: GRPOConfig) -> Path:
     sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p)
     policy_loss = make_policy_loss(cfg)
 
-    prompt_ids = [encode_prompt(tok, r["prompt"]) for r in rows.rows]
-    usable = [i for i, p in enumerate(prompt_ids) if len(p) <= cfg.data.max_length]
-    if len(usable) < len(prompt_ids):
-        log.warning("%s: %d of %d prompts are longer than max_length=%d and are dropped", rows.source,
-                    len(prompt_ids) - len(usable), len(prompt_ids), cfg.data.max_length)
-    if not usable:
-        raise ValueError(f"{rows.source}: no prompt fits data.max_length={cfg.data.max_length}")
+    prompt_ids, usable = encode_prompts(tok, rows, cfg.data.max_length)
     eval_rows = read_rows(cfg.data.eval_path, "test", seed=cfg.train.seed).rows[:cfg.eval_examples] \
         if cfg.data.eval_path else []
     sampler = EpochSampler(len(usable), cfg.train.seed, shuffle=cfg.data.shuffle)
@@ -301,11 +312,7 @@ def update_policy(cfg: GRPOConfig, model, ref, groups: list[Group], optimizer, s
     advs = [adv[idx].to(device) for _, idx in mbs]
     old = frozen_logps(model, mbs, cfg.temperature) if cfg.num_iterations > 1 else None
     timing["logps"] += time.time() - t0
-    num_tokens = sum(b.target_mask_BT.sum().item() for b, _ in mbs)      # global over the whole step
-    num_seqs = sum((b.target_mask_BT.sum(1) > 0).sum().item() for b, _ in mbs)
-    counts = {"token_mean": dict(num_tokens=num_tokens), "seq_mean_token_mean": dict(num_seqs=num_seqs),
-              "seq_mean_token_sum": dict(num_seqs=num_seqs),
-              "seq_sum_const": dict(num_seqs=num_seqs, const_len=cfg.max_completion_length)}[cfg.aggregation]
+    num_tokens, counts = aggregation_counts(cfg, mbs)
     out = {"num_tokens": num_tokens}
     if num_tokens == 0:
         return {**out, "skipped_update": 1.0}  # every completion masked (e.g. all truncated)
@@ -342,6 +349,16 @@ def update_policy(cfg: GRPOConfig, model, ref, groups: list[Group], optimizer, s
     out["clip_frac/high_last"] = sums["clip_high"]
     timing["update"] += time.time() - t0
     return out
+
+
+def aggregation_counts(cfg, mbs) -> tuple[float, dict]:
+    """(token count, the keyword counts of ``aggregate`` for ``cfg.aggregation``), global over every
+    micro-batch of the optimizer step."""
+    num_tokens = sum(b.target_mask_BT.sum().item() for b, _ in mbs)
+    num_seqs = sum((b.target_mask_BT.sum(1) > 0).sum().item() for b, _ in mbs)
+    return num_tokens, {"token_mean": dict(num_tokens=num_tokens), "seq_mean_token_mean": dict(num_seqs=num_seqs),
+                        "seq_mean_token_sum": dict(num_seqs=num_seqs),
+                        "seq_sum_const": dict(num_seqs=num_seqs, const_len=cfg.max_completion_length)}[cfg.aggregation]
 
 
 @torch.no_grad()

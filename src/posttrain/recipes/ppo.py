@@ -1,0 +1,307 @@
+"""PPO with a critic: the RLHF recipe (Ziegler et al. 2019; Ouyang et al. 2022) that GRPO replaced.
+
+Four models: the policy, a frozen reference (none when beta = 0), the reward (reward models and/or
+verifiers, as in GRPO) and a critic -- a scalar value head over its own backbone, trained with its own
+optimizer. Each step:
+  1. rollout   -- P prompts x G samples, scored by the rewards: one score per completion (GRPO's
+                  ``sample_groups``)
+  2. score     -- one pass without gradient: the rollout policy's log-probs (old), the reference's, the
+                  critic's values V
+  3. reward    -- per token: r_t = -beta * KL_t on every completion token, + the score at the last one
+  4. advantage -- GAE(gamma, lambda) over each completion, returns G = A + V; A whitened over the
+                  batch's valid tokens
+  5. update    -- ppo_epochs passes over the batch in num_mini_batches shuffled mini-batches; each
+                  mini-batch is one policy step (GRPO's policy loss and aggregation, global counts of
+                  the mini-batch) and one critic step (clipped value loss, token mean)
+Shapes: N sequences of the rollout batch, L completion tokens (the "completion layout": token t of
+sequence n at [n, t]), B rows and T tokens of a micro-batch (its "row layout", as the model sees it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from posttrain import loop
+from posttrain.config import PPOConfig
+from posttrain.data.collate import EpochSampler
+from posttrain.data.formats import validate
+from posttrain.data.io import read_rows
+from posttrain.io_utils import keep_steps_upto
+from posttrain.losses.aggregation import aggregate
+from posttrain.losses.kl import kl_estimate
+from posttrain.losses.value import clipped_value_loss, explained_variance
+from posttrain.models.checkpoint import export_model, load_weights
+from posttrain.models.loading import DTYPES, ModelError, load_model, resolve_device
+from posttrain.models.lora import apply_lora
+from posttrain.models.scalar import check_scalar_dir, load_scalar, same_vocabulary, scalar_from_causal, token_values
+from posttrain.recipes import grpo
+from posttrain.recipes.grpo import StepBatch
+from posttrain.recipes.preference import disable_dropout
+from posttrain.rl.advantages import batch_normalize, gae, per_token_rewards
+from posttrain.rl.groups import Group, collect_groups
+from posttrain.rollout.engine import KVCacheEngine, SamplingParams
+from posttrain.verifiers import build_reward
+
+log = logging.getLogger("posttrain")
+
+
+# ---------------------------------------------------------------------------------------------
+# The critic
+
+
+def load_critic(cfg: PPOConfig, policy, tok, device):
+    """The value model, before the policy gets LoRA adapters: from the policy's starting backbone (value
+    head at zero), from the reward model, or from a directory; it must read the policy's token ids."""
+    init, dtype = cfg.critic.init, DTYPES[cfg.critic.dtype]
+    if init == "policy":
+        critic = scalar_from_causal(policy, tok, zero_head=True, seed=cfg.train.seed).to(dtype)
+    else:
+        field = "critic.init"
+        if init == "reward_model":
+            i, spec = next((i, r) for i, r in enumerate(cfg.rewards) if r.name == "reward_model")
+            init, field = str(spec.options.get("path", "")), f"rewards[{i}].options.path"
+            check_scalar_dir(init, field)
+        critic, critic_tok = load_scalar(replace(cfg.model, path=init, dtype=cfg.critic.dtype, tokenizer=""),
+                                         device=device, field=field, zero_head=True)
+        if not same_vocabulary(critic_tok, tok):
+            raise ModelError(f"{field}={init!r}: the critic's tokenizer differs from the policy's "
+                             f"({len(critic_tok)} vs {len(tok)} tokens); a critic reads the policy's token ids, "
+                             f"so it needs the same vocabulary")
+    disable_dropout(critic)
+    return critic.to(device).train()
+
+
+def critic_values(critic, batch: StepBatch) -> torch.Tensor:
+    """(B, T) values in row layout (0 off the loss mask), whichever layout the critic ran on."""
+    x = batch.inputs
+    v = token_values(critic, x.input_ids_BT, x.attention_mask, x.position_ids_BT)
+    sel = batch.target_mask_BT > 0
+    if batch.src is None:
+        return torch.where(sel, v, torch.zeros_like(v))
+    return torch.zeros(sel.shape, dtype=v.dtype, device=v.device).masked_scatter(sel, v.reshape(-1)[batch.src])
+
+
+# ---------------------------------------------------------------------------------------------
+# Completion layout <-> row layout. Row j of a micro-batch is sequence idx[j]; its loss positions are
+# that sequence's valid completion tokens in order, so a masked_scatter in row-major order maps them.
+
+
+def to_rows(x_NL: torch.Tensor, batch: StepBatch, idx: torch.Tensor, mask_NL: torch.Tensor) -> torch.Tensor:
+    sel_BT = batch.target_mask_BT > 0
+    vals = x_NL[idx][mask_NL[idx] > 0].to(sel_BT.device)
+    return torch.zeros(sel_BT.shape, dtype=x_NL.dtype, device=sel_BT.device).masked_scatter(sel_BT, vals)
+
+
+def from_rows(x_BT: torch.Tensor, batch: StepBatch, idx: torch.Tensor, out_NL: torch.Tensor,
+              mask_NL: torch.Tensor) -> None:
+    sel = mask_NL[idx] > 0
+    out_NL[idx] = out_NL[idx].masked_scatter(sel, x_BT[batch.target_mask_BT > 0].detach().to(out_NL))
+
+
+def completion_mask(seqs) -> torch.Tensor:
+    """(N, L): 1 on each kept sequence's loss tokens (a masked-out truncated sample has none)."""
+    lengths = [sum(ex.loss_mask[1:]) if kept else 0 for ex, kept in seqs]
+    mask = torch.zeros(len(seqs), max(lengths + [1]))
+    for n, k in enumerate(lengths):
+        mask[n, :k] = 1.0
+    return mask
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The rollout batch in completion layout, before any update: the rollout policy's log-probs, the
+    reference's (None when beta = 0), the critic's values, the mask; and the policy's mean entropy."""
+
+    old_NL: torch.Tensor
+    ref_NL: torch.Tensor | None
+    values_NL: torch.Tensor
+    mask_NL: torch.Tensor
+    entropy: float
+
+
+@torch.no_grad()
+def score_rollouts(cfg: PPOConfig, model, critic, ref, seqs, pad_id: int, device) -> Scored:
+    # float32 at least (float64 for a float64 model): the statistics of GAE and whitening
+    mask = completion_mask(seqs).to(torch.promote_types(next(model.parameters()).dtype, torch.float32))
+    old, values = torch.zeros_like(mask), torch.zeros_like(mask)
+    refs = torch.zeros_like(mask) if ref is not None else None
+    mbs = grpo.micro_batches(seqs, cfg.train.micro_batch_size, pad_id, device, packed=cfg.padding_free)
+    ref_lps = grpo.ref_logps(ref, model, mbs, cfg.temperature) if ref is not None else [None] * len(mbs)
+    entropy = 0.0
+    for (batch, idx), ref_lp in zip(mbs, ref_lps):
+        lp, ent = grpo.policy_logps(model, batch, cfg.temperature, with_entropy=True)
+        from_rows(lp, batch, idx, old, mask)
+        from_rows(critic_values(critic, batch), batch, idx, values, mask)
+        if ref_lp is not None:
+            from_rows(ref_lp, batch, idx, refs, mask)
+        entropy += (ent or 0.0) * batch.target_mask_BT.sum().item() / max(1.0, mask.sum().item())
+    return Scored(old, refs, values, mask, entropy)
+
+
+# ---------------------------------------------------------------------------------------------
+# The update
+
+
+def ppo_update(cfg: PPOConfig, model, critic, ref, groups: list[Group], opt, sched, critic_opt, critic_sched,
+               policy_loss, pad_id: int, device, timing: dict, step: int) -> dict:
+    """Steps 2-5 for one rollout batch. Returns the step's update metrics."""
+    t0 = time.time()
+    seqs = grpo.sequences(groups, cfg.mask_truncated_completions)
+    s = score_rollouts(cfg, model, critic, ref, seqs, pad_id, device)
+    scores_N = torch.tensor([r for g in groups for r in g.rewards], dtype=s.mask_NL.dtype)
+    mask = s.mask_NL
+    kl_NL = kl_estimate(s.old_NL, s.ref_NL, cfg.kl_estimator) * mask if s.ref_NL is not None else torch.zeros_like(mask)
+    rewards_NL = per_token_rewards(scores_N, kl_NL, mask, cfg.beta)
+    adv_NL, ret_NL = gae(rewards_NL, s.values_NL, mask, gamma=cfg.gamma, lam=cfg.lam)
+    n_tok = mask.sum().clamp(min=1)
+    out = {"num_tokens": mask.sum().item(), "entropy": s.entropy,
+           "kl": (kl_NL.sum() / n_tok).item(), "non_score_reward": (-cfg.beta * kl_NL.sum(1)).mean().item(),
+           "advantages/mean": (adv_NL.sum() / n_tok).item(), "returns/mean": (ret_NL.sum() / n_tok).item(),
+           "values/mean": (s.values_NL * mask).sum().item() / n_tok.item(),
+           "explained_variance": explained_variance(s.values_NL, ret_NL, mask)}
+    if cfg.whiten_advantages:
+        adv_NL = batch_normalize(adv_NL, mask=mask)
+    timing["logps"] += time.time() - t0
+    if mask.sum() == 0:
+        return {**out, "skipped_update": 1.0}  # every completion masked (e.g. all truncated)
+
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)  # the same shuffles on resume
+    sums: dict[str, float] = {}
+    updates = 0
+    for _ in range(cfg.ppo_epochs):
+        for chunk in torch.randperm(len(seqs), generator=gen).chunk(cfg.num_mini_batches):
+            m = minibatch_step(cfg, model, critic, seqs, chunk, s, adv_NL, ret_NL, opt, sched, critic_opt,
+                               critic_sched, policy_loss, pad_id, device, step)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            updates += 1
+    timing["update"] += time.time() - t0
+    out.update({k: v / updates for k, v in sums.items() if not k.endswith("grad_norm")})
+    out.update(grad_norm=m["grad_norm"], **{"critic/grad_norm": m["critic/grad_norm"]})
+    return out
+
+
+def minibatch_step(cfg: PPOConfig, model, critic, seqs, chunk: torch.Tensor, s: Scored, adv_NL, ret_NL, opt, sched,
+                   critic_opt, critic_sched, policy_loss, pad_id: int, device, step: int) -> dict:
+    """One optimizer step of the policy and of the critic on the sequences ``chunk`` (global indices),
+    accumulated over micro-batches with the mini-batch's global counts."""
+    chunk = chunk.sort().values
+    mbs = grpo.micro_batches([seqs[i] for i in chunk.tolist()], cfg.train.micro_batch_size, pad_id, device,
+                             packed=cfg.padding_free)
+    num_tokens, counts = grpo.aggregation_counts(cfg, mbs)
+    sums = {"loss": 0.0, "value_loss": 0.0, "clip_frac/low": 0.0, "clip_frac/high": 0.0, "value_clip_frac": 0.0,
+            "approx_kl": 0.0}
+    if num_tokens == 0:
+        return {**sums, "grad_norm": 0.0, "critic/grad_norm": 0.0}
+    for batch, local in mbs:
+        idx, m = chunk[local], batch.target_mask_BT
+        logps, _ = grpo.policy_logps(model, batch, cfg.temperature)
+        values = critic_values(critic, batch)
+        old = to_rows(s.old_NL, batch, idx, s.mask_NL)
+        terms = policy_loss(logps, old, to_rows(adv_NL, batch, idx, s.mask_NL), m)
+        pol = aggregate(terms.loss_BT, m, cfg.aggregation, **counts)
+        vt = clipped_value_loss(values, to_rows(s.values_NL, batch, idx, s.mask_NL),
+                                to_rows(ret_NL, batch, idx, s.mask_NL), clip=cfg.critic.value_clip or None)
+        val = aggregate(vt.loss_BT, m, "token_mean", num_tokens=num_tokens)
+        (pol + val).backward()  # disjoint parameters: one backward fills the policy's and the critic's grads
+        frac = lambda x: (x * m).sum().item() / num_tokens  # noqa: E731
+        sums["loss"] += pol.item()
+        sums["value_loss"] += val.item()
+        sums["clip_frac/low"] += frac(terms.clipped_low_BT)
+        sums["clip_frac/high"] += frac(terms.clipped_high_BT)
+        sums["value_clip_frac"] += frac(vt.clipped_BT)
+        sums["approx_kl"] += frac(0.5 * (logps.detach() - old) ** 2)  # how far this update moved the policy
+    sums["grad_norm"] = loop.optimizer_step(model, opt, sched, max_grad_norm=cfg.optim.max_grad_norm, step=step,
+                                            loss=sums["loss"])
+    sums["critic/grad_norm"] = loop.optimizer_step(critic, critic_opt, critic_sched,
+                                                   max_grad_norm=cfg.critic.max_grad_norm, step=step,
+                                                   loss=sums["value_loss"])
+    return sums
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: PPOConfig) -> Path:
+    """Train; return the exported policy directory (``<output_dir>/final``; the critic goes to ``critic/``)."""
+    device = resolve_device(cfg.model.device)
+    run = loop.start_run(cfg, "ppo", device)
+
+    rows = read_rows(cfg.data.path, cfg.data.split, num_examples=cfg.data.num_examples, seed=cfg.train.seed)
+    validate(rows, "prompt")
+    model, tok = load_model(cfg.model, seed=cfg.train.seed, device=device)
+    critic = load_critic(cfg, model, tok, device)
+    model = apply_lora(model, cfg.lora)
+    model.train()
+    ref = grpo.reference_model(cfg, model, device)
+    reward_fn = build_reward([(r.name, r.weight, r.options) for r in cfg.rewards], workers=cfg.reward_workers)
+    engine = KVCacheEngine(model, tok, decode=cfg.rollout_decode)
+    sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p)
+    policy_loss = grpo.make_policy_loss(cfg)
+    prompt_ids, usable = grpo.encode_prompts(tok, rows, cfg.data.max_length)
+    eval_rows = read_rows(cfg.data.eval_path, "test", seed=cfg.train.seed).rows[:cfg.eval_examples] \
+        if cfg.data.eval_path else []
+
+    sampler = EpochSampler(len(usable), cfg.train.seed, shuffle=cfg.data.shuffle)
+    updates = cfg.train.steps * cfg.ppo_epochs * cfg.num_mini_batches
+    optimizer, scheduler = loop.make_optimizer(model, cfg.optim, updates)
+    critic_opt, critic_sched = loop.make_optimizer(critic, replace(cfg.optim, lr=cfg.critic.lr), updates)
+    start, state = loop.resume(run, model, optimizer, scheduler)
+    if state:
+        sampler.load_state_dict(state["sampler"])
+        load_weights(critic, run.resume_from / "critic")
+        critic_opt.load_state_dict(state["critic_optimizer"])
+        critic_sched.load_state_dict(state["critic_scheduler"])
+        keep_steps_upto(run.dir / "samples.jsonl", start)
+    elif (run.dir / "samples.jsonl").exists():
+        (run.dir / "samples.jsonl").unlink()
+
+    progress = loop.Progress(cfg.train.steps, start, "ppo", cfg.train.progress)
+    last = cfg.train.steps
+    try:
+        for step in range(start + 1, last + 1):
+            timing = {"generate": 0.0, "reward": 0.0, "logps": 0.0, "update": 0.0}
+            t_step = time.time()
+
+            def rollout_round() -> list[Group]:
+                picked = [usable[i] for i in sampler.take(cfg.prompts_per_step)]
+                return grpo.sample_groups(engine, tok, rows.rows, prompt_ids, picked, cfg.num_generations, sampling,
+                                          reward_fn, timing)
+
+            groups, _, stats = collect_groups(rollout_round, cfg.prompts_per_step, dynamic=False, max_rounds=1)
+            timing["generate"] = time.time() - t_step - timing["reward"]
+            metrics = grpo.rollout_metrics(groups, stats)
+            if cfg.num_generations == 1:
+                del metrics["zero_variance_frac"]  # a group of one never varies; PPO's baseline is the critic
+            metrics.update(ppo_update(cfg, model, critic, ref, groups, optimizer, scheduler, critic_opt, critic_sched,
+                                      policy_loss, tok.pad_token_id, device, timing, step))
+            dt = time.time() - t_step
+            gen_tokens = sum(len(c) for g in groups for c in g.completion_ids)
+            metrics.update({f"time/{k}": v for k, v in timing.items()})
+            metrics.update(step_time=dt, tokens_per_s=gen_tokens / max(dt, 1e-9), lr=scheduler.get_last_lr()[0],
+                           **{"critic/lr": critic_sched.get_last_lr()[0]}, wall_time=time.time() - run.start_time)
+            if eval_rows and loop.should(cfg.eval_every, step, last):
+                metrics["eval_accuracy"] = grpo.held_out_accuracy(model, tok, eval_rows, cfg)
+            run.tracker.log(step, metrics)
+            if step == 1 or step == last or (cfg.samples_every and step % cfg.samples_every == 0):
+                grpo.write_samples(run.dir, step, groups, tok)
+            progress.update(step, f"reward {metrics['reward/mean']:.3f} ev {metrics['explained_variance']:.2f}")
+            if not cfg.train.progress and loop.should(cfg.train.log_every, step, last):
+                log.info("ppo step %d/%d reward %.3f acc %.3f value_loss %.4f kl %.4f", step, last,
+                         metrics["reward/mean"], metrics["accuracy"], metrics.get("value_loss", 0.0), metrics["kl"])
+            if loop.should(cfg.train.save_every, step, last):
+                loop.save(run, cfg, step, model, tok, optimizer, scheduler,
+                          {"sampler": sampler.state_dict(), "critic_optimizer": critic_opt.state_dict(),
+                           "critic_scheduler": critic_sched.state_dict()}, extras={"critic": critic})
+    finally:
+        progress.close()
+        run.tracker.close()
+        reward_fn.close()
+    export_model(run.dir, critic, tok, name="critic")
+    return export_model(run.dir, model, tok)
