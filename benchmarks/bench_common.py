@@ -22,6 +22,12 @@ def digit_reward(completions, **kwargs) -> list[float]:
     return [sum(ch.isdigit() for ch in text) / max(1, len(text)) for text in completions]
 
 
+def child_env() -> dict:
+    """The environment of a worker subprocess: this folder importable (``bench_common:digit_reward``)."""
+    here = str(Path(__file__).resolve().parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+
+
 def set_threads(n: int) -> None:
     import torch
 

@@ -194,8 +194,7 @@ def spawn(a, which: str, model_dir: Path, out: Path) -> dict:
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     for kv in a.set:
         cmd += ["--set", kv]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=bc.child_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise SystemExit(f"{which} run failed (exit {proc.returncode})")

@@ -24,7 +24,7 @@ def reference() -> str:
     out = ["Shared sections (every recipe has them; defaults differ per recipe: `posttrain RECIPE --help`):", "",
            "| field | type | default (sft) | meaning |", "|---|---|---|---|"]
     out += [_row(*r) for r in field_help(RECIPE_CONFIGS["sft"]) if r[0].split(".")[0] in SHARED]
-    for name in ("pretrain", "sft", "preference", "grpo", "pipeline"):
+    for name in ("pretrain", "sft", "preference", "grpo", "reward_model", "ppo", "pipeline"):
         cls = RECIPE_CONFIGS[name]
         hints = typing.get_type_hints(cls)
         own = [r for r in field_help(cls)

@@ -102,3 +102,47 @@ def test_demo_fast_runs_end_to_end(tmp_path):
     html = (tmp_path / "demo" / "report.html").read_text()
     for name in ("pretrain", "sft", "dpo", "grpo"):
         assert name in html
+
+
+def test_a_branching_pipeline_resolves_stage_names_wherever_a_model_is_named(tmp_path):
+    data = demo_config(True, str(tmp_path / "p"), rlhf=True)
+    plans = {p.name: p for p in plan(config_from_dict(PipelineConfig, data))}
+    sft, rm = str(plans["sft"].final), str(plans["rm"].final)
+    assert plans["rm"].start_model == sft and plans["rm"].pairs is not None
+    assert plans["rm"].cfg.data.path == str(plans["rm"].dir / "pairs.jsonl")
+    ppo = plans["ppo"]
+    assert ppo.start_model == sft and ppo.start_stage == "sft" and ppo.cfg.critic.init == "reward_model"
+    assert [r.options.get("path") for r in ppo.cfg.rewards] == [None, rm]  # `path: rm` -> the rm stage's model
+    assert [r.weight for r in ppo.cfg.rewards] == [0.0, 1.0]
+    assert plans["grpo"].start_model == sft and plans["grpo"].start_stage == "sft"
+    critic_dir = dict(data, stages=[*data["stages"][:2], {**data["stages"][3], "config": {
+        **data["stages"][3]["config"], "critic": {"init": "sft"}}}])
+    assert plan(config_from_dict(PipelineConfig, critic_dir))[2].cfg.critic.init == sft
+    with pytest.raises(ConfigError, match=r"make_pairs only applies to preference and reward_model stages"):
+        bad = dict(data, stages=[*data["stages"][:4], {**data["stages"][4], "make_pairs": {"data": "builtin:arithmetic"}}])
+        plan(config_from_dict(PipelineConfig, bad))
+
+
+def test_check_targets_compares_a_branch_with_the_stage_it_started_from():
+    ev = lambda a: {"greedy_accuracy": a, "greedy_ci": [a - 0.05, a + 0.05]}  # noqa: E731
+    s = {"stages": [{"name": "sft", "recipe": "sft", "eval": ev(0.4)},
+                    {"name": "rm", "recipe": "reward_model", "eval": {"kind": "pairs", "pair_accuracy": 0.8}},
+                    {"name": "ppo", "recipe": "ppo", "eval": ev(0.3), "start_stage": "sft"},
+                    {"name": "grpo", "recipe": "grpo", "eval": ev(0.7), "start_stage": "sft"}]}
+    lines = check_targets(s)
+    assert "PPO (critic + reward model) gain over sft: -10.0 points" in lines
+    assert "GRPO gain over sft: +30.0 points (target >= 15: met)" in lines
+
+
+def test_rlhf_demo_fast_runs_both_branches_and_reports_them_side_by_side(tmp_path):
+    from posttrain.demo import main
+
+    assert main(["--rlhf", "--fast", "--output", str(tmp_path / "demo")]) == 0
+    summary = json.loads((tmp_path / "demo" / "pipeline.json").read_text())
+    assert [e["name"] for e in summary["stages"]] == ["pretrain", "sft", "rm", "ppo", "grpo"]
+    rm = summary["stages"][2]["eval"]
+    assert rm["kind"] == "pairs" and 0 <= rm["pair_accuracy"] <= 1 and rm["n_pairs"] > 0
+    assert summary["stages"][3]["start_stage"] == "sft" == summary["stages"][4]["start_stage"]
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert "RLHF (PPO with a critic + reward model) vs GRPO" in html and "Proxy reward vs gold" in html
+    assert "x ppo&#x27;s peak" in html or "x ppo's peak" in html

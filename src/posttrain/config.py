@@ -44,7 +44,7 @@ def dict_doc(text: str) -> Any:
 class ModelConfig:
     """`model: tiny` is shorthand for `model: {path: tiny}`."""
 
-    path: str = doc("tiny", "local HF model directory, or a tiny preset: tiny | small | medium")
+    path: str = doc("tiny", "local HF model directory, or a tiny preset: tiny | small | medium | base")
     arch: Literal["llama", "qwen2"] = doc("llama", "architecture of a tiny preset")
     dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "parameter dtype")
     device: str = doc("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")

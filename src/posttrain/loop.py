@@ -18,6 +18,7 @@ import yaml
 
 from posttrain.config import OptimConfig, TrainConfig, to_dict
 from posttrain.io_utils import atomic_write_text
+from posttrain.memory import MemoryMeter
 from posttrain.models import checkpoint as ckpt
 from posttrain.tracking import Tracker
 
@@ -37,6 +38,7 @@ class Run:
     tracker: Tracker
     resume_from: Path | None
     start_time: float = field(default_factory=time.time)
+    memory: MemoryMeter | None = None  # measured from before the models are loaded
 
 
 def seed_everything(seed: int) -> None:
@@ -74,7 +76,7 @@ def start_run(cfg: Any, recipe: str, device: torch.device) -> Run:
     resume_step = int(resume_from.name.split("-")[-1]) if resume_from else None
     tracker = Tracker(run_dir, train.report_to, to_dict(cfg), resume_step=resume_step, name=run_dir.name)
     seed_everything(train.seed)
-    return Run(run_dir, device, tracker, resume_from)
+    return Run(run_dir, device, tracker, resume_from, memory=MemoryMeter(device))
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:

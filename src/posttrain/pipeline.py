@@ -1,10 +1,14 @@
-"""Chaining stages: pretrain -> SFT -> DPO -> GRPO, with evaluation between stages.
+"""Chaining stages: pretrain -> SFT -> DPO -> GRPO (or SFT -> reward model -> PPO), with evaluation
+between stages.
 
 A pipeline config is an ordered list of stages, each a recipe config. A stage starts from the
-previous stage's exported model unless its config names a model; `ref_model` may name an earlier
-stage (e.g. GRPO against the SFT model rather than the DPO model). A preference stage can build its
-pairs from the model it starts from (`make_pairs`), so a verifiable domain needs no human labels.
-After every stage the model is scored on a held-out set with the task's verifier.
+previous stage's exported model unless its config names a model. Wherever a stage's config names a
+model -- `model`, `ref_model`, `critic`, a reward model's `options.path` -- the name of an earlier
+stage stands for that stage's exported model (e.g. GRPO against the SFT model rather than the DPO
+model; PPO from `sft` with the reward model `rm`), so a pipeline can branch. A preference or reward-model
+stage can build its pairs from the model it starts from (`make_pairs`), so a verifiable domain needs
+no human labels. After every stage the policy is scored on a held-out set with the task's verifier
+(a reward-model stage reports its held-out pair accuracy instead).
 
 Re-running skips stages whose model and evaluation are complete and resumes an interrupted stage
 from its newest checkpoint (each stage is an ordinary run directory with `resume: auto`).
@@ -55,9 +59,10 @@ class PairsConfig:
 @dataclass(frozen=True)
 class StageConfig:
     name: str = doc("", "stage name (used in directory names, reports and ref_model references)")
-    recipe: Literal["pretrain", "sft", "preference", "grpo"] = doc("sft", "which recipe runs the stage")
+    recipe: Literal["pretrain", "sft", "preference", "grpo", "reward_model", "ppo"] = doc(
+        "sft", "which recipe runs the stage")
     config: dict = dict_doc("the recipe's config (any field; model defaults to the previous stage's output)")
-    make_pairs: PairsConfig = doc(PairsConfig(), "preference stages: make pairs from the starting model")
+    make_pairs: PairsConfig = doc(PairsConfig(), "preference / reward_model stages: make pairs from the starting model")
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,9 @@ class PipelineConfig:
 
 RECIPE_CONFIGS["pipeline"] = PipelineConfig
 RECIPE_MODULES = {"pretrain": "posttrain.recipes.pretrain", "sft": "posttrain.recipes.sft",
-                  "preference": "posttrain.recipes.preference", "grpo": "posttrain.recipes.grpo"}
+                  "preference": "posttrain.recipes.preference", "grpo": "posttrain.recipes.grpo",
+                  "reward_model": "posttrain.recipes.reward_model", "ppo": "posttrain.recipes.ppo"}
+PAIR_RECIPES = ("preference", "reward_model")  # stages that train on pairs, which make_pairs can write
 
 
 @dataclass
@@ -101,11 +108,30 @@ class StagePlan:
     ref_label: str = ""
     pairs: PairsConfig | None = None
     control_of: str = ""
+    start_stage: str = ""  # the earlier stage whose model this one starts from ("" for a model path)
     extra: dict = field(default_factory=dict)
 
     @property
     def final(self) -> Path:
         return self.dir / "final"
+
+
+def _resolve_model_refs(data: dict, finals: dict[str, str]) -> None:
+    """Replace the name of an earlier stage, wherever a model is named, by that stage's exported model."""
+    def resolve(holder: dict, key: str) -> None:
+        value = holder.get(key)
+        if isinstance(value, str) and value in finals:
+            holder[key] = finals[value]
+
+    for key, sub in (("model", "path"), ("critic", "init")):
+        if isinstance(data.get(key), dict):
+            resolve(data[key], sub)
+        else:
+            resolve(data, key)
+    resolve(data, "ref_model")
+    for reward in data.get("rewards") or []:
+        if isinstance(reward, dict) and isinstance(reward.get("options"), dict):
+            resolve(reward["options"], "path")
 
 
 def _stage_overrides(stage: StageConfig, start: str | None, out_dir: Path, finals: dict[str, str]) -> dict:
@@ -115,9 +141,7 @@ def _stage_overrides(stage: StageConfig, start: str | None, out_dir: Path, final
     train = dict(data.get("train") or {})
     train["output_dir"] = str(out_dir)
     data["train"] = train
-    ref = data.get("ref_model")
-    if isinstance(ref, str) and ref in finals:
-        data["ref_model"] = finals[ref]
+    _resolve_model_refs(data, finals)
     return data
 
 
@@ -140,12 +164,15 @@ def plan(cfg: PipelineConfig) -> list[StagePlan]:
         if ref_label == "initial":
             ref_label = f"initial ({next((n for n, p in finals.items() if p == model_path), model_path)})"
         pairs = stage.make_pairs if stage.make_pairs.data else None
-        if pairs and stage.recipe != "preference":
-            raise ConfigError(f"stages[{i - 1}] ({stage.name}): make_pairs only applies to preference stages")
+        if pairs and stage.recipe not in PAIR_RECIPES:
+            raise ConfigError(f"stages[{i - 1}] ({stage.name}): make_pairs only applies to preference and "
+                              f"reward_model stages")
         if pairs:
             # The pairs file is the stage's training data; it is written before the stage trains.
             rcfg = replace(rcfg, data=replace(rcfg.data, path=str(out / "pairs.jsonl")))
-        plans.append(StagePlan(stage.name, stage.recipe, out, rcfg, model_path, ref_label, pairs))
+        start_stage = next((n for n, p in finals.items() if p == model_path), "")
+        plans.append(StagePlan(stage.name, stage.recipe, out, rcfg, model_path, ref_label, pairs,
+                               start_stage=start_stage))
         finals[stage.name] = str(out / "final")
         prev = finals[stage.name]
     for control in cfg.controls:
@@ -156,7 +183,7 @@ def plan(cfg: PipelineConfig) -> list[StagePlan]:
         rcfg = replace(base.cfg, rewards=(spurious,) + tuple(base.cfg.rewards[1:]),
                        train=replace(base.cfg.train, output_dir=str(out)))
         plans.append(StagePlan(f"{base.name}_{control}", "grpo", out, rcfg, base.start_model, base.ref_label,
-                               control_of=base.name))
+                               control_of=base.name, start_stage=base.start_stage))
     return plans
 
 
@@ -167,6 +194,24 @@ def _evaluate(model_dir: str, cfg: PipelineConfig) -> dict:
     return evaluate_model_dir(model_dir, e.data, split=e.split, limit=e.examples, num_examples=e.examples,
                               verifier=e.verifier, verifier_options=e.verifier_options, k=e.k,
                               temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=cfg.seed).to_json()
+
+
+def _pair_eval(stage_dir: Path) -> dict:
+    """A reward-model stage's evaluation: its held-out pair accuracy (the last evaluation it logged)."""
+    from posttrain.evaluation import wilson
+    from posttrain.tracking import read_metrics
+
+    last = next((m for m in reversed(read_metrics(stage_dir)) if "eval_accuracy" in m), None)
+    if last is None:
+        return {"kind": "pairs", "pair_accuracy": None, "n_pairs": 0}
+    n = int(last.get("eval_pairs", 0))
+    acc = float(last["eval_accuracy"])
+    return {"kind": "pairs", "pair_accuracy": acc, "pair_ci": wilson(acc * n, n), "n_pairs": n,
+            "margin": last.get("eval_rewards/margin")}
+
+
+def _stage_eval(p: StagePlan, cfg: PipelineConfig) -> dict:
+    return _pair_eval(p.dir) if p.recipe == "reward_model" else _evaluate(str(p.final), cfg)
 
 
 def _make_pairs(plan_: StagePlan) -> int:
@@ -254,14 +299,20 @@ def run(cfg: PipelineConfig) -> dict:
             log.info("stage %s (%s) from %s", p.name, p.recipe, p.start_model)
             if p.pairs and not is_complete(p.final) and _make_pairs(p) == 0:
                 # Every prompt's samples were all right or all wrong: nothing to prefer.
-                _pass_through(p, "make_pairs found no prompt with both a correct and an incorrect sample")
+                reason = "make_pairs found no prompt with both a correct and an incorrect sample"
+                if p.recipe == "reward_model":  # its output is a reward model: the policy cannot stand in
+                    from posttrain.data.io import DataError
+
+                    raise DataError(f"stage {p.name}: {reason}; a reward model needs pairs to train on")
+                _pass_through(p, reason)
             if not is_complete(p.final):
                 importlib.import_module(RECIPE_MODULES[p.recipe]).train(p.cfg)
-            ev = _evaluate(str(p.final), cfg)
+            ev = _stage_eval(p, cfg)
             atomic_write_json(eval_file, ev)
             seconds = prior_seconds.get(p.name, 0.0) + time.time() - started
         entry = {"name": p.name, "recipe": p.recipe, "dir": str(p.dir.relative_to(root)), "eval": ev,
-                 "seconds": seconds, "start_model": p.start_model, "ref_model": p.ref_label}
+                 "seconds": seconds, "start_model": p.start_model, "start_stage": p.start_stage,
+                 "ref_model": p.ref_label}
         skipped = _read_json(p.dir / "skipped.json")
         if skipped:
             entry["skipped"] = skipped["reason"]
@@ -306,6 +357,11 @@ def format_table(summary: dict) -> Any:
     rows = ([("(start)", "", summary["baseline_eval"], 0.0)] if "baseline_eval" in summary else []) + \
         [(e["name"], e["recipe"], e["eval"], e["seconds"]) for e in summary["stages"] + summary.get("controls", [])]
     for name, recipe, ev, secs in rows:
+        if ev.get("kind") == "pairs":  # a reward model: held-out pair accuracy
+            acc, n = ev.get("pair_accuracy"), ev.get("n_pairs", 0)
+            cell = "-" if acc is None else f"pairs {100 * acc:.1f}% (n={n})"
+            t.add_row(name, recipe, cell, "-", "-", f"{secs:.0f}s")
+            continue
         lo, hi = ev["greedy_ci"]
         k = ev.get("k") or 0
         t.add_row(name, recipe, f"{100 * ev['greedy_accuracy']:.1f}%  [{100 * lo:.1f}, {100 * hi:.1f}]",

@@ -19,6 +19,9 @@ PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192),
     "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=384),
     "medium": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, intermediate_size=768),
+    # ~25M parameters: big enough that weights, gradients and optimizer state dominate a CPU process's
+    # memory (benchmarks/grpo_vs_ppo.py), small enough to train a few steps on a laptop.
+    "base": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1536),
     # ~0.5B parameters with a real-size vocabulary, for GPU benchmarks (Qwen2-0.5B's shape).
     "qwen2-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864),
 }

@@ -34,6 +34,7 @@ from posttrain.losses.aggregation import aggregate
 from posttrain.losses.kl import kl_estimate
 from posttrain.losses.logprobs import completion_logps
 from posttrain.losses.policy import PolicyLossTerms, cispo_loss, gspo_loss, ppo_clip_loss
+from posttrain.memory import reward_models
 from posttrain.models.checkpoint import export_model
 from posttrain.models.loading import load_frozen, load_model, resolve_device
 from posttrain.models.lora import apply_lora, is_peft
@@ -275,6 +276,7 @@ def train(cfg: GRPOConfig) -> Path:
             metrics.update({f"time/{k}": v for k, v in timing.items()})
             metrics.update(step_time=dt, tokens_per_s=gen_tokens / max(dt, 1e-9), lr=scheduler.get_last_lr()[0],
                            wall_time=time.time() - run.start_time)
+            metrics.update(run.memory.metrics([model, ref, *reward_models(reward_fn)], [optimizer]))
             if eval_rows and loop.should(cfg.eval_every, step, last):
                 metrics["eval_accuracy"] = held_out_accuracy(model, tok, eval_rows, cfg)
             run.tracker.log(step, metrics)

@@ -35,6 +35,7 @@ from posttrain.io_utils import keep_steps_upto
 from posttrain.losses.aggregation import aggregate
 from posttrain.losses.kl import kl_estimate
 from posttrain.losses.value import clipped_value_loss, explained_variance
+from posttrain.memory import reward_models
 from posttrain.models.checkpoint import export_model, load_weights
 from posttrain.models.loading import DTYPES, ModelError, load_model, resolve_device
 from posttrain.models.lora import apply_lora
@@ -286,6 +287,7 @@ def train(cfg: PPOConfig) -> Path:
             metrics.update({f"time/{k}": v for k, v in timing.items()})
             metrics.update(step_time=dt, tokens_per_s=gen_tokens / max(dt, 1e-9), lr=scheduler.get_last_lr()[0],
                            **{"critic/lr": critic_sched.get_last_lr()[0]}, wall_time=time.time() - run.start_time)
+            metrics.update(run.memory.metrics([model, ref, critic, *reward_models(reward_fn)], [optimizer, critic_opt]))
             if eval_rows and loop.should(cfg.eval_every, step, last):
                 metrics["eval_accuracy"] = grpo.held_out_accuracy(model, tok, eval_rows, cfg)
             run.tracker.log(step, metrics)

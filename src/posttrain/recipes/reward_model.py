@@ -104,7 +104,7 @@ def evaluate_pairs(model, pairs: list[Pair], cfg: RewardModelConfig, pad_id: int
         chosen.append(c)
         rejected.append(r)
     model.train(was_training)
-    return {"eval_loss": loss, **pair_metrics(torch.cat(chosen), torch.cat(rejected), "eval_")}
+    return {"eval_loss": loss, "eval_pairs": len(pairs), **pair_metrics(torch.cat(chosen), torch.cat(rejected), "eval_")}
 
 
 def train(cfg: RewardModelConfig) -> Path:
@@ -153,7 +153,8 @@ def train(cfg: RewardModelConfig) -> Path:
             metrics = {"loss": loss_sum, **pair_metrics(torch.cat(chosen), torch.cat(rejected)), "lr": lr,
                        "grad_norm": grad_norm, "num_items": n_global,
                        "tokens_per_s": sum(p.num_tokens for m in micro for p in m) / max(dt, 1e-9),
-                       "step_time": dt, "wall_time": time.time() - run.start_time, "epoch": sampler.epoch}
+                       "step_time": dt, "wall_time": time.time() - run.start_time, "epoch": sampler.epoch,
+                       **run.memory.metrics([model], [optimizer])}
             if eval_pairs and loop.should(cfg.train.eval_every, step, last):
                 metrics.update(evaluate_pairs(model, eval_pairs, cfg, pad_id, device))
             run.tracker.log(step, metrics)

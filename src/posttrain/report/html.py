@@ -38,7 +38,12 @@ CHARTS: tuple[ChartSpec, ...] = (
     ChartSpec("Completion length (tokens)", ("completion_len/mean",), band=("completion_len/min", "completion_len/max")),
     ChartSpec("KL to reference", ("kl",)),
     ChartSpec("Loss", ("loss", "eval_loss")),
-    ChartSpec("Preference reward margin", ("rewards/margin",)),
+    ChartSpec("Reward margin (chosen - rejected)", ("rewards/margin", "eval_rewards/margin")),
+    ChartSpec("Reward-model scores", ("rewards/chosen", "rewards/rejected")),
+    ChartSpec("Value loss (critic)", ("value_loss",)),
+    ChartSpec("Explained variance (critic)", ("explained_variance",)),
+    ChartSpec("Value clip fraction", ("value_clip_frac",), y_range=(0.0, None)),
+    ChartSpec("Approximate KL of the update", ("approx_kl",)),
     ChartSpec("Preference accuracy", ("rewards/accuracy",), y_range=(0.0, 1.0)),
     ChartSpec("Log-probs: chosen vs rejected", ("logps/chosen", "logps/rejected")),
     ChartSpec("Clip fraction", ("clip_frac/low", "clip_frac/high"), y_range=(0.0, None)),
@@ -47,8 +52,11 @@ CHARTS: tuple[ChartSpec, ...] = (
     ChartSpec("Gradient norm", ("grad_norm",)),
     ChartSpec("Learning rate", ("lr",), y_range=(0.0, None)),
     ChartSpec("Throughput (tokens/s)", ("tokens_per_s",)),
+    ChartSpec("Memory (MB)", ("memory/peak_mb", "memory/weights_mb", "memory/grads_mb", "memory/optimizer_mb",
+                              "memory/activations_mb"), y_range=(0.0, None)),
 )
-NOT_CHARTED = ("step", "wall_time", "epoch", "time/*")  # bookkeeping, or drawn as the time split
+NOT_CHARTED = ("step", "wall_time", "epoch", "time/*", "memory/models_held", "memory/baseline_mb", "eval_pairs")  # bookkeeping
+MEMORY_PARTS = ("weights", "grads", "optimizer", "activations")
 TIME_ORDER = ("time/generate", "time/reward", "time/logps", "time/update")
 HEADLINE = ("reward/mean", "accuracy", "eval_accuracy", "loss", "eval_loss", "rewards/accuracy", "rewards/margin",
             "kl", "entropy")
@@ -315,12 +323,69 @@ def eval_comparison(before: dict | None, before_label: str, after: dict | None, 
 # ---------------------------------------------------------------- one run
 
 
+def reward_roles(config_text: str | None) -> tuple[list[str], list[str]]:
+    """(metric keys of the reward components trained on, keys of the logged-only ones: weight 0), read
+    from a run's config.yaml."""
+    import yaml
+
+    from posttrain.verifiers.composite import component_keys
+
+    try:
+        rewards = (yaml.safe_load(config_text or "") or {}).get("rewards") or []
+        names = [str(r["name"]) for r in rewards]
+        weights = [float(r.get("weight", 1.0)) for r in rewards]
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError):
+        return [], []
+    keys = component_keys(names)
+    return [k for k, w in zip(keys, weights) if w != 0], [k for k, w in zip(keys, weights) if w == 0]
+
+
+def _ends(points: list[tuple[float, float]]) -> tuple[float, float]:
+    k = max(1, min(10, len(points) // 10))
+    return sum(v for _, v in points[:k]) / k, sum(v for _, v in points[-k:]) / k
+
+
+def proxy_vs_gold(run: RunData, chart_prefix: str = "") -> str:
+    """An RL run trained on one reward and logging another (weight 0): both on one plot, the proxy
+    rescaled to [0, 1] over its own range. A proxy that keeps rising while the gold falls is reward-model
+    over-optimization (Gao et al. 2022) happening."""
+    trained, gold = reward_roles(run.config_text)
+    series, lines = [], []
+    for k in gold:
+        pts = _series(run.metrics, f"reward/{k}/mean")
+        if pts:
+            series.append(svg.Series(f"{k} (gold: logged, not trained on)", tuple(pts)))
+            a, b = _ends(pts)
+            lines.append(f"gold <b>{escape(k)}</b> {fmt_value(a)} → {fmt_value(b)}")
+    held_out = _series(run.metrics, "eval_accuracy")
+    if held_out and series:
+        series.append(svg.Series("eval_accuracy (held-out, gold)", tuple(held_out)))
+    for k in trained:
+        pts = _series(run.metrics, f"reward/{k}/mean")
+        if not pts or not series:
+            continue
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        scaled = tuple((x, (v - lo) / (hi - lo) if hi > lo else 0.5) for x, v in pts)
+        series.append(svg.Series(f"{k} (proxy, trained on; {fmt_value(lo)}..{fmt_value(hi)} scaled to 0..1)", scaled))
+        a, b = _ends(pts)
+        lines.append(f"proxy <b>{escape(k)}</b> {fmt_value(a)} → {fmt_value(b)}")
+    if not series or not trained:
+        return ""
+    chart = svg.line_chart("Proxy reward vs gold", series, chart_id=chart_prefix + "proxy vs gold", y_range=(0.0, 1.0))
+    return (f'<h3>Proxy reward vs gold</h3><div class="grid"><div class="card">{chart}</div><div>'
+            f'<p>{"; ".join(lines)} (means of the first and last tenth of the run).</p>'
+            f'<p class="note">The policy trains on the proxy; the gold is logged only (weight 0). When the proxy '
+            f"keeps rising while the gold stalls or falls, the policy is exploiting the learned reward "
+            f"(reward-model over-optimization, Gao et al. 2022).</p></div></div>")
+
+
 def run_body(run: RunData, chart_prefix: str = "") -> str:
     """Everything about one recipe run: headline numbers, curves, time split, samples, config."""
     if not run.exists:
         return f'<p class="warn">Run directory {escape(str(run.path))} not found.</p>'
     parts = [headline(run.metrics)]
     if run.metrics:
+        parts.append(proxy_vs_gold(run, chart_prefix))
         main, other = charts(run.metrics, chart_prefix)
         if main:
             parts.append('<h3>Training curves</h3><div class="grid">'
@@ -377,11 +442,18 @@ def stage_table(p: PipelineData) -> str:
             "prompts", "time", "reference model"]
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     prev = None
+    accs = {s.name: numeric(_ev(s, "greedy_accuracy")) for _, s in rows}
     for kind, s in rows:
         acc = numeric(_ev(s, "greedy_accuracy"))
-        d = f"{100 * (acc - prev):+.1f} pp" if acc is not None and prev is not None and kind != "control" else ""
+        base = accs.get(s.start_stage) if s.start_stage else prev  # a branch: against the stage it started from
+        d = f"{100 * (acc - base):+.1f} pp" if acc is not None and base is not None and kind != "control" else ""
+        if d and s.start_stage:
+            d += f" (vs {escape(s.start_stage)})"
         name = s.name + (f" (control of {s.of})" if kind == "control" and s.of else "")
-        cells = [escape(name), escape(s.recipe or "—"), fmt_pct(acc, _ev(s, "greedy_ci")), d,
+        acc_cell = fmt_pct(acc, _ev(s, "greedy_ci"))
+        if _ev(s, "kind") == "pairs":  # a reward model: its held-out pair accuracy
+            acc_cell = f"pairs {fmt_pct(_ev(s, 'pair_accuracy'), _ev(s, 'pair_ci'))}"
+        cells = [escape(name), escape(s.recipe or "—"), acc_cell, d,
                  _k_cell(s.eval, "pass_at_k", common), _k_cell(s.eval, "maj_at_k", common),
                  _k_cell(s.eval, "mean_at_k", common), escape(str(_ev(s, "n_prompts") or "—")),
                  fmt_seconds(s.seconds), escape(str(s.ref_model or "—"))]
@@ -413,8 +485,11 @@ def _stage_named(p: PipelineData, name: str | None) -> StageData | None:
 
 
 def _before(p: PipelineData, st: StageData, with_samples: bool = False) -> tuple[dict | None, str]:
-    """The evaluation just before a stage ran (the previous stage's, or the baseline before the first);
-    ``with_samples`` skips back over evaluations that kept no samples."""
+    """The evaluation just before a stage ran (the stage it started from, else the previous stage's, or the
+    baseline before the first); ``with_samples`` skips back over evaluations that kept no samples."""
+    start = _stage_named(p, st.start_stage) if st.start_stage else None
+    if start is not None and start.eval and (start.eval.get("samples") or not with_samples):
+        return start.eval, f"after {start.name}"
     for prev in reversed(p.stages[:p.stages.index(st)]):
         if prev.eval and (prev.eval.get("samples") or not with_samples):
             return prev.eval, f"after {prev.name}"
@@ -443,6 +518,44 @@ def control_comparison(p: PipelineData) -> str:
                      ". The 95% intervals overlap: this gain is not clearly separated from the control.")
         items.append(f"<li>{text}</li>")
     return f"<h3>Control comparison</h3><ul>{''.join(items)}</ul>" if items else ""
+
+
+def _last(metrics: tuple[dict, ...], key: str) -> float | None:
+    return next((numeric(m.get(key)) for m in reversed(metrics) if numeric(m.get(key)) is not None), None)
+
+
+def branch_comparison(p: PipelineData) -> str:
+    """PPO (critic + reward model) beside GRPO when a pipeline has both: what each reached and what it
+    held in memory, measured. The article's claim is about the memory column."""
+    rl = [s for s in p.stages if s.recipe in RL_RECIPES]
+    if not any(s.recipe == "ppo" for s in rl) or not any(s.recipe == "grpo" for s in rl):
+        return ""
+    head = ["stage", "recipe", "from", "greedy accuracy [95% CI]", "models held", "peak MB",
+            *(f"{k} MB" for k in MEMORY_PARTS), "s / step", "steps", "time"]
+    out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    peaks = {}
+    for s in rl:
+        m = s.run.metrics if s.run else ()
+        peaks[s.name] = max((numeric(r.get("memory/peak_mb")) or 0.0 for r in m), default=0.0) or None
+        times = [v for _, v in _series(m, "step_time")]
+        held = _last(m, "memory/models_held")
+        cells = [escape(s.name), escape(s.recipe or "—"), escape(s.start_stage or "—"),
+                 fmt_pct(_ev(s, "greedy_accuracy"), _ev(s, "greedy_ci")), "—" if held is None else f"{held:.0f}",
+                 fmt_value(peaks[s.name]), *(fmt_value(_last(m, f"memory/{k}_mb")) for k in MEMORY_PARTS),
+                 fmt_value(sum(times) / len(times)) if times else "—", str(len(m)), fmt_seconds(s.seconds)]
+        out.append("<tr>" + "".join(f"<td class=num>{c}</td>" if i >= 3 else f"<td>{c}</td>"
+                                    for i, c in enumerate(cells)) + "</tr>")
+    out.append("</table>")
+    ppo = next(s.name for s in rl if s.recipe == "ppo")
+    ratios = [f"{escape(s.name)}: {peaks[s.name] / peaks[ppo]:.2f}x {escape(ppo)}'s peak"
+              for s in rl if s.recipe == "grpo" and peaks.get(s.name) and peaks.get(ppo)]
+    note = ("Memory is measured in each stage's own process state: exact bytes of the weights, gradients and "
+            "optimizer state held, and the peak (CUDA max allocated, or CPU peak resident set since the stage "
+            "began, which on CPU also counts memory the allocator kept from earlier stages); activations are "
+            "the peak minus the rest. For a clean comparison at scale: benchmarks/grpo_vs_ppo.py.")
+    return (f"<h3>RLHF (PPO with a critic + reward model) vs GRPO</h3>{''.join(out)}"
+            + (f"<p>Peak memory, GRPO over PPO: {'; '.join(ratios)}.</p>" if ratios else "")
+            + f'<p class="note">{note}</p>')
 
 
 def stage_section(p: PipelineData, i: int, st: StageData) -> str:
@@ -475,7 +588,8 @@ def render_pipeline(p: PipelineData) -> str:
             ("finished", _when(p.finished)), ("total time", fmt_seconds(p.total_seconds))]
     nav = "<nav><a href=\"#overview\">overview</a>" + "".join(
         f'<a href="#stage-{i}">{escape(s.name)}</a>' for i, s in enumerate(p.stages)) + "</nav>"
-    body = ['<h2 id="overview">Accuracy per stage</h2>', accuracy_chart(p), stage_table(p), control_comparison(p)]
+    body = ['<h2 id="overview">Accuracy per stage</h2>', accuracy_chart(p), stage_table(p), control_comparison(p),
+            branch_comparison(p)]
     body += [stage_section(p, i, s) for i, s in enumerate(p.stages)]
     body.append("<h2>pipeline.json</h2><details><summary>pipeline.json (eval samples omitted)</summary>"
                 f'<pre class="config">{escape(json.dumps(_without_samples(p.raw), indent=2, default=str))}</pre>'

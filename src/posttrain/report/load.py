@@ -40,6 +40,7 @@ class StageData:
     run: RunData | None
     of: str | None = None  # for controls: the stage this control is the counterpart of
     dir: str | None = None  # as written in pipeline.json, relative to the pipeline directory
+    start_stage: str | None = None  # the earlier stage whose model this stage started from
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def _stage(entry: dict, root: Path, stage_index: int) -> StageData:
     ev = entry.get("eval") if isinstance(entry.get("eval"), dict) else None
     return StageData(name=name, recipe=recipe, eval=ev, seconds=numeric(entry.get("seconds")),
                      ref_model=entry.get("ref_model"), run=run, of=entry.get("of"),
-                     dir=entry.get("dir"))
+                     dir=entry.get("dir"), start_stage=entry.get("start_stage") or None)
 
 
 def load_pipeline(path: Path) -> PipelineData:

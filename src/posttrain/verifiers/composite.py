@@ -110,6 +110,16 @@ class RewardFunction:
         self.close()
 
 
+def component_keys(names: Sequence[str]) -> list[str]:
+    """The metric key of each reward component (``reward/<key>/mean``), as ``build_reward`` names them."""
+    taken: set[str] = set()
+    keys = []
+    for name in names:
+        keys.append(_component_key(name, taken))
+        taken.add(keys[-1])
+    return keys
+
+
 def build_reward(specs: Sequence[tuple[str, float, Mapping[str, Any]]], workers: int = 0) -> RewardFunction:
     """One reward from `(name, weight, options)` specs, e.g.
     `[("math", 1.0, {}), ("format", 0.1, {}), ("overlong", 1.0, {"max_completion_length": 1024})]`.
@@ -120,11 +130,11 @@ def build_reward(specs: Sequence[tuple[str, float, Mapping[str, Any]]], workers:
     (math: one process per core, at most 8).
     """
     components = []
-    taken: set[str] = set()
     for spec in specs:
         if len(spec) != 3:
             raise ValueError(f"a reward spec is (name, weight, options), got {spec!r}")
-        name, weight, options = spec
+    keys = component_keys([spec[0] for spec in specs])
+    for key, (name, weight, options) in zip(keys, specs):
         weight = float(weight)
         if math.isnan(weight):
             raise ValueError(f"weight of {name!r} is NaN")
@@ -132,7 +142,5 @@ def build_reward(specs: Sequence[tuple[str, float, Mapping[str, Any]]], workers:
         if workers > 0 and "workers" not in opts and accepts_option(name, "workers"):
             # workers=0 (auto) passes nothing: each verifier's own default is its auto size.
             opts["workers"] = workers
-        key = _component_key(name, taken)
-        taken.add(key)
         components.append(RewardComponent(key=key, name=name, weight=weight, verifier=load(name, **opts)))
     return RewardFunction(components)
