@@ -531,7 +531,7 @@ def branch_comparison(p: PipelineData) -> str:
     if not any(s.recipe == "ppo" for s in rl) or not any(s.recipe == "grpo" for s in rl):
         return ""
     head = ["stage", "recipe", "from", "greedy accuracy [95% CI]", "models held", "peak MB",
-            *(f"{k} MB" for k in MEMORY_PARTS), "s / step", "steps", "time"]
+            *(f"{k} MB" for k in MEMORY_PARTS), "s / step", "steps", "generated tokens", "time"]
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     peaks = {}
     for s in rl:
@@ -542,7 +542,8 @@ def branch_comparison(p: PipelineData) -> str:
         cells = [escape(s.name), escape(s.recipe or "—"), escape(s.start_stage or "—"),
                  fmt_pct(_ev(s, "greedy_accuracy"), _ev(s, "greedy_ci")), "—" if held is None else f"{held:.0f}",
                  fmt_value(peaks[s.name]), *(fmt_value(_last(m, f"memory/{k}_mb")) for k in MEMORY_PARTS),
-                 fmt_value(sum(times) / len(times)) if times else "—", str(len(m)), fmt_seconds(s.seconds)]
+                 fmt_value(sum(times) / len(times)) if times else "—", str(len(m)),
+                 f"{sum(r.get('tokens_per_s', 0) * r.get('step_time', 0) for r in m):,.0f}", fmt_seconds(s.seconds)]
         out.append("<tr>" + "".join(f"<td class=num>{c}</td>" if i >= 3 else f"<td>{c}</td>"
                                     for i, c in enumerate(cells)) + "</tr>")
     out.append("</table>")
