@@ -37,25 +37,41 @@ def pairs_file(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory, tiny_model_dir):
+    from posttrain.config import ModelConfig
+    from posttrain.models.scalar import load_scalar
+
+    d = tmp_path_factory.mktemp("rm")
+    model, tok = load_scalar(ModelConfig(path=str(tiny_model_dir), device="cpu"))
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_example_runs_at_tiny_scale(path, tmp_path, tiny_model_dir, pairs_file):
+def test_example_runs_at_tiny_scale(path, tmp_path, tiny_model_dir, pairs_file, reward_model_dir):
     data = yaml.safe_load(path.read_text())
     recipe = data.pop("recipe", None) or path.name.split("_")[0]
     overrides = [f"train.output_dir={tmp_path / 'run'}", *TINY]
     model = data.get("model")
     if isinstance(model, str) and model.startswith("runs/"):
         overrides.append(f"model={tiny_model_dir}")  # the example's documented upstream run
-    if recipe == "preference":
+    if recipe in ("preference", "reward_model"):
         overrides.append(f"data.path={pairs_file}")
         if data.get("loss") == "kto":
             overrides.append("data.eval_fraction=0.1")
-    if recipe == "grpo":
+    if recipe in ("grpo", "ppo"):
         overrides += ["data.num_examples=50", "prompts_per_step=2", "num_generations=2", "max_completion_length=8",
-                      "eval_examples=4", "max_gen_batches=1"]
+                      "eval_examples=4"] + (["max_gen_batches=1"] if recipe == "grpo" else [])
+    if recipe == "ppo":  # the example's reward model is the documented upstream run's
+        rewards = [dict(r, options={**r.get("options", {}), "path": str(reward_model_dir)}) if r["name"] == "reward_model"
+                   else r for r in data["rewards"]]
+        data["rewards"] = rewards
     if recipe in ("pretrain", "sft"):
         overrides += ["data.num_examples=64"]
     cfg = config_from_dict(RECIPE_CONFIGS[recipe], data, overrides)
-    module = {"pretrain": "pretrain", "sft": "sft", "preference": "preference", "grpo": "grpo"}[recipe]
+    module = recipe  # each recipe is posttrain.recipes.<name>
     import importlib
 
     final = importlib.import_module(f"posttrain.recipes.{module}").train(cfg)

@@ -268,3 +268,16 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert [r["step"] for r in mb] == list(range(1, steps + 1))
     for key in ("reward/mean", "value_loss", "loss", "kl"):
         assert [r[key] for r in mb] == pytest.approx([r[key] for r in ma], abs=1e-6), key
+
+
+def test_ppo_with_lora_uses_adapters_off_as_reference_and_a_full_critic(tmp_path):
+    cfg = _cfg(tmp_path, *RL_COMMON, "rewards=[toy_rewards:ones]", "lora.r=4", "beta=0.1", "optim.lr=1e-2",
+               "train.steps=3", "ppo_epochs=2")
+    ppo.train(cfg)
+    m = read_metrics(tmp_path)
+    assert m[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts equal to its reference
+    assert m[-1]["kl"] != 0.0  # and moves away from it
+    assert m[0]["memory/models_held"] == 2  # policy (its reference is itself, adapters off) + critic
+    from transformers import AutoModelForCausalLM
+
+    assert not any("lora" in n for n, _ in AutoModelForCausalLM.from_pretrained(tmp_path / "final").named_parameters())
