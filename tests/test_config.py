@@ -87,3 +87,11 @@ def test_every_example_config_loads(path):
         pytest.skip("pipeline configs are loaded by the pipeline tests")
     assert recipe in RECIPE_CONFIGS, f"{path.name}: cannot tell its recipe"
     config_from_dict(RECIPE_CONFIGS[recipe], data)
+
+
+def test_an_override_under_a_shorthand_record_keeps_the_shorthand_value():
+    from posttrain.config import PPOConfig
+
+    cfg = config_from_dict(PPOConfig, {"critic": "reward_model", "rewards": [{"name": "reward_model"}]},
+                           ["critic.lr=3e-4", "model=tiny", "model.dtype=bfloat16"])
+    assert (cfg.critic.init, cfg.critic.lr, cfg.model.path, cfg.model.dtype) == ("reward_model", 3e-4, "tiny", "bfloat16")

@@ -509,12 +509,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _set_path(data: dict, keys: list[str], value: Any) -> None:
+def _set_path(data: dict, keys: list[str], value: Any, cls: type | None = None) -> None:
+    """Set ``data[k1][k2]... = value``; a record written in its shorthand (``model: tiny``, ``critic:
+    reward_model``) is first expanded into its mapping, so ``model.dtype=...`` keeps the path."""
     node = data
     for k in keys[:-1]:
+        tp = _hints(cls).get(k) if cls is not None and dataclasses.is_dataclass(cls) else None
+        cls = tp if dataclasses.is_dataclass(tp) else None
         child = node.get(k)
         if not isinstance(child, dict):
-            child = {} if child is None or not isinstance(child, str) else {"path": child}
+            shorthand = getattr(cls, "_shorthand", None) or "path"
+            child = {} if child is None or not isinstance(child, str) else {shorthand: child}
             node[k] = child
         node = child
     node[keys[-1]] = value
@@ -524,7 +529,7 @@ def config_from_dict(cls: type, data: dict, overrides: list[str] = ()) -> Any:
     data = dict(data or {})
     for text in overrides:
         keys, value = parse_override(text)
-        _set_path(data, keys, value)
+        _set_path(data, keys, value, cls)
     cfg = _build(cls, data, "")
     _check_ranges(cfg, "")
     return cfg
