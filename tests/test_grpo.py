@@ -146,7 +146,7 @@ def test_grpo_resume_is_exact(tmp_path):
 
 def test_grpo_with_lora_and_kl_uses_adapters_off_as_reference(tmp_path):
     cfg = _cfg(tmp_path, "model=tiny", "data.path=builtin:arithmetic", "data.num_examples=50", "lora.r=4",
-               "beta=0.1", "kl_estimator=k3", "rewards=[toy_rewards:ones]", "prompts_per_step=2",
+               "beta=0.1", "kl_estimator=k3", "rewards=[toy_rewards:parity]", "prompts_per_step=2",
                "num_generations=4", "max_completion_length=8", "optim.lr=1e-2", "train.steps=3",
                "train.micro_batch_size=8", "samples_every=0", "num_iterations=2")
     grpo.train(cfg)

@@ -203,3 +203,44 @@ def test_static_decode_runs_a_lora_wrapped_policy(char_tok):
     dyn = KVCacheEngine(model, char_tok, decode="dynamic").generate(prompts, 2, SamplingParams(16, temperature=0))
     sta = KVCacheEngine(model, char_tok, decode="static").generate(prompts, 2, SamplingParams(16, temperature=0))
     assert sta.completion_ids == dyn.completion_ids
+
+
+def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_probability_tokens():
+    from posttrain.rollout.engine import inverse_cdf
+
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3]]).expand(40000, 4)
+    u = torch.rand(40000, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(inverse_cdf(probs, u), minlength=4).float() / 40000
+    assert counts[1] == 0  # a zero-probability token is never drawn
+    assert torch.allclose(counts, torch.tensor([0.5, 0.0, 0.2, 0.3]), atol=0.01)
+    # the interval boundaries: u just below 0.5 is token 0, from 0.5 on token 2, from 0.7 on token 3
+    edges = inverse_cdf(torch.tensor([[0.5, 0.0, 0.2, 0.3]] * 4), torch.tensor([0.0, 0.4999, 0.5, 0.9999]))
+    assert edges.tolist() == [0, 0, 2, 3]
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_seeded_rows_sample_the_same_in_any_batch(char_tok, decode):
+    """Row r's completion depends on seeds[r] alone: the same rows generated in one call, in two calls
+    (two data-parallel ranks) or in small chunks are identical; other seeds give other samples."""
+    from posttrain.rollout.engine import row_seeds
+
+    model = _peaked_model(char_tok, "llama")
+    prompts = _prompts(char_tok)[:4]
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, return_logps=True)
+    seeds = row_seeds((0, 1, 1), range(len(prompts) * 3))
+    probe = KVCacheEngine(model, char_tok, decode=decode).generate(prompts, 3, params, seeds=seeds)
+    eos = _eos_with_spread(probe.completion_ids)  # rows end at different steps: the batch compacts
+
+    def gen(ps, sd, **kw):
+        return KVCacheEngine(model, char_tok, decode=decode, eos_token_id=eos, **kw).generate(ps, 3, params, seeds=sd)
+
+    whole = gen(prompts, seeds)
+    assert len({len(c) for c in whole.completion_ids}) >= 3
+    first, second = gen(prompts[:2], seeds[:6]), gen(prompts[2:], seeds[6:])
+    chunked = gen(prompts, seeds, max_batch=3)
+    assert first.completion_ids + second.completion_ids == whole.completion_ids == chunked.completion_ids
+    for a, b in zip(first.logps + second.logps, whole.logps):
+        assert a == pytest.approx(b, abs=1e-5)
+    other = gen(prompts, row_seeds((0, 1, 2), range(12)))
+    assert other.completion_ids != whole.completion_ids
+    assert len(set(map(tuple, whole.completion_ids))) > 4  # the samples of one prompt still differ

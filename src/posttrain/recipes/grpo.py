@@ -14,6 +14,7 @@ Shapes: P prompts, G generations, B sequences in a micro-batch, T tokens.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -40,7 +41,7 @@ from posttrain.models.loading import load_frozen, load_model, resolve_device
 from posttrain.models.lora import apply_lora, is_peft
 from posttrain.rl.advantages import batch_normalize, group_advantages, rloo_advantages
 from posttrain.rl.groups import Group, collect_groups
-from posttrain.rollout.engine import KVCacheEngine, SamplingParams
+from posttrain.rollout.engine import KVCacheEngine, SamplingParams, row_seeds
 from posttrain.verifiers import build_reward, is_correct
 
 log = logging.getLogger("posttrain")
@@ -185,6 +186,12 @@ def ref_logps(ref, policy, mbs, temperature: float) -> list[torch.Tensor]:
     return frozen_logps(ref, mbs, temperature)
 
 
+def rollout_seeds(seed: int, step: int, round_: int, rows: range) -> list[int]:
+    """The sampling seed of each output row of a rollout round: a function of (seed, step, round, row), so
+    the samples do not depend on how the rows are batched or split over data-parallel ranks."""
+    return row_seeds((seed, step, round_), rows)
+
+
 def encode_prompts(tok, rows, max_length: int) -> tuple[list[list[int]], list[int]]:
     """(token ids of every row's prompt, indices of the rows whose prompt fits ``max_length``)."""
     prompt_ids = [encode_prompt(tok, r["prompt"]) for r in rows.rows]
@@ -198,11 +205,11 @@ def encode_prompts(tok, rows, max_length: int) -> tuple[list[list[int]], list[in
 
 
 def sample_groups(engine, tok, rows: list[dict], prompt_ids: list[list[int]], picked: list[int], G: int,
-                  sampling: SamplingParams, reward_fn, timing: dict) -> list[Group]:
-    """Steps 1-2 for the rows ``picked``: G samples each from ``engine``, scored by ``reward_fn`` (the
-    dataset's extra columns reach the verifiers), as one Group per prompt. ``timing["reward"]`` gains the
-    scoring time. Shared by every RL recipe (GRPO, PPO)."""
-    gen = engine.generate([prompt_ids[i] for i in picked], G, sampling)
+                  sampling: SamplingParams, reward_fn, timing: dict, seeds: list[int] | None = None) -> list[Group]:
+    """Steps 1-2 for the rows ``picked``: G samples each from ``engine`` (``seeds``: one per sample, see
+    ``rollout_seeds``), scored by ``reward_fn`` (the dataset's extra columns reach the verifiers), as one
+    Group per prompt. ``timing["reward"]`` gains the scoring time. Shared by every RL recipe (GRPO, PPO)."""
+    gen = engine.generate([prompt_ids[i] for i in picked], G, sampling, seeds=seeds)
     texts = [tok.decode(c, skip_special_tokens=True) for c in gen.completion_ids]
     row_of = [i for i in picked for _ in range(G)]
     columns = {k: [rows[i].get(k) for i in row_of] for k in reward_columns(rows[picked[0]])}
@@ -247,8 +254,9 @@ def train(cfg: GRPOConfig) -> Path:
 
     def rollout_round() -> list[Group]:
         picked = [usable[i] for i in sampler.take(cfg.prompts_per_step)]
+        seeds = rollout_seeds(cfg.train.seed, step, next(rounds), range(len(picked) * cfg.num_generations))
         return sample_groups(engine, tok, rows.rows, prompt_ids, picked, cfg.num_generations, sampling, reward_fn,
-                             timing)
+                             timing, seeds)
 
     progress = loop.Progress(cfg.train.steps, start, "grpo", cfg.train.progress)
     last = cfg.train.steps
@@ -256,6 +264,7 @@ def train(cfg: GRPOConfig) -> Path:
     try:
         for step in range(start + 1, last + 1):
             timing = {"generate": 0.0, "reward": 0.0, "logps": 0.0, "update": 0.0}
+            rounds = itertools.count()
             t_step = time.time()
             # 1-2. rollout + reward (dynamic sampling may take several rounds)
             groups, generated, stats = collect_groups(rollout_round, cfg.prompts_per_step,

@@ -272,8 +272,9 @@ def train(cfg: PPOConfig) -> Path:
 
             def rollout_round() -> list[Group]:
                 picked = [usable[i] for i in sampler.take(cfg.prompts_per_step)]
+                seeds = grpo.rollout_seeds(cfg.train.seed, step, 0, range(len(picked) * cfg.num_generations))
                 return grpo.sample_groups(engine, tok, rows.rows, prompt_ids, picked, cfg.num_generations, sampling,
-                                          reward_fn, timing)
+                                          reward_fn, timing, seeds)
 
             groups, _, stats = collect_groups(rollout_round, cfg.prompts_per_step, dynamic=False, max_rounds=1)
             timing["generate"] = time.time() - t_step - timing["reward"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import inspect
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
@@ -42,7 +42,8 @@ class Generation:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Generation: ...
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> Generation: ...
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +63,10 @@ class HFEngine:
         self.model, self.tok, self.max_batch = model, tokenizer, max_batch
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Generation:
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> Generation:
+        if seeds is not None:
+            raise ValueError("HFEngine samples with transformers' own RNG: per-row seeds need KVCacheEngine")
         seqs = [p for p in prompt_ids for _ in range(n)]
         eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
         was_training = self.model.training
@@ -112,6 +116,34 @@ def top_p_filter(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits_BV.masked_fill(drop_BV.scatter(-1, order_BV, drop_BV), float("-inf"))
 
 
+def row_seeds(base: Sequence[int], rows: range) -> list[int]:
+    """Seeds of the output rows ``rows`` of one generation call identified by ``base`` (e.g. (seed, step,
+    round)): a hash of both, so every row has its own stream and no two calls share one."""
+    import hashlib
+
+    return [int.from_bytes(hashlib.blake2b(repr((tuple(base), r)).encode(), digest_size=8).digest(), "big") >> 1
+            for r in rows]
+
+
+def uniform_noise(rows: int, steps: int, seeds: Sequence[int] | None) -> torch.Tensor:
+    """(rows, steps) uniforms in [0, 1): one per row and decoding step, drawn on the CPU (the same numbers
+    on any device). Row r from its own generator seeded ``seeds[r]``, or all rows from the global RNG."""
+    if seeds is None:
+        return torch.rand((rows, steps))
+    return torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds]) \
+        if rows else torch.zeros((0, steps))
+
+
+def inverse_cdf(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    """The token whose cumulative-probability interval holds u * total: a draw from ``probs_BV`` per row
+    (the same distribution as ``torch.multinomial``, but a function of the row's own uniform, so a row
+    samples the same token in any batch). Zero-probability tokens (top-p's cut) have empty intervals
+    and are never chosen."""
+    cdf_BV = probs_BV.cumsum(-1)
+    x_B1 = u_B.to(cdf_BV)[:, None] * cdf_BV[:, -1:]
+    return torch.searchsorted(cdf_BV, x_B1, right=True)[:, 0].clamp(max=probs_BV.shape[-1] - 1)
+
+
 class KVCacheEngine:
     """A lean sampling loop with a KV cache over the policy: one forward per new token, nothing else.
 
@@ -119,7 +151,8 @@ class KVCacheEngine:
     prefilled once and its cache copied to its n samples (GRPO's G samples share a prompt); (2) compute
     on finished rows -- rows that emitted EOS leave the batch (the cache is compacted once at least an
     eighth of the rows are done); (3) the per-token logits-processor / stopping-criteria machinery.
-    Sampling: logits / temperature, nucleus filter, one multinomial draw (temperature <= 0: argmax).
+    Sampling: logits / temperature, nucleus filter, one inverse-CDF draw with the row's own uniform
+    (temperature <= 0: argmax).
     Greedy output equals transformers' greedy ``generate`` (tests/test_rollout.py); the sampled
     distribution is softmax(top_p_filter(logits / T)), the one ``return_logps`` reports.
 
@@ -152,7 +185,14 @@ class KVCacheEngine:
         self.decode = decode if decode != "auto" else ("cuda_graph" if cuda and full_attention else "dynamic")
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Generation:
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> Generation:
+        """``seeds``: one per output row (prompt-major, ``len(prompt_ids) * n``). Row r's draws then depend
+        on ``seeds[r]`` alone -- not on the batch it shares, the chunking, or which process generates it
+        -- so a rollout split over data-parallel ranks samples what one process samples. Without seeds
+        the draws come from torch's global RNG."""
+        if seeds is not None and len(seeds) != len(prompt_ids) * n:
+            raise ValueError(f"seeds: one per output row ({len(prompt_ids) * n}), got {len(seeds)}")
         was_training = self.model.training
         self.model.eval()
         completions: list[list[int]] = []
@@ -161,7 +201,10 @@ class KVCacheEngine:
         per_chunk = max(1, self.max_batch // n)
         try:
             for s in range(0, len(prompt_ids), per_chunk):
-                c, t, lp = self._generate_chunk(prompt_ids[s:s + per_chunk], n, params)
+                chunk = prompt_ids[s:s + per_chunk]
+                noise = uniform_noise(len(chunk) * n, params.max_new_tokens,
+                                      None if seeds is None else seeds[s * n:(s + len(chunk)) * n])
+                c, t, lp = self._generate_chunk(chunk, n, params, noise)
                 completions += c
                 truncated += t
                 if logps is not None:
@@ -170,19 +213,21 @@ class KVCacheEngine:
             self.model.train(was_training)
         return Generation([list(p) for p in prompt_ids], completions, truncated, logps)
 
-    def _sample(self, logits_BV: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(next token (B,), its log-prob under the distribution it was drawn from, or None)."""
+    def _sample(self, logits_BV: torch.Tensor, params: SamplingParams,
+                u_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(next token (B,), its log-prob under the distribution it was drawn from, or None). The draw is
+        inverse-CDF sampling with the row's own uniform ``u_B`` (see ``uniform_noise``)."""
         z_BV = logits_BV.float()
         if params.temperature <= 0:
             nxt_B = z_BV.argmax(-1)
         else:
             z_BV = top_p_filter(z_BV / params.temperature, params.top_p)
-            nxt_B = torch.multinomial(z_BV.softmax(-1), 1)[:, 0]
+            nxt_B = inverse_cdf(z_BV.softmax(-1), u_B)
         if not params.return_logps:
             return nxt_B, None
         return nxt_B, z_BV.log_softmax(-1).gather(-1, nxt_B[:, None])[:, 0]
 
-    def _generate_chunk(self, prompts: list[list[int]], n: int, params: SamplingParams):
+    def _generate_chunk(self, prompts: list[list[int]], n: int, params: SamplingParams, noise_BN: torch.Tensor):
         from transformers import DynamicCache
 
         device = next(self.model.parameters()).device
@@ -194,7 +239,7 @@ class KVCacheEngine:
         out = self.model(input_ids=ids_PL, attention_mask=attn_PL, position_ids=pos_PL, use_cache=True,
                          **{self._cache_arg: cache}, **keep)
         if self.decode != "dynamic":
-            return self._decode_static(out.logits[:, -1], cache, attn_PL, pos_PL, n, params, pad)
+            return self._decode_static(out.logits[:, -1], cache, attn_PL, pos_PL, n, params, pad, noise_BN.to(device))
         # Prefill once per prompt (the cache is filled in place), then copy it to each of the n samples.
         if n > 1:
             cache.batch_repeat_interleave(n)
@@ -207,8 +252,9 @@ class KVCacheEngine:
         length_B = torch.full((B,), T_new, dtype=torch.long, device=device)
         rows_A = torch.arange(B, device=device)        # batch row -> output row, for the A rows still in the batch
         done_A = torch.zeros(B, dtype=torch.bool, device=device)
+        noise_BN = noise_BN.to(device)
         for t in range(T_new):
-            nxt_A, lp_A = self._sample(logits_BV, params)
+            nxt_A, lp_A = self._sample(logits_BV, params, noise_BN[rows_A, t])
             live_A = ~done_A
             tokens_BN[rows_A[live_A], t] = nxt_A[live_A]
             if lp_A is not None:
@@ -242,7 +288,8 @@ class KVCacheEngine:
             lps = [row[:k] for row, k in zip(logps_BN.tolist(), lengths)]
         return completions, truncated, lps
 
-    def _decode_static(self, logits_PV, cache, attn_PL, pos_PL, n: int, params: SamplingParams, pad: int):
+    def _decode_static(self, logits_PV, cache, attn_PL, pos_PL, n: int, params: SamplingParams, pad: int,
+                       noise_BN: torch.Tensor):
         """The decode loop over preallocated buffers (``decode`` static / cuda_graph). Column Lp + t of
         the cache holds token t of every row; a row's mask opens that column when the token is fed."""
         device = logits_PV.device
@@ -292,7 +339,7 @@ class KVCacheEngine:
         length_B = torch.full((B,), T_new, dtype=torch.long, device=device)
         done_B = torch.zeros(B, dtype=torch.bool, device=device)
         for t in range(T_new):
-            nxt_B, lp_B = self._sample(logits_BV, params)
+            nxt_B, lp_B = self._sample(logits_BV, params, noise_BN[:, t])
             live_B = ~done_B
             tokens_BN[:, t] = torch.where(live_B, nxt_B, pad)
             if lp_B is not None:
