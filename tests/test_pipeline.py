@@ -16,7 +16,7 @@ def _tiny_pipeline(tmp_path, **extra):
                 "model": "tiny", "data": {"path": "builtin:arithmetic?max_terms=2", "num_examples": 120, "max_length": 32},
                 "optim": {"lr": 3e-3}, "train": {"steps": 6, "micro_batch_size": 16, "progress": False}}},
             {"name": "grpo", "recipe": "grpo", "config": {
-                "data": {"path": "builtin:arithmetic?max_terms=2", "num_examples": 50, "max_length": 16},
+                "data": {"path": "builtin:arithmetic?max_terms=2", "num_examples": 50, "max_length": 28},
                 "prompts_per_step": 2, "num_generations": 4, "max_completion_length": 12, "beta": 0.05,
                 "ref_model": "sft", "train": {"steps": 2, "micro_batch_size": 8, "progress": False}}},
         ],
