@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .base import Example, Score, VerifierError, as_text, columns_from_rows, verifier_name
+from .base import NOT_APPLICABLE, Example, Score, VerifierError, as_text, columns_from_rows, verifier_name
 
 BUILTINS: dict[str, str] = {
     "math": "posttrain.verifiers.math:MathVerifier",
@@ -120,7 +120,8 @@ class UserFunction:
     - "single", `fn(completion: str, **example) -> float`.
 
     `form="auto"` picks "batch" when the first parameter is named `completions`. A `None` score (TRL's
-    "not applicable to this row") becomes NaN, which `RewardFunction` leaves out of the weighted sum.
+    "not applicable to this row") becomes a NaN `Score` with reason "not_applicable", which `RewardFunction`
+    leaves out of the weighted sum (a NaN or inf the function returns itself is a fault, not "n/a").
     Exceptions from the function propagate as `VerifierError` naming the function (and the row, for
     single-form functions): they are bugs, not scores.
     """
@@ -139,7 +140,7 @@ class UserFunction:
     @staticmethod
     def _to_score(value: Any, where: str) -> float:
         if value is None:
-            return math.nan
+            return Score(math.nan, NOT_APPLICABLE)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             # bool is an int subclass, but a True reward is almost always a bug in the function.
             raise VerifierError(f"{where} returned {value!r}; expected a float or None")
