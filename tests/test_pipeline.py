@@ -102,3 +102,51 @@ def test_demo_fast_runs_end_to_end(tmp_path):
     html = (tmp_path / "demo" / "report.html").read_text()
     for name in ("pretrain", "sft", "dpo", "grpo"):
         assert name in html
+
+
+def test_every_problem_of_every_stage_is_reported_before_anything_runs(tmp_path, capsys):
+    import yaml
+
+    from posttrain.cli import main
+
+    cfg = _tiny_pipeline(tmp_path)
+    stages = [dict(s) for s in (to_plain(st) for st in cfg.stages)]
+    stages[0]["config"]["data"]["path"] = str(tmp_path / "missing.jsonl")
+    stages[1]["config"]["rewards"] = [{"name": "mathh"}, {"name": "no_such_module:fn"}]
+    data = {"output_dir": str(tmp_path / "pipe"), "stages": stages,
+            "eval": {"data": "builtin:arithmetic", "verifier": "math", "verifier_options": {"timout": 3}}}
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["pipeline", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "4 problem(s), no stage was started" in err and str(path) in err
+    assert "eval.verifier='math': verifier 'math': unknown option(s) ['timout']" in err
+    assert f"stages[0] (sft): data.path='{tmp_path / 'missing.jsonl'}': " in err
+    assert "stages[1] (grpo): rewards[0].name='mathh': unknown verifier 'mathh'; did you mean 'math'?" in err
+    assert "stages[1] (grpo): rewards[1].name='no_such_module:fn': cannot import module 'no_such_module'" in err
+    assert not (tmp_path / "pipe").exists()
+
+
+def test_a_reward_module_next_to_the_pipeline_config_is_found(tmp_path, monkeypatch):
+    import yaml
+
+    from posttrain.cli import main
+
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "pipe_local_rewards.py").write_text("def short(completions, **kw):\n    return [1.0 / (1 + len(c)) for c in completions]\n")
+    cfg = _tiny_pipeline(tmp_path)
+    stages = [to_plain(st) for st in cfg.stages]
+    stages[1]["config"]["rewards"] = [{"name": "pipe_local_rewards:short"}]
+    (conf / "p.yaml").write_text(yaml.safe_dump({"output_dir": str(tmp_path / "pipe"), "stages": stages,
+                                                 "eval": {"data": "builtin:arithmetic?max_terms=2", "examples": 4,
+                                                          "k": 0, "max_new_tokens": 8}}))
+    monkeypatch.chdir(tmp_path)  # neither the working directory nor sys.path holds the module
+    assert main(["pipeline", str(conf / "p.yaml")]) == 0
+    assert (tmp_path / "pipe" / "stages" / "02_grpo" / "final" / "COMPLETE").exists()
+
+
+def to_plain(stage):
+    from posttrain.config import to_dict
+
+    return to_dict(stage)

@@ -95,7 +95,7 @@ def test_another_recipes_directory_is_refused_before_anything_is_written(tmp_pat
     run = tmp_path / "run"
     _fake_run(run, _sft(run, "train.steps=4"))
     before = _snapshot(run)
-    grpo = config_from_dict(GRPOConfig, {}, [f"train.output_dir={run}", "train.steps=1"])
+    grpo = config_from_dict(GRPOConfig, {}, [f"train.output_dir={run}", "train.steps=1", "data.path=builtin:arithmetic"])
     from posttrain.recipes import grpo as grpo_recipe
 
     with pytest.raises(RunDirError, match=r"holds a sft run .* a grpo run needs a directory of its own"):

@@ -18,6 +18,7 @@ import torch
 
 from posttrain.config import ConfigError, OptimConfig, TrainConfig, to_dict
 from posttrain.models import checkpoint as ckpt
+from posttrain.preflight import check_recipe
 from posttrain.rundir import open_run_dir
 from posttrain.tracking import Tracker
 
@@ -86,6 +87,7 @@ def start_run(cfg: Any, recipe: str, device: torch.device) -> Run:
     open the metric sinks, set the CPU threads and seed everything."""
     setup_logging()
     train: TrainConfig = cfg.train
+    check_recipe(cfg, recipe)  # data, models and rewards resolve, or nothing is written
     plan = open_run_dir(cfg, recipe)
     configure_threads(getattr(train, "threads", 0))
     tracker = Tracker(plan.dir, train.report_to, to_dict(cfg), resume_step=plan.resume_step, name=plan.dir.name)

@@ -57,6 +57,37 @@ def read_rows(path: str, split: str = "train", *, num_examples: int = 0, seed: i
     return rows
 
 
+def check_source(path: str, split: str = "train") -> str | None:
+    """What is wrong with ``path`` as a data source, without reading it all (None: nothing found).
+    Used to report every problem of a run or pipeline before anything starts."""
+    if not path:
+        return "empty: give a jsonl/json/parquet/csv file, a dataset directory or builtin:<task>"
+    if path.startswith("builtin:"):
+        try:
+            _builtin(path, split, 1, 0)
+        except (DataError, ValueError) as e:
+            return str(e)
+        return None
+    p = Path(path)
+    if p.is_dir():
+        saved = (p / "state.json").is_file() or (p / "dataset_dict.json").is_file()
+        return None if saved else f"{p} is a directory but not a dataset saved with save_to_disk"
+    if p.exists() and not p.is_file():
+        return f"{p} is not a regular file"
+    if p.is_file():
+        if p.suffix.lower() not in (".jsonl", ".json", ".parquet", ".csv"):
+            return f"{p}: unsupported file type {p.suffix!r} (jsonl, json, parquet, csv, or a dataset directory)"
+        try:
+            with p.open("rb"):
+                pass
+        except OSError as e:
+            return f"{p}: cannot read: {e.strerror or e}"
+        return None
+    if "/" in path and not path.startswith((".", "/")) and not p.suffix:
+        return None  # a hub dataset name: only loading it can tell
+    return f"{path}: no such file or directory"
+
+
 def _builtin(path: str, split: str, n: int, seed: int) -> Rows:
     from posttrain.tasks import get_task
 
