@@ -136,6 +136,8 @@ class UserFunction:
         self.fn = fn
         self.form = form
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        # How maj@k reads this reward's answer: the function's own `extract_answer(text) -> str | None`.
+        self.extract_answer = getattr(fn, "extract_answer", None)
 
     @staticmethod
     def _to_score(value: Any, where: str) -> float:
