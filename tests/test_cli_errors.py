@@ -148,3 +148,16 @@ def test_report_and_metrics_of_a_resumed_run_stay_readable(tmp_path):
     rec = json.loads((tmp_path / "r" / "resumes.jsonl").read_text())
     assert rec["changed"] == {"train.steps": [1, 2]}
     assert main(["report", str(tmp_path / "r")]) == 0
+
+
+def test_command_line_counts_and_devices_are_checked(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "m", "--data", "builtin:arithmetic", "--limit", "-1"])
+    assert "argument --limit: must be >= 0, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["make-pairs", "--model", "m", "--data", "d", "--out", "o", "-n", "1"])
+    assert "argument -n: must be >= 2, got 1" in capsys.readouterr().err
+    from posttrain.models.loading import ModelError, resolve_device
+
+    with pytest.raises(ModelError, match="model.device='gpu' is not a device"):
+        resolve_device("gpu")

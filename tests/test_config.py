@@ -127,3 +127,16 @@ def test_an_error_from_an_override_names_the_override_and_one_from_the_file_name
         load_config(SFTConfig, p, ["optim.lr=1e-3"])
     with pytest.raises(ConfigError, match=r"^override 'optim.lrr=1': unknown config key 'optim.lrr'"):
         load_config(SFTConfig, p, ["optim.lrr=1"])
+
+
+def test_a_key_given_twice_and_a_binary_config_file_are_config_errors(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("optim:\n  lr: 1.0e-3\ntrain:\n  steps: 5\noptim:\n  lr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: invalid YAML: .*key 'optim' is given twice"):
+        load_config(SFTConfig, p)
+    b = tmp_path / "bin.yaml"
+    b.write_bytes(b"\xff\xfe\x00model: tiny")
+    with pytest.raises(ConfigError, match="bin.yaml: not UTF-8 text"):
+        load_config(SFTConfig, b)
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_config(SFTConfig, tmp_path)

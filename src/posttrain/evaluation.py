@@ -198,6 +198,7 @@ def format_summary(s: EvalSummary) -> str:
 
 def main(argv: list[str]) -> int:
     """posttrain eval --model DIR --data FILE --verifier NAME [-k 8] [--temperature 1.0] [--json OUT]"""
+    from posttrain.config import at_least
     from posttrain.io_utils import atomic_write_json
 
     p = argparse.ArgumentParser(prog="posttrain eval", description=main.__doc__)
@@ -206,10 +207,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--split", default=None, help="split of a dataset directory / hub dataset / builtin task "
                    "(default: test); a single file has none")
     p.add_argument("--verifier", default="math")
-    p.add_argument("-k", type=int, default=0, help="samples per prompt for pass@k / maj@k / mean@k")
+    p.add_argument("-k", type=at_least(0), default=0, help="samples per prompt for pass@k / maj@k / mean@k")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N rows only")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=64)
+    p.add_argument("--limit", type=at_least(0), default=0, help="evaluate the first N rows only")
     p.add_argument("--json", default="", help="write the summary here")
     a = p.parse_args(argv)
     from posttrain.config import is_data_file

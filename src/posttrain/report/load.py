@@ -130,6 +130,8 @@ def load_pipeline(path: Path) -> PipelineData:
 
 def load(run_dir: str | Path) -> RunData | PipelineData:
     path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ReportError(f"{run_dir} is a file, not a run directory")
     if not path.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
     if (path / "pipeline.json").exists():

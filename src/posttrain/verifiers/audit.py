@@ -324,17 +324,19 @@ def _print_report(report: AuditReport) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
+    from posttrain.config import at_least
+
     parser = argparse.ArgumentParser(prog="posttrain audit-verifier", description=__doc__.split("\n\n")[0])
     parser.add_argument("--verifier", required=True, help="built-in name (math, code, json, label, format, regex, ...) or pkg.module:function")
     parser.add_argument("--data", required=True, help="a .jsonl file of rows with the gold column")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="verifier option (JSON values parsed)")
     parser.add_argument("--family", choices=("math", "label", "json", "code", "format"), help="probe family (default: from --verifier)")
     parser.add_argument("--gold-template", help="how to write a gold answer as a completion, with {answer}")
-    parser.add_argument("--probe-rows", type=int, default=3, help="rows that get the adversarial probes")
-    parser.add_argument("--limit", type=int, help="audit only the first N rows")
+    parser.add_argument("--probe-rows", type=at_least(0), default=3, help="rows that get the adversarial probes")
+    parser.add_argument("--limit", type=at_least(1), help="audit only the first N rows")
     parser.add_argument("--model", help="a model directory to sample completions from (calibration)")
-    parser.add_argument("-n", type=int, default=4, help="samples per prompt with --model")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("-n", type=at_least(1), default=4, help="samples per prompt with --model")
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=512)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--prompt-column", default="prompt")
     parser.add_argument("--json", dest="json_out", help="write the report as JSON here")
