@@ -98,7 +98,7 @@ def test_another_recipes_directory_is_refused_before_anything_is_written(tmp_pat
     grpo = config_from_dict(GRPOConfig, {}, [f"train.output_dir={run}", "train.steps=1", "data.path=builtin:arithmetic"])
     from posttrain.recipes import grpo as grpo_recipe
 
-    with pytest.raises(RunDirError, match=r"holds a sft run .* a grpo run needs a directory of its own"):
+    with pytest.raises(RunDirError, match=r"holds a run of recipe .sft. .* a grpo run needs a directory of its own"):
         grpo_recipe.train(grpo)
     assert _snapshot(run) == before
 

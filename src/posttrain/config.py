@@ -580,7 +580,9 @@ def _check_value(path: str, name: str, v: Any) -> None:
     if bounds is None:
         return
     lo, lo_in, hi, hi_in = bounds
-    if (lo is not None and (v < lo or (v == lo and not lo_in))) or (hi is not None and (v > hi or (v == hi and not hi_in))):
+    below = lo is not None and (v < lo or (v == lo and not lo_in))
+    above = hi is not None and (v > hi or (v == hi and not hi_in))
+    if below or above:
         raise ConfigError(f"{path}: must be {_range_text(lo, lo_in, hi, hi_in)}, got {v!r}", path)
 
 

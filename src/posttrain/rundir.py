@@ -154,13 +154,14 @@ def check_run_dir(cfg: Any, recipe: str) -> RunDirPlan:
     saved = read_saved_config(run_dir)
     saved_recipe = saved.get("recipe") if saved else None
     if saved_recipe is not None and saved_recipe != recipe:
-        raise RunDirError(f"{run_dir} holds a {saved_recipe} run (its config.yaml says recipe: {saved_recipe}); a "
-                          f"{recipe} run needs a directory of its own: set train.output_dir to a new directory")
+        raise RunDirError(f"run directory {run_dir} holds a run of recipe {saved_recipe!r} (its config.yaml says so); "
+                          f"a {recipe} run needs a directory of its own: set train.output_dir to a new directory")
     if train.resume == "never":
         if found:
-            raise RunDirError(f"train.resume=never, but {run_dir} already holds a run ({', '.join(found)}); a new run "
-                              f"would mix with it (a later resume would pick up the old checkpoints). Nothing was "
-                              f"changed: set train.output_dir to a new directory, or delete {run_dir} first")
+            raise RunDirError(f"train.resume=never, but run directory {run_dir} already holds a run "
+                              f"({', '.join(found)}); a new run would mix with it (a later resume would pick up the "
+                              f"old checkpoints). Nothing was changed: set train.output_dir to a new directory, or "
+                              f"delete {run_dir} first")
         return RunDirPlan(run_dir)
     if train.resume == "auto":
         source = ckpt.latest_checkpoint(run_dir)
@@ -175,8 +176,9 @@ def check_run_dir(cfg: Any, recipe: str) -> RunDirPlan:
                               f"train.output_dir to a new directory")
     if source is None:
         if (run_dir / "final").exists():
-            raise RunDirError(f"{run_dir} holds an exported model (final/) but no checkpoint to resume from; a new "
-                              f"run would overwrite it: set train.output_dir to a new directory, or delete {run_dir}")
+            raise RunDirError(f"run directory {run_dir} holds an exported model (final/) but no checkpoint to "
+                              f"resume from; a new run would overwrite it: set train.output_dir to a new directory, or "
+                              f"delete {run_dir}")
         return RunDirPlan(run_dir, replaces=tuple(found))
     step = _checkpoint_step(source)
     if step > train.steps:
@@ -196,8 +198,8 @@ def check_run_dir(cfg: Any, recipe: str) -> RunDirPlan:
     if experiment and _inside(origin, run_dir):
         safe = {k: v for k, v in changes.items() if is_safe(k)}
         raise RunDirError(
-            f"{run_dir} holds a {recipe} run (checkpoint at step {step}) whose config differs in fields that change "
-            f"the experiment:\n{format_changes(experiment)}\n"
+            f"run directory {run_dir} holds a {recipe} run (checkpoint at step {step}) whose config differs in fields "
+            f"that change the experiment:\n{format_changes(experiment)}\n"
             "Resuming would continue the old run while config.yaml claimed the new values. To run this config, "
             "set train.output_dir to a new directory (add train.resume=never to make sure none is reused); to "
             "continue the old run, undo these changes; to branch from the checkpoint with them, set "
