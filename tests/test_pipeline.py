@@ -150,3 +150,25 @@ def to_plain(stage):
     from posttrain.config import to_dict
 
     return to_dict(stage)
+
+
+def test_a_complete_stage_whose_config_changed_is_not_silently_skipped(tmp_path):
+    import yaml
+
+    from posttrain.config import to_dict
+    from posttrain.preflight import pipeline_problems
+
+    cfg = _tiny_pipeline(tmp_path)
+    plans = plan(cfg)
+    sft = plans[0]
+    (sft.final).mkdir(parents=True)
+    (sft.final / "COMPLETE").write_text("ok\n")
+    saved = {"recipe": "sft", **to_dict(sft.cfg)}
+    saved["optim"]["lr"] = 0.5  # what the finished stage was trained with
+    (sft.dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    (problem,) = pipeline_problems(cfg, plans)
+    assert problem.startswith("stages[0] (sft): ") and "is complete, but with another config" in problem
+    assert "optim.lr: 0.5 -> 0.003" in problem
+    with pytest.raises(ConfigError, match="eval.split: 'dev' cannot apply to the file 'held_out.jsonl'"):
+        config_from_dict(PipelineConfig, {"eval": {"data": "held_out.jsonl", "split": "dev"}, "stages": [
+            {"name": "s", "recipe": "sft"}]})

@@ -83,7 +83,8 @@ def guarded(command: str, fn: Callable[[], int], where: str | None = None, debug
         print(f"posttrain {command}: config error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"posttrain {command}: interrupted", file=sys.stderr)
+        print(f"posttrain {command}: interrupted (rerunning a recipe with train.resume=auto continues from its newest "
+              f"checkpoint)", file=sys.stderr)
         return 130
     except _expected_errors() as e:
         print(f"posttrain {command}: error: {e}", file=sys.stderr)
