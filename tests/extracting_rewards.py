@@ -6,3 +6,16 @@ def last_char(completions, **kwargs):
 
 
 last_char.extract_answer = lambda text: text[-1:] or None
+
+
+class Costly:
+    """A verifier class that is expensive to build (e.g. it loads a model): the preflight must not build it."""
+
+    built = 0
+
+    def __init__(self, *, threshold: float = 0.5):
+        Costly.built += 1
+        self.threshold = threshold
+
+    def __call__(self, completion, **row):
+        return 1.0

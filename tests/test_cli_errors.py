@@ -161,3 +161,14 @@ def test_command_line_counts_and_devices_are_checked(capsys):
 
     with pytest.raises(ModelError, match="model.device='gpu' is not a device"):
         resolve_device("gpu")
+
+
+def test_the_preflight_resolves_a_verifier_class_without_building_it():
+    from extracting_rewards import Costly
+
+    from posttrain.preflight import verifier_problem
+
+    assert verifier_problem("extracting_rewards:Costly", {"threshold": 0.9}) is None
+    assert "unknown option(s) ['treshold']; its options are ['threshold']" in verifier_problem(
+        "extracting_rewards:Costly", {"treshold": 0.9})
+    assert Costly.built == 0

@@ -23,15 +23,15 @@ def model_problem(path: str) -> str | None:
 
 
 def verifier_problem(name: str, options: dict) -> str | None:
-    """Load the verifier (which imports a user's module and checks the options), then close it."""
-    from posttrain.verifiers import load
-    from posttrain.verifiers.registry import VerifierLoadError
+    """Resolve the verifier (its name, a user's module and function, its option names) without
+    constructing it: a verifier may be costly to build (one that loads a model), and the run builds it
+    again anyway. Option values are checked when the run builds it."""
+    from posttrain.verifiers.registry import VerifierLoadError, check
 
     try:
-        verifier = load(name, **options)
+        check(name, **options)
     except VerifierLoadError as e:
         return str(e)
-    getattr(verifier, "close", lambda: None)()
     return None
 
 

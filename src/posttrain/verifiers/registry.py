@@ -173,6 +173,25 @@ class UserFunction:
         return self.score_batch([as_text(completion)], [example])[0]
 
 
+def check(name: str, **options: Any) -> None:
+    """Raise what `load` would for an unknown name, an unimportable module, a missing attribute or an unknown
+    option name, without constructing the verifier (which may be costly, e.g. one that loads a model)."""
+    if name in BUILTINS:
+        _check_options(name, import_object(BUILTINS[name]), options)
+        return
+    if ":" not in name:
+        load(name)  # raises the unknown-name error with its suggestion
+    obj = import_object(name)
+    if inspect.isclass(obj):
+        _check_options(name, obj, options)
+    elif callable(obj):
+        unknown = set(options) - {"form", "name"}
+        if unknown:
+            raise VerifierOptionError(f"reward function {name!r} takes no options {sorted(unknown)} (only 'form', 'name')")
+    else:
+        raise VerifierOptionError(f"{name!r} is a {type(obj).__name__}, not a verifier class or function")
+
+
 def load(name: str, **options: Any) -> Callable[..., float]:
     """A verifier by built-in name (see `BUILTINS`) or "pkg.module:function".
 
@@ -197,17 +216,21 @@ def load(name: str, **options: Any) -> Callable[..., float]:
     raise VerifierOptionError(f"{name!r} is a {type(obj).__name__}, not a verifier class or function")
 
 
-def _construct(name: str, cls: type, options: dict[str, Any]) -> Any:
-    """``cls(**options)``, with a failure said in terms of the verifier's options."""
+def _check_options(name: str, cls: type, options: dict[str, Any]) -> None:
     try:
         params = inspect.signature(cls).parameters
     except (TypeError, ValueError):
-        params = {}
+        return
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     known = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    unknown = sorted(set(options) - set(known)) if params and not takes_any else []
+    unknown = sorted(set(options) - set(known)) if not takes_any else []
     if unknown:
         raise VerifierOptionError(f"verifier {name!r}: unknown option(s) {unknown}; its options are {known}")
+
+
+def _construct(name: str, cls: type, options: dict[str, Any]) -> Any:
+    """``cls(**options)``, with a failure said in terms of the verifier's options."""
+    _check_options(name, cls, options)
     try:
         return cls(**options)
     except TypeError as exc:
@@ -230,5 +253,5 @@ def accepts_option(name: str, option: str) -> bool:
     return param is not None and param.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
-__all__ = ["BUILTINS", "UserFunction", "VerifierLoadError", "accepts_option", "add_search_dir", "import_object", "load",
-           "verifier_name"]
+__all__ = ["BUILTINS", "UserFunction", "VerifierLoadError", "accepts_option", "add_search_dir", "check", "import_object",
+           "load", "verifier_name"]
