@@ -41,6 +41,7 @@ from posttrain.rl.advantages import batch_normalize, group_advantages, rloo_adva
 from posttrain.rl.groups import Group, collect_groups
 from posttrain.rollout.engine import KVCacheEngine, SamplingParams
 from posttrain.verifiers import build_reward, is_correct
+from posttrain.verifiers.composite import RewardFault
 
 log = logging.getLogger("posttrain")
 
@@ -197,8 +198,8 @@ def sample_groups(engine, tok, rows: list[dict], prompt_ids: list[list[int]], pi
     timing["reward"] += time.time() - t0
     total = torch.tensor(scores.total, dtype=torch.float32)
     if not torch.isfinite(total).all():  # never clamp a fault into a trainable number
-        raise ValueError("reward_fn returned a non-finite total; score with verifiers.build_reward, which applies "
-                         "the reward_non_finite policy")
+        raise RewardFault("reward_fn returned a non-finite total; score with verifiers.build_reward, which applies "
+                          "the reward_non_finite policy")
     faulty = [i // G for i in scores.non_finite]
     return [Group(row, tuple(prompt_ids[row]), tuple(tuple(c) for c in gen.completion_ids[k * G:(k + 1) * G]),
                   tuple(texts[k * G:(k + 1) * G]), tuple(gen.truncated[k * G:(k + 1) * G]),
@@ -270,7 +271,8 @@ def train(cfg: GRPOConfig) -> Path:
             if groups and not any(g.has_variance for g in groups):
                 # Every group's rewards are equal: all advantages are 0, nothing to learn from (a step
                 # would still move the weights through Adam's momentum and weight decay). Skipped and
-                # counted, as dynamic sampling does when it finds no varied group.
+                # counted, as dynamic sampling does when it finds no varied group (the same test on the
+                # reward alone, also with kl_in=reward).
                 flat_steps += 1
                 if flat_steps == 1:
                     log.warning("step %d: every group has identical rewards, nothing to learn from; the update is "
@@ -312,8 +314,8 @@ def train(cfg: GRPOConfig) -> Path:
                     "(posttrain audit-verifier) and that the task is neither too easy nor too hard for the model",
                     flat_steps, last - start)
     if faulty:
-        log.warning("reward_non_finite=zero: %d non-finite (or inapplicable) rewards were scored 0 in this run "
-                    "(metric reward/non_finite)", faulty)
+        log.warning("reward_non_finite=zero: %d completions had a non-finite reward (or none that applied) and "
+                    "were scored 0 in this run (metric reward/non_finite)", faulty)
     return export_model(run.dir, model, tok)
 
 
