@@ -172,3 +172,20 @@ def test_the_preflight_resolves_a_verifier_class_without_building_it():
     assert "unknown option(s) ['treshold']; its options are ['threshold']" in verifier_problem(
         "extracting_rewards:Costly", {"treshold": 0.9})
     assert Costly.built == 0
+
+
+def test_a_failed_atomic_write_names_the_file_not_its_temporary(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from posttrain import io_utils
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run / ".report.html.x1y2.tmp"))
+
+    monkeypatch.setattr(io_utils.tempfile, "mkstemp", full)
+    assert main(["report", str(run)]) == 1
+    assert f"posttrain report: error: cannot write {run / 'report.html'}: the disk is full" in capsys.readouterr().err

@@ -100,6 +100,7 @@ def test_every_example_config_loads(path):
     ("lora.dropout=1", r"lora.dropout: must be in \[0, 1\)"),
     ("train.report_to=[tensorbord]", r"train.report_to\[0\]: unknown sink 'tensorbord'"),
     ("data.split=validation", "data.split: 'validation' cannot apply to the file 'train.jsonl'"),
+    ("train.output_dir=", "train.output_dir: empty"),
 ])
 def test_every_range_is_checked_at_load_time_naming_the_override(override, message):
     with pytest.raises(ConfigError, match=f"override '{re.escape(override)}': {message}"):

@@ -133,6 +133,9 @@ class TrainConfig:
     def check(self) -> None:
         from posttrain.tracking import SINKS
 
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir: empty (it would make the working directory the run directory)")
+
         for i, sink in enumerate(self.report_to):
             if sink not in SINKS:
                 raise ConfigError(f"report_to[{i}]: unknown sink {sink!r} (choose from {', '.join(SINKS)})")

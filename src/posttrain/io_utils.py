@@ -59,6 +59,14 @@ def _umask() -> int:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
+    try:
+        _atomic_write_text(path, text)
+    except OSError as e:
+        # Name the file the user asked for, not the hidden temporary one.
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
