@@ -77,6 +77,8 @@ class PipelineConfig:
     def check(self) -> None:
         if not self.stages:
             raise ConfigError("stages: a pipeline needs at least one stage")
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir: empty (it would make the working directory the pipeline directory)")
         names = [s.name for s in self.stages]
         for i, s in enumerate(self.stages):
             if not s.name:
