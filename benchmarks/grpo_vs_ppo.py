@@ -80,6 +80,7 @@ def variant_config(a, variant: str, run_dir: Path):
 
     common = [f"model.path={a.policy_dir}", f"model.device={a.device}", f"model.dtype={a.dtype}",
               "data.path=builtin:arithmetic?max_terms=5", f"data.num_examples={a.prompts * a.steps}",
+              f"data.max_length={32 + a.max_completion_length}",
               "data.shuffle=false", f"prompts_per_step={a.prompts}", f"num_generations={a.generations}",
               f"max_completion_length={a.max_completion_length}", f"optim.lr={a.lr}", "optim.schedule=constant",
               f"train.micro_batch_size={a.prompts * a.generations}", f"train.steps={a.steps}", f"train.seed={a.seed}",

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,56 @@ def test_an_override_under_a_shorthand_record_keeps_the_shorthand_value():
     cfg = config_from_dict(PPOConfig, {"critic": "reward_model", "rewards": [{"name": "reward_model"}]},
                            ["critic.lr=3e-4", "model=tiny", "model.dtype=bfloat16"])
     assert (cfg.critic.init, cfg.critic.lr, cfg.model.path, cfg.model.dtype) == ("reward_model", 3e-4, "tiny", "bfloat16")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.eval_fraction=3", r"data.eval_fraction: must be in \[0, 1\), got 3.0"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints: must be >= 0, got -1"),
+    ("train.seed=-1", r"train.seed: must be in \[0, 4294967295\], got -1"),
+    ("optim.betas=[0.9, 1.5]", r"optim.betas\[1\]: must be in \[0, 1\), got 1.5"),
+    ("optim.lr=.inf", "optim.lr: must be a finite number, got inf"),
+    ("optim.eps=0", "optim.eps: must be > 0"),
+    ("lora.dropout=1", r"lora.dropout: must be in \[0, 1\)"),
+    ("train.report_to=[tensorbord]", r"train.report_to\[0\]: unknown sink 'tensorbord'"),
+    ("data.split=validation", "data.split: 'validation' cannot apply to the file 'train.jsonl'"),
+    ("train.output_dir=", "train.output_dir: empty"),
+])
+def test_every_range_is_checked_at_load_time_naming_the_override(override, message):
+    with pytest.raises(ConfigError, match=f"override '{re.escape(override)}': {message}"):
+        load_config(SFTConfig, None, ["data.path=train.jsonl", override])
+
+
+def test_grpo_ranges_and_the_reward_list_are_checked_at_load_time():
+    from posttrain.config import GRPOConfig
+
+    for override, message in [("top_p=2", r"top_p: must be in \(0, 1\]"),
+                              ("rewards=[{name: math, weight: .nan}]", r"rewards\[0\].weight: must be a finite"),
+                              ("max_completion_length=300", "data.max_length: 256 leaves no room for a prompt")]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict(GRPOConfig, {}, [override])
+
+
+def test_an_error_from_an_override_names_the_override_and_one_from_the_file_names_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  steps: 5\n  keep_checkpoints: -2\n")
+    with pytest.raises(ConfigError, match=r"^override 'train.steps=0': train.steps: must be > 0"):
+        load_config(SFTConfig, None, ["train.steps=0"])
+    with pytest.raises(ConfigError, match=r"^override 'train={steps: 0}': train.steps: must be > 0"):
+        load_config(SFTConfig, p, ["train={steps: 0}"])
+    with pytest.raises(ConfigError, match=r"c.yaml: train.keep_checkpoints: must be >= 0"):
+        load_config(SFTConfig, p, ["optim.lr=1e-3"])
+    with pytest.raises(ConfigError, match=r"^override 'optim.lrr=1': unknown config key 'optim.lrr'"):
+        load_config(SFTConfig, p, ["optim.lrr=1"])
+
+
+def test_a_key_given_twice_and_a_binary_config_file_are_config_errors(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("optim:\n  lr: 1.0e-3\ntrain:\n  steps: 5\noptim:\n  lr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: invalid YAML: .*key 'optim' is given twice"):
+        load_config(SFTConfig, p)
+    b = tmp_path / "bin.yaml"
+    b.write_bytes(b"\xff\xfe\x00model: tiny")
+    with pytest.raises(ConfigError, match="bin.yaml: not UTF-8 text"):
+        load_config(SFTConfig, b)
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_config(SFTConfig, tmp_path)

@@ -110,3 +110,31 @@ def test_builtin_task_splits_are_disjoint():
     for r in test.rows[:20]:
         expr = r["prompt"].rstrip("=")
         assert str(eval(expr)) == r["answer"]  # trusted generator text, not model output
+
+
+def test_undecodable_and_corrupt_files_name_the_file_and_the_place(tmp_path):
+    import pytest
+
+    from posttrain.data.io import DataError, read_rows
+
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not valid UTF-8 \(byte 32 of the file: b'\\xe9\"}\\n'\)"):
+        read_rows(str(bad))
+    utf16 = tmp_path / "u16.csv"
+    utf16.write_bytes("prompt,completion\na,b\n".encode("utf-16"))
+    with pytest.raises(DataError, match="u16.csv: the file is UTF-16 encoded"):
+        read_rows(str(utf16))
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n')  # what Windows editors write: accepted
+    assert read_rows(str(bom)).rows == [{"prompt": "a"}]
+    pq = tmp_path / "bad.parquet"
+    pq.write_text("not parquet")
+    with pytest.raises(DataError, match="bad.parquet: not a readable parquet file"):
+        read_rows(str(pq))
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("prompt,completion\na,b\nc,d,e\n")
+    with pytest.raises(DataError, match="ragged.csv:3: more fields than the header"):
+        read_rows(str(ragged))
+    with pytest.raises(DataError, match="not a regular file"):
+        read_rows("/dev/null")

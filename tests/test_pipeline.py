@@ -16,7 +16,7 @@ def _tiny_pipeline(tmp_path, **extra):
                 "model": "tiny", "data": {"path": "builtin:arithmetic?max_terms=2", "num_examples": 120, "max_length": 32},
                 "optim": {"lr": 3e-3}, "train": {"steps": 6, "micro_batch_size": 16, "progress": False}}},
             {"name": "grpo", "recipe": "grpo", "config": {
-                "data": {"path": "builtin:arithmetic?max_terms=2", "num_examples": 50, "max_length": 16},
+                "data": {"path": "builtin:arithmetic?max_terms=2", "num_examples": 50, "max_length": 28},
                 "prompts_per_step": 2, "num_generations": 4, "max_completion_length": 12, "beta": 0.05,
                 "ref_model": "sft", "train": {"steps": 2, "micro_batch_size": 8, "progress": False}}},
         ],
@@ -146,3 +146,73 @@ def test_rlhf_demo_fast_runs_both_branches_and_reports_them_side_by_side(tmp_pat
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "RLHF (PPO with a critic + reward model) vs GRPO" in html and "Proxy reward vs gold" in html
     assert "x ppo&#x27;s peak" in html or "x ppo's peak" in html
+
+
+def test_every_problem_of_every_stage_is_reported_before_anything_runs(tmp_path, capsys):
+    import yaml
+
+    from posttrain.cli import main
+
+    cfg = _tiny_pipeline(tmp_path)
+    stages = [dict(s) for s in (to_plain(st) for st in cfg.stages)]
+    stages[0]["config"]["data"]["path"] = str(tmp_path / "missing.jsonl")
+    stages[1]["config"]["rewards"] = [{"name": "mathh"}, {"name": "no_such_module:fn"}]
+    data = {"output_dir": str(tmp_path / "pipe"), "stages": stages,
+            "eval": {"data": "builtin:arithmetic", "verifier": "math", "verifier_options": {"timout": 3}}}
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["pipeline", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "4 problem(s), no stage was started" in err and str(path) in err
+    assert "eval.verifier='math': verifier 'math': unknown option(s) ['timout']" in err
+    assert f"stages[0] (sft): data.path='{tmp_path / 'missing.jsonl'}': " in err
+    assert "stages[1] (grpo): rewards[0].name='mathh': unknown verifier 'mathh'; did you mean 'math'?" in err
+    assert "stages[1] (grpo): rewards[1].name='no_such_module:fn': cannot import module 'no_such_module'" in err
+    assert not (tmp_path / "pipe").exists()
+
+
+def test_a_reward_module_next_to_the_pipeline_config_is_found(tmp_path, monkeypatch):
+    import yaml
+
+    from posttrain.cli import main
+
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "pipe_local_rewards.py").write_text("def short(completions, **kw):\n    return [1.0 / (1 + len(c)) for c in completions]\n")
+    cfg = _tiny_pipeline(tmp_path)
+    stages = [to_plain(st) for st in cfg.stages]
+    stages[1]["config"]["rewards"] = [{"name": "pipe_local_rewards:short"}]
+    (conf / "p.yaml").write_text(yaml.safe_dump({"output_dir": str(tmp_path / "pipe"), "stages": stages,
+                                                 "eval": {"data": "builtin:arithmetic?max_terms=2", "examples": 4,
+                                                          "k": 0, "max_new_tokens": 8}}))
+    monkeypatch.chdir(tmp_path)  # neither the working directory nor sys.path holds the module
+    assert main(["pipeline", str(conf / "p.yaml")]) == 0
+    assert (tmp_path / "pipe" / "stages" / "02_grpo" / "final" / "COMPLETE").exists()
+
+
+def to_plain(stage):
+    from posttrain.config import to_dict
+
+    return to_dict(stage)
+
+
+def test_a_complete_stage_whose_config_changed_is_not_silently_skipped(tmp_path):
+    import yaml
+
+    from posttrain.config import to_dict
+    from posttrain.preflight import pipeline_problems
+
+    cfg = _tiny_pipeline(tmp_path)
+    plans = plan(cfg)
+    sft = plans[0]
+    (sft.final).mkdir(parents=True)
+    (sft.final / "COMPLETE").write_text("ok\n")
+    saved = {"recipe": "sft", **to_dict(sft.cfg)}
+    saved["optim"]["lr"] = 0.5  # what the finished stage was trained with
+    (sft.dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    (problem,) = pipeline_problems(cfg, plans)
+    assert problem.startswith("stages[0] (sft): ") and "is complete, but with another config" in problem
+    assert "optim.lr: 0.5 -> 0.003" in problem
+    with pytest.raises(ConfigError, match="eval.split: 'dev' cannot apply to the file 'held_out.jsonl'"):
+        config_from_dict(PipelineConfig, {"eval": {"data": "held_out.jsonl", "split": "dev"}, "stages": [
+            {"name": "s", "recipe": "sft"}]})

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.config import GRPOConfig, PPOConfig, RewardModelConfig, config_from_dict
+from posttrain.config import ConfigError, GRPOConfig, PPOConfig, RewardModelConfig, config_from_dict
 from posttrain.models.checkpoint import latest_checkpoint
 from posttrain.models.loading import ModelError
 from posttrain.models.scalar import scalar_from_causal
@@ -231,8 +231,9 @@ def test_critic_with_another_tokenizer_is_refused_naming_the_field(tmp_path, cha
     with pytest.raises(ModelError, match=r"critic.init=.*tokenizer differs from the policy's"):
         ppo.train(cfg)
     cfg = _cfg(tmp_path / "run2", *RL_COMMON, "rewards=[toy_rewards:ones]", f"critic.init={tmp_path / 'nowhere'}")
-    with pytest.raises(ModelError, match=r"critic.init=.*neither a tiny preset"):
+    with pytest.raises(ConfigError, match=r"critic.init=.*neither a tiny preset"):  # before anything starts
         ppo.train(cfg)
+    assert not (tmp_path / "run2").exists()
 
 
 def _cli(out_dir, steps):

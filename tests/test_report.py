@@ -10,6 +10,7 @@ import yaml
 
 from posttrain.report import build_report, main
 from posttrain.report.svg import nice_ticks
+from posttrain.report.load import ReportError
 
 XSS = "<script>alert(1)</script>"
 
@@ -178,9 +179,9 @@ def test_missing_pieces_are_tolerated(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # torn last line
     html = build_report(run).read_text()
     assert "not valid JSON" in html and "No config.yaml" in html and _chart_ids(html) == ["Loss"]
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert "No metrics.jsonl" in build_report(empty).read_text()
+    (run / "metrics.jsonl").unlink()
+    (run / "config.yaml").write_text("recipe: sft\n")  # a run that died before its first step
+    assert "No metrics.jsonl" in build_report(run).read_text()
     root = tmp_path / "pipe"
     root.mkdir()
     (root / "pipeline.json").write_text(json.dumps({"stages": [{"name": "only_eval", "eval": _eval(0.5)},
@@ -192,6 +193,17 @@ def test_missing_pieces_are_tolerated(tmp_path):
 def test_missing_run_dir_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         build_report(tmp_path / "does-not-exist")
+
+
+def test_a_directory_that_is_not_a_run_is_refused_and_left_alone(tmp_path, capsys):
+    from posttrain.cli import main
+
+    (tmp_path / "notes.txt").write_text("not a run")
+    with pytest.raises(ReportError, match="is not a run directory"):
+        build_report(tmp_path)
+    assert main(["report", str(tmp_path)]) == 1
+    assert "is not a run directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_nice_ticks():

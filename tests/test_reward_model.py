@@ -12,10 +12,11 @@ from transformers import AutoModelForSequenceClassification
 
 from posttrain.config import RewardModelConfig, config_from_dict
 from posttrain.data.io import DataError
-from posttrain.models.loading import ModelError, load_tokenizer
+from posttrain.models.loading import load_tokenizer
 from posttrain.recipes import reward_model as rm
 from posttrain.tracking import read_metrics
 from posttrain.verifiers import build_reward, load
+from posttrain.verifiers.registry import VerifierLoadError
 
 
 def _pairs_file(path, n=120, seed=0, **extra):
@@ -106,7 +107,7 @@ def test_identical_chosen_and_rejected_is_a_data_error_naming_the_row(tmp_path):
 def test_reward_model_reward_rejects_a_causal_lm_directory(tmp_path, tiny_model, char_tok):
     tiny_model.save_pretrained(tmp_path / "lm")
     char_tok.save_pretrained(tmp_path / "lm")
-    with pytest.raises(ModelError, match=r"reward_model option path=.*LlamaForCausalLM directory, not a reward model"):
+    with pytest.raises(VerifierLoadError, match=r"reward_model option path=.*LlamaForCausalLM directory, not a reward model"):
         build_reward([("reward_model", 1.0, {"path": str(tmp_path / "lm")})])
-    with pytest.raises(ModelError, match="no readable config.json"):
+    with pytest.raises(VerifierLoadError, match="no readable config.json"):
         build_reward([("reward_model", 1.0, {"path": str(tmp_path / "nothing")})])

@@ -112,3 +112,21 @@ def test_code_audit_probes_the_sandbox_tricks():
     assert {"sys_exit_0", "os_exit_0", "raise_system_exit", "always_equal", "monkeypatch_builtins", "read_test_files",
             "fork_children", "sleep_past_timeout", "print_one_expected_output", "escape_write_host_file"} <= names
     assert report.ok, [(r.probe, r.got, r.reason) for r in report.adversarial_failures]
+
+
+def test_a_user_function_rejecting_the_default_golds_is_told_which_template_was_used(math_file, tmp_path, capsys):
+    (tmp_path / "tagged_rewards.py").write_text(
+        "import re\n"
+        "def tagged(completion, answer=None, **row):\n"
+        "    m = re.search(r'<answer>(.*?)</answer>', completion)\n"
+        "    return 1.0 if m and m.group(1).strip() == str(answer) else 0.0\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert main(["--verifier", "tagged_rewards:tagged", "--data", str(math_file), "--probe-rows", "0"]) == 1
+        out = " ".join(capsys.readouterr().out.split())
+        assert "written as 'The final answer is $\\boxed{{answer}}$.' (change with --gold-template" in out
+        assert "(the verifier gave no reason)" in out and "rerun with --gold-template" in out
+        assert main(["--verifier", "tagged_rewards:tagged", "--data", str(math_file), "--probe-rows", "0",
+                     "--gold-template", "<answer>{answer}</answer>"]) == 0
+    finally:
+        sys.path.remove(str(tmp_path))

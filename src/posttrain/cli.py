@@ -1,10 +1,16 @@
-"""`posttrain <command>`: parse, load the config, call a recipe. Nothing else lives here."""
+"""`posttrain <command>`: parse, load the config, call a recipe. Nothing else lives here.
+
+Every failure reaches the user as one message, never a traceback: `--debug` (anywhere on the command
+line) or POSTTRAIN_DEBUG=1 lets the exception through with its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from posttrain.config import PREFERENCE_LOSSES, RECIPE_CONFIGS, ConfigError, field_help, load_config
@@ -48,16 +54,57 @@ def _recipe_help(name: str) -> str:
     return "\n".join(lines)
 
 
+DEBUG_ENV = "POSTTRAIN_DEBUG"
+
+
 def _expected_errors() -> tuple[type, ...]:
+    """Failures whose message says all a user needs (what, where, what to do)."""
     from posttrain.data.io import DataError
     from posttrain.loop import NonFiniteError
     from posttrain.models.loading import ModelError
+    from posttrain.report.load import ReportError
+    from posttrain.rundir import RunDirError
     from posttrain.tracking import TrackingError
+    from posttrain.verifiers.base import VerifierError
+    from posttrain.verifiers.registry import VerifierLoadError
 
-    return ConfigError, DataError, ModelError, NonFiniteError, TrackingError, FileNotFoundError
+    return (DataError, ModelError, NonFiniteError, TrackingError, RunDirError, VerifierError, VerifierLoadError,
+            ReportError, FileNotFoundError)
 
 
-def run_recipe(name: str, argv: list[str], preset: tuple[str, ...] = ()) -> int:
+def guarded(command: str, fn: Callable[[], int], where: str | None = None, debug: bool = False) -> int:
+    """Run ``fn`` and turn any exception into one line on stderr and an exit status: 2 for a config
+    error, 130 for Ctrl-C, 1 otherwise. ``where`` (the output directory) names the place a failed write
+    went to when the error itself does not. ``debug`` (or $POSTTRAIN_DEBUG) lets exceptions through."""
+    if debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return fn()
+    from posttrain.io_utils import describe_write_error
+
+    try:
+        return fn()
+    except ConfigError as e:
+        print(f"posttrain {command}: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"posttrain {command}: interrupted (rerunning a recipe with train.resume=auto continues from its newest "
+              f"checkpoint)", file=sys.stderr)
+        return 130
+    except _expected_errors() as e:
+        print(f"posttrain {command}: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the last line of defence: a message, not a traceback
+        storage = describe_write_error(e, where or Path.cwd())
+        if storage is not None:
+            print(f"posttrain {command}: error: {storage}", file=sys.stderr)
+        elif isinstance(e, OSError):
+            print(f"posttrain {command}: error: {e}", file=sys.stderr)
+        else:
+            print(f"posttrain {command}: error: {type(e).__name__}: {e}\n(unexpected: rerun with --debug or "
+                  f"{DEBUG_ENV}=1 for the traceback, and report it if it looks like a bug)", file=sys.stderr)
+        return 1
+
+
+def run_recipe(name: str, argv: list[str], preset: tuple[str, ...] = (), debug: bool = False) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(_recipe_help(name))
         return 0
@@ -68,14 +115,17 @@ def run_recipe(name: str, argv: list[str], preset: tuple[str, ...] = ()) -> int:
     except ConfigError as e:
         print(f"posttrain {name}: config error: {e}", file=sys.stderr)
         return 2
-    module = importlib.import_module(RECIPES[name])
-    try:
-        out = module.train(cfg)
-    except _expected_errors() as e:
-        print(f"posttrain {name}: error: {e}", file=sys.stderr)
-        return 1
-    print(f"posttrain {name}: finished; model at {out}")
-    return 0
+    from posttrain.verifiers.registry import add_search_dir
+
+    if path:
+        add_search_dir(Path(path).resolve().parent)  # `module:function` rewards next to the config file
+
+    def run() -> int:
+        out = importlib.import_module(RECIPES[name]).train(cfg)
+        print(f"posttrain {name}: finished; model at {out}")
+        return 0
+
+    return guarded(name, run, cfg.train.output_dir, debug)
 
 
 def _load(target: str) -> Callable[[list[str]], int]:
@@ -85,6 +135,8 @@ def _load(target: str) -> Callable[[list[str]], int]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = argparse.ArgumentParser(prog="posttrain", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=[*RECIPES, *ALIASES, *COMMANDS], help="a recipe or a command")
     if not argv or argv[0] in ("-h", "--help"):
@@ -93,20 +145,17 @@ def main(argv: list[str] | None = None) -> int:
         print("aliases:  " + ", ".join(f"{a} = {r} {' '.join(o)}" for a, (r, o) in ALIASES.items()))
         for cmd, (_, text) in COMMANDS.items():
             print(f"  {cmd:<16} {text}")
+        print(f"\n--debug (anywhere on the line) or {DEBUG_ENV}=1: show an error's traceback instead of its message")
         return 0
     if argv[0] not in RECIPES and argv[0] not in ALIASES and argv[0] not in COMMANDS:
         parser.parse_args(argv[:1])  # prints the choices and exits 2
     if argv[0] in RECIPES:
-        return run_recipe(argv[0], argv[1:])
+        return run_recipe(argv[0], argv[1:], debug=debug)
     if argv[0] in ALIASES:
         recipe, preset = ALIASES[argv[0]]
-        return run_recipe(recipe, argv[1:], preset)
+        return run_recipe(recipe, argv[1:], preset, debug)
     fn = _load(COMMANDS[argv[0]][0])
-    try:
-        return int(fn(argv[1:]) or 0)
-    except _expected_errors() as e:
-        print(f"posttrain {argv[0]}: error: {e}", file=sys.stderr)
-        return 1
+    return guarded(argv[0], lambda: int(fn(argv[1:]) or 0), debug=debug)
 
 
 if __name__ == "__main__":

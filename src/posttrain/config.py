@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -20,7 +23,16 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config problem; the message names the field (and the file) at fault."""
+    """A config problem; the message names the field (and the file or the override) at fault.
+
+    ``field`` is the dotted field path when known, so `load_config` can say whether the value came
+    from the YAML file or from a command-line override; ``override`` marks an error in an override's
+    own syntax."""
+
+    def __init__(self, message: str, field: str | None = None, override: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.override = override
 
 
 def doc(default: Any, text: str) -> Any:
@@ -34,6 +46,14 @@ def doc(default: Any, text: str) -> Any:
 
 def dict_doc(text: str) -> Any:
     return field(default_factory=dict, metadata={"doc": text})
+
+
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def is_data_file(path: str) -> bool:
+    """A single data file (which has no splits), as opposed to a dataset directory, hub name or builtin task."""
+    return not path.startswith("builtin:") and Path(path).suffix.lower() in DATA_FILE_SUFFIXES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,10 +89,16 @@ class DataConfig:
     split: str = doc("train", "split to read from a dataset dict / hub dataset")
     eval_path: str = doc("", "held-out file; empty: carve eval_fraction off the training data")
     eval_fraction: float = doc(0.05, "fraction held out for eval loss when eval_path is empty")
-    max_length: int = doc(512, "maximum tokens per example (prompt + completion)")
+    max_length: int = doc(512, "maximum tokens per example, prompt + completion (RL recipes: a prompt may use "
+                               "max_length - max_completion_length)")
     overlong: Literal["drop", "truncate"] = doc("drop", "what to do with rows longer than max_length (always reported)")
     shuffle: bool = doc(True, "shuffle training rows every epoch (seeded)")
     num_examples: int = doc(0, "builtin tasks: how many rows to generate (0: the task default)")
+
+    def check(self) -> None:
+        if self.split != "train" and is_data_file(self.path):
+            raise ConfigError(f"split: {self.split!r} cannot apply to the file {self.path!r}: a single file has no "
+                              f"splits (they exist for dataset directories, hub datasets and builtin tasks)")
 
 
 @dataclass(frozen=True)
@@ -101,6 +127,18 @@ class TrainConfig:
     resume: str = doc("auto", "auto: continue from the newest complete checkpoint | never | a checkpoint path")
     report_to: tuple[str, ...] = doc((), "extra metric sinks: tensorboard, wandb, trackio")
     progress: bool = doc(True, "show a progress bar")
+    threads: int = doc(0, "CPU threads for torch (0: auto: $POSTTRAIN_THREADS, else $OMP_NUM_THREADS, else half "
+                          "the available cores)")
+
+    def check(self) -> None:
+        from posttrain.tracking import SINKS
+
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir: empty (it would make the working directory the run directory)")
+
+        for i, sink in enumerate(self.report_to):
+            if sink not in SINKS:
+                raise ConfigError(f"report_to[{i}]: unknown sink {sink!r} (choose from {', '.join(SINKS)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +246,10 @@ class GRPOConfig:
                              "loop (train.steps = rollout steps; padding_free: micro_batch_size counts packed rows)")
     rewards: tuple[RewardConfig, ...] = doc((RewardConfig(),), "verifiers summed with weights; the first defines accuracy")
     reward_workers: int = doc(0, "worker processes for slow verifiers (0: auto)")
+    reward_non_finite: Literal["error", "zero"] = doc(
+        "error", "a reward that is inf / NaN (a verifier fault), or a row that no weighted reward applies to (all "
+                 "None): error stops the run naming reward, row and completion; zero scores it 0, warns and "
+                 "counts it (reward/non_finite)")
     prompts_per_step: int = doc(8, "P: prompt groups per step")
     num_generations: int = doc(8, "G: completions per prompt")
     max_completion_length: int = doc(64, "max new tokens per completion")
@@ -248,6 +290,10 @@ class GRPOConfig:
             raise ConfigError(f"dual_clip: must be > 1 (or 0 for off), got {self.dual_clip}")
         if self.temperature <= 0:
             raise ConfigError("temperature: RL needs sampling, must be > 0")
+        if self.data.max_length <= self.max_completion_length:
+            raise ConfigError(f"data.max_length: {self.data.max_length} leaves no room for a prompt: it counts "
+                              f"prompt + completion and must exceed max_completion_length="
+                              f"{self.max_completion_length}")
 
 
 @dataclass(frozen=True)
@@ -294,6 +340,9 @@ class PPOConfig:
         "sequence score: reward models ({name: reward_model, options: {path: DIR}}) and/or verifiers, summed with "
         "weights (weight 0: logged only); the first defines accuracy")
     reward_workers: int = doc(0, "worker processes for slow verifiers (0: auto)")
+    reward_non_finite: Literal["error", "zero"] = doc(
+        "error", "a reward that is inf / NaN, or a row that no weighted reward applies to: error stops the run "
+                 "naming reward, row and completion; zero scores it 0, warns and counts it (reward/non_finite)")
     critic: CriticConfig = doc(CriticConfig(), "the value model")
     prompts_per_step: int = doc(8, "P: prompts per rollout batch")
     num_generations: int = doc(4, "G: completions per prompt")
@@ -341,6 +390,9 @@ class PPOConfig:
             raise ConfigError("critic.value_clip / critic.lr: must be >= 0")
         if self.critic.init == "reward_model" and not any(r.name == "reward_model" for r in self.rewards):
             raise ConfigError("critic.init: 'reward_model' needs a reward_model entry in rewards")
+        if self.data.max_length <= self.max_completion_length:
+            raise ConfigError(f"data.max_length: {self.data.max_length} leaves no room for a prompt: it counts "
+                              f"prompt + completion, and max_completion_length is {self.max_completion_length}")
 
 
 RECIPE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "grpo": GRPOConfig,
@@ -381,14 +433,14 @@ def _hints(cls: type) -> dict[str, Any]:
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return the typed value."""
     origin = get_origin(tp)
-    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})", where)
     if tp is Any:
         return value
     if origin is Literal:
         if value not in get_args(tp):
             close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{where}: {value!r} is not one of {_type_name(tp)}{hint}")
+            raise ConfigError(f"{where}: {value!r} is not one of {_type_name(tp)}{hint}", where)
         return value
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -439,7 +491,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise bad
-    raise ConfigError(f"{where}: unsupported annotation {tp!r}")
+    raise ConfigError(f"{where}: unsupported annotation {tp!r}", where)
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -447,7 +499,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if shorthand and not isinstance(data, dict):
         data = {shorthand: data}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping ({cls.__name__}), got {data!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping ({cls.__name__}), got {data!r}", where or None)
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -457,7 +509,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown config key {path!r}{hint} (valid: {', '.join(names)})")
+            raise ConfigError(f"unknown config key {path!r}{hint} (valid: {', '.join(names)})", path)
         tp = hints[key]
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             # Partial nested mapping: start from the field's own default, not the class default.
@@ -492,10 +544,10 @@ def to_dict(cfg: Any) -> Any:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`optim.lr=3e-4` -> (["optim", "lr"], 0.0003). Values are parsed as YAML scalars."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.sub=value")
+        raise ConfigError(f"override {text!r} must look like key.sub=value", override=text)
     key, raw = text.split("=", 1)
     if not key.strip():
-        raise ConfigError(f"override {text!r} has an empty key")
+        raise ConfigError(f"override {text!r} has an empty key", override=text)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -535,14 +587,32 @@ def config_from_dict(cls: type, data: dict, overrides: list[str] = ()) -> Any:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        raise ConfigError(f"config file {str(p)!r} does not exist" if not p.exists() else
+                          f"config file {str(p)!r} is not a file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); a config is a YAML text file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of config keys")
     return data
@@ -553,26 +623,118 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     try:
         return config_from_dict(cls, data, overrides)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        raise locate_error(e, path, overrides) from None
+
+
+def _parts(dotted: str) -> list[str]:
+    return [p for p in re.split(r"[.\[\]]+", dotted) if p and not p.isdigit()]
+
+
+def locate_error(e: ConfigError, path: str | Path | None, overrides: Sequence[str]) -> ConfigError:
+    """Name where the faulty value came from: the command-line override that set the field (or a
+    section above it), else the YAML file."""
+    if e.override is not None:
+        return e
+    text = str(e)
+    field_path = e.field or (re.match(r"^([\w.\[\]]+):", text) or [None, None])[1]
+    if field_path:
+        fparts = _parts(field_path)
+        for ov in reversed(list(overrides)):  # the last override of a key is the one in force
+            key = ov.split("=", 1)[0].strip()
+            kparts = _parts(key)
+            n = min(len(kparts), len(fparts))
+            if n and kparts[:n] == fparts[:n]:
+                return ConfigError(f"override {ov!r}: {text}", e.field, ov)
+    return ConfigError(f"{path}: {text}", e.field) if path else e
+
+
+# Ranges by field name (every recipe's field of that name, so a new recipe's `steps` or `top_p` is
+# checked without code of its own): (low, low inclusive, high, high inclusive), None = unbounded. Values
+# a recipe would reject (or silently misuse) later fail at load time, naming the field.
+_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "alpha": (0, False, None, False), "dropout": (0, True, 1, False), "eval_fraction": (0, True, 1, False),
+    "num_examples": (0, True, None, False), "betas": (0, True, 1, False), "eps": (0, False, None, False),
+    "min_lr_ratio": (0, True, 1, True), "max_grad_norm": (0, True, None, False),
+    "seed": (0, True, 2**32 - 1, True), "keep_checkpoints": (0, True, None, False),
+    "log_every": (0, True, None, False), "threads": (0, True, None, False),
+    "reward_workers": (0, True, None, False), "top_p": (0, False, 1, True), "temperature": (0, True, None, False),
+    "eval_examples": (1, True, None, False), "samples_every": (0, True, None, False),
+    "examples": (0, True, None, False), "k": (0, True, None, False), "max_new_tokens": (1, True, None, False),
+    "limit": (0, True, None, False), "pairs_per_prompt": (1, True, None, False), "n": (2, True, None, False),
+}
+_POSITIVE = {"steps", "micro_batch_size", "grad_accum", "max_length", "num_generations",
+             "prompts_per_step", "max_completion_length", "num_iterations", "max_gen_batches", "ppo_epochs",
+             "num_mini_batches"}
+_NON_NEGATIVE = {"lr", "weight_decay", "warmup_steps", "save_every", "eval_every", "beta", "r"}
+
+
+def _range_text(lo, lo_in, hi, hi_in) -> str:
+    if hi is None:
+        return f"{'>=' if lo_in else '>'} {lo}"
+    if lo is None:
+        return f"{'<=' if hi_in else '<'} {hi}"
+    return f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+
+
+def _check_value(path: str, name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ConfigError(f"{path}: must be a finite number, got {v!r}", path)
+    bounds = _RANGES.get(name)
+    if name in _POSITIVE:
+        bounds = (0, False, None, False)
+    elif name in _NON_NEGATIVE:
+        bounds = (0, True, None, False)
+    if bounds is None:
+        return
+    lo, lo_in, hi, hi_in = bounds
+    below = lo is not None and (v < lo or (v == lo and not lo_in))
+    above = hi is not None and (v > hi or (v == hi and not hi_in))
+    if below or above:
+        raise ConfigError(f"{path}: must be {_range_text(lo, lo_in, hi, hi_in)}, got {v!r}", path)
 
 
 def _check_ranges(cfg: Any, where: str) -> None:
     """Value checks that types cannot express; named so the error points at the field."""
-    positive = {"steps", "micro_batch_size", "grad_accum", "max_length", "num_generations",
-                "prompts_per_step", "max_completion_length", "num_iterations", "max_gen_batches", "ppo_epochs",
-                "num_mini_batches"}
-    non_negative = {"lr", "weight_decay", "warmup_steps", "save_every", "eval_every", "beta", "r"}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         path = f"{where}.{f.name}" if where else f.name
         if dataclasses.is_dataclass(v):
             _check_ranges(v, path)
-        elif f.name in positive and isinstance(v, (int, float)) and v <= 0:
-            raise ConfigError(f"{path}: must be > 0, got {v!r}")
-        elif f.name in non_negative and isinstance(v, (int, float)) and v < 0:
-            raise ConfigError(f"{path}: must be >= 0, got {v!r}")
+        elif isinstance(v, tuple):
+            for i, item in enumerate(v):
+                if dataclasses.is_dataclass(item):
+                    _check_ranges(item, f"{path}[{i}]")
+                else:
+                    _check_value(f"{path}[{i}]", f.name, item)
+        else:
+            _check_value(path, f.name, v)
     if hasattr(cfg, "check"):
-        cfg.check()
+        try:
+            cfg.check()
+        except ConfigError as e:
+            # A record's own check names its fields relative to itself: prefix where it sits.
+            if not where:
+                raise
+            raise ConfigError(f"{where}.{e}", f"{where}.{e.field}" if e.field else None) from None
+
+
+def at_least(minimum: int):
+    """An argparse ``type`` for a whole number >= ``minimum`` (a negative --limit silently dropped rows)."""
+
+    def parse(text: str) -> int:
+        import argparse
+
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def field_help(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -23,6 +23,7 @@ from posttrain.data.formats import reward_columns
 from posttrain.data.tokenize import prompt_ids
 from posttrain.rollout.engine import KVCacheEngine, SamplingParams
 from posttrain.verifiers import is_correct, score_all
+from posttrain.verifiers.base import verifier_name
 
 Z95 = 1.959963984540054
 
@@ -83,6 +84,7 @@ class EvalSummary:
     mean_at_k: float | None = None
     mean_at_k_ci: tuple[float, float] | None = None
     samples: list[dict] = field(default_factory=list)
+    maj_at_k_missing: str | None = None  # why maj@k is not reported (the verifier has no answer extractor)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -125,6 +127,9 @@ def evaluate(model, tokenizer, rows: list[dict], verifier: Callable[..., float],
                        mean_at_k=sum(mean) / len(mean), mean_at_k_ci=mean_ci(mean))
         if maj:
             summary.update(maj_at_k=sum(maj) / len(maj), maj_at_k_ci=wilson(sum(maj), len(maj)))
+        elif extract is None:
+            summary["maj_at_k_missing"] = (f"verifier {verifier_name(verifier)!r} exposes no answer extractor "
+                                           f"(a reward function can: fn.extract_answer = a function text -> answer)")
     return EvalSummary(**summary)
 
 
@@ -161,14 +166,17 @@ def evaluate_model_dir(model_dir: str, data: str, *, split: str = "test", limit:
     from posttrain.models.loading import load_model
     from posttrain.verifiers import load as load_verifier
 
-    rows = read_rows(data, split, num_examples=num_examples, seed=seed)
-    validate(rows, "prompt")
-    torch.manual_seed(seed)
-    model, tok = load_model(ModelConfig(path=model_dir))
-    check = load_verifier(verifier, **(verifier_options or {}))
+    check = load_verifier(verifier, **(verifier_options or {}))  # a bad name fails before any loading
     try:
+        rows = read_rows(data, split, num_examples=num_examples, seed=seed)
+        validate(rows, "prompt")
+        torch.manual_seed(seed)
+        model, tok = load_model(ModelConfig(path=model_dir))
+        # maj@k needs the verifier's notion of "the answer": built-ins have one; a user function may
+        # expose its own as an `extract_answer` attribute.
+        extract = answer_extractor(verifier) or getattr(check, "extract_answer", None)
         return evaluate(model, tok, rows.rows[:limit] if limit else rows.rows, check, k=k, temperature=temperature,
-                        max_new_tokens=max_new_tokens, extract=answer_extractor(verifier))
+                        max_new_tokens=max_new_tokens, extract=extract)
     finally:
         getattr(check, "close", lambda: None)()
 
@@ -183,25 +191,33 @@ def format_summary(s: EvalSummary) -> str:
         lines.append(f"mean@{s.k}: {pct(s.mean_at_k, s.mean_at_k_ci)}")
         if s.maj_at_k is not None:
             lines.append(f"maj@{s.k}: {pct(s.maj_at_k, s.maj_at_k_ci)}")
+        elif s.maj_at_k_missing:
+            lines.append(f"maj@{s.k}: not computed: {s.maj_at_k_missing}")
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
     """posttrain eval --model DIR --data FILE --verifier NAME [-k 8] [--temperature 1.0] [--json OUT]"""
+    from posttrain.config import at_least
     from posttrain.io_utils import atomic_write_json
 
     p = argparse.ArgumentParser(prog="posttrain eval", description=main.__doc__)
     p.add_argument("--model", required=True, help="local model directory")
     p.add_argument("--data", required=True, help="prompt rows with the verifier's columns (e.g. answer)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default=None, help="split of a dataset directory / hub dataset / builtin task "
+                   "(default: test); a single file has none")
     p.add_argument("--verifier", default="math")
-    p.add_argument("-k", type=int, default=0, help="samples per prompt for pass@k / maj@k / mean@k")
+    p.add_argument("-k", type=at_least(0), default=0, help="samples per prompt for pass@k / maj@k / mean@k")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N rows only")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=64)
+    p.add_argument("--limit", type=at_least(0), default=0, help="evaluate the first N rows only")
     p.add_argument("--json", default="", help="write the summary here")
     a = p.parse_args(argv)
-    s = evaluate_model_dir(a.model, a.data, split=a.split, limit=a.limit, verifier=a.verifier, k=a.k,
+    from posttrain.config import is_data_file
+
+    if a.split is not None and is_data_file(a.data):
+        p.error(f"--split {a.split!r} cannot apply to the file {a.data!r}: a single file has no splits")
+    s = evaluate_model_dir(a.model, a.data, split=a.split or "test", limit=a.limit, verifier=a.verifier, k=a.k,
                            temperature=a.temperature, max_new_tokens=a.max_new_tokens)
     print(format_summary(s))
     if a.json:

@@ -1,19 +1,77 @@
-"""Atomic file writes: write to a temporary file in the same directory, fsync, then rename."""
+"""Atomic file writes (write to a temporary file in the same directory, fsync, then rename), and
+what a failed write means in words (disk full, read-only, no permission)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 
+class WriteError(OSError):
+    """Writing run output failed; the message says where and why (disk full, read-only, permission)."""
+
+
+# Libraries that write files themselves (safetensors, torch.save) report a full disk in their own
+# words, without an errno: match those texts too.
+_KINDS = (
+    ((errno.ENOSPC, errno.EDQUOT), ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122"),
+     "the disk is full"),
+    ((errno.EROFS,), ("Read-only file system", "os error 30"), "the file system is read-only"),
+    ((errno.EACCES, errno.EPERM), ("Permission denied", "os error 13"), "permission denied"),
+)
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+def describe_write_error(e: BaseException, where: str | Path) -> str | None:
+    """"cannot write WHERE: the disk is full (0.2 MB free)" for a failed write, or None when the failure is
+    not one of the storage problems a user can act on."""
+    code, text = getattr(e, "errno", None), str(e)
+    for codes, texts, kind in _KINDS:
+        if code in codes or any(t in text for t in texts):
+            path = Path(getattr(e, "filename", None) or where)
+            if kind == "the disk is full":
+                free = _free_bytes(path)
+                if free is not None:
+                    kind += f" ({free / 1e6:.1f} MB free there)"
+            return f"cannot write {path}: {kind}"
+    return None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
+    try:
+        _atomic_write_text(path, text)
+    except OSError as e:
+        # Name the file the user asked for, not the hidden temporary one.
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file 0600; a run's records should be as readable as any file the user writes.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()

@@ -127,7 +127,7 @@ def format_stats(s: PairStats, kto: bool) -> str:
 
 def main(argv: list[str]) -> int:
     """posttrain make-pairs --model DIR --data FILE --verifier NAME -n 8 --out pairs.jsonl [--kto]"""
-    from posttrain.config import ModelConfig
+    from posttrain.config import ModelConfig, at_least
     from posttrain.data.formats import validate
     from posttrain.data.io import read_rows, write_jsonl
     from posttrain.io_utils import atomic_write_json
@@ -139,16 +139,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--data", required=True, help="prompt rows with the verifier columns (answer, ...) or builtin:<task>")
     p.add_argument("--split", default="train")
     p.add_argument("--verifier", default="math", help="built-in verifier name or pkg.module:function")
-    p.add_argument("-n", type=int, default=8, help="samples per prompt")
+    p.add_argument("-n", type=at_least(2), default=8, help="samples per prompt")
     p.add_argument("--out", required=True, help="output jsonl (written atomically)")
     p.add_argument("--kto", action="store_true", help="write prompt/completion/label rows instead of pairs")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=64)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--pairs-per-prompt", type=int, default=1)
+    p.add_argument("--pairs-per-prompt", type=at_least(1), default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=0, help="use the first N rows only")
-    p.add_argument("--num-examples", type=int, default=0, help="builtin tasks: rows to generate")
+    p.add_argument("--limit", type=at_least(0), default=0, help="use the first N rows only")
+    p.add_argument("--num-examples", type=at_least(0), default=0, help="builtin tasks: rows to generate")
     p.add_argument("--device", default="auto")
     p.add_argument("--stats", default="", help="also write the counts as json here")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from posttrain.config import (RECIPE_CONFIGS, ConfigError, config_from_dict, dict_doc, doc, read_yaml, to_dict)
+from posttrain.config import (RECIPE_CONFIGS, ConfigError, config_from_dict, dict_doc, doc, is_data_file, read_yaml,
+                              to_dict)
 
 log = logging.getLogger("posttrain")
 
@@ -42,6 +43,11 @@ class EvalConfig:
     temperature: float = doc(1.0, "sampling temperature for the k samples")
     max_new_tokens: int = doc(64, "generation budget")
     baseline: bool = doc(False, "also evaluate the model the first stage starts from")
+
+    def check(self) -> None:
+        if self.split != "test" and is_data_file(self.data):
+            raise ConfigError(f"split: {self.split!r} cannot apply to the file {self.data!r}: a single file has no "
+                              f"splits (they exist for dataset directories, hub datasets and builtin tasks)")
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,8 @@ class PipelineConfig:
     def check(self) -> None:
         if not self.stages:
             raise ConfigError("stages: a pipeline needs at least one stage")
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir: empty (it would make the working directory the pipeline directory)")
         names = [s.name for s in self.stages]
         for i, s in enumerate(self.stages):
             if not s.name:
@@ -150,14 +158,17 @@ def plan(cfg: PipelineConfig) -> list[StagePlan]:
     root = Path(cfg.output_dir)
     finals: dict[str, str] = {}
     plans: list[StagePlan] = []
+    errors: list[str] = []  # every stage's, reported together
     prev: str | None = None
     for i, stage in enumerate(cfg.stages, 1):
         out = root / "stages" / f"{i:02d}_{stage.name}"
         data = _stage_overrides(stage, prev, out, finals)
+        finals[stage.name] = prev = str(out / "final")
         try:
             rcfg = config_from_dict(RECIPE_CONFIGS[stage.recipe], data)
         except ConfigError as e:
-            raise ConfigError(f"stages[{i - 1}] ({stage.name}): {e}") from None
+            errors.append(f"stages[{i - 1}] ({stage.name}): {e}")
+            continue
         model_path = rcfg.model.path
         ref = getattr(rcfg, "ref_model", "")
         ref_label = next((n for n, p in finals.items() if p == ref), ref)
@@ -165,16 +176,18 @@ def plan(cfg: PipelineConfig) -> list[StagePlan]:
             ref_label = f"initial ({next((n for n, p in finals.items() if p == model_path), model_path)})"
         pairs = stage.make_pairs if stage.make_pairs.data else None
         if pairs and stage.recipe not in PAIR_RECIPES:
-            raise ConfigError(f"stages[{i - 1}] ({stage.name}): make_pairs only applies to preference and "
-                              f"reward_model stages")
+            errors.append(f"stages[{i - 1}] ({stage.name}): make_pairs only applies to preference and "
+                          f"reward_model stages")
+            continue
         if pairs:
             # The pairs file is the stage's training data; it is written before the stage trains.
             rcfg = replace(rcfg, data=replace(rcfg.data, path=str(out / "pairs.jsonl")))
         start_stage = next((n for n, p in finals.items() if p == model_path), "")
         plans.append(StagePlan(stage.name, stage.recipe, out, rcfg, model_path, ref_label, pairs,
                                start_stage=start_stage))
-        finals[stage.name] = str(out / "final")
-        prev = finals[stage.name]
+    if errors:
+        raise ConfigError("\n".join(errors) if len(errors) == 1 else
+                          f"{len(errors)} stages have config errors:\n  " + "\n  ".join(errors))
     for control in cfg.controls:
         base = next(p for p in reversed(plans) if p.recipe == "grpo")
         out = root / "controls" / f"{base.name}_{control}"
@@ -275,11 +288,16 @@ def run(cfg: PipelineConfig) -> dict:
     from posttrain.io_utils import atomic_write_json
     from posttrain.loop import setup_logging
     from posttrain.models.checkpoint import is_complete
+    from posttrain.preflight import pipeline_problems
 
     setup_logging()
     root = Path(cfg.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     plans = plan(cfg)
+    # Every stage's data, models, verifiers and run directory, before the first stage (or any directory).
+    problems = pipeline_problems(cfg, plans)
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s), no stage was started:\n  " + "\n  ".join(problems))
+    root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     previous = _read_json(root / "pipeline.json") or {}
     prior_seconds = {e["name"]: e.get("seconds", 0.0) for e in previous.get("stages", []) + previous.get("controls", [])}
@@ -339,12 +357,14 @@ def _read_json(path: Path) -> Any:
 
 
 def load_pipeline(path: str | None, overrides: list[str] = ()) -> PipelineConfig:
+    from posttrain.config import locate_error
+
     data = read_yaml(path) if path else {}
     data.pop("recipe", None)
     try:
         return config_from_dict(PipelineConfig, data, overrides)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        raise locate_error(e, path, overrides) from None
 
 
 def format_table(summary: dict) -> Any:
@@ -366,7 +386,8 @@ def format_table(summary: dict) -> Any:
         k = ev.get("k") or 0
         t.add_row(name, recipe, f"{100 * ev['greedy_accuracy']:.1f}%  [{100 * lo:.1f}, {100 * hi:.1f}]",
                   f"{100 * ev['pass_at_k']:.1f}% (k={k})" if k else "-",
-                  f"{100 * ev['maj_at_k']:.1f}%" if ev.get("maj_at_k") is not None else "-", f"{secs:.0f}s")
+                  f"{100 * ev['maj_at_k']:.1f}%" if ev.get("maj_at_k") is not None
+                  else "- (no answer extractor)" if ev.get("maj_at_k_missing") else "-", f"{secs:.0f}s")
     return t
 
 
@@ -382,7 +403,14 @@ def main(argv: list[str]) -> int:
         return 0
     path = argv[0] if argv and "=" not in argv[0] else None
     cfg = load_pipeline(path, argv[1:] if path else argv)
-    summary = run(cfg)
+    if path:
+        from posttrain.verifiers.registry import add_search_dir
+
+        add_search_dir(Path(path).resolve().parent)  # `module:function` rewards next to the config file
+    try:
+        summary = run(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
     Console().print(format_table(summary))
     print(f"report: {Path(cfg.output_dir) / 'report.html'}")
     return 0

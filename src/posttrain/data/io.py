@@ -3,7 +3,9 @@ built-in tasks, each row tagged with where it came from so errors can name the f
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,8 @@ def read_rows(path: str, split: str = "train", *, num_examples: int = 0, seed: i
     p = Path(path)
     if p.is_dir():
         return _dataset_dir(p, split)
+    if p.exists() and not p.is_file():
+        raise DataError(f"{p}: not a regular file (a device, pipe or socket); give a data file or a dataset directory")
     if p.is_file():
         suffix = p.suffix.lower()
         reader = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet, ".csv": _csv}.get(suffix)
@@ -51,6 +55,37 @@ def read_rows(path: str, split: str = "train", *, num_examples: int = 0, seed: i
     if len(rows) == 0:
         raise DataError(f"{path}: the dataset is empty")
     return rows
+
+
+def check_source(path: str, split: str = "train") -> str | None:
+    """What is wrong with ``path`` as a data source, without reading it all (None: nothing found).
+    Used to report every problem of a run or pipeline before anything starts."""
+    if not path:
+        return "empty: give a jsonl/json/parquet/csv file, a dataset directory or builtin:<task>"
+    if path.startswith("builtin:"):
+        try:
+            _builtin(path, split, 1, 0)
+        except (DataError, ValueError) as e:
+            return str(e)
+        return None
+    p = Path(path)
+    if p.is_dir():
+        saved = (p / "state.json").is_file() or (p / "dataset_dict.json").is_file()
+        return None if saved else f"{p} is a directory but not a dataset saved with save_to_disk"
+    if p.exists() and not p.is_file():
+        return f"{p} is not a regular file"
+    if p.is_file():
+        if p.suffix.lower() not in (".jsonl", ".json", ".parquet", ".csv"):
+            return f"{p}: unsupported file type {p.suffix!r} (jsonl, json, parquet, csv, or a dataset directory)"
+        try:
+            with p.open("rb"):
+                pass
+        except OSError as e:
+            return f"{p}: cannot read: {e.strerror or e}"
+        return None
+    if "/" in path and not path.startswith((".", "/")) and not p.suffix:
+        return None  # a hub dataset name: only loading it can tell
+    return f"{path}: no such file or directory"
 
 
 def _builtin(path: str, split: str, n: int, seed: int) -> Rows:
@@ -85,26 +120,46 @@ def _builtin(path: str, split: str, n: int, seed: int) -> Rows:
     return Rows(rows, [f"{path}[{i}]" for i in range(len(rows))], path)
 
 
+def _text(p: Path) -> str:
+    """The file as UTF-8 text (a leading BOM is dropped); an unreadable or undecodable file is a
+    DataError naming the line and byte."""
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise DataError(f"{p}: cannot read: {e.strerror or e}") from None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(f"{p}: the file is UTF-16 encoded; posttrain reads UTF-8: re-save it as UTF-8")
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        byte = skip + e.start
+        line = data.count(b"\n", 0, byte) + 1
+        raise DataError(f"{p}:{line}: not valid UTF-8 (byte {byte} of the file: {data[byte:byte + 4]!r}); posttrain "
+                        f"reads text data as UTF-8: re-save the file as UTF-8") from None
+
+
 def _jsonl(p: Path) -> Rows:
     rows, where = [], []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{lineno}: invalid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{p}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
-            rows.append(row)
-            where.append(f"{p}:{lineno}")
+    for lineno, line in enumerate(_text(p).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{lineno}: invalid JSON: {e.msg}") from None
+        except RecursionError:
+            raise DataError(f"{p}:{lineno}: JSON nested too deeply") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{p}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+        rows.append(row)
+        where.append(f"{p}:{lineno}")
     return Rows(rows, where, str(p))
 
 
 def _json(p: Path) -> Rows:
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(_text(p))
     except json.JSONDecodeError as e:
         raise DataError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -115,19 +170,27 @@ def _json(p: Path) -> Rows:
 
 
 def _parquet(p: Path) -> Rows:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(p).to_pylist()
+    try:
+        rows = pq.read_table(p).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{p}: not a readable parquet file: {e}") from None
     return Rows(rows, [f"{p}[row {i}]" for i in range(len(rows))], str(p))
 
 
 def _csv(p: Path) -> Rows:
-    with p.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        rows, where = [], []
+    reader = csv.DictReader(io.StringIO(_text(p), newline=""))
+    rows, where = [], []
+    try:
         for row in reader:
+            if None in row:
+                raise DataError(f"{p}:{reader.line_num}: more fields than the header has columns")
             rows.append(dict(row))
             where.append(f"{p}:{reader.line_num}")
+    except csv.Error as e:
+        raise DataError(f"{p}:{reader.line_num}: invalid CSV: {e}") from None
     return Rows(rows, where, str(p))
 
 
@@ -143,6 +206,8 @@ def _dataset_dir(p: Path, split: str) -> Rows:
         ds = datasets.load_from_disk(str(p))
     except FileNotFoundError as e:
         raise DataError(f"{p}: not a dataset saved with save_to_disk ({e})") from None
+    except Exception as e:  # noqa: BLE001 - arrow / json errors of a damaged dataset directory
+        raise DataError(f"{p}: cannot load this save_to_disk directory ({type(e).__name__}: {e})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{p}: no split {split!r} (has {', '.join(ds)})")

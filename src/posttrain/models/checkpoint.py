@@ -8,7 +8,9 @@ Layout of a run directory:
     final/                       the exported model: merged LoRA, loads in plain transformers
 
 A checkpoint is written to a hidden temporary directory and renamed into place: a kill during a
-save leaves a `.tmp-*` directory that resume never considers (and the next save removes).
+save leaves a `.tmp-*` directory that resume never considers (and the next save removes). Pruning
+renames a checkpoint to a hidden `.trash-*` name before deleting it, so a kill mid-delete never leaves
+a `step-*` directory with its marker but not its files; the next prune deletes the leftovers.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from posttrain.io_utils import fsync_dir
+from posttrain.io_utils import WriteError, describe_write_error, fsync_dir
 from posttrain.models.lora import is_peft, merged
 
 MARKER = "COMPLETE"
@@ -79,6 +81,20 @@ def _tmp_dir(parent: Path, name: str) -> Path:
     return tmp
 
 
+def _written(tmp: Path, final: Path, write) -> None:
+    """Run ``write()`` into ``tmp``, then publish it as ``final``. A failed write removes the partial
+    directory (it may be what filled the disk) and says what went wrong in words."""
+    try:
+        write()
+        _publish(tmp, final)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = describe_write_error(e, final.parent)
+        if what is None:
+            raise
+        raise WriteError(f"{what} (while writing {final.name}; nothing was published)") from e
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, *, optimizer, scheduler,
                     train_state: dict[str, Any], keep: int = 2, extras: dict[str, Any] | None = None) -> Path:
     """``extras``: other trained models of the run (PPO's critic), each saved in a subdirectory of its
@@ -87,29 +103,47 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, *, optimiz
     root = Path(run_dir) / "checkpoints"
     name = f"step-{step:08d}"
     tmp = _tmp_dir(root, name)
-    _write_model(model, tokenizer, tmp, merge=False)
-    for sub, extra in (extras or {}).items():
-        _write_model(extra, None, tmp / sub, merge=False)
-    torch.save({
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": rng_state(),
-        "train_state": train_state,
-    }, tmp / STATE_FILE)
+
+    def write() -> None:
+        _write_model(model, tokenizer, tmp, merge=False)
+        for sub, extra in (extras or {}).items():
+            _write_model(extra, None, tmp / sub, merge=False)
+        torch.save({
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_state(),
+            "train_state": train_state,
+        }, tmp / STATE_FILE)
+
     final = root / name
-    _publish(tmp, final)
+    _written(tmp, final, write)
     _prune(root, keep)
     return final
+
+
+def _trash(path: Path) -> None:
+    """Delete a directory by renaming it out of sight first: a kill mid-delete leaves a `.trash-*`
+    directory (removed by the next prune), never a half-deleted `step-*` one."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _prune(root: Path, keep: int) -> None:
     complete = list_checkpoints(root.parent)
     for path in complete[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):
-        if not stale.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _trash(path)
+    newest = int(_STEP_RE.match(complete[-1].name).group(1)) if complete else None
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and newest is not None and int(m.group(1)) < newest and p not in complete and p.is_dir():
+            # Older than the newest complete checkpoint but itself incomplete: a leftover of a prune
+            # interrupted before deletes were renamed first. Nothing can ever resume from it.
+            _trash(p)
+        elif p.name.startswith(".trash-") or (p.name.startswith((".tmp-", ".old-"))
+                                               and not p.name.endswith(f"-{os.getpid()}")):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -161,9 +195,8 @@ def export_model(run_dir: str | Path, model, tokenizer, name: str = "final") -> 
     """The deliverable: merged weights + tokenizer, loadable by transformers, vLLM and peft users."""
     run_dir = Path(run_dir)
     tmp = _tmp_dir(run_dir, name)
-    _write_model(model, tokenizer, tmp, merge=True)
     final = run_dir / name
-    _publish(tmp, final)
+    _written(tmp, final, lambda: _write_model(model, tokenizer, tmp, merge=True))
     return final
 
 

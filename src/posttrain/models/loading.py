@@ -27,7 +27,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"model.device={spec!r} but CUDA is not available")
-    return torch.device(spec)
+    try:
+        return torch.device(spec)
+    except RuntimeError:
+        raise ModelError(f"model.device={spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
 
 
 def load_tokenizer(path: str | Path):

@@ -28,7 +28,7 @@ from posttrain import loop
 from posttrain.config import GRPOConfig
 from posttrain.data.collate import EpochSampler, LMBatch, collate_packed, collate_padded, pack_indices
 from posttrain.data.formats import reward_columns, validate
-from posttrain.data.io import read_rows
+from posttrain.data.io import DataError, read_rows
 from posttrain.data.tokenize import Example, prompt_ids as encode_prompt
 from posttrain.io_utils import keep_steps_upto
 from posttrain.losses.aggregation import aggregate
@@ -43,6 +43,7 @@ from posttrain.rl.advantages import batch_normalize, group_advantages, rloo_adva
 from posttrain.rl.groups import Group, collect_groups
 from posttrain.rollout.engine import KVCacheEngine, SamplingParams, row_seeds
 from posttrain.verifiers import build_reward, is_correct
+from posttrain.verifiers.composite import RewardFault
 
 log = logging.getLogger("posttrain")
 
@@ -192,36 +193,49 @@ def rollout_seeds(seed: int, step: int, round_: int, rows: range) -> list[int]:
     return row_seeds((seed, step, round_), rows)
 
 
-def encode_prompts(tok, rows, max_length: int) -> tuple[list[list[int]], list[int]]:
-    """(token ids of every row's prompt, indices of the rows whose prompt fits ``max_length``)."""
+def encode_prompts(tok, rows, max_length: int, max_completion_length: int) -> tuple[list[list[int]], list[int]]:
+    """(token ids of every row's prompt, indices of the rows whose prompt leaves room for a completion:
+    ``data.max_length`` counts prompt + completion)."""
     prompt_ids = [encode_prompt(tok, r["prompt"]) for r in rows.rows]
-    usable = [i for i, p in enumerate(prompt_ids) if len(p) <= max_length]
+    room = max_length - max_completion_length
+    usable = [i for i, p in enumerate(prompt_ids) if len(p) <= room]
     if len(usable) < len(prompt_ids):
-        log.warning("%s: %d of %d prompts are longer than max_length=%d and are dropped", rows.source,
-                    len(prompt_ids) - len(usable), len(prompt_ids), max_length)
+        log.warning("%s: %d of %d prompts are longer than %d tokens (data.max_length=%d - max_completion_length=%d) "
+                    "and are dropped", rows.source, len(prompt_ids) - len(usable), len(prompt_ids), room,
+                    max_length, max_completion_length)
     if not usable:
-        raise ValueError(f"{rows.source}: no prompt fits data.max_length={max_length}")
+        raise DataError(f"{rows.source}: no prompt fits in {room} tokens (data.max_length={max_length} "
+                        f"- max_completion_length={max_completion_length})")
     return prompt_ids, usable
 
 
 def sample_groups(engine, tok, rows: list[dict], prompt_ids: list[list[int]], picked: list[int], G: int,
-                  sampling: SamplingParams, reward_fn, timing: dict, seeds: list[int] | None = None) -> list[Group]:
+                  sampling: SamplingParams, reward_fn, timing: dict, seeds: list[int] | None = None,
+                  where: list[str] | None = None) -> list[Group]:
     """Steps 1-2 for the rows ``picked``: G samples each from ``engine`` (``seeds``: one per sample, see
     ``rollout_seeds``), scored by ``reward_fn`` (the dataset's extra columns reach the verifiers), as one
-    Group per prompt. ``timing["reward"]`` gains the scoring time. Shared by every RL recipe (GRPO, PPO)."""
+    Group per prompt. ``timing["reward"]`` gains the scoring time; ``where`` (``Rows.where``) names the data
+    rows in a reward fault's message. Shared by every RL recipe (GRPO, PPO). The rewards are trained on as
+    they come: ``reward_fn`` (a `RewardFunction`) has already failed or zeroed any non-finite one, per
+    ``reward_non_finite``."""
     gen = engine.generate([prompt_ids[i] for i in picked], G, sampling, seeds=seeds)
     texts = [tok.decode(c, skip_special_tokens=True) for c in gen.completion_ids]
     row_of = [i for i in picked for _ in range(G)]
     columns = {k: [rows[i].get(k) for i in row_of] for k in reward_columns(rows[picked[0]])}
     t0 = time.time()
     scores = reward_fn(texts, [rows[i]["prompt"] for i in row_of], columns,
-                       completion_lengths=[len(c) for c in gen.completion_ids])
+                       completion_lengths=[len(c) for c in gen.completion_ids],
+                       where=[where[i] for i in row_of] if where is not None else None)
     timing["reward"] += time.time() - t0
-    total = torch.nan_to_num(torch.tensor(scores.total, dtype=torch.float32), nan=0.0)
+    total = torch.tensor(scores.total, dtype=torch.float32)
+    if not torch.isfinite(total).all():  # never clamp a fault into a trainable number
+        raise RewardFault("reward_fn returned a non-finite total; score with verifiers.build_reward, which applies "
+                          "the reward_non_finite policy")
+    faulty = [i // G for i in scores.non_finite]
     return [Group(row, tuple(prompt_ids[row]), tuple(tuple(c) for c in gen.completion_ids[k * G:(k + 1) * G]),
                   tuple(texts[k * G:(k + 1) * G]), tuple(gen.truncated[k * G:(k + 1) * G]),
                   tuple(total[k * G:(k + 1) * G].tolist()),
-                  {n: tuple(v[k * G:(k + 1) * G]) for n, v in scores.components.items()})
+                  {n: tuple(v[k * G:(k + 1) * G]) for n, v in scores.components.items()}, faulty.count(k))
             for k, row in enumerate(picked)]
 
 
@@ -235,12 +249,13 @@ def train(cfg: GRPOConfig) -> Path:
     model = apply_lora(model, cfg.lora)
     model.train()
     ref = reference_model(cfg, model, device)
-    reward_fn = build_reward([(r.name, r.weight, r.options) for r in cfg.rewards], workers=cfg.reward_workers)
+    reward_fn = build_reward([(r.name, r.weight, r.options) for r in cfg.rewards], workers=cfg.reward_workers,
+                             non_finite=cfg.reward_non_finite)
     engine = KVCacheEngine(model, tok, decode=cfg.rollout_decode)
     sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p)
     policy_loss = make_policy_loss(cfg)
 
-    prompt_ids, usable = encode_prompts(tok, rows, cfg.data.max_length)
+    prompt_ids, usable = encode_prompts(tok, rows, cfg.data.max_length, cfg.max_completion_length)
     eval_rows = read_rows(cfg.data.eval_path, "test", seed=cfg.train.seed).rows[:cfg.eval_examples] \
         if cfg.data.eval_path else []
     sampler = EpochSampler(len(usable), cfg.train.seed, shuffle=cfg.data.shuffle)
@@ -248,6 +263,7 @@ def train(cfg: GRPOConfig) -> Path:
     start, state = loop.resume(run, model, optimizer, scheduler)
     if state:
         sampler.load_state_dict(state["sampler"])
+        reward_fn.load_state_dict(state.get("rewards", {}))  # e.g. the `random` control's draw counter
         keep_steps_upto(run.dir / "samples.jsonl", start)  # steps after the checkpoint run again
     elif (run.dir / "samples.jsonl").exists():
         (run.dir / "samples.jsonl").unlink()
@@ -256,11 +272,11 @@ def train(cfg: GRPOConfig) -> Path:
         picked = [usable[i] for i in sampler.take(cfg.prompts_per_step)]
         seeds = rollout_seeds(cfg.train.seed, step, next(rounds), range(len(picked) * cfg.num_generations))
         return sample_groups(engine, tok, rows.rows, prompt_ids, picked, cfg.num_generations, sampling, reward_fn,
-                             timing, seeds)
+                             timing, seeds, rows.where)
 
     progress = loop.Progress(cfg.train.steps, start, "grpo", cfg.train.progress)
     last = cfg.train.steps
-    short_steps = 0
+    short_steps = flat_steps = faulty = 0
     try:
         for step in range(start + 1, last + 1):
             timing = {"generate": 0.0, "reward": 0.0, "logps": 0.0, "update": 0.0}
@@ -271,10 +287,21 @@ def train(cfg: GRPOConfig) -> Path:
                                                       dynamic=cfg.dynamic_sampling, max_rounds=cfg.max_gen_batches)
             timing["generate"] = time.time() - t_step - timing["reward"]
             metrics = rollout_metrics(generated, stats)  # what the policy did, before any filtering
+            faulty += metrics["reward/non_finite"]
             if stats.bound_reached:
                 short_steps += 1
                 log.debug("step %d: dynamic sampling hit max_gen_batches=%d with %d/%d varied groups; "
                           "training on those", step, cfg.max_gen_batches, stats.kept_groups, cfg.prompts_per_step)
+            if groups and not any(g.has_variance for g in groups):
+                # Every group's rewards are equal: all advantages are 0, nothing to learn from (a step
+                # would still move the weights through Adam's momentum and weight decay). Skipped and
+                # counted, as dynamic sampling does when it finds no varied group (the same test on the
+                # reward alone, also with kl_in=reward).
+                flat_steps += 1
+                if flat_steps == 1:
+                    log.warning("step %d: every group has identical rewards, nothing to learn from; the update is "
+                                "skipped (metric skipped_update)", step)
+                groups = []
             if groups:
                 metrics.update(update_policy(cfg, model, ref, groups, optimizer, scheduler, policy_loss,
                                              tok.pad_token_id, device, timing, step))
@@ -296,7 +323,8 @@ def train(cfg: GRPOConfig) -> Path:
                 log.info("grpo step %d/%d reward %.3f acc %.3f len %.1f", step, last, metrics["reward/mean"],
                          metrics["accuracy"], metrics["completion_len/mean"])
             if loop.should(cfg.train.save_every, step, last):
-                loop.save(run, cfg, step, model, tok, optimizer, scheduler, {"sampler": sampler.state_dict()})
+                loop.save(run, cfg, step, model, tok, optimizer, scheduler,
+                          {"sampler": sampler.state_dict(), "rewards": reward_fn.state_dict()})
     finally:
         progress.close()
         run.tracker.close()
@@ -305,6 +333,14 @@ def train(cfg: GRPOConfig) -> Path:
         log.warning("dynamic sampling reached max_gen_batches=%d with fewer than %d varied groups on %d of %d "
                     "steps; those steps trained on the groups they had (metric: dynamic_sampling_short)",
                     cfg.max_gen_batches, cfg.prompts_per_step, short_steps, last - start)
+    if flat_steps:
+        log.warning("every group had identical rewards on %d of %d steps: nothing to learn from, so those updates "
+                    "were skipped (metric skipped_update). Check that the reward can tell completions apart "
+                    "(posttrain audit-verifier) and that the task is neither too easy nor too hard for the model",
+                    flat_steps, last - start)
+    if faulty:
+        log.warning("reward_non_finite=zero: %d completions had a non-finite reward (or none that applied) and "
+                    "were scored 0 in this run (metric reward/non_finite)", faulty)
     return export_model(run.dir, model, tok)
 
 
@@ -388,7 +424,8 @@ def rollout_metrics(groups: list[Group], stats) -> dict:
     lengths = [len(c) for g in groups for c in g.completion_ids]
     trunc = [t for g in groups for t in g.truncated]
     out = {"gen_rounds": stats.rounds, "zero_variance_frac": stats.zero_variance_frac,
-           "groups_trained": stats.kept_groups, "dynamic_sampling_short": float(stats.bound_reached)}
+           "groups_trained": stats.kept_groups, "dynamic_sampling_short": float(stats.bound_reached),
+           "reward/non_finite": sum(g.non_finite for g in groups)}
     t = torch.tensor(totals)
     out.update({"reward/mean": t.mean().item(), "reward/std": t.std().item() if len(totals) > 1 else 0.0,
                 "completion_len/mean": sum(lengths) / len(lengths), "completion_len/min": min(lengths),

@@ -241,11 +241,12 @@ def train(cfg: PPOConfig) -> Path:
     model = apply_lora(model, cfg.lora)
     model.train()
     ref = grpo.reference_model(cfg, model, device)
-    reward_fn = build_reward([(r.name, r.weight, r.options) for r in cfg.rewards], workers=cfg.reward_workers)
+    reward_fn = build_reward([(r.name, r.weight, r.options) for r in cfg.rewards], workers=cfg.reward_workers,
+                             non_finite=cfg.reward_non_finite)
     engine = KVCacheEngine(model, tok, decode=cfg.rollout_decode)
     sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p)
     policy_loss = grpo.make_policy_loss(cfg)
-    prompt_ids, usable = grpo.encode_prompts(tok, rows, cfg.data.max_length)
+    prompt_ids, usable = grpo.encode_prompts(tok, rows, cfg.data.max_length, cfg.max_completion_length)
     eval_rows = read_rows(cfg.data.eval_path, "test", seed=cfg.train.seed).rows[:cfg.eval_examples] \
         if cfg.data.eval_path else []
 
@@ -256,6 +257,7 @@ def train(cfg: PPOConfig) -> Path:
     start, state = loop.resume(run, model, optimizer, scheduler)
     if state:
         sampler.load_state_dict(state["sampler"])
+        reward_fn.load_state_dict(state.get("rewards", {}))  # stateful rewards (the `random` control)
         load_weights(critic, run.resume_from / "critic")
         critic_opt.load_state_dict(state["critic_optimizer"])
         critic_sched.load_state_dict(state["critic_scheduler"])
@@ -274,7 +276,7 @@ def train(cfg: PPOConfig) -> Path:
                 picked = [usable[i] for i in sampler.take(cfg.prompts_per_step)]
                 seeds = grpo.rollout_seeds(cfg.train.seed, step, 0, range(len(picked) * cfg.num_generations))
                 return grpo.sample_groups(engine, tok, rows.rows, prompt_ids, picked, cfg.num_generations, sampling,
-                                          reward_fn, timing, seeds)
+                                          reward_fn, timing, seeds, rows.where)
 
             groups, _, stats = collect_groups(rollout_round, cfg.prompts_per_step, dynamic=False, max_rounds=1)
             timing["generate"] = time.time() - t_step - timing["reward"]
@@ -300,7 +302,8 @@ def train(cfg: PPOConfig) -> Path:
                          metrics["reward/mean"], metrics["accuracy"], metrics.get("value_loss", 0.0), metrics["kl"])
             if loop.should(cfg.train.save_every, step, last):
                 loop.save(run, cfg, step, model, tok, optimizer, scheduler,
-                          {"sampler": sampler.state_dict(), "critic_optimizer": critic_opt.state_dict(),
+                          {"sampler": sampler.state_dict(), "rewards": reward_fn.state_dict(),
+                           "critic_optimizer": critic_opt.state_dict(),
                            "critic_scheduler": critic_sched.state_dict()}, extras={"critic": critic})
     finally:
         progress.close()

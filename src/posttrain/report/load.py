@@ -1,8 +1,8 @@
 """Read a run directory (one recipe run, or a pipeline of them) into plain records for the report.
 
 Tolerant by design: a report is most wanted for runs that died, so a missing file or a torn last line of
-metrics.jsonl shows up as "missing" in the report instead of an exception. Only a run_dir that does not exist
-raises.
+metrics.jsonl shows up as "missing" in the report instead of an exception. Only a run_dir that does not exist,
+or holds none of the files a run or a pipeline writes, raises.
 """
 
 from __future__ import annotations
@@ -13,6 +13,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+
+class ReportError(ValueError):
+    """The directory is not a run (or pipeline) directory; nothing was written."""
+
+
+# A recipe run writes config.yaml first; any of these marks a directory as a run's.
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "final")
 
 
 @dataclass(frozen=True)
@@ -123,9 +131,16 @@ def load_pipeline(path: Path) -> PipelineData:
 
 def load(run_dir: str | Path) -> RunData | PipelineData:
     path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ReportError(f"{run_dir} is a file, not a run directory")
     if not path.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
-    return load_pipeline(path) if (path / "pipeline.json").exists() else load_run(path)
+    if (path / "pipeline.json").exists():
+        return load_pipeline(path)
+    if not any((path / name).exists() for name in RUN_MARKERS):
+        raise ReportError(f"{run_dir} is not a run directory (it has no {', '.join(RUN_MARKERS)} or pipeline.json); "
+                          f"give a run's train.output_dir or a pipeline's output_dir")
+    return load_run(path)
 
 
 def numeric(v: Any) -> float | None:

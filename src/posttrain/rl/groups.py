@@ -22,6 +22,7 @@ class Group:
     truncated: tuple[bool, ...]
     rewards: tuple[float, ...]        # total (weighted) reward per completion
     components: dict[str, tuple[float, ...]]      # unweighted score per verifier
+    non_finite: int = 0               # faulty rewards scored 0 (reward_non_finite: zero)
 
     @property
     def has_variance(self) -> bool:

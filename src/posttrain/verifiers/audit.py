@@ -27,6 +27,7 @@ from typing import Any, Literal
 from .base import score_all
 from .base import verifier_name as _display_name
 from .probes import Probe, adversarial_probes, family_of, gold_column, render_gold
+from .probes import gold_template as gold_template_of
 from .registry import load
 
 _ONE = 1.0 - 1e-9
@@ -65,6 +66,7 @@ class AuditReport:
     calibration: Calibration | None
     flags: tuple[str, ...]
     seconds: float
+    gold_template: str = ""  # how gold answers were written as completions ({answer} marks the answer)
 
     @property
     def gold_failures(self) -> tuple[ProbeResult, ...]:
@@ -167,7 +169,8 @@ def _calibrate(verifier: Any, rows: Sequence[Mapping[str, Any]], sampled: Sequen
     )
 
 
-def _flags(gold: list[ProbeResult], adversarial: list[ProbeResult], calibration: Calibration | None) -> tuple[str, ...]:
+def _flags(gold: list[ProbeResult], adversarial: list[ProbeResult], calibration: Calibration | None,
+           template: str = "") -> tuple[str, ...]:
     flags = []
     if not gold:
         flags.append("no gold answers checked (code rows need a `solution` column)")
@@ -177,6 +180,11 @@ def _flags(gold: list[ProbeResult], adversarial: list[ProbeResult], calibration:
         flags.append(f"{len(gold_fail)}/{len(gold)} gold answers do not score 1")
     if gold and len(gold_fail) == len(gold):
         flags.append("too hard: the verifier rejects every gold answer (check the answer format / column)")
+        if template:
+            # The golds are the audit's own rendering; a verifier that reads another format is not broken.
+            shown = template.replace("\n", "\\n")
+            flags.append(f"the gold answers were written as '{shown}': if your verifier expects another format, "
+                         f"rerun with --gold-template '...{{answer}}...' written the way your completions are")
     if adv_fail:
         names = sorted({r.probe for r in adv_fail})
         flags.append(f"{len(adv_fail)}/{len(adversarial)} adversarial probes get reward: {', '.join(names)}")
@@ -228,8 +236,9 @@ def run_audit(
         gold=tuple(gold),
         adversarial=tuple(adversarial),
         calibration=calibration,
-        flags=_flags(gold, adversarial, calibration),
+        flags=_flags(gold, adversarial, calibration, gold_template or gold_template_of(fam)),
         seconds=time.monotonic() - start,
+        gold_template=gold_template or gold_template_of(fam),
     )
 
 
@@ -274,18 +283,21 @@ def _sample(args: argparse.Namespace, rows: Sequence[Mapping[str, Any]]) -> list
 
 def _print_report(report: AuditReport) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     n_gold_ok = len(report.gold) - len(report.gold_failures)
     console.print(f"[bold]audit of verifier {report.verifier!r}[/] (probe family {report.family}, {report.n_rows} rows, {report.seconds:.1f} s)")
-    console.print(f"gold answers scoring 1: {n_gold_ok}/{len(report.gold)}")
+    shown = report.gold_template.replace("\n", "\\n")  # one line, backslashes as typed in a shell
+    console.print(f"gold answers scoring 1: {n_gold_ok}/{len(report.gold)}, written as '{shown}' "
+                  f"(change with --gold-template '...{{answer}}...')", markup=False)
     if report.gold_failures:
         table = Table(title="gold answers that fail")
         for col in ("row", "got", "reason"):
             table.add_column(col)
         for r in report.gold_failures[:20]:
-            table.add_row(str(r.row), f"{r.got:.3g}", r.reason)
+            table.add_row(str(r.row), f"{r.got:.3g}", escape(r.reason or "(the verifier gave no reason)"))
         console.print(table)
     table = Table(title="adversarial probes (each must score 0)")
     for col in ("probe", "verdict", "rewarded", "max got", "reasons"):
@@ -307,22 +319,24 @@ def _print_report(report: AuditReport) -> None:
             f"{c.prompts_none_pass:.1%} -> {c.verdict}"
         )
     for flag in report.flags:
-        console.print(f"[yellow]! {flag}[/]")
+        console.print(f"[yellow]! {escape(flag)}[/]")
     console.print("[green]OK[/]" if report.ok else "[red]FAILED[/]")
 
 
 def main(argv: Sequence[str]) -> int:
+    from posttrain.config import at_least
+
     parser = argparse.ArgumentParser(prog="posttrain audit-verifier", description=__doc__.split("\n\n")[0])
     parser.add_argument("--verifier", required=True, help="built-in name (math, code, json, label, format, regex, ...) or pkg.module:function")
     parser.add_argument("--data", required=True, help="a .jsonl file of rows with the gold column")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="verifier option (JSON values parsed)")
     parser.add_argument("--family", choices=("math", "label", "json", "code", "format"), help="probe family (default: from --verifier)")
     parser.add_argument("--gold-template", help="how to write a gold answer as a completion, with {answer}")
-    parser.add_argument("--probe-rows", type=int, default=3, help="rows that get the adversarial probes")
-    parser.add_argument("--limit", type=int, help="audit only the first N rows")
+    parser.add_argument("--probe-rows", type=at_least(0), default=3, help="rows that get the adversarial probes")
+    parser.add_argument("--limit", type=at_least(1), help="audit only the first N rows")
     parser.add_argument("--model", help="a model directory to sample completions from (calibration)")
-    parser.add_argument("-n", type=int, default=4, help="samples per prompt with --model")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("-n", type=at_least(1), default=4, help="samples per prompt with --model")
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=512)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--prompt-column", default="prompt")
     parser.add_argument("--json", dest="json_out", help="write the report as JSON here")

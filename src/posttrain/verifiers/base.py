@@ -25,6 +25,11 @@ class VerifierError(RuntimeError):
     """A verifier (or a user reward function) raised; carries which one and which row."""
 
 
+# `Score.reason` of a NaN that means "this reward does not apply to this row" (a user function returned
+# None, TRL's convention): left out of a weighted sum. Any other non-finite score is a fault.
+NOT_APPLICABLE = "not_applicable"
+
+
 class Score(float):
     """A float that also says why it has its value. Behaves as a plain float everywhere.
 

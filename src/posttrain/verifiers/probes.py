@@ -71,18 +71,17 @@ def render_gold(family: str, options: Mapping[str, Any], row: Mapping[str, Any],
         text = gold if isinstance(gold, str) else json.dumps(gold)
     else:
         text = str(gold)
-    if template is not None:
-        # str.replace, not str.format: LaTeX answers are full of braces.
-        return template.replace("{answer}", text)
-    if family == "math":
-        return f"The final answer is $\\boxed{{{text}}}$."
-    if family == "label":
-        return f"<answer>{text}</answer>"
-    if family == "json":
-        return f"```json\n{text}\n```"
-    if family == "code":
-        return f"```python\n{text}\n```"
-    return f"<think>Reasoning.</think>\n<answer>{text}</answer>"
+    # str.replace, not str.format: LaTeX answers are full of braces.
+    return (template if template is not None else gold_template(family)).replace("{answer}", text)
+
+
+GOLD_TEMPLATES = {"math": "The final answer is $\\boxed{{answer}}$.", "label": "<answer>{answer}</answer>",
+                  "json": "```json\n{answer}\n```", "code": "```python\n{answer}\n```"}
+
+
+def gold_template(family: str) -> str:
+    """How a gold answer is written as a completion for a probe family (`{answer}` marks the answer)."""
+    return GOLD_TEMPLATES.get(family, "<think>Reasoning.</think>\n<answer>{answer}</answer>")
 
 
 def wrong_math_answer(gold: str) -> str:

@@ -2,17 +2,25 @@
 
 Built-ins are registered as "module:attribute" strings and imported on first use, so importing
 `posttrain.verifiers` imports neither math-verify nor the code sandbox.
+
+A "module:function" whose module is not importable from `sys.path` is looked for in the current
+directory and in the directories registered with `add_search_dir` (the CLI registers the config file's
+directory), so `my_rewards.py` next to the config or in the working directory is found as a user
+expects. Every loading failure is a `VerifierLoadError` naming the verifier.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import math
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
-from .base import Example, Score, VerifierError, as_text, columns_from_rows, verifier_name
+from .base import NOT_APPLICABLE, Example, Score, VerifierError, as_text, columns_from_rows, verifier_name
 
 BUILTINS: dict[str, str] = {
     "math": "posttrain.verifiers.math:MathVerifier",
@@ -29,20 +37,71 @@ BUILTINS: dict[str, str] = {
 }
 
 
+class VerifierLoadError(ValueError):
+    """A verifier could not be loaded: unknown name, module not importable, no such attribute, bad options."""
+
+
+class VerifierImportError(VerifierLoadError, ImportError):
+    pass
+
+
+class VerifierAttributeError(VerifierLoadError, AttributeError):
+    pass
+
+
+class VerifierOptionError(VerifierLoadError, TypeError):
+    pass
+
+
+_SEARCH_DIRS: list[Path] = []
+
+
+def add_search_dir(path: str | Path) -> None:
+    """Also look for "module:function" modules in ``path`` (after sys.path and the current directory)."""
+    p = Path(path).resolve()
+    if p not in _SEARCH_DIRS:
+        _SEARCH_DIRS.append(p)
+
+
+def _import_module(module_name: str, spec: str) -> Any:
+    top = module_name.split(".")[0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != top:
+            raise VerifierImportError(f"cannot import module {module_name!r} for verifier {spec!r}: {exc}") from exc
+        looked = [Path.cwd().resolve(), *_SEARCH_DIRS]
+        for d in looked:
+            if (d / f"{top}.py").is_file() or (d / top / "__init__.py").is_file():
+                # Appended, not prepended: nothing already importable is shadowed. Spawned verifier
+                # workers inherit sys.path, so they find the module too.
+                if str(d) not in sys.path:
+                    sys.path.append(str(d))
+                importlib.invalidate_caches()
+                try:
+                    return importlib.import_module(module_name)
+                except ImportError as again:
+                    raise VerifierImportError(f"cannot import module {module_name!r} for verifier {spec!r}: "
+                                              f"{again}") from again
+        where = ", ".join(str(d) for d in looked)
+        raise VerifierImportError(f"cannot import module {module_name!r} for verifier {spec!r}: no {top}.py on "
+                                  f"sys.path or in {where}") from exc
+    except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
+        raise VerifierImportError(f"importing module {module_name!r} for verifier {spec!r} raised "
+                                  f"{type(exc).__name__}: {exc}") from exc
+
+
 def import_object(spec: str) -> Any:
     """Import "pkg.module:attr" (attr may be dotted, e.g. "module:Class.method")."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"expected 'pkg.module:name', got {spec!r}")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImportError(f"cannot import module {module_name!r} for verifier {spec!r}: {exc}") from exc
+        raise VerifierLoadError(f"expected 'pkg.module:name', got {spec!r}")
+    obj: Any = _import_module(module_name, spec)
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError as exc:
-            raise AttributeError(f"module {module_name!r} has no attribute {attr!r} (verifier {spec!r})") from exc
+            raise VerifierAttributeError(f"module {module_name!r} has no attribute {attr!r} (verifier {spec!r})") from exc
     return obj
 
 
@@ -62,7 +121,8 @@ class UserFunction:
     - "single", `fn(completion: str, **example) -> float`.
 
     `form="auto"` picks "batch" when the first parameter is named `completions`. A `None` score (TRL's
-    "not applicable to this row") becomes NaN, which `RewardFunction` leaves out of the weighted sum.
+    "not applicable to this row") becomes a NaN `Score` with reason "not_applicable", which `RewardFunction`
+    leaves out of the weighted sum (a NaN or inf the function returns itself is a fault, not "n/a").
     Exceptions from the function propagate as `VerifierError` naming the function (and the row, for
     single-form functions): they are bugs, not scores.
     """
@@ -77,11 +137,13 @@ class UserFunction:
         self.fn = fn
         self.form = form
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        # How maj@k reads this reward's answer: the function's own `extract_answer(text) -> str | None`.
+        self.extract_answer = getattr(fn, "extract_answer", None)
 
     @staticmethod
     def _to_score(value: Any, where: str) -> float:
         if value is None:
-            return math.nan
+            return Score(math.nan, NOT_APPLICABLE)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             # bool is an int subclass, but a True reward is almost always a bug in the function.
             raise VerifierError(f"{where} returned {value!r}; expected a float or None")
@@ -112,6 +174,25 @@ class UserFunction:
         return self.score_batch([as_text(completion)], [example])[0]
 
 
+def check(name: str, **options: Any) -> None:
+    """Raise what `load` would for an unknown name, an unimportable module, a missing attribute or an unknown
+    option name, without constructing the verifier (which may be costly, e.g. one that loads a model)."""
+    if name in BUILTINS:
+        _check_options(name, import_object(BUILTINS[name]), options)
+        return
+    if ":" not in name:
+        load(name)  # raises the unknown-name error with its suggestion
+    obj = import_object(name)
+    if inspect.isclass(obj):
+        _check_options(name, obj, options)
+    elif callable(obj):
+        unknown = set(options) - {"form", "name"}
+        if unknown:
+            raise VerifierOptionError(f"reward function {name!r} takes no options {sorted(unknown)} (only 'form', 'name')")
+    else:
+        raise VerifierOptionError(f"{name!r} is a {type(obj).__name__}, not a verifier class or function")
+
+
 def load(name: str, **options: Any) -> Callable[..., float]:
     """A verifier by built-in name (see `BUILTINS`) or "pkg.module:function".
 
@@ -119,19 +200,44 @@ def load(name: str, **options: Any) -> Callable[..., float]:
     (options: `form`, `name`); anything else is an error.
     """
     if name in BUILTINS:
-        factory = import_object(BUILTINS[name])
-        return factory(**options)
+        return _construct(name, import_object(BUILTINS[name]), options)
     if ":" not in name:
-        raise ValueError(f"unknown verifier {name!r}; built-ins are {sorted(BUILTINS)}, or pass 'pkg.module:function'")
+        close = difflib.get_close_matches(name, list(BUILTINS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise VerifierLoadError(f"unknown verifier {name!r}; {hint}built-ins are {sorted(BUILTINS)}, or pass "
+                                f"'pkg.module:function'")
     obj = import_object(name)
     if inspect.isclass(obj):
-        return obj(**options)
+        return _construct(name, obj, options)
     if callable(obj):
         unknown = set(options) - {"form", "name"}
         if unknown:
-            raise TypeError(f"reward function {name!r} takes no options {sorted(unknown)} (only 'form', 'name')")
+            raise VerifierOptionError(f"reward function {name!r} takes no options {sorted(unknown)} (only 'form', 'name')")
         return UserFunction(obj, **options)
-    raise TypeError(f"{name!r} is a {type(obj).__name__}, not a verifier class or function")
+    raise VerifierOptionError(f"{name!r} is a {type(obj).__name__}, not a verifier class or function")
+
+
+def _check_options(name: str, cls: type, options: dict[str, Any]) -> None:
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    known = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(options) - set(known)) if not takes_any else []
+    if unknown:
+        raise VerifierOptionError(f"verifier {name!r}: unknown option(s) {unknown}; its options are {known}")
+
+
+def _construct(name: str, cls: type, options: dict[str, Any]) -> Any:
+    """``cls(**options)``, with a failure said in terms of the verifier's options."""
+    _check_options(name, cls, options)
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise VerifierOptionError(f"verifier {name!r} with options {options}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a rejected option value, or a bug in a user's class
+        raise VerifierLoadError(f"verifier {name!r} with options {options}: {type(exc).__name__}: {exc}") from exc
 
 
 def accepts_option(name: str, option: str) -> bool:
@@ -148,4 +254,5 @@ def accepts_option(name: str, option: str) -> bool:
     return param is not None and param.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
-__all__ = ["BUILTINS", "UserFunction", "accepts_option", "import_object", "load", "verifier_name"]
+__all__ = ["BUILTINS", "UserFunction", "VerifierLoadError", "accepts_option", "add_search_dir", "check", "import_object",
+           "load", "verifier_name"]

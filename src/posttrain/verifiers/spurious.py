@@ -24,7 +24,8 @@ class RandomReward:
     `1.0 if u < p else 0.0` with `u = blake2b(seed, k, completion) / 2**64`. So a rerun with the same seed
     that scores the same completions in the same order gets the same rewards, identical completions
     within a batch still get independent draws, and nothing depends on Python's per-process hash
-    randomization or a global RNG. The counter is the object's only state (`draws`).
+    randomization or a global RNG. The counter is the object's only state (`draws`); `state_dict()` carries
+    it through a checkpoint, so a resumed run draws what an uninterrupted one draws.
     """
 
     name = "random"
@@ -48,6 +49,13 @@ class RandomReward:
         digest = hashlib.blake2b(f"{self.seed}:{index}:{completion}".encode(), digest_size=8).digest()
         u = int.from_bytes(digest, "big") / 2**64
         return Score(1.0 if u < self.p else 0.0, "random")
+
+    def state_dict(self) -> dict[str, int]:
+        return {"draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        with self._lock:
+            self.draws = int(state["draws"])
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
