@@ -122,7 +122,8 @@ def run_recipe(name: str, argv: list[str], preset: tuple[str, ...] = (), debug: 
 
     def run() -> int:
         out = importlib.import_module(RECIPES[name]).train(cfg)
-        print(f"posttrain {name}: finished; model at {out}")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: one line for the run, not one per rank
+            print(f"posttrain {name}: finished; model at {out}")
         return 0
 
     return guarded(name, run, cfg.train.output_dir, debug)

@@ -129,6 +129,12 @@ class TrainConfig:
     progress: bool = doc(True, "show a progress bar")
     threads: int = doc(0, "CPU threads for torch (0: auto: $POSTTRAIN_THREADS, else $OMP_NUM_THREADS, else half "
                           "the available cores)")
+    strategy: Literal["auto", "fsdp", "replicate"] = doc(
+        "auto", "under torchrun: fsdp (FSDP2 shards parameters, gradients, optimizer state) | replicate (full "
+                "weights on every rank, DDP-style) | auto (replicate with LoRA, else fsdp)")
+    mixed_precision: Literal["none", "bf16"] = doc(
+        "none", "under torchrun: bf16 compute with fp32 master weights and fp32 gradient reduction (FSDP2)")
+    cpu_offload: bool = doc(False, "under torchrun: keep parameters, gradients and optimizer state on the CPU (FSDP2)")
 
     def check(self) -> None:
         from posttrain.tracking import SINKS

@@ -1,26 +1,28 @@
 """The one place that knows about torch.distributed (DESIGN: recipes call it, losses never do).
 
-Under ``torchrun`` every recipe runs data-parallel: one process per device, the process group
-initialised here (NCCL on CUDA, gloo on CPU), models wrapped with FSDP2 (``fully_shard``). A
-single process gets the same object with ``world == 1``, whose calls are identities, so a recipe
-reads the same either way and N ranks compute what one rank computes:
+Under ``torchrun`` every recipe runs data-parallel: one process per device, the process group set up
+here (NCCL on CUDA, gloo on CPU), the trained models wrapped with FSDP2 (``fully_shard``). One process
+gets the same object with ``world == 1``, whose calls are identities, so a recipe reads the same either
+way and N ranks compute what one rank computes:
 
 * every rank draws the same global batch (same seed, same sampler) and takes its own contiguous
   slice (``Dist.slice``);
-* losses are "this rank's share of the global sum" divided by GLOBAL counts (``Dist.sum``), times
-  ``world`` because FSDP averages gradients over ranks (``losses/aggregation.py``);
-* statistics that need the whole batch (KTO's z, batch-whitened advantages, dynamic sampling's
-  decision, metrics) are gathered first;
-* FSDP's collectives need every rank to run the same number of forwards and backwards:
-  ``Dist.pad_count`` tells a rank how many empty micro-batches to add (they carry no loss);
-* token-by-token generation cannot gather parameters per layer per token in lockstep, so the
-  policy is unsharded for the whole rollout (``Dist.unsharded``): full weights on every rank while
-  generating -- the memory of one replicated model -- resharded before the update.
+* a loss is this rank's share of the global sum divided by GLOBAL counts (``Dist.sum``), times
+  ``world`` (``Dist.loss_scale``) because FSDP averages gradients over the ranks
+  (``losses/aggregation.py``);
+* statistics over the whole batch (KTO's z, batch-whitened advantages, dynamic sampling's decision,
+  the logged metrics) are gathered first (``Dist.gather``);
+* FSDP's collectives need every rank to run as many forwards and backwards as every other: a rank
+  with fewer micro-batches adds empty ones (``Dist.pad_count``), which carry no loss;
+* token-by-token generation cannot gather parameters per layer in lockstep (ranks stop at different
+  tokens), so a rollout runs on unsharded parameters (``Dist.unsharded``): for its duration every
+  rank holds the whole policy, the memory of one replicated model, resharded before the update.
 
 Strategies (``train.strategy``): ``fsdp`` shards parameters, gradients and optimizer state over the
-ranks; ``replicate`` keeps full weights on every rank (DDP-style, via FSDP2 on a (replicate, 1)
-mesh: the same code path with nothing to shard), the default with LoRA, whose trainable state is
-small; ``auto`` picks one of the two.
+ranks; ``replicate`` keeps the full weights on every rank (DDP-style: FSDP2 on a (replicate, 1) mesh,
+the same code path with nothing to shard); ``auto`` is ``replicate`` with LoRA (small trainable state,
+frozen base read by every forward) and ``fsdp`` otherwise. Models a rank calls a different number of
+times than the others (reward models inside the reward function) stay plain, replicated modules.
 """
 
 from __future__ import annotations
@@ -28,22 +30,25 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import pickle
+import types
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
+
+# Entry points other than ``forward`` through which a recipe runs a wrapped model: FSDP must gather the
+# root's parameters around them as it does around ``forward`` (see ``Dist.wrap``).
+FORWARD_METHODS = ("_posttrain_completion_logps", "_posttrain_token_values")
 
 
 @dataclass
 class Dist:
-    """Rank, world size, the device of this rank, and the collectives the recipes need."""
+    """Rank, world size, this rank's device, and the few collectives the recipes need."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    mesh: Any = None
 
     @property
     def enabled(self) -> bool:
@@ -53,34 +58,39 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def loss_scale(self) -> int:
+        """FSDP averages gradients over ranks; a loss already divided by global counts is multiplied
+        back so the gradient is the sum over ranks, what one process computes."""
+        return self.world
+
     # -- collectives (identities on one process) ----------------------------------------------
 
-    def _comm_device(self) -> torch.device:
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
+    def _tensor(self, x: Any, dtype=torch.float64) -> torch.Tensor:
+        comm = self.device if self.device.type == "cuda" else torch.device("cpu")
+        return torch.as_tensor(x, dtype=dtype).to(comm)
 
-    def sum(self, x: float | int | torch.Tensor) -> Any:
-        """The sum over ranks (float64 for numbers, so counts stay exact)."""
+    def sum(self, x: float | int) -> float:
+        """The sum over ranks of a number (float64: token counts stay exact)."""
         if not self.enabled:
             return x
         import torch.distributed as dist
 
-        t = x.detach().clone() if isinstance(x, torch.Tensor) else torch.tensor(float(x), dtype=torch.float64)
-        src_device = t.device
-        t = t.to(self._comm_device())
+        t = self._tensor(float(x))
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.to(src_device) if isinstance(x, torch.Tensor) else t.item()
+        return int(round(t.item())) if isinstance(x, int) else t.item()
 
     def max(self, x: float | int) -> float:
         if not self.enabled:
             return x
         import torch.distributed as dist
 
-        t = torch.tensor(float(x), dtype=torch.float64, device=self._comm_device())
+        t = self._tensor(float(x))
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
 
     def gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj``, in rank order, on every rank."""
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
         if not self.enabled:
             return [obj]
         import torch.distributed as dist
@@ -95,7 +105,7 @@ class Dist:
             return obj
         import torch.distributed as dist
 
-        box = [obj if self.is_main else None]
+        box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
@@ -105,34 +115,31 @@ class Dist:
 
             dist.barrier()
 
-    def all_ok(self, ok: bool) -> bool:
-        """True on every rank when ``ok`` holds on every rank (a collective: call it on all ranks)."""
-        return self.sum(0.0 if ok else 1.0) == 0.0
-
-    # -- sharding the global batch ------------------------------------------------------------
+    # -- the global batch ---------------------------------------------------------------------
 
     def slice(self, n: int) -> slice:
-        """This rank's contiguous share of ``n`` items (``n`` divisible by ``world``)."""
+        """This rank's contiguous share of ``n`` items; ``n`` must divide evenly."""
         if n % self.world:
             raise ValueError(f"{n} items cannot be split evenly over {self.world} ranks")
         per = n // self.world
         return slice(self.rank * per, (self.rank + 1) * per)
 
     def pad_count(self, local: int) -> int:
-        """How many empty micro-batches this rank adds so every rank runs as many as the busiest one."""
+        """Empty micro-batches this rank adds so that it runs as many as the busiest rank."""
         return int(self.max(local)) - local if self.enabled else 0
 
     # -- models ---------------------------------------------------------------------------------
 
-    def wrap(self, model, strategy: str, *, mixed_precision: str = "none", cpu_offload: bool = False):
-        """FSDP2 on every decoder layer, then the root (bottom-up, as ``fully_shard`` wants). A single
-        process returns the model unchanged."""
+    def wrap(self, model, strategy: str = "fsdp", *, mixed_precision: str = "none", cpu_offload: bool = False):
+        """FSDP2 over every decoder layer, then the root (bottom-up, as ``fully_shard`` wants), with
+        ``FORWARD_METHODS`` registered as forward entry points. One process: the model as it is."""
         if not self.enabled:
             return model
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                            register_fsdp_forward_method)
 
-        kind = "cuda" if self.device.type == "cuda" else "cpu"
+        kind = self.device.type
         if strategy == "replicate":
             mesh = init_device_mesh(kind, (self.world, 1), mesh_dim_names=("replicate", "shard"))
         else:
@@ -143,16 +150,19 @@ class Dist:
         for layer in decoder_layers(model):
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
+        from posttrain.losses.logprobs import completion_logps_unwrapped
+        from posttrain.models.scalar import token_values_unwrapped
+
+        for name, fn in zip(FORWARD_METHODS, (completion_logps_unwrapped, token_values_unwrapped)):
+            setattr(model, name, types.MethodType(fn, model))
+            register_fsdp_forward_method(model, name)
         return model
 
     @contextlib.contextmanager
     def unsharded(self, *models) -> Iterator[None]:
         """Full parameters on every rank for the duration (a rollout: forwards that differ in number
-        between ranks, with no collective inside), resharded after."""
-        from torch.distributed.fsdp import FSDPModule
-
-        mods = [m for model in models if model is not None and not isinstance(model, str)
-                for m in model.modules() if isinstance(m, FSDPModule)] if self.enabled else []
+        between ranks, with no collective inside them), resharded after."""
+        mods = self._fsdp_modules(models)
         for m in mods:
             m.unshard()
             m.set_reshard_after_forward(False)
@@ -163,14 +173,13 @@ class Dist:
                 m.reshard()
                 m.set_reshard_after_forward(True)
 
-    def full_state_dict(self, model) -> dict[str, torch.Tensor]:
-        """The whole model's weights on rank 0, on CPU (other ranks get {}); a plain state dict on one
-        process."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
+    def _fsdp_modules(self, models) -> list:
         if not self.enabled:
-            return model.state_dict()
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return []
+        from torch.distributed.fsdp import FSDPModule
+
+        return [m for model in models if isinstance(model, torch.nn.Module)
+                for m in model.modules() if isinstance(m, FSDPModule)]
 
     def close(self) -> None:
         if self.enabled:
@@ -181,47 +190,38 @@ class Dist:
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
-    """The repeated blocks of a transformers model (``model.layers`` of Llama / Qwen2-like models, under
-    any PEFT or task-head wrapper): the unit FSDP shards and gathers at a time."""
-    found = [m for name, m in model.named_modules() if name.endswith(".layers") and isinstance(m, torch.nn.ModuleList)]
-    return list(found[0]) if found else []
+    """The repeated blocks of a transformers model (the ``layers`` ModuleList of Llama / Qwen2-like
+    models, under any PEFT or task-head wrapper): the unit FSDP gathers at a time."""
+    for name, m in model.named_modules():
+        if name.endswith("layers") and isinstance(m, torch.nn.ModuleList) and len(m):
+            return list(m)
+    return []
+
+
+def resolve_strategy(strategy: str, lora_r: int) -> str:
+    return strategy if strategy != "auto" else ("replicate" if lora_r > 0 else "fsdp")
 
 
 def launched() -> bool:
-    """Started by torchrun (or any launcher that sets the env:// variables) with more than one process."""
+    """Started by torchrun (or another env:// launcher) with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-_CURRENT: Dist | None = None
-
-
 def init(device_spec: str = "auto") -> Dist:
-    """The process group (once per process) and this rank's device. ``device_spec`` as in
-    ``model.device``: ``auto`` is cuda:LOCAL_RANK when CUDA is available, else cpu."""
-    global _CURRENT
-    if _CURRENT is not None:
-        return _CURRENT
+    """This process's ``Dist``: under a launcher, the process group (set up once per process) and the
+    device of this rank (``model.device: auto`` is cuda:LOCAL_RANK where CUDA is available); else a
+    single process on ``device_spec``."""
     from posttrain.models.loading import resolve_device
 
     if not launched():
-        _CURRENT = Dist(device=resolve_device(device_spec))
-        return _CURRENT
+        return Dist(device=resolve_device(device_spec))
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and device_spec in ("auto", "cuda") or device_spec.startswith("cuda")
+    cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-    _CURRENT = Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, device=device)
-    return _CURRENT
-
-
-def pickled_size(obj: Any) -> int:
-    return len(pickle.dumps(obj))
-
-
-def concat(parts: Sequence[list]) -> list:
-    return [x for part in parts for x in part]
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, device=device)

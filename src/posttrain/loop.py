@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from posttrain import distributed
 from posttrain.config import ConfigError, OptimConfig, TrainConfig, to_dict
+from posttrain.distributed import Dist
 from posttrain.memory import MemoryMeter
 from posttrain.models import checkpoint as ckpt
 from posttrain.preflight import check_recipe
@@ -40,6 +42,23 @@ class Run:
     resume_from: Path | None
     start_time: float = field(default_factory=time.time)
     memory: MemoryMeter | None = None  # measured from before the models are loaded
+    dist: Dist = field(default_factory=Dist)  # this process's rank, world size, collectives
+
+    @property
+    def load_device(self) -> torch.device:
+        """Where models are loaded: the CPU when they will be sharded over ranks (``fully_shard`` moves each
+        rank's shard to its device, so no device ever holds a whole unsharded copy), else the device."""
+        return torch.device("cpu") if self.dist.enabled else self.device
+
+
+class NoTracker:
+    """The metric sinks of a rank other than 0: only rank 0 writes."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def seed_everything(seed: int) -> None:
@@ -97,17 +116,33 @@ def configure_threads(requested: int = 0) -> int:
     return n
 
 
-def start_run(cfg: Any, recipe: str, device: torch.device) -> Run:
-    """Check the run directory (see posttrain.rundir: a refused run writes nothing), write its record,
-    open the metric sinks, set the CPU threads and seed everything."""
+def start_run(cfg: Any, recipe: str, device: torch.device | None = None) -> Run:
+    """Join the process group under torchrun (``posttrain.distributed``), check the run directory (see
+    posttrain.rundir: a refused run writes nothing), write its record, open the metric sinks, set the CPU
+    threads and seed everything. Only rank 0 writes the record, metrics and logs; every rank sees the
+    same config, seed and (so) data order. ``device`` is this rank's (``model.device``), chosen here."""
     setup_logging()
+    dist = distributed.init(cfg.model.device)
+    if dist.enabled and not dist.is_main:
+        log.setLevel(logging.WARNING)  # one log for the run: rank 0's; warnings and errors from every rank
     train: TrainConfig = cfg.train
     check_recipe(cfg, recipe)  # data, models and rewards resolve, or nothing is written
-    plan = open_run_dir(cfg, recipe)
+    plan = dist.broadcast(open_run_dir(cfg, recipe, dist.world) if dist.is_main else None)
     configure_threads(getattr(train, "threads", 0))
-    tracker = Tracker(plan.dir, train.report_to, to_dict(cfg), resume_step=plan.resume_step, name=plan.dir.name)
+    tracker = Tracker(plan.dir, train.report_to, to_dict(cfg), resume_step=plan.resume_step, name=plan.dir.name) \
+        if dist.is_main else NoTracker()
     seed_everything(train.seed)
-    return Run(plan.dir, device, tracker, plan.resume_from, memory=MemoryMeter(device))
+    return Run(plan.dir, dist.device, tracker, plan.resume_from, memory=MemoryMeter(dist.device), dist=dist)
+
+
+def wrap(run: Run, cfg: Any, model):
+    """The model for data-parallel training under torchrun (FSDP2 with ``train.strategy``); unchanged
+    in one process."""
+    from posttrain.distributed import resolve_strategy
+
+    lora_r = getattr(getattr(cfg, "lora", None), "r", 0)
+    return run.dist.wrap(model, resolve_strategy(cfg.train.strategy, lora_r),
+                         mixed_precision=cfg.train.mixed_precision, cpu_offload=cfg.train.cpu_offload)
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
@@ -157,17 +192,25 @@ def optimizer_step(model, optimizer, scheduler, *, max_grad_norm: float, step: i
 
 def save(run: Run, cfg: Any, step: int, model, tokenizer, optimizer, scheduler, train_state: dict,
          extras: dict | None = None) -> Path:
+    """A checkpoint (every rank calls it). ``extras``: {name: (model, optimizer)} of other trained models."""
     return ckpt.save_checkpoint(run.dir, step, model, tokenizer, optimizer=optimizer, scheduler=scheduler,
-                                train_state=train_state, keep=cfg.train.keep_checkpoints, extras=extras)
+                                train_state=train_state, keep=cfg.train.keep_checkpoints, extras=extras,
+                                dist=run.dist)
 
 
-def resume(run: Run, model, optimizer, scheduler) -> tuple[int, dict]:
-    """(start step, saved train_state) -- (0, {}) for a fresh run."""
+def resume(run: Run, model, optimizer, scheduler, extras: dict | None = None) -> tuple[int, dict]:
+    """(start step, saved train_state) -- (0, {}) for a fresh run. Any checkpoint resumes on any number
+    of ranks."""
     if run.resume_from is None:
         return 0, {}
-    state = ckpt.load_checkpoint(run.resume_from, model, optimizer=optimizer, scheduler=scheduler)
+    state = ckpt.load_checkpoint(run.resume_from, model, optimizer=optimizer, scheduler=scheduler, extras=extras)
     log.info("resumed from %s (step %d)", run.resume_from, state["step"])
     return state["step"], state
+
+
+def export(run: Run, model, tokenizer, name: str = "final") -> Path:
+    """The exported model (every rank calls it; rank 0 writes one ordinary directory)."""
+    return ckpt.export_model(run.dir, model, tokenizer, name=name, dist=run.dist)
 
 
 def should(every: int, step: int, last: int) -> bool:

@@ -61,8 +61,10 @@ def peak(device: torch.device) -> int:
 
 
 def _bytes(tensors) -> int:
+    """Bytes this process holds: a sharded (DTensor) parameter or state counts its local shard."""
     seen, total = set(), 0
     for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
         if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()

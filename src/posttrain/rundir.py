@@ -52,6 +52,8 @@ RESUMES = "resumes.jsonl"
 SAFE_FIELDS = frozenset({
     "train.progress", "train.log_every", "train.report_to", "train.save_every", "train.keep_checkpoints",
     "train.eval_every", "train.resume", "train.output_dir", "train.threads", "train.steps", "model.device",
+    # How the work is laid out over ranks, not what is computed (N ranks == 1 rank, tests/test_distributed.py).
+    "train.strategy", "train.cpu_offload",
     "eval_every", "eval_examples", "samples_every", "reward_workers",
     # A run under `error` stopped at its first non-finite reward, so nothing before the checkpoint was
     # ever replaced: switching the policy changes no step already taken.
@@ -91,12 +93,36 @@ def is_safe(key: str) -> bool:
     return any(".".join(parts[:i]) in SAFE_FIELDS for i in range(1, len(parts) + 1))
 
 
+RUNTIME_KEYS = ("recipe", "world_size")  # top-level facts of config.yaml that are not config fields
+LAYOUT_FIELDS = ("train.micro_batch_size", "train.grad_accum")
+
+
+def global_batch(data: dict, world: int) -> int | None:
+    """Items one optimizer step trains on, over all ranks, for the recipes whose batch is the data
+    sampler's (micro_batch_size x grad_accum x world_size); None for RL recipes, whose batch is
+    ``prompts_per_step`` and whose micro_batch_size only lays out the work."""
+    if "prompts_per_step" in data:
+        return None
+    train = data.get("train") or {}
+    return int(train.get("micro_batch_size", 0)) * int(train.get("grad_accum", 1)) * world
+
+
+def layout_only(changes: dict, saved: dict, cfg: Any, world: int) -> bool:
+    """Do the changed layout fields keep the step's global batch (e.g. a 2-rank run resumed on one rank
+    with twice the grad_accum)? Then they change how the work is split, not what is computed: losses take
+    global counts (tests/test_distributed.py)."""
+    if not any(k in changes for k in LAYOUT_FIELDS):
+        return False
+    before = global_batch(saved, int(saved.get("world_size", 1)))
+    return before is None or before == global_batch(to_dict(cfg), world)
+
+
 def config_diff(saved: dict, cfg: Any) -> dict[str, tuple[Any, Any]]:
     """Fields whose value in the saved config (plain data from config.yaml) differs from ``cfg``'s.
     A field the saved config lacks (written by an older version) counts as its default."""
     new = flatten(to_dict(cfg))
     defaults = flatten(to_dict(type(cfg)()))
-    old = flatten({k: v for k, v in saved.items() if k != "recipe"})
+    old = flatten({k: v for k, v in saved.items() if k not in RUNTIME_KEYS})
     diff = {}
     for key in sorted(set(new) | set(old)):
         before = old.get(key, defaults.get(key, _ABSENT))
@@ -144,7 +170,7 @@ def _inside(path: Path, parent: Path) -> bool:
         return False
 
 
-def check_run_dir(cfg: Any, recipe: str) -> RunDirPlan:
+def check_run_dir(cfg: Any, recipe: str, world: int = 1) -> RunDirPlan:
     """Decide what this run does with ``cfg.train.output_dir`` (see the module docstring). Reads only."""
     train = cfg.train
     run_dir = Path(train.output_dir)
@@ -194,7 +220,8 @@ def check_run_dir(cfg: Any, recipe: str) -> RunDirPlan:
         raise RunDirError(f"train.resume={train.resume!r} is a checkpoint of a {origin_saved['recipe']} run; a "
                           f"{recipe} run cannot continue it")
     changes = config_diff(origin_saved, cfg)
-    experiment = {k: v for k, v in changes.items() if not is_safe(k)}
+    layout = layout_only(changes, origin_saved, cfg, world)
+    experiment = {k: v for k, v in changes.items() if not is_safe(k) and not (layout and k in LAYOUT_FIELDS)}
     if experiment and _inside(origin, run_dir):
         safe = {k: v for k, v in changes.items() if is_safe(k)}
         raise RunDirError(
@@ -208,13 +235,14 @@ def check_run_dir(cfg: Any, recipe: str) -> RunDirPlan:
     return RunDirPlan(run_dir, source, step, changes)
 
 
-def open_run_dir(cfg: Any, recipe: str) -> RunDirPlan:
-    """`check_run_dir`, then create the directory and write its record: config.yaml, and for a resume a
-    line in resumes.jsonl with the checkpoint and the changed fields."""
-    plan = check_run_dir(cfg, recipe)
+def open_run_dir(cfg: Any, recipe: str, world: int = 1) -> RunDirPlan:
+    """`check_run_dir`, then create the directory and write its record: config.yaml (with the number of
+    ranks it ran on), and for a resume a line in resumes.jsonl with the checkpoint and the changed fields."""
+    plan = check_run_dir(cfg, recipe, world)
     try:
         plan.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(plan.dir / "config.yaml", yaml.safe_dump({"recipe": recipe, **to_dict(cfg)}, sort_keys=False))
+        record = {"recipe": recipe, **({"world_size": world} if world > 1 else {}), **to_dict(cfg)}
+        atomic_write_text(plan.dir / "config.yaml", yaml.safe_dump(record, sort_keys=False))
         resumes = plan.dir / RESUMES
         if plan.resume_from is None:
             resumes.unlink(missing_ok=True)  # a fresh run: no continuation of anything

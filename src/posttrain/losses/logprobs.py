@@ -99,6 +99,17 @@ class _HeadLogps(torch.autograd.Function):
 
 def completion_logps(model, input_ids_BT, attention_mask, position_ids_BT, targets_BT, target_mask_BT,
                      temperature: float = 1.0, with_entropy: bool = False, chunk_tokens: int | None = None):
+    """See ``completion_logps_unwrapped``. A model wrapped for data parallelism runs it through the entry
+    point ``posttrain.distributed`` registered with FSDP, which gathers the parameters the backbone and
+    the head use outside ``forward``."""
+    entry = getattr(model, "_posttrain_completion_logps", None)
+    fn = entry if entry is not None else (lambda *a, **k: completion_logps_unwrapped(model, *a, **k))
+    return fn(input_ids_BT, attention_mask, position_ids_BT, targets_BT, target_mask_BT, temperature,
+              with_entropy, chunk_tokens)
+
+
+def completion_logps_unwrapped(model, input_ids_BT, attention_mask, position_ids_BT, targets_BT, target_mask_BT,
+                               temperature: float = 1.0, with_entropy: bool = False, chunk_tokens: int | None = None):
     """(logps_BT, mean entropy or None): ``token_logps`` of the policy over ``targets_BT``, computed for
     the positions where ``target_mask_BT`` > 0 only (0 elsewhere).
 

@@ -1,10 +1,15 @@
-"""Checkpoints in save_pretrained format plus the exact training state, written atomically.
+"""Checkpoints in save_pretrained format plus the exact training state, written atomically, by one
+process or by N data-parallel ranks alike (and resumable on any number of ranks).
 
 Layout of a run directory:
 
-    checkpoints/step-00000010/   model.safetensors (or the LoRA adapter), config.json, tokenizer files,
-                                 trainer_state.pt (optimizer, scheduler, RNG states, step, data position),
-                                 COMPLETE (written last)
+    checkpoints/step-00000010/   model.safetensors (or the LoRA adapter, plus trainable.safetensors: the
+                                 adapter keyed by the model's own parameter names), config.json, tokenizer
+                                 files -- the whole model, gathered and written by rank 0;
+                                 optim/: the optimizer states, written by torch.distributed.checkpoint
+                                 (DCP), each rank its own shard, read back on any number of ranks;
+                                 trainer_state.pt (scheduler, RNG states, step, data position);
+                                 <extra>/ (PPO's critic) like the model; COMPLETE (written last)
     final/                       the exported model: merged LoRA, loads in plain transformers
 
 A checkpoint is written to a hidden temporary directory and renamed into place: a kill during a
@@ -48,11 +53,52 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_model(model, tokenizer, directory: Path, *, merge: bool) -> None:
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIM_DIR = "optim"
+
+
+def _write_model(model, tokenizer, directory: Path, *, merge: bool, full: dict | None = None) -> None:
+    """``full``: the model's whole state dict (gathered from the ranks) when ``model`` is sharded; the
+    directory is then written from it."""
+    if full is not None and merge and is_peft(model):
+        model = plain_copy(model, full)  # merging needs real (unsharded) modules
+        full = None
     to_save = merged(model) if merge else model
-    to_save.save_pretrained(str(directory), safe_serialization=True)
+    to_save.save_pretrained(str(directory), safe_serialization=True, **({"state_dict": full} if full else {}))
+    if is_peft(model) and not merge:
+        from safetensors.torch import save_file
+
+        state = full if full is not None else model.state_dict()
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items() if k in trainable},
+                  str(directory / TRAINABLE_FILE))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
+
+
+def plain_class(module) -> type:
+    """The module's own class, under the subclass FSDP2 creates when it wraps a module."""
+    return next(c for c in type(module).__mro__ if not c.__name__.startswith("FSDP"))
+
+
+def plain_copy(model, full: dict):
+    """An unwrapped CPU copy of a (sharded) model from its full state dict: built on the meta device, its
+    parameters and persistent buffers taken from ``full``, the rest of its buffers (rotary frequencies)
+    copied from ``model``, which keeps them whole on every rank."""
+    import copy
+
+    base = model.get_base_model() if is_peft(model) else model
+    with torch.device("meta"):
+        plain = plain_class(base)(copy.deepcopy(base.config))
+        if is_peft(model):
+            from peft import get_peft_model
+
+            plain = get_peft_model(plain, copy.deepcopy(model.peft_config["default"]))
+    plain.load_state_dict(full, assign=True)
+    for name, buf in model.named_buffers():
+        owner, _, attr = name.rpartition(".")
+        setattr(plain.get_submodule(owner) if owner else plain, attr, buf.detach().cpu().clone())
+    return plain
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -81,12 +127,15 @@ def _tmp_dir(parent: Path, name: str) -> Path:
     return tmp
 
 
-def _written(tmp: Path, final: Path, write) -> None:
-    """Run ``write()`` into ``tmp``, then publish it as ``final``. A failed write removes the partial
-    directory (it may be what filled the disk) and says what went wrong in words."""
+def _written(tmp: Path, final: Path, write, publish: bool = True, sync=lambda: None) -> None:
+    """Run ``write()`` into ``tmp``, then publish it as ``final`` (``publish``: this process does; ``sync``
+    waits for every writer first). A failed write removes the partial directory (it may be what filled
+    the disk) and says what went wrong in words."""
     try:
         write()
-        _publish(tmp, final)
+        sync()
+        if publish:
+            _publish(tmp, final)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         what = describe_write_error(e, final.parent)
@@ -96,30 +145,55 @@ def _written(tmp: Path, final: Path, write) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, *, optimizer, scheduler,
-                    train_state: dict[str, Any], keep: int = 2, extras: dict[str, Any] | None = None) -> Path:
-    """``extras``: other trained models of the run (PPO's critic), each saved in a subdirectory of its
-    name and restored with ``load_weights(model, checkpoint / name)``; their optimizer states go in
-    ``train_state``."""
+                    train_state: dict[str, Any], keep: int = 2, extras: dict[str, tuple] | None = None,
+                    dist=None) -> Path:
+    """``extras``: other trained models of the run (PPO's critic) as {name: (model, optimizer)}, each saved
+    in a subdirectory of its name. Every rank calls this (gathering the weights and writing the optimizer
+    shards are collective); rank 0 writes the rest and publishes."""
+    from posttrain.distributed import Dist
+
+    dist = dist or Dist()
     root = Path(run_dir) / "checkpoints"
     name = f"step-{step:08d}"
-    tmp = _tmp_dir(root, name)
+    tmp = dist.broadcast(_tmp_dir(root, name) if dist.is_main else None)
+    models = {"": (model, tokenizer, optimizer), **{sub: (m, None, o) for sub, (m, o) in (extras or {}).items()}}
+    fulls = {sub: full_state_dict(m, dist) for sub, (m, _, _) in models.items()}
+    optims = {f"{sub or 'model'}": optimizer_state(m, o) for sub, (m, _, o) in models.items() if o is not None}
 
     def write() -> None:
-        _write_model(model, tokenizer, tmp, merge=False)
-        for sub, extra in (extras or {}).items():
-            _write_model(extra, None, tmp / sub, merge=False)
-        torch.save({
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": rng_state(),
-            "train_state": train_state,
-        }, tmp / STATE_FILE)
+        if dist.is_main:
+            for sub, (m, tok, _) in models.items():
+                _write_model(m, tok, tmp / sub if sub else tmp, merge=False, full=fulls[sub] if dist.enabled else None)
+            torch.save({"step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "rng": rng_state(), "train_state": train_state}, tmp / STATE_FILE)
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(optims, checkpoint_id=str(tmp / OPTIM_DIR))
 
     final = root / name
-    _written(tmp, final, write)
-    _prune(root, keep)
+    _written(tmp, final, write, publish=dist.is_main, sync=dist.barrier)
+    if dist.is_main:
+        _prune(root, keep)
+    dist.barrier()
     return final
+
+
+def full_state_dict(model, dist) -> dict | None:
+    """The whole model's weights: gathered to rank 0 (on the CPU) from a sharded model; None on one
+    process, where the model saves itself."""
+    if not dist.enabled:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state keyed by parameter names (sharded tensors under FSDP): what DCP saves and
+    reshards for another number of ranks."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer)
 
 
 def _trash(path: Path) -> None:
@@ -164,20 +238,28 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path, model, *, optimizer, scheduler) -> dict[str, Any]:
-    """Restore weights (in place), optimizer, scheduler and RNG; return the saved train_state + step."""
+def load_checkpoint(path: str | Path, model, *, optimizer, scheduler, extras: dict[str, tuple] | None = None
+                    ) -> dict[str, Any]:
+    """Restore weights (in place), optimizers, scheduler and RNG, on any number of ranks (every rank
+    calls it); return the saved train_state + step. ``extras`` as in ``save_checkpoint``."""
     path = Path(path)
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
-    if is_peft(model):
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
-    else:
-        load_weights(model, path)
+    models = {"": (model, optimizer), **(extras or {})}
+    for sub, (m, _) in models.items():
+        load_weights(m, path / sub if sub else path)
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state:  # a checkpoint from before optimizer states went to DCP (one process)
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        optims = {f"{sub or 'model'}": (m, o) for sub, (m, o) in models.items() if o is not None}
+        saved = {k: optimizer_state(m, o) for k, (m, o) in optims.items()}
+        dcp.load(saved, checkpoint_id=str(path / OPTIM_DIR))
+        for k, (m, o) in optims.items():
+            set_optimizer_state_dict(m, o, saved[k])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
@@ -185,18 +267,41 @@ def load_checkpoint(path: str | Path, model, *, optimizer, scheduler) -> dict[st
 
 
 def load_weights(model, directory: str | Path) -> None:
-    """Load a save_pretrained directory's weights into ``model`` in place (its own class reads them, so
-    causal LMs and sequence classifiers alike)."""
-    saved = type(model).from_pretrained(str(directory), dtype=next(model.parameters()).dtype)
-    model.load_state_dict(saved.state_dict())
+    """Load a checkpoint directory's weights into ``model`` in place, sharded or not: the whole state dict
+    is read on every rank and each rank keeps its shard (``set_model_state_dict``). A causal LM or a
+    sequence classifier is read by its own class; a LoRA model reads ``trainable.safetensors`` (keyed by
+    its own parameter names), or peft's adapter file from an older checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    directory = Path(directory)
+    if is_peft(model):
+        from safetensors.torch import load_file
+
+        if not (directory / TRAINABLE_FILE).is_file():
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+            return
+        state, strict = load_file(str(directory / TRAINABLE_FILE)), False
+    else:
+        state = plain_class(model).from_pretrained(str(directory), dtype=next(model.parameters()).dtype).state_dict()
+        strict = True
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
-def export_model(run_dir: str | Path, model, tokenizer, name: str = "final") -> Path:
-    """The deliverable: merged weights + tokenizer, loadable by transformers, vLLM and peft users."""
+def export_model(run_dir: str | Path, model, tokenizer, name: str = "final", dist=None) -> Path:
+    """The deliverable: merged weights + tokenizer, loadable by transformers, vLLM and peft users. Every
+    rank calls it; rank 0 writes one ordinary directory."""
+    from posttrain.distributed import Dist
+
+    dist = dist or Dist()
     run_dir = Path(run_dir)
-    tmp = _tmp_dir(run_dir, name)
     final = run_dir / name
-    _written(tmp, final, lambda: _write_model(model, tokenizer, tmp, merge=True))
+    full = full_state_dict(model, dist)
+    if dist.is_main:
+        tmp = _tmp_dir(run_dir, name)
+        _written(tmp, final, lambda: _write_model(model, tokenizer, tmp, merge=True, full=full))
+    dist.barrier()
     return final
 
 

@@ -107,7 +107,15 @@ def sequence_scores(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.
 
 
 def token_values(model, input_ids_BT, attention_mask, position_ids_BT) -> torch.Tensor:
-    """(B, T) critic values: the head at every position (``attention_mask`` may be a packed 4D mask)."""
+    """(B, T) critic values: the head at every position (``attention_mask`` may be a packed 4D mask). A
+    model wrapped for data parallelism runs it through its registered FSDP entry point."""
+    entry = getattr(model, "_posttrain_token_values", None)
+    if entry is not None:
+        return entry(input_ids_BT, attention_mask, position_ids_BT)
+    return token_values_unwrapped(model, input_ids_BT, attention_mask, position_ids_BT)
+
+
+def token_values_unwrapped(model, input_ids_BT, attention_mask, position_ids_BT) -> torch.Tensor:
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = getattr(lm, lm.base_model_prefix)(input_ids=input_ids_BT, attention_mask=attention_mask,
                                               position_ids=position_ids_BT, use_cache=False).last_hidden_state

@@ -21,8 +21,7 @@ from posttrain.data.io import Rows, read_rows
 from posttrain.data.tokenize import Example, encode_rows
 from posttrain.losses.logprobs import forward_logits, token_logps
 from posttrain.losses.sft import sft_loss
-from posttrain.models.checkpoint import export_model
-from posttrain.models.loading import load_model, resolve_device
+from posttrain.models.loading import load_model
 from posttrain.models.lora import apply_lora
 
 log = logging.getLogger("posttrain")
@@ -72,8 +71,8 @@ def eval_loss(model, units: list[list[Example]], pad_id: int, packed: bool, batc
 
 def train(cfg: SFTConfig, kind: str = "sft", recipe: str = "sft") -> Path:
     """Train; return the exported model directory (``<output_dir>/final``)."""
-    device = resolve_device(cfg.model.device)
-    run = loop.start_run(cfg, recipe, device)
+    run = loop.start_run(cfg, recipe)
+    device, dist = run.device, run.dist
     completion_only = getattr(cfg, "completion_only", False)
 
     rows = read_rows(cfg.data.path, cfg.data.split, num_examples=cfg.data.num_examples, seed=cfg.train.seed)
@@ -81,8 +80,8 @@ def train(cfg: SFTConfig, kind: str = "sft", recipe: str = "sft") -> Path:
     train_rows, eval_rows = split_rows(rows, cfg.data.eval_path, cfg.data.eval_fraction, cfg.train.seed, cfg.data.split)
     if eval_rows is not None:
         validate(eval_rows, kind)
-    model, tok = load_model(cfg.model, corpus=corpus_of(train_rows), seed=cfg.train.seed, device=device)
-    model = apply_lora(model, cfg.lora)
+    model, tok = load_model(cfg.model, corpus=corpus_of(train_rows), seed=cfg.train.seed, device=run.load_device)
+    model = loop.wrap(run, cfg, apply_lora(model, cfg.lora))
     model.train()
 
     encode = dict(max_length=cfg.data.max_length, overlong=cfg.data.overlong, completion_only=completion_only,
@@ -101,25 +100,30 @@ def train(cfg: SFTConfig, kind: str = "sft", recipe: str = "sft") -> Path:
     if state:
         sampler.load_state_dict(state["sampler"])
 
-    progress = loop.Progress(cfg.train.steps, start, recipe, cfg.train.progress)
+    progress = loop.Progress(cfg.train.steps, start, recipe, cfg.train.progress and dist.is_main)
     last = cfg.train.steps
+    mbs = cfg.train.micro_batch_size
     try:
         for step in range(start + 1, last + 1):
             t0 = time.time()
-            micro = [collate([units[i] for i in sampler.take(cfg.train.micro_batch_size)], tok.pad_token_id,
-                             cfg.packing) for _ in range(cfg.train.grad_accum)]
-            num_tokens = sum(b.num_target_tokens for b in micro)  # global count for the whole step
+            # The step's global batch: micro_batch_size x grad_accum per rank, each rank its slice.
+            picked = sampler.take(mbs * cfg.train.grad_accum * dist.world)
+            mine = picked[dist.slice(len(picked))]
+            micro = [collate([units[i] for i in mine[k:k + mbs]], tok.pad_token_id, cfg.packing)
+                     for k in range(0, len(mine), mbs)]
+            num_tokens = dist.sum(sum(b.num_target_tokens for b in micro))  # global count for the whole step
             loss_sum = 0.0
             for batch in micro:
                 loss = micro_loss(model, batch.to(device), num_tokens)
-                loss.backward()
+                (loss * dist.loss_scale).backward()
                 loss_sum += loss.item()
+            loss_sum = dist.sum(loss_sum)
             lr = scheduler.get_last_lr()[0]
             grad_norm = loop.optimizer_step(model, optimizer, scheduler, max_grad_norm=cfg.optim.max_grad_norm,
                                             step=step, loss=loss_sum)
             dt = time.time() - t0
             metrics = {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "num_tokens": num_tokens,
-                       "tokens_per_s": sum(int(b.input_ids_BT.numel()) for b in micro) / max(dt, 1e-9),
+                       "tokens_per_s": dist.sum(sum(int(b.input_ids_BT.numel()) for b in micro)) / max(dt, 1e-9),
                        "step_time": dt, "wall_time": time.time() - run.start_time, "epoch": sampler.epoch}
             if eval_units and loop.should(cfg.train.eval_every, step, last):
                 metrics["eval_loss"] = eval_loss(model, eval_units, tok.pad_token_id, cfg.packing,
@@ -133,6 +137,6 @@ def train(cfg: SFTConfig, kind: str = "sft", recipe: str = "sft") -> Path:
     finally:
         progress.close()
         run.tracker.close()
-    final = export_model(run.dir, model, tok)
+    final = loop.export(run, model, tok)
     log.info("%s: done; model exported to %s", recipe, final)
     return final
