@@ -103,6 +103,18 @@ class TrainConfig:
     progress: bool = doc(True, "show a progress bar")
 
 
+@dataclass(frozen=True)
+class VLLMConfig:
+    """The colocated vLLM rollout engine (rollout/vllm_engine.py); used when the engine is `vllm`."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = doc("auto", "vLLM's weight dtype (auto: the policy's)")
+    gpu_memory_utilization: float = doc(0.3, "CUDA: most of the GPU's memory vLLM may take (weights, KV cache)")
+    kv_cache_gb: float = doc(0.0, "KV cache size in GiB (0: CUDA sizes it from gpu_memory_utilization; CPU: what "
+                                  "the batch needs)")
+    sleep_mode: bool = doc(True, "CUDA: release vLLM's weights and KV cache during each update")
+    enforce_eager: bool = doc(False, "CUDA: no CUDA graphs in vLLM (faster start, slower decoding); CPU is always eager")
+
+
 # ---------------------------------------------------------------------------------------------
 # Recipe configs
 
@@ -215,6 +227,14 @@ class GRPOConfig:
     top_p: float = doc(1.0, "nucleus sampling")
     rollout_decode: Literal["auto", "dynamic", "static", "cuda_graph"] = doc(
         "auto", "decode loop: auto (cuda_graph on CUDA, else dynamic) | dynamic | static | cuda_graph")
+    rollout_engine: Literal["native", "vllm"] = doc("native", "rollout engine: native (KV-cache loop on the policy) "
+                                                              "| vllm (colocated vLLM, weights pushed every step)")
+    vllm: VLLMConfig = doc(VLLMConfig(), "vLLM engine options (rollout_engine: vllm)")
+    rollout_is: Literal["none", "tis", "mis"] = doc("none", "rollout/trainer mismatch correction: truncated (tis) "
+                                                            "or masked (mis) importance sampling")
+    rollout_is_level: Literal["token", "sequence"] = doc("token", "importance ratio per token or per sequence")
+    rollout_is_cap: float = doc(2.0, "C: tis truncates the weight at C; mis zeroes ratios above C")
+    rollout_is_cap_low: float = doc(0.0, "mis: also zero ratios below this")
     num_iterations: int = doc(1, "mu: updates per rollout batch (1: ratio is exactly 1, no old-logp pass)")
     advantage: Literal["grpo", "rloo"] = doc("grpo", "group baseline: z-score (grpo) or leave-one-out (rloo)")
     scale: Literal["std", "none", "batch"] = doc("std", "std: divide by group std; none: Dr. GRPO; batch: whiten over the batch")
@@ -248,6 +268,8 @@ class GRPOConfig:
             raise ConfigError(f"dual_clip: must be > 1 (or 0 for off), got {self.dual_clip}")
         if self.temperature <= 0:
             raise ConfigError("temperature: RL needs sampling, must be > 0")
+        if self.rollout_is_cap <= 0 or not 0 <= self.rollout_is_cap_low < self.rollout_is_cap:
+            raise ConfigError("rollout_is_cap / rollout_is_cap_low: need 0 <= cap_low < cap")
 
 
 RECIPE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "grpo": GRPOConfig,
