@@ -188,14 +188,19 @@ class VLLMEngine:
         if self._sleeping:  # slept without a push since: the weights were discarded
             self.sync_weights()
         greedy = params.temperature <= 0
-        sp = VSamplingParams(n=n, max_tokens=params.max_new_tokens, temperature=0.0 if greedy else params.temperature,
-                             top_p=1.0 if greedy else params.top_p, top_k=0, stop_token_ids=[self.eos],
-                             ignore_eos=True, detokenize=False, logprobs=0 if params.return_logps else None)
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], sp, use_tqdm=False)
+        # vLLM refuses n > 1 when greedy: the n copies go as separate requests (prefix caching still
+        # prefills the prompt once).
+        per_request = 1 if greedy else n
+        sp = VSamplingParams(n=per_request, max_tokens=params.max_new_tokens,
+                             temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
+                             top_k=0, stop_token_ids=[self.eos], ignore_eos=True, detokenize=False,
+                             logprobs=0 if params.return_logps else None)
+        requests = [{"prompt_token_ids": list(p)} for p in prompt_ids for _ in range(n // per_request)]
+        outs = self.llm.generate(requests, sp, use_tqdm=False)
         completions: list[list[int]] = []
         truncated: list[bool] = []
         logps: list[list[float]] | None = [] if params.return_logps else None
-        for req in outs:  # in prompt order, each with its n samples
+        for req in outs:  # in prompt order: prompt i's n samples are contiguous
             for o in req.outputs:
                 ids = list(o.token_ids)
                 completions.append(ids)
