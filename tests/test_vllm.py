@@ -176,3 +176,25 @@ def test_grpo_with_vllm_learns_like_native(tmp_path):
     assert max(x["mismatch/abs_diff_max"] for x in vllm) < 1e-4
     assert all(abs(x["is_weight/mean"] - 1) < 1e-4 for x in vllm)
     assert "mismatch/abs_diff_max" not in native[-1]
+
+
+def test_eval_and_make_pairs_run_on_the_vllm_engine(tmp_path, char_tok):
+    """`posttrain eval --engine vllm` scores the same greedy completions as the native engine;
+    make-pairs samples with it (every prompt's n samples scored, the counts add up)."""
+    from posttrain.evaluation import evaluate_model_dir
+    from posttrain.models.loading import load_tokenizer
+    from posttrain.pairs import make_pairs
+    from posttrain.verifiers import load
+
+    model = _model(char_tok, 0.3)
+    model.save_pretrained(tmp_path / "m")
+    char_tok.save_pretrained(tmp_path / "m")
+    common = dict(limit=12, num_examples=12, verifier="math", k=0, max_new_tokens=16)
+    native = evaluate_model_dir(str(tmp_path / "m"), "builtin:arithmetic", **common)
+    vllm = evaluate_model_dir(str(tmp_path / "m"), "builtin:arithmetic", engine="vllm", **common)
+    assert [s["completion"] for s in vllm.samples] == [s["completion"] for s in native.samples]
+    assert vllm.greedy_accuracy == native.greedy_accuracy
+    rows = [{"prompt": t, "answer": "1"} for t in TEXTS]
+    out, stats = make_pairs(model, load_tokenizer(tmp_path / "m"), rows, load("math"), 4, max_new_tokens=8,
+                            kto=True, engine="vllm", batch_size=64)
+    assert stats.completions == 24 and stats.desirable + stats.undesirable == len(out)
