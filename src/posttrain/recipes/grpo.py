@@ -234,6 +234,7 @@ def train(cfg: GRPOConfig) -> Path:
     optimizer, scheduler = loop.make_optimizer(model, cfg.optim, cfg.train.steps * cfg.num_iterations)
     start, state = loop.resume(run, model, optimizer, scheduler)
     if state:
+        engine.sync_weights()  # the checkpoint's weights replaced those the engine started from
         sampler.load_state_dict(state["sampler"])
         keep_steps_upto(run.dir / "samples.jsonl", start)  # steps after the checkpoint run again
     elif (run.dir / "samples.jsonl").exists():
