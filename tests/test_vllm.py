@@ -208,3 +208,22 @@ def test_resumed_grpo_run_pushes_the_checkpoint_weights(tmp_path):
     m = _grpo(tmp_path, "vllm", *common, "train.steps=4")  # resume: auto, from step 2
     assert [x["step"] for x in m] == [1, 2, 3, 4]
     assert max(x["mismatch/abs_diff_max"] for x in m[2:]) < 1e-4
+
+
+def test_each_torchrun_rank_drives_its_own_engine(tmp_path):
+    """Two ranks (gloo) each start an engine beside the job's process group: their samples differ (a
+    seed per rank), the weight push works on each, and the group still works after the engines close."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("vllm_torchrun_worker.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(worker)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = sorted((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")),
+                 key=lambda r: r["rank"])
+    assert [r["rank"] for r in res] == [0, 1]
+    assert res[0]["samples"] != res[1]["samples"]
+    assert all(r["before"] < 1e-5 and r["after"] < 1e-5 and r["sum"] == 3 for r in res), res

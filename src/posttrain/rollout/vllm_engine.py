@@ -37,7 +37,8 @@ How it is set up, and why:
 * Threads: vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op for the whole process;
   it is restored after start-up, so the trainer keeps control of its threads.
 * torchrun: each rank drives its own engine (``distributed_executor_backend="external_launcher"``,
-  which makes vLLM reuse the job's process group with tensor parallelism 1, and a per-rank seed).
+  which makes vLLM reuse the job's process group with tensor parallelism 1, and a per-rank seed);
+  ``close`` then keeps that group alive (``_close_in_job``).
 """
 
 from __future__ import annotations
@@ -97,6 +98,27 @@ def default_kv_cache_bytes(config, max_seqs: int, max_model_len: int, dtype: tor
     return max(16 << 20, max_seqs * max_model_len * per_token)
 
 
+def _close_in_job(client) -> None:
+    """vLLM's shutdown of an in-process engine ends with ``destroy_process_group()``: under torchrun
+    (the ``external_launcher`` backend) that is the training job's default group, so a closed engine
+    would take the job's collectives with it (seen on CPU with 2 ranks; so would garbage collection,
+    through the client's finalizer). This runs the same teardown except that last call: the worker and
+    scheduler stop, vLLM's own groups are destroyed, the job's group stays. vLLM 0.32 internals."""
+    import gc
+
+    from vllm.distributed import parallel_state
+
+    client._finalizer.detach()
+    core = client.engine_core
+    core.model_executor.shutdown()
+    core.scheduler.shutdown()
+    gc.unfreeze()
+    parallel_state.destroy_model_parallel()
+    if parallel_state._WORLD is not None:
+        parallel_state._WORLD.destroy()  # vLLM's groups over the job's ranks, not the default group
+        parallel_state._WORLD = None
+
+
 class VLLMEngine:
     """The rollout engine protocol (``generate``, ``sync_weights``, ``sleep``, ``close``) over a
     colocated ``vllm.LLM``; see the module docstring for every choice made here."""
@@ -128,8 +150,9 @@ class VLLMEngine:
             kv = int(kv_cache_gb * 2**30) if kv_cache_gb > 0 else \
                 default_kv_cache_bytes(base.config, max_batch, max_model_len, torch_dtype)
             kwargs.update(kv_cache_memory_bytes=kv, enforce_eager=True)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+        self._in_job = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        if self._in_job:
             kwargs["distributed_executor_backend"] = "external_launcher"
             seed = seed + torch.distributed.get_rank()
         self._sleeping, self._can_sleep = False, self.cuda and sleep_mode
@@ -171,13 +194,14 @@ class VLLMEngine:
         llm = self.__dict__.pop("llm", None)
         if llm is None:
             return
-        engine = getattr(llm, "llm_engine", None)
-        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
-        if shutdown is not None:
-            shutdown()
-        del llm, engine
         import gc
 
+        client = llm.llm_engine.engine_core  # the in-process engine-core client
+        if self._in_job:
+            _close_in_job(client)
+        else:
+            client.shutdown()
+        del llm, client
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
