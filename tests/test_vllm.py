@@ -227,3 +227,10 @@ def test_each_torchrun_rank_drives_its_own_engine(tmp_path):
     assert [r["rank"] for r in res] == [0, 1]
     assert res[0]["samples"] != res[1]["samples"]
     assert all(r["before"] < 1e-5 and r["after"] < 1e-5 and r["sum"] == 3 for r in res), res
+
+
+def test_cpu_head_size_below_32_is_refused_up_front(char_tok):
+    if torch.cuda.is_available():
+        pytest.skip("a CPU constraint")
+    with pytest.raises(ValueError, match="head size of 32"):
+        _engine(build_tiny_model("tiny", char_tok), char_tok)

