@@ -72,7 +72,10 @@ def test_greedy_output_equals_native_engine(char_tok, arch):
     eos = max(set(t for c in free for t in c), key=lambda t: len({c.index(t) if t in c else -1 for c in free}))
     native = KVCacheEngine(model, char_tok, eos_token_id=eos).generate(prompts, 2, SamplingParams(24, temperature=0))
     assert len({len(c) for c in native.completion_ids}) >= 3
+    set_threads = torch.set_num_threads
     engine = _engine(model, char_tok, eos_token_id=eos)
+    # vLLM's CPU worker swaps torch.set_num_threads for a no-op; the engine gives the trainer it back.
+    assert torch.set_num_threads is set_threads
     try:
         got = engine.generate(prompts, 2, SamplingParams(24, temperature=0))
     finally:
