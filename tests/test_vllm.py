@@ -223,10 +223,9 @@ def test_each_torchrun_rank_drives_its_own_engine(tmp_path):
 
     worker = Path(__file__).with_name("vllm_torchrun_worker.py")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(worker)], capture_output=True, text=True, timeout=600)
+                           str(worker), str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = sorted((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")),
-                 key=lambda r: r["rank"])
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in res] == [0, 1]
     assert res[0]["samples"] != res[1]["samples"]
     assert all(r["before"] < 1e-5 and r["after"] < 1e-5 and r["sum"] == 3 for r in res), res

@@ -1,5 +1,6 @@
 """One rank of tests/test_vllm.py's torchrun check: its own colocated vLLM engine beside the job's
-process group (gloo). Prints one RESULT line of JSON."""
+process group (gloo). Writes rank<N>.json into the directory given as the first argument (a file per
+rank: two ranks printing at once interleave their lines)."""
 
 import json
 import os
@@ -35,8 +36,9 @@ def main() -> None:
     engine.close()
     total = torch.tensor([rank + 1])
     dist.all_reduce(total)  # the job's process group outlives the engine
-    print("RESULT " + json.dumps({"rank": rank, "samples": gen.completion_ids, "before": before, "after": after,
-                                  "sum": int(total)}), flush=True)
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as fh:
+        json.dump({"rank": rank, "samples": gen.completion_ids, "before": before, "after": after, "sum": int(total)},
+                  fh)
     dist.destroy_process_group()
 
 
