@@ -2,6 +2,8 @@
 
 Run (2-core CPU defaults, ~2-3 minutes):
     .venv/bin/python benchmarks/grpo_vs_trl.py
+With vLLM generating (an environment that has it, e.g. `make install-vllm` + `pip install trl`):
+    .venv-vllm/bin/python benchmarks/grpo_vs_trl.py --engine native,vllm --trl-engine generate,vllm
 GPU, ~0.5B Qwen2 shape with a real-size vocabulary:
     .venv/bin/python benchmarks/grpo_vs_trl.py --preset qwen2-0.5b --arch qwen2 --vocab-size 151936 \\
         --device cuda --dtype bfloat16 --prompts 16 --generations 8 --max-completion-length 256
@@ -9,8 +11,11 @@ GPU, ~0.5B Qwen2 shape with a real-size vocabulary:
 Same work on both sides, per optimizer step:
   - the same model directory (weights, config, tokenizer), built once from posttrain.models.tiny;
   - the same prompts in the same order (builtin arithmetic task rows, no shuffling);
-  - P prompts x G samples generated once with plain transformers on the training device (no vLLM on
-    either side), temperature 1, top-p 1, up to max_completion_length new tokens, stop at EOS;
+  - P prompts x G samples generated once on the training device, temperature 1, top-p 1, up to
+    max_completion_length new tokens, stop at EOS: by posttrain's native KV-cache engine or TRL's
+    transformers `generate` by default; with `--engine vllm` / `--trl-engine vllm` by a colocated
+    vLLM (posttrain `rollout_engine=vllm`; TRL `use_vllm=True, vllm_mode="colocate"`), which then
+    gets the updated weights after every step;
   - the same cheap reward (bench_common.digit_reward, a pure-Python digit fraction: the verifier is
     not what is measured);
   - one forward + backward over all P*G sequences and one AdamW step: DAPO loss -- token-level
@@ -73,6 +78,10 @@ def parse_args(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra posttrain GRPO config override (repeatable), e.g. padding_free=false")
     ap.add_argument("--only", choices=["posttrain", "trl"], help="run one side only")
+    ap.add_argument("--engine", default="native",
+                    help="posttrain's rollout engine(s), comma-separated: native, vllm (each a side of its own)")
+    ap.add_argument("--trl-engine", default="generate",
+                    help="TRL's generation, comma-separated: generate (transformers), vllm (use_vllm colocate)")
     ap.add_argument("--json", help="write all runs and the summary here")
     ap.add_argument("--worker", choices=["posttrain", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -84,8 +93,13 @@ def parse_args(argv=None):
 # Workers: one run of one trainer, in its own process.
 
 
-def _import_everything():
-    """Both workers import the same modules before the memory baseline, so baselines are equal."""
+def _uses_vllm(a) -> bool:
+    return "vllm" in a.engine.split(",") + a.trl_engine.split(",")
+
+
+def _import_everything(a):
+    """Every worker imports the same modules before the memory baseline, so baselines are equal
+    (vllm too when any side of the comparison uses it)."""
     import datasets  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
@@ -93,12 +107,19 @@ def _import_everything():
 
     from posttrain.recipes import grpo  # noqa: F401
 
+    if _uses_vllm(a):
+        import vllm  # noqa: F401
+
 
 def run_posttrain(a, run_dir: Path) -> dict:
     from posttrain.recipes import grpo
     from posttrain.tracking import read_metrics
 
     cfg = bc.grpo_bench_config(a, a.model_dir, run_dir)
+    if a.engine == "vllm":
+        from dataclasses import replace
+
+        cfg = replace(cfg, rollout_engine="vllm")
     grpo.train(cfg)
     m = read_metrics(run_dir)
     timed = m[a.warmup:]
@@ -149,8 +170,9 @@ def run_trl(a, run_dir: Path) -> dict:
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch",
         gradient_checkpointing=False, bf16=bf16, fp16=False, use_cpu=not cuda, seed=a.seed,
         shuffle_dataset=False, dataloader_num_workers=0, report_to="none", save_strategy="no",
-        logging_steps=1_000_000, disable_tqdm=True, log_completions=False, use_vllm=False,
+        logging_steps=1_000_000, disable_tqdm=True, log_completions=False,
         model_init_kwargs={"dtype": getattr(torch, a.dtype)},
+        **({"use_vllm": True, "vllm_mode": "colocate"} if a.trl_engine == "vllm" else {"use_vllm": False}),
     )
     clock = StepClock()
     trainer = GRPOTrainer(model=a.model_dir, reward_funcs=digit_reward, args=args, train_dataset=data,
@@ -169,7 +191,9 @@ def worker(a) -> None:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    _import_everything()
+    if _uses_vllm(a):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process, so RSS counts it
+    _import_everything(a)
     mem = bc.PeakMemory(a.device)
     mem.start()
     t0 = time.perf_counter()
@@ -178,6 +202,7 @@ def worker(a) -> None:
     import posttrain
 
     res.update(mem.stop(), total_seconds=time.perf_counter() - t0, trainer=a.worker,
+               side=_label(a.worker, a.engine if a.worker == "posttrain" else a.trl_engine),
                posttrain_src=str(Path(posttrain.__file__).parent))
     bc.write_json(a.out, res)
 
@@ -186,9 +211,24 @@ def worker(a) -> None:
 # Driver: alternate fresh-process runs, summarize medians.
 
 
-def spawn(a, which: str, model_dir: Path, out: Path) -> dict:
+def _label(trainer: str, engine: str) -> str:
+    return trainer if engine in ("native", "generate") else f"{trainer}+{engine}"
+
+
+def sides_of(a) -> list[tuple[str, str]]:
+    """(trainer, engine) for every side of the comparison, in run order."""
+    out = [("posttrain", e) for e in a.engine.split(",")] + [("trl", e) for e in a.trl_engine.split(",")]
+    bad = [e for t, e in out if e not in (("native", "vllm") if t == "posttrain" else ("generate", "vllm"))]
+    if bad:
+        raise SystemExit(f"unknown engine(s) {bad}: --engine takes native,vllm; --trl-engine generate,vllm")
+    return [s for s in out if not a.only or s[0] == a.only]
+
+
+def spawn(a, side: tuple[str, str], model_dir: Path, out: Path) -> dict:
+    which, engine = side
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", which, "--model-dir", str(model_dir),
-           "--out", str(out)]
+           "--out", str(out), "--engine", engine if which == "posttrain" else a.engine,
+           "--trl-engine", engine if which == "trl" else a.trl_engine]
     for k in ("preset", "arch", "device", "dtype", "prompts", "generations", "max_completion_length", "steps",
               "warmup", "lr", "threads", "seed"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
@@ -204,8 +244,8 @@ def spawn(a, which: str, model_dir: Path, out: Path) -> dict:
 def summarize(a, runs: list[dict]) -> dict:
     seqs = a.prompts * a.generations
     out = {}
-    for which in ("posttrain", "trl"):
-        rs = [r for r in runs if r["trainer"] == which]
+    for which in dict.fromkeys(r["side"] for r in runs):
+        rs = [r for r in runs if r["side"] == which]
         if not rs:
             continue
         out[which] = {
@@ -217,13 +257,15 @@ def summarize(a, runs: list[dict]) -> dict:
             "all_peak_mem_mb": [round(r["delta_bytes"] / 2**20, 1) for r in rs],
             "mean_completion_len": bc.median([r["tokens"] / (a.steps * seqs) for r in rs]),
         }
-        if which == "posttrain":
+        if rs[0]["trainer"] == "posttrain":
             out[which]["split_s"] = {k: bc.median([r["split"][k] for r in rs]) for k in rs[0]["split"]}
-    if "posttrain" in out and "trl" in out:
-        p, t = out["posttrain"], out["trl"]
-        out["ratios"] = {"steps_per_s": p["steps_per_s"] / t["steps_per_s"],
-                         "tokens_per_s": p["tokens_per_s"] / t["tokens_per_s"],
-                         "peak_mem": p["peak_mem_mb"] / t["peak_mem_mb"]}
+    # posttrain vs TRL with the same kind of generation; and each side's vLLM against its own default.
+    for p, t, key in (("posttrain", "trl", "ratios"), ("posttrain+vllm", "trl+vllm", "ratios_vllm"),
+                      ("posttrain+vllm", "posttrain", "vllm_vs_native"), ("trl+vllm", "trl", "trl_vllm_vs_generate")):
+        if p in out and t in out:
+            out[key] = {"steps_per_s": out[p]["steps_per_s"] / out[t]["steps_per_s"],
+                        "tokens_per_s": out[p]["tokens_per_s"] / out[t]["tokens_per_s"],
+                        "peak_mem": out[p]["peak_mem_mb"] / out[t]["peak_mem_mb"]}
     return out
 
 
@@ -233,36 +275,39 @@ def main(argv=None) -> None:
         return worker(a)
     if a.warmup < 1:
         raise SystemExit("--warmup must be >= 1 (the first step pays one-off costs on both sides)")
-    sides = [a.only] if a.only else ["posttrain", "trl"]
+    sides = sides_of(a)
     print(f"machine: {bc.machine()}; load average {bc.load_average()}")
     print(f"preset={a.preset} arch={a.arch} vocab={a.vocab_size or 'char'} device={a.device} dtype={a.dtype} "
           f"P={a.prompts} G={a.generations} max_completion_length={a.max_completion_length} "
           f"steps={a.steps} (+{a.warmup} warmup) rounds={a.rounds} threads={a.threads or 'default'}"
-          + (f" posttrain overrides: {' '.join(a.set)}" if a.set else ""))
+          + (f" posttrain overrides: {' '.join(a.set)}" if a.set else "")
+          + f" sides: {', '.join(_label(*s) for s in sides)}")
     runs = []
     with tempfile.TemporaryDirectory() as d:
         model_dir = bc.build_model_dir(Path(d) / "model", a.preset, a.arch, a.vocab_size, a.seed)
         for r in range(a.rounds):
             order = sides if r % 2 == 0 else sides[::-1]
-            for which in order:
-                res = spawn(a, which, model_dir, Path(d) / f"{which}-{r}.json")
+            for side in order:
+                res = spawn(a, side, model_dir, Path(d) / f"{_label(*side)}-{r}.json")
                 runs.append(res)
-                print(f"  round {r + 1} {which:9s}: {a.steps / res['seconds']:.3f} steps/s, "
+                print(f"  round {r + 1} {res['side']:14s}: {a.steps / res['seconds']:.3f} steps/s, "
                       f"{res['tokens'] / res['seconds']:.0f} tok/s, peak +{res['delta_bytes'] / 2**20:.0f} MiB, "
                       f"run {res['total_seconds']:.1f}s", flush=True)
     s = summarize(a, runs)
     print(f"\nmedians over {a.rounds} runs each (load average now {bc.load_average()}):")
-    for which in sides:
+    for which in (_label(*side) for side in sides):
         x = s[which]
-        print(f"  {which:9s}: {x['steps_per_s']:.3f} steps/s  {x['tokens_per_s']:.0f} generated tok/s  "
+        print(f"  {which:14s}: {x['steps_per_s']:.3f} steps/s  {x['tokens_per_s']:.0f} generated tok/s  "
               f"peak memory +{x['peak_mem_mb']:.0f} MiB  (mean completion {x['mean_completion_len']:.1f} tokens)")
-    if "posttrain" in s:
-        sp = s["posttrain"]["split_s"]
-        print("  posttrain step split (s): " + ", ".join(f"{k} {v:.3f}" for k, v in sp.items()))
-    if "ratios" in s:
-        r = s["ratios"]
-        print(f"  posttrain / TRL: steps/s x{r['steps_per_s']:.2f} (target >= {TARGET_SPEEDUP}), "
-              f"tokens/s x{r['tokens_per_s']:.2f}, peak memory x{r['peak_mem']:.2f} (target <= {TARGET_MEMORY})")
+        if "split_s" in x:
+            print(f"  {which} step split (s): " + ", ".join(f"{k} {v:.3f}" for k, v in x["split_s"].items()))
+    for key, title in (("ratios", "posttrain / TRL"), ("ratios_vllm", "posttrain+vllm / TRL+vllm"),
+                       ("vllm_vs_native", "posttrain+vllm / posttrain"), ("trl_vllm_vs_generate", "TRL+vllm / TRL")):
+        if key in s:
+            r = s[key]
+            targets = f" (target >= {TARGET_SPEEDUP})" if key == "ratios" else ""
+            print(f"  {title}: steps/s x{r['steps_per_s']:.2f}{targets}, tokens/s x{r['tokens_per_s']:.2f}, "
+                  f"peak memory x{r['peak_mem']:.2f}" + (f" (target <= {TARGET_MEMORY})" if key == "ratios" else ""))
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "runs": runs, "summary": s}, indent=2))
 

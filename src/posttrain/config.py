@@ -147,6 +147,18 @@ class TrainConfig:
                 raise ConfigError(f"report_to[{i}]: unknown sink {sink!r} (choose from {', '.join(SINKS)})")
 
 
+@dataclass(frozen=True)
+class VLLMConfig:
+    """The colocated vLLM rollout engine (rollout/vllm_engine.py); used when the engine is `vllm`."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = doc("auto", "vLLM's weight dtype (auto: the policy's)")
+    gpu_memory_utilization: float = doc(0.3, "CUDA: most of the GPU's memory vLLM may take (weights, KV cache)")
+    kv_cache_gb: float = doc(0.0, "KV cache size in GiB (0: CUDA sizes it from gpu_memory_utilization; CPU: what "
+                                  "the batch needs)")
+    sleep_mode: bool = doc(True, "CUDA: release vLLM's weights and KV cache during each update")
+    enforce_eager: bool = doc(False, "CUDA: no CUDA graphs in vLLM (faster start, slower decoding); CPU is always eager")
+
+
 # ---------------------------------------------------------------------------------------------
 # Recipe configs
 
@@ -263,6 +275,14 @@ class GRPOConfig:
     top_p: float = doc(1.0, "nucleus sampling")
     rollout_decode: Literal["auto", "dynamic", "static", "cuda_graph"] = doc(
         "auto", "decode loop: auto (cuda_graph on CUDA, else dynamic) | dynamic | static | cuda_graph")
+    rollout_engine: Literal["native", "vllm"] = doc("native", "rollout engine: native (KV-cache loop on the policy) "
+                                                              "| vllm (colocated vLLM, weights pushed every step)")
+    vllm: VLLMConfig = doc(VLLMConfig(), "vLLM engine options (rollout_engine: vllm)")
+    rollout_is: Literal["none", "tis", "mis"] = doc("none", "rollout/trainer mismatch correction: truncated (tis) "
+                                                            "or masked (mis) importance sampling")
+    rollout_is_level: Literal["token", "sequence"] = doc("token", "importance ratio per token or per sequence")
+    rollout_is_cap: float = doc(2.0, "C: tis truncates the weight at C; mis zeroes ratios above C")
+    rollout_is_cap_low: float = doc(0.0, "mis: also zero ratios below this")
     num_iterations: int = doc(1, "mu: updates per rollout batch (1: ratio is exactly 1, no old-logp pass)")
     advantage: Literal["grpo", "rloo"] = doc("grpo", "group baseline: z-score (grpo) or leave-one-out (rloo)")
     scale: Literal["std", "none", "batch"] = doc("std", "std: divide by group std; none: Dr. GRPO; batch: whiten over the batch")
@@ -301,6 +321,8 @@ class GRPOConfig:
                               f"prompt + completion and must exceed max_completion_length="
                               f"{self.max_completion_length}")
 
+        if self.rollout_is_cap <= 0 or not 0 <= self.rollout_is_cap_low < self.rollout_is_cap:
+            raise ConfigError("rollout_is_cap / rollout_is_cap_low: need 0 <= cap_low < cap")
 
 @dataclass(frozen=True)
 class RewardModelConfig:
@@ -357,6 +379,14 @@ class PPOConfig:
     top_p: float = doc(1.0, "nucleus sampling")
     rollout_decode: Literal["auto", "dynamic", "static", "cuda_graph"] = doc(
         "auto", "decode loop: auto (cuda_graph on CUDA, else dynamic) | dynamic | static | cuda_graph")
+    rollout_engine: Literal["native", "vllm"] = doc("native", "rollout engine: native (KV-cache loop on the policy) "
+                                                              "| vllm (colocated vLLM, weights pushed every step)")
+    vllm: VLLMConfig = doc(VLLMConfig(), "vLLM engine options (rollout_engine: vllm)")
+    rollout_is: Literal["none", "tis", "mis"] = doc("none", "rollout/trainer mismatch correction: truncated (tis) "
+                                                            "or masked (mis) importance sampling")
+    rollout_is_level: Literal["token", "sequence"] = doc("token", "importance ratio per token or per sequence")
+    rollout_is_cap: float = doc(2.0, "C: tis truncates the weight at C; mis zeroes ratios above C")
+    rollout_is_cap_low: float = doc(0.0, "mis: also zero ratios below this")
     ppo_epochs: int = doc(4, "passes over each rollout batch")
     num_mini_batches: int = doc(1, "mini-batches per pass, each one optimizer step of the policy and of the critic")
     gamma: float = doc(1.0, "GAE discount")
@@ -394,6 +424,8 @@ class PPOConfig:
                               f"{self.prompts_per_step * self.num_generations} sequences")
         if self.critic.value_clip < 0 or self.critic.lr < 0:
             raise ConfigError("critic.value_clip / critic.lr: must be >= 0")
+        if self.rollout_is_cap <= 0 or not 0 <= self.rollout_is_cap_low < self.rollout_is_cap:
+            raise ConfigError("rollout_is_cap / rollout_is_cap_low: need 0 <= cap_low < cap")
         if self.critic.init == "reward_model" and not any(r.name == "reward_model" for r in self.rewards):
             raise ConfigError("critic.init: 'reward_model' needs a reward_model entry in rewards")
         if self.data.max_length <= self.max_completion_length:

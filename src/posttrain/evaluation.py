@@ -92,9 +92,12 @@ class EvalSummary:
 
 def evaluate(model, tokenizer, rows: list[dict], verifier: Callable[..., float], *, k: int = 0,
              temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 64,
-             extract: Callable[[str], str | None] | None = None, keep_samples: int = 8) -> EvalSummary:
-    """Greedy accuracy on every row; with k > 0 also k samples per row for pass@k, maj@k, mean@k."""
-    engine = KVCacheEngine(model, tokenizer, max_batch=batch_size)
+             extract: Callable[[str], str | None] | None = None, keep_samples: int = 8,
+             engine=None) -> EvalSummary:
+    """Greedy accuracy on every row; with k > 0 also k samples per row for pass@k, maj@k, mean@k.
+    ``engine``: a rollout engine to generate with (e.g. a recipe's vLLM engine); default: the native
+    KV-cache engine on ``model``."""
+    engine = engine or KVCacheEngine(model, tokenizer, max_batch=batch_size)
     prompts = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
 
     def decode(ids: list[int]) -> str:
@@ -157,9 +160,10 @@ def sample_completions(model_path: str, prompts: list[Any], n: int, max_new_toke
 
 def evaluate_model_dir(model_dir: str, data: str, *, split: str = "test", limit: int = 0, num_examples: int = 0,
                        verifier: str = "math", verifier_options: dict | None = None, k: int = 0,
-                       temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0) -> EvalSummary:
+                       temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
+                       engine: str = "native") -> EvalSummary:
     """Load a model directory and a prompt dataset, evaluate with a named verifier (used by
-    `posttrain eval` and by the pipeline between stages)."""
+    `posttrain eval` and by the pipeline between stages); ``engine``: native | vllm."""
     from posttrain.config import ModelConfig
     from posttrain.data.formats import validate
     from posttrain.data.io import read_rows
@@ -167,18 +171,27 @@ def evaluate_model_dir(model_dir: str, data: str, *, split: str = "test", limit:
     from posttrain.verifiers import load as load_verifier
 
     check = load_verifier(verifier, **(verifier_options or {}))  # a bad name fails before any loading
+    gen = None
     try:
         rows = read_rows(data, split, num_examples=num_examples, seed=seed)
         validate(rows, "prompt")
         torch.manual_seed(seed)
         model, tok = load_model(ModelConfig(path=model_dir))
+        data = rows.rows[:limit] if limit else rows.rows
+        if engine != "native":
+            from posttrain.rollout import make_engine
+
+            longest = max(len(prompt_ids(tok, r["prompt"])) for r in data)
+            gen = make_engine(engine, model, tok, max_batch=64, seed=seed, max_model_len=longest + max_new_tokens)
         # maj@k needs the verifier's notion of "the answer": built-ins have one; a user function may
         # expose its own as an `extract_answer` attribute.
         extract = answer_extractor(verifier) or getattr(check, "extract_answer", None)
-        return evaluate(model, tok, rows.rows[:limit] if limit else rows.rows, check, k=k, temperature=temperature,
-                        max_new_tokens=max_new_tokens, extract=extract)
+        return evaluate(model, tok, data, check, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
+                        extract=extract, engine=gen)
     finally:
         getattr(check, "close", lambda: None)()
+        if gen is not None:
+            gen.close()
 
 
 def format_summary(s: EvalSummary) -> str:
@@ -212,13 +225,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=at_least(1), default=64)
     p.add_argument("--limit", type=at_least(0), default=0, help="evaluate the first N rows only")
     p.add_argument("--json", default="", help="write the summary here")
+    p.add_argument("--engine", default="native", choices=["native", "vllm"], help="rollout engine")
     a = p.parse_args(argv)
     from posttrain.config import is_data_file
 
     if a.split is not None and is_data_file(a.data):
         p.error(f"--split {a.split!r} cannot apply to the file {a.data!r}: a single file has no splits")
     s = evaluate_model_dir(a.model, a.data, split=a.split or "test", limit=a.limit, verifier=a.verifier, k=a.k,
-                           temperature=a.temperature, max_new_tokens=a.max_new_tokens)
+                           temperature=a.temperature, max_new_tokens=a.max_new_tokens, engine=a.engine)
     print(format_summary(s))
     if a.json:
         atomic_write_json(Path(a.json), s.to_json())

@@ -50,12 +50,13 @@ def _distinct(texts: list[str]) -> list[str]:
 def make_pairs(model, tokenizer, rows: list[dict], verifier: Callable[..., float], n: int, *,
                max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, pairs_per_prompt: int = 1,
                kto: bool = False, seed: int = 0, batch_size: int = 256,
-               progress: bool = False) -> tuple[list[dict], PairStats]:
+               progress: bool = False, engine: str = "native") -> tuple[list[dict], PairStats]:
     """(output rows, counts). Pairs: up to ``pairs_per_prompt`` distinct (correct, incorrect)
     combinations per prompt, drawn with ``seed``. KTO: every distinct completion, labelled by the
     verifier (prompts with one kind only are kept: KTO needs no pair, but they are still counted).
     Prompts go through in chunks of ``batch_size // n``: sampled, scored and turned into rows, so only
-    one chunk's completions are held at a time (the result is the same as one pass over all rows)."""
+    one chunk's completions are held at a time (the result is the same as one pass over all rows).
+    ``engine``: native (KV-cache loop on ``model``) or vllm (a colocated vLLM copy of it)."""
     if n < 2 and not kto:
         raise ValueError("make_pairs: n must be >= 2 to find a correct and an incorrect completion")
     if temperature <= 0:
@@ -64,7 +65,14 @@ def make_pairs(model, tokenizer, rows: list[dict], verifier: Callable[..., float
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    engine = KVCacheEngine(model, tokenizer, max_batch=batch_size)
+    if engine == "native":
+        gen_engine = KVCacheEngine(model, tokenizer, max_batch=batch_size)
+    else:
+        from posttrain.rollout import make_engine
+
+        longest = max((len(encode_prompt(tokenizer, r["prompt"])) for r in rows), default=1)
+        gen_engine = make_engine(engine, model, tokenizer, max_batch=batch_size, seed=seed,
+                                 max_model_len=longest + max_new_tokens)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     out: list[dict] = []
     counts = dict(correct=0, empty=0, all_correct=0, all_wrong=0, desirable=0, undesirable=0)
@@ -73,13 +81,14 @@ def make_pairs(model, tokenizer, rows: list[dict], verifier: Callable[..., float
     try:
         for s in range(0, len(rows), chunk):
             part = rows[s:s + chunk]
-            gen = engine.generate([encode_prompt(tokenizer, r["prompt"]) for r in part], n, params)
+            gen = gen_engine.generate([encode_prompt(tokenizer, r["prompt"]) for r in part], n, params)
             texts = [tokenizer.decode(c, skip_special_tokens=True) for c in gen.completion_ids]
             scores = score_all(verifier, texts, [reward_columns(r) for r in part for _ in range(n)])
             _rows_from_samples(part, texts, scores, n, kto, pairs_per_prompt, rng, out, counts)
             bar.update(s + len(part), f"{len(out)} rows")
     finally:
         bar.close()
+        gen_engine.close()
     stats = PairStats(prompts=len(rows), completions=len(rows) * n, correct=counts["correct"], empty=counts["empty"],
                       pairs=len(out), skipped_all_correct=counts["all_correct"], skipped_all_wrong=counts["all_wrong"],
                       desirable=counts["desirable"], undesirable=counts["undesirable"])
@@ -152,6 +161,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--stats", default="", help="also write the counts as json here")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--engine", default="native", choices=["native", "vllm"], help="rollout engine")
     a = p.parse_args(argv)
     rows = read_rows(a.data, a.split, num_examples=a.num_examples, seed=a.seed)
     validate(rows, "prompt")
@@ -159,7 +169,7 @@ def main(argv: list[str]) -> int:
     model, tok = load_model(ModelConfig(path=a.model, device=a.device))
     out, stats = make_pairs(model, tok, data, load_verifier(a.verifier), a.n, max_new_tokens=a.max_new_tokens,
                             temperature=a.temperature, top_p=a.top_p, pairs_per_prompt=a.pairs_per_prompt,
-                            kto=a.kto, seed=a.seed, progress=a.progress)
+                            kto=a.kto, seed=a.seed, progress=a.progress, engine=a.engine)
     write_jsonl(a.out, out)
     print(format_stats(stats, a.kto))
     print(f"wrote {len(out)} rows to {a.out}")

@@ -43,6 +43,7 @@ class EvalConfig:
     temperature: float = doc(1.0, "sampling temperature for the k samples")
     max_new_tokens: int = doc(64, "generation budget")
     baseline: bool = doc(False, "also evaluate the model the first stage starts from")
+    engine: Literal["native", "vllm"] = doc("native", "rollout engine for the evaluation: native | vllm")
 
     def check(self) -> None:
         if self.split != "test" and is_data_file(self.data):
@@ -60,6 +61,7 @@ class PairsConfig:
     max_new_tokens: int = doc(64, "generation budget")
     pairs_per_prompt: int = doc(1, "pairs written per prompt")
     kto: bool = doc(False, "write KTO rows (prompt, completion, label) instead of pairs")
+    engine: Literal["native", "vllm"] = doc("native", "rollout engine that samples: native | vllm")
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,8 @@ def _evaluate(model_dir: str, cfg: PipelineConfig) -> dict:
     e = cfg.eval
     return evaluate_model_dir(model_dir, e.data, split=e.split, limit=e.examples, num_examples=e.examples,
                               verifier=e.verifier, verifier_options=e.verifier_options, k=e.k,
-                              temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=cfg.seed).to_json()
+                              temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=cfg.seed,
+                              engine=e.engine).to_json()
 
 
 def _pair_eval(stage_dir: Path) -> dict:
@@ -246,7 +249,7 @@ def _make_pairs(plan_: StagePlan) -> int:
     try:
         out, stats = make_pairs(model, tok, data, verifier, p.n, max_new_tokens=p.max_new_tokens,
                                 temperature=p.temperature, pairs_per_prompt=p.pairs_per_prompt, kto=p.kto,
-                                seed=plan_.cfg.train.seed, progress=plan_.cfg.train.progress)
+                                seed=plan_.cfg.train.seed, progress=plan_.cfg.train.progress, engine=p.engine)
     finally:
         getattr(verifier, "close", lambda: None)()
     log.info("stage %s: %d pairs from %s (%s)", plan_.name, len(out), p.data, stats)

@@ -9,6 +9,7 @@ from posttrain.losses.aggregation import (
     sequence_count,
     token_count,
 )
+from posttrain.losses.importance import ISWeights, mismatch_stats, rollout_is_weights
 from posttrain.losses.kl import KLKind, kl_estimate
 from posttrain.losses.policy import PolicyLossTerms, cispo_loss, gspo_loss, ppo_clip_loss
 from posttrain.losses.preference import (
@@ -26,6 +27,7 @@ from posttrain.losses.preference import (
 __all__ = [
     "AGG_MODES",
     "AggMode",
+    "ISWeights",
     "KLKind",
     "KTOLossTerms",
     "ORPOLossTerms",
@@ -40,8 +42,10 @@ __all__ = [
     "kto_kl_estimate",
     "kto_loss",
     "masked_mean",
+    "mismatch_stats",
     "orpo_loss",
     "ppo_clip_loss",
+    "rollout_is_weights",
     "sequence_count",
     "simpo_loss",
     "token_count",

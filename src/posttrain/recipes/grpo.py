@@ -32,6 +32,7 @@ from posttrain.data.io import DataError, read_rows
 from posttrain.data.tokenize import Example, prompt_ids as encode_prompt
 from posttrain.io_utils import keep_steps_upto
 from posttrain.losses.aggregation import aggregate
+from posttrain.losses.importance import mismatch_stats, rollout_is_weights
 from posttrain.losses.kl import kl_estimate
 from posttrain.losses.logprobs import completion_logps
 from posttrain.losses.policy import PolicyLossTerms, cispo_loss, gspo_loss, ppo_clip_loss
@@ -41,7 +42,8 @@ from posttrain.models.loading import load_frozen, load_model, resolve_device
 from posttrain.models.lora import apply_lora, is_peft
 from posttrain.rl.advantages import batch_normalize, group_advantages, rloo_advantages
 from posttrain.rl.groups import Group, collect_groups
-from posttrain.rollout.engine import KVCacheEngine, SamplingParams, row_seeds
+from posttrain.rollout import make_engine
+from posttrain.rollout.engine import SamplingParams, row_seeds
 from posttrain.verifiers import build_reward, is_correct
 from posttrain.verifiers.composite import RewardFault
 
@@ -235,7 +237,8 @@ def sample_groups(engine, tok, rows: list[dict], prompt_ids: list[list[int]], pi
     return [Group(row, tuple(prompt_ids[row]), tuple(tuple(c) for c in gen.completion_ids[k * G:(k + 1) * G]),
                   tuple(texts[k * G:(k + 1) * G]), tuple(gen.truncated[k * G:(k + 1) * G]),
                   tuple(total[k * G:(k + 1) * G].tolist()),
-                  {n: tuple(v[k * G:(k + 1) * G]) for n, v in scores.components.items()}, faulty.count(k))
+                  {n: tuple(v[k * G:(k + 1) * G]) for n, v in scores.components.items()}, faulty.count(k),
+                  None if gen.logps is None else tuple(tuple(x) for x in gen.logps[k * G:(k + 1) * G]))
             for k, row in enumerate(picked)]
 
 
@@ -251,8 +254,11 @@ def train(cfg: GRPOConfig) -> Path:
     ref = reference_model(cfg, model, device)
     reward_fn = build_reward([(r.name, r.weight, r.options) for r in cfg.rewards], workers=cfg.reward_workers,
                              non_finite=cfg.reward_non_finite)
-    engine = KVCacheEngine(model, tok, decode=cfg.rollout_decode)
-    sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p)
+    engine = make_engine(cfg.rollout_engine, model, tok, decode=cfg.rollout_decode, vllm=cfg.vllm, seed=cfg.train.seed,
+                         max_model_len=cfg.data.max_length)  # data.max_length counts prompt + completion
+    # The engine's log-probs feed the mismatch metrics (vllm) and the off-policy correction.
+    sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p,
+                              return_logps=cfg.rollout_engine != "native" or cfg.rollout_is != "none")
     policy_loss = make_policy_loss(cfg)
 
     prompt_ids, usable = encode_prompts(tok, rows, cfg.data.max_length, cfg.max_completion_length)
@@ -262,6 +268,7 @@ def train(cfg: GRPOConfig) -> Path:
     optimizer, scheduler = loop.make_optimizer(model, cfg.optim, cfg.train.steps * cfg.num_iterations)
     start, state = loop.resume(run, model, optimizer, scheduler)
     if state:
+        engine.sync_weights()  # the checkpoint's weights replaced those the engine started from
         sampler.load_state_dict(state["sampler"])
         reward_fn.load_state_dict(state.get("rewards", {}))  # e.g. the `random` control's draw counter
         keep_steps_upto(run.dir / "samples.jsonl", start)  # steps after the checkpoint run again
@@ -303,8 +310,12 @@ def train(cfg: GRPOConfig) -> Path:
                                 "skipped (metric skipped_update)", step)
                 groups = []
             if groups:
+                engine.sleep()  # vllm on CUDA: its memory goes back to the trainer during the update
                 metrics.update(update_policy(cfg, model, ref, groups, optimizer, scheduler, policy_loss,
                                              tok.pad_token_id, device, timing, step))
+                t0 = time.time()
+                engine.sync_weights()  # vllm: push the updated policy (merged LoRA) before the next rollout
+                timing["update"] += time.time() - t0
             else:
                 metrics["skipped_update"] = 1.0  # no group with a learning signal: nothing to train on
             gen_tokens = sum(len(c) for g in generated for c in g.completion_ids)
@@ -314,7 +325,8 @@ def train(cfg: GRPOConfig) -> Path:
                            wall_time=time.time() - run.start_time)
             metrics.update(run.memory.metrics([model, ref, *reward_models(reward_fn)], [optimizer]))
             if eval_rows and loop.should(cfg.eval_every, step, last):
-                metrics["eval_accuracy"] = held_out_accuracy(model, tok, eval_rows, cfg)
+                metrics["eval_accuracy"] = held_out_accuracy(model, tok, eval_rows, cfg,
+                                                             engine if cfg.rollout_engine != "native" else None)
             run.tracker.log(step, metrics)
             if step == 1 or step == last or (cfg.samples_every and step % cfg.samples_every == 0):
                 write_samples(run.dir, step, generated, tok)
@@ -329,6 +341,7 @@ def train(cfg: GRPOConfig) -> Path:
         progress.close()
         run.tracker.close()
         reward_fn.close()
+        engine.close()
     if short_steps:
         log.warning("dynamic sampling reached max_gen_batches=%d with fewer than %d varied groups on %d of %d "
                     "steps; those steps trained on the groups they had (metric: dynamic_sampling_short)",
@@ -358,12 +371,14 @@ def update_policy(cfg: GRPOConfig, model, ref, groups: list[Group], optimizer, s
     adv = compute_advantages(rewards_PG, cfg).flatten()
     advs = [adv[idx].to(device) for _, idx in mbs]
     old = frozen_logps(model, mbs, cfg.temperature) if cfg.num_iterations > 1 else None
+    rollout = rollout_logps(groups, mbs)
     timing["logps"] += time.time() - t0
     num_tokens, counts = aggregation_counts(cfg, mbs)
     out = {"num_tokens": num_tokens}
     if num_tokens == 0:
         return {**out, "skipped_update": 1.0}  # every completion masked (e.g. all truncated)
     t0 = time.time()
+    seen: dict[str, list[torch.Tensor]] = {"old": [], "rollout": [], "w": [], "clipped": []}
     for it in range(cfg.num_iterations):
         sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0}
         for j, (batch, _) in enumerate(mbs):
@@ -372,6 +387,19 @@ def update_policy(cfg: GRPOConfig, model, ref, groups: list[Group], optimizer, s
             old_lp = old[j] if old is not None else logps.detach()
             terms = policy_loss(logps, old_lp, adv_B, m)
             loss_BT = terms.loss_BT
+            if rollout is not None:
+                # The weight compares theta_old under the trainer with the engine (a constant): the same
+                # in every one of the mu updates.
+                isw = rollout_is_weights(old_lp, rollout[j], m, mode="mask" if cfg.rollout_is == "mis" else "truncate",
+                                         level=cfg.rollout_is_level, cap=cfg.rollout_is_cap,
+                                         cap_low=cfg.rollout_is_cap_low)
+                if cfg.rollout_is != "none":
+                    loss_BT = loss_BT * isw.weights_BT
+                if it == 0:
+                    keep = m > 0
+                    for k, v in (("old", old_lp), ("rollout", rollout[j]), ("w", isw.weights_BT),
+                                 ("clipped", isw.clipped_BT)):
+                        seen[k].append(v.detach()[keep].float().cpu())
             if refs is not None:
                 kl_BT = kl_estimate(logps, refs[j], cfg.kl_estimator)
                 sums["kl"] += (kl_BT.detach() * m).sum().item() / num_tokens
@@ -392,6 +420,8 @@ def update_policy(cfg: GRPOConfig, model, ref, groups: list[Group], optimizer, s
                        **{"clip_frac/low": sums["clip_low"], "clip_frac/high": sums["clip_high"]})
             if refs is not None:
                 out["kl"] = sums["kl"]
+    if seen["old"]:
+        out.update(correction_metrics(cfg, *(torch.cat(seen[k]) for k in ("old", "rollout", "w", "clipped"))))
     out["clip_frac/low_last"] = sums["clip_low"]
     out["clip_frac/high_last"] = sums["clip_high"]
     timing["update"] += time.time() - t0
@@ -406,6 +436,33 @@ def aggregation_counts(cfg, mbs) -> tuple[float, dict]:
     return num_tokens, {"token_mean": dict(num_tokens=num_tokens), "seq_mean_token_mean": dict(num_seqs=num_seqs),
                         "seq_mean_token_sum": dict(num_seqs=num_seqs),
                         "seq_sum_const": dict(num_seqs=num_seqs, const_len=cfg.max_completion_length)}[cfg.aggregation]
+
+
+def rollout_logps(groups: list[Group], mbs) -> list[torch.Tensor] | None:
+    """The engine's sampling log-probs in each micro-batch's sequence layout (``target_mask_BT``'s: row i
+    is sequence idx[i], completion token k predicted at position len(prompt) - 1 + k); None when the
+    rollout did not return them."""
+    if any(g.logps is None for g in groups):
+        return None
+    flat = [(len(g.prompt_ids), lp) for g in groups for lp in g.logps]
+    out = []
+    for batch, idx in mbs:
+        r_BT = torch.zeros(batch.target_mask_BT.shape, dtype=torch.float32)
+        for row, i in enumerate(idx.tolist()):
+            start, lp = flat[i]
+            r_BT[row, start - 1:start - 1 + len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        out.append(r_BT.to(batch.target_mask_BT.device))
+    return out
+
+
+def correction_metrics(cfg: GRPOConfig, old_N, rollout_N, w_N, clipped_N) -> dict:
+    """Trainer-vs-engine mismatch over the step's loss tokens and, with a correction on, the
+    distribution of the importance weights it applied."""
+    out = {f"mismatch/{k}": v for k, v in mismatch_stats(old_N, rollout_N, torch.ones_like(old_N)).items()}
+    if cfg.rollout_is != "none" and len(w_N):
+        out.update({"is_weight/mean": w_N.mean().item(), "is_weight/min": w_N.min().item(),
+                    "is_weight/max": w_N.max().item(), "is_weight/clipped_frac": clipped_N.mean().item()})
+    return out
 
 
 @torch.no_grad()
@@ -441,13 +498,13 @@ def rollout_metrics(groups: list[Group], stats) -> dict:
     return out
 
 
-def held_out_accuracy(model, tok, rows: list[dict], cfg: GRPOConfig) -> float:
+def held_out_accuracy(model, tok, rows: list[dict], cfg: GRPOConfig, engine=None) -> float:
     from posttrain.evaluation import evaluate
     from posttrain.verifiers import load
 
     first = cfg.rewards[0]
     return evaluate(model, tok, rows, load(first.name, **first.options),
-                    max_new_tokens=cfg.max_completion_length).greedy_accuracy
+                    max_new_tokens=cfg.max_completion_length, engine=engine).greedy_accuracy
 
 
 def write_samples(run_dir: Path, step: int, groups: list[Group], tok, per_step: int = 4) -> None:

@@ -36,7 +36,7 @@ from posttrain.losses.aggregation import aggregate
 from posttrain.losses.kl import kl_estimate
 from posttrain.losses.value import clipped_value_loss, explained_variance
 from posttrain.memory import reward_models
-from posttrain.models.checkpoint import export_model, load_weights
+from posttrain.models.checkpoint import export_model
 from posttrain.models.loading import DTYPES, ModelError, load_model, resolve_device
 from posttrain.models.lora import apply_lora
 from posttrain.models.scalar import check_scalar_dir, load_scalar, same_vocabulary, scalar_from_causal, token_values
@@ -45,7 +45,9 @@ from posttrain.recipes.grpo import StepBatch
 from posttrain.recipes.preference import disable_dropout
 from posttrain.rl.advantages import batch_normalize, gae, per_token_rewards
 from posttrain.rl.groups import Group, collect_groups
-from posttrain.rollout.engine import KVCacheEngine, SamplingParams
+from posttrain.losses.importance import rollout_is_weights
+from posttrain.rollout import make_engine
+from posttrain.rollout.engine import SamplingParams
 from posttrain.verifiers import build_reward
 
 log = logging.getLogger("posttrain")
@@ -116,13 +118,26 @@ def completion_mask(seqs) -> torch.Tensor:
 @dataclass(frozen=True)
 class Scored:
     """The rollout batch in completion layout, before any update: the rollout policy's log-probs, the
-    reference's (None when beta = 0), the critic's values, the mask; and the policy's mean entropy."""
+    reference's (None when beta = 0), the critic's values, the mask; the policy's mean entropy; and the
+    importance weights of the rollout/trainer correction (1 without one)."""
 
     old_NL: torch.Tensor
     ref_NL: torch.Tensor | None
     values_NL: torch.Tensor
     mask_NL: torch.Tensor
     entropy: float
+    is_weights_NL: torch.Tensor | None = None
+
+
+def engine_logps(groups: list[Group], mask_NL: torch.Tensor) -> torch.Tensor | None:
+    """The engine's sampling log-probs in completion layout, or None when it did not return them."""
+    if any(g.logps is None for g in groups):
+        return None
+    out = torch.zeros_like(mask_NL)
+    for n, lp in enumerate(lp for g in groups for lp in g.logps):
+        k = int(mask_NL[n].sum())
+        out[n, :k] = torch.tensor(lp[:k], dtype=out.dtype)
+    return out
 
 
 @torch.no_grad()
@@ -154,13 +169,24 @@ def ppo_update(cfg: PPOConfig, model, critic, ref, groups: list[Group], opt, sch
     t0 = time.time()
     seqs = grpo.sequences(groups, cfg.mask_truncated_completions)
     s = score_rollouts(cfg, model, critic, ref, seqs, pad_id, device)
+    correction = {}
+    rollout_NL = engine_logps(groups, s.mask_NL)
+    if rollout_NL is not None:
+        # theta_old under the trainer against the engine that sampled (a constant for every update)
+        isw = rollout_is_weights(s.old_NL, rollout_NL, s.mask_NL, mode="mask" if cfg.rollout_is == "mis" else "truncate",
+                                 level=cfg.rollout_is_level, cap=cfg.rollout_is_cap, cap_low=cfg.rollout_is_cap_low)
+        keep = s.mask_NL > 0
+        correction = grpo.correction_metrics(cfg, s.old_NL[keep].float(), rollout_NL[keep].float(),
+                                             isw.weights_BT[keep].float(), isw.clipped_BT[keep].float())
+        if cfg.rollout_is != "none":
+            s = replace(s, is_weights_NL=isw.weights_BT)
     scores_N = torch.tensor([r for g in groups for r in g.rewards], dtype=s.mask_NL.dtype)
     mask = s.mask_NL
     kl_NL = kl_estimate(s.old_NL, s.ref_NL, cfg.kl_estimator) * mask if s.ref_NL is not None else torch.zeros_like(mask)
     rewards_NL = per_token_rewards(scores_N, kl_NL, mask, cfg.beta)
     adv_NL, ret_NL = gae(rewards_NL, s.values_NL, mask, gamma=cfg.gamma, lam=cfg.lam)
     n_tok = mask.sum().clamp(min=1)
-    out = {"num_tokens": mask.sum().item(), "entropy": s.entropy,
+    out = {**correction, "num_tokens": mask.sum().item(), "entropy": s.entropy,
            "kl": (kl_NL.sum() / n_tok).item(), "non_score_reward": (-cfg.beta * kl_NL.sum(1)).mean().item(),
            "advantages/mean": (adv_NL.sum() / n_tok).item(), "returns/mean": (ret_NL.sum() / n_tok).item(),
            "values/mean": (s.values_NL * mask).sum().item() / n_tok.item(),
@@ -206,7 +232,10 @@ def minibatch_step(cfg: PPOConfig, model, critic, seqs, chunk: torch.Tensor, s: 
         values = critic_values(critic, batch)
         old = to_rows(s.old_NL, batch, idx, s.mask_NL)
         terms = policy_loss(logps, old, to_rows(adv_NL, batch, idx, s.mask_NL), m)
-        pol = aggregate(terms.loss_BT, m, cfg.aggregation, **counts)
+        loss_BT = terms.loss_BT
+        if s.is_weights_NL is not None:
+            loss_BT = loss_BT * to_rows(s.is_weights_NL, batch, idx, s.mask_NL)
+        pol = aggregate(loss_BT, m, cfg.aggregation, **counts)
         vt = clipped_value_loss(values, to_rows(s.values_NL, batch, idx, s.mask_NL),
                                 to_rows(ret_NL, batch, idx, s.mask_NL), clip=cfg.critic.value_clip or None)
         val = aggregate(vt.loss_BT, m, "token_mean", num_tokens=num_tokens)
@@ -243,8 +272,11 @@ def train(cfg: PPOConfig) -> Path:
     ref = grpo.reference_model(cfg, model, device)
     reward_fn = build_reward([(r.name, r.weight, r.options) for r in cfg.rewards], workers=cfg.reward_workers,
                              non_finite=cfg.reward_non_finite)
-    engine = KVCacheEngine(model, tok, decode=cfg.rollout_decode)
-    sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p)
+    engine = make_engine(cfg.rollout_engine, model, tok, decode=cfg.rollout_decode, vllm=cfg.vllm, seed=cfg.train.seed,
+                         max_model_len=cfg.data.max_length)
+    # The engine's log-probs feed the mismatch metrics (vllm) and the off-policy correction.
+    sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p,
+                              return_logps=cfg.rollout_engine != "native" or cfg.rollout_is != "none")
     policy_loss = grpo.make_policy_loss(cfg)
     prompt_ids, usable = grpo.encode_prompts(tok, rows, cfg.data.max_length, cfg.max_completion_length)
     eval_rows = read_rows(cfg.data.eval_path, "test", seed=cfg.train.seed).rows[:cfg.eval_examples] \
@@ -254,14 +286,13 @@ def train(cfg: PPOConfig) -> Path:
     updates = cfg.train.steps * cfg.ppo_epochs * cfg.num_mini_batches
     optimizer, scheduler = loop.make_optimizer(model, cfg.optim, updates)
     critic_opt, critic_sched = loop.make_optimizer(critic, replace(cfg.optim, lr=cfg.critic.lr), updates)
-    start, state = loop.resume(run, model, optimizer, scheduler)
+    start, state = loop.resume(run, model, optimizer, scheduler, extras={"critic": (critic, critic_opt)})
     if state:
         sampler.load_state_dict(state["sampler"])
         reward_fn.load_state_dict(state.get("rewards", {}))  # stateful rewards (the `random` control)
-        load_weights(critic, run.resume_from / "critic")
-        critic_opt.load_state_dict(state["critic_optimizer"])
         critic_sched.load_state_dict(state["critic_scheduler"])
         keep_steps_upto(run.dir / "samples.jsonl", start)
+        engine.sync_weights()  # the checkpoint's weights replaced those the engine started from
     elif (run.dir / "samples.jsonl").exists():
         (run.dir / "samples.jsonl").unlink()
 
@@ -283,8 +314,10 @@ def train(cfg: PPOConfig) -> Path:
             metrics = grpo.rollout_metrics(groups, stats)
             if cfg.num_generations == 1:
                 del metrics["zero_variance_frac"]  # a group of one never varies; PPO's baseline is the critic
+            engine.sleep()  # vllm on CUDA: its memory goes back to the trainer during the update
             metrics.update(ppo_update(cfg, model, critic, ref, groups, optimizer, scheduler, critic_opt, critic_sched,
                                       policy_loss, tok.pad_token_id, device, timing, step))
+            engine.sync_weights()  # vllm: push the updated policy (merged LoRA) before the next rollout
             dt = time.time() - t_step
             gen_tokens = sum(len(c) for g in groups for c in g.completion_ids)
             metrics.update({f"time/{k}": v for k, v in timing.items()})
@@ -303,11 +336,11 @@ def train(cfg: PPOConfig) -> Path:
             if loop.should(cfg.train.save_every, step, last):
                 loop.save(run, cfg, step, model, tok, optimizer, scheduler,
                           {"sampler": sampler.state_dict(), "rewards": reward_fn.state_dict(),
-                           "critic_optimizer": critic_opt.state_dict(),
-                           "critic_scheduler": critic_sched.state_dict()}, extras={"critic": critic})
+                           "critic_scheduler": critic_sched.state_dict()}, extras={"critic": (critic, critic_opt)})
     finally:
         progress.close()
         run.tracker.close()
         reward_fn.close()
+        engine.close()
     export_model(run.dir, critic, tok, name="critic")
     return export_model(run.dir, model, tok)

@@ -23,6 +23,9 @@ class Group:
     rewards: tuple[float, ...]        # total (weighted) reward per completion
     components: dict[str, tuple[float, ...]]      # unweighted score per verifier
     non_finite: int = 0               # faulty rewards scored 0 (reward_non_finite: zero)
+    # The engine's sampling log-probs per completion token, when it was asked for them (the
+    # off-policy correction of losses/importance.py compares them with the trainer's).
+    logps: tuple[tuple[float, ...], ...] | None = None
 
     @property
     def has_variance(self) -> bool:

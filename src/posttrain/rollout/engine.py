@@ -42,8 +42,31 @@ class Generation:
 
 
 class RolloutEngine(Protocol):
+    """Recipes call ``sleep`` before an update and ``sync_weights`` after it; an engine that holds its
+    own copy of the weights (vLLM) releases memory and reloads the policy there, the engines that run
+    on the policy itself do nothing. ``close`` frees the engine."""
+
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> Generation: ...
+
+    def sync_weights(self) -> None: ...
+
+    def sleep(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _OnPolicyWeights:
+    """The engine generates with the policy module itself: nothing to push, release or free."""
+
+    def sync_weights(self) -> None:
+        pass
+
+    def sleep(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +79,7 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), attn.to(device)
 
 
-class HFEngine:
+class HFEngine(_OnPolicyWeights):
     """transformers ``generate`` on the policy (no copy of the weights, so no sync step)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 256):
@@ -144,7 +167,7 @@ def inverse_cdf(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf_BV, x_B1, right=True)[:, 0].clamp(max=probs_BV.shape[-1] - 1)
 
 
-class KVCacheEngine:
+class KVCacheEngine(_OnPolicyWeights):
     """A lean sampling loop with a KV cache over the policy: one forward per new token, nothing else.
 
     Against ``model.generate`` it saves: (1) the prefill of repeated prompts -- each distinct prompt is
