@@ -29,8 +29,7 @@ from posttrain.data.io import DataError, Rows, read_rows
 from posttrain.data.tokenize import EncodeStats, Example, completion_ids, join, prompt_ids
 from posttrain.losses.logprobs import forward_logits, token_logps
 from posttrain.losses.preference import dpo_loss, ipo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
-from posttrain.models.checkpoint import export_model
-from posttrain.models.loading import load_frozen, load_model, resolve_device
+from posttrain.models.loading import load_frozen, load_model
 from posttrain.models.lora import apply_lora, is_peft
 from posttrain.recipes.sft import corpus_of, split_rows
 
@@ -215,20 +214,27 @@ def cached_reference(device) -> RefFn:
     return ref
 
 
-def reference_scorer(cfg: PreferenceConfig, policy, pad_id: int, device) -> RefFn | None:
-    """What scores reference log-probs; None for reference-free losses (no model loaded, no pass).
-
-    ``initial``: with LoRA, the policy with its adapters off; with precompute_ref, the policy
-    itself, used only before its first update; else a frozen copy of the starting weights.
-    """
+def reference_source(cfg: PreferenceConfig, policy, device):
+    """The reference model: None for reference-free losses (no model loaded, no pass); "policy" when
+    ``initial`` is read off the policy itself (LoRA: its adapters off; precompute_ref: before its first
+    update); else a frozen model (a copy of the starting weights, or ``ref_model``'s directory). Made
+    before the policy is wrapped for data parallelism, so a copy is of the plain module."""
     if cfg.reference_free:
         return None
     if cfg.ref_model != "initial":
-        return live_reference(load_frozen(cfg.ref_model, cfg.model, device), pad_id, device)
-    if is_peft(policy):
-        return live_reference(policy, pad_id, device, adapters_off=True)
-    ref = policy if cfg.precompute_ref else copy.deepcopy(policy).eval().requires_grad_(False)
-    return live_reference(ref, pad_id, device)
+        return load_frozen(cfg.ref_model, cfg.model, device)
+    if is_peft(policy) or cfg.precompute_ref:
+        return "policy"
+    return copy.deepcopy(policy).eval().requires_grad_(False)
+
+
+def reference_scorer(source, policy, pad_id: int, device) -> RefFn | None:
+    """What scores reference log-probs, from ``reference_source``'s answer."""
+    if source is None:
+        return None
+    if isinstance(source, str):
+        return live_reference(policy, pad_id, device, adapters_off=is_peft(policy))
+    return live_reference(source, pad_id, device)
 
 
 def precompute(items: list[Item], ref: RefFn, batch_size: int) -> list[Item]:
@@ -290,7 +296,7 @@ class PairObjective:
     def __init__(self, loss_fn: PairLoss, ref: RefFn | None, pad_id: int, device):
         self.loss_fn, self.ref, self.pad_id, self.device = loss_fn, ref, pad_id, device
 
-    def begin_step(self, model, items: list[Item]) -> dict[str, float]:
+    def begin_step(self, model, items: list[Item], dist=None) -> dict[str, float]:
         return {}
 
     def micro_loss(self, model, items: list[Item], n_global: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -322,15 +328,19 @@ class KTOObjective:
         self.z = torch.zeros((), device=device)
 
     @torch.no_grad()
-    def begin_step(self, model, items: list[Item]) -> dict[str, float]:
+    def begin_step(self, model, items: list[Item], dist=None) -> dict[str, float]:
         """z over every item of the step, not per micro-batch: one value for the whole step keeps
-        accumulation invariance (and is what a data-parallel all-gather would give)."""
+        accumulation invariance. Data-parallel (``dist``): ``items`` is this rank's share, and the
+        log-probs of every rank's share are gathered first, so z is the global batch's."""
         pol, ref = [], []
         for s in range(0, len(items), self.batch_size):
             chunk = items[s:s + self.batch_size]
             pol.append(sequence_logps(model, _column(chunk, (1,)), self.pad_id, self.device).sum_B)
             ref.append(self.ref(chunk, (1,)))
-        self.z = kto_kl_estimate(torch.cat(pol), torch.cat(ref))
+        pol_B, ref_B = torch.cat(pol).cpu(), torch.cat(ref).cpu()
+        if dist is not None and dist.enabled:
+            pol_B, ref_B = (torch.cat(parts) for parts in zip(*dist.gather((pol_B, ref_B))))
+        self.z = kto_kl_estimate(pol_B, ref_B).to(self.device)
         return {"kl": float(self.z.item())}
 
     def micro_loss(self, model, items: list[Item], n_global: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -385,8 +395,8 @@ def warn_kto_imbalance(cfg: PreferenceConfig, items: list[Item]) -> None:
 
 def train(cfg: PreferenceConfig) -> Path:
     """Train; return the exported model directory (``<output_dir>/final``)."""
-    device = resolve_device(cfg.model.device)
-    run = loop.start_run(cfg, "preference", device)
+    run = loop.start_run(cfg, "preference")
+    device, dist = run.device, run.dist
 
     rows = read_rows(cfg.data.path, cfg.data.split, num_examples=cfg.data.num_examples, seed=cfg.train.seed)
     kind = data_kind(rows, cfg.loss)
@@ -394,10 +404,17 @@ def train(cfg: PreferenceConfig) -> Path:
     train_rows, eval_rows = split_rows(rows, cfg.data.eval_path, cfg.data.eval_fraction, cfg.train.seed, cfg.data.split)
     if eval_rows is not None:
         validate(eval_rows, data_kind(eval_rows, cfg.loss))
-    model, tok = load_model(cfg.model, corpus=corpus_of(train_rows), seed=cfg.train.seed, device=device)
+    model, tok = load_model(cfg.model, corpus=corpus_of(train_rows), seed=cfg.train.seed, device=run.load_device)
     model = apply_lora(model, cfg.lora)
     disable_dropout(model)
+    source = reference_source(cfg, model, run.load_device)
+    if isinstance(source, torch.nn.Module):
+        source = loop.wrap(run, cfg, source)  # a frozen model runs in lockstep with the policy
+    model = loop.wrap(run, cfg, model)
     model.train()
+    # Before any forward: FSDP leaves the root's gathered parameters registered after a forward without
+    # backward (the reference precompute below), and an optimizer built then would hold those.
+    optimizer, scheduler = loop.make_optimizer(model, cfg.optim, cfg.train.steps)
 
     items = load_items(tok, train_rows, cfg)
     eval_items = load_items(tok, eval_rows, cfg) if eval_rows is not None else []
@@ -408,7 +425,7 @@ def train(cfg: PreferenceConfig) -> Path:
     # Reference log-probs. Cached ones are taken before loop.resume loads trained weights, so a
     # resumed run recomputes exactly the values the first run used (from the starting weights).
     pad_id, mbs = tok.pad_token_id, cfg.train.micro_batch_size
-    ref = reference_scorer(cfg, model, pad_id, device)
+    ref = reference_scorer(source, model, pad_id, device)
     if ref is not None and cfg.precompute_ref:
         t0 = time.time()
         items, eval_items = precompute(items, ref, mbs), precompute(eval_items, ref, mbs)
@@ -421,32 +438,36 @@ def train(cfg: PreferenceConfig) -> Path:
         objective = PairObjective(pair_loss(cfg), ref, pad_id, device)
 
     sampler = EpochSampler(len(items), cfg.train.seed, shuffle=cfg.data.shuffle)
-    optimizer, scheduler = loop.make_optimizer(model, cfg.optim, cfg.train.steps)
     start, state = loop.resume(run, model, optimizer, scheduler)
     if state:
         sampler.load_state_dict(state["sampler"])
 
-    progress = loop.Progress(cfg.train.steps, start, f"preference ({cfg.loss})", cfg.train.progress)
+    progress = loop.Progress(cfg.train.steps, start, f"preference ({cfg.loss})", cfg.train.progress and dist.is_main)
     last = cfg.train.steps
     try:
         for step in range(start + 1, last + 1):
             t0 = time.time()
-            micro = [[items[i] for i in sampler.take(mbs)] for _ in range(cfg.train.grad_accum)]
-            n_global = sum(len(m) for m in micro)  # the loss is a mean over the whole step's items
-            step_extra = objective.begin_step(model, [it for m in micro for it in m])  # kto: z
+            # The step's global batch: micro_batch_size x grad_accum items per rank, each rank its slice.
+            picked = sampler.take(mbs * cfg.train.grad_accum * dist.world)
+            mine = [items[i] for i in picked[dist.slice(len(picked))]]
+            micro = [mine[k:k + mbs] for k in range(0, len(mine), mbs)]
+            n_global = len(picked)  # the loss is a mean over the whole step's items
+            step_extra = objective.begin_step(model, mine, dist)  # kto: z over the global batch
             loss_sum, records = 0.0, []
             for batch in micro:
                 loss, record = objective.micro_loss(model, batch, n_global)
-                loss.backward()
+                (loss * dist.loss_scale).backward()
                 loss_sum += loss.item()
-                records.append(record)
+                records.append({k: v.cpu() for k, v in record.items()})
+            loss_sum = dist.sum(loss_sum)
+            records = [r for part in dist.gather(records) for r in part]  # metrics over the global batch
             lr = scheduler.get_last_lr()[0]
             grad_norm = loop.optimizer_step(model, optimizer, scheduler, max_grad_norm=cfg.optim.max_grad_norm,
                                             step=step, loss=loss_sum)
             dt = time.time() - t0
             metrics = {"loss": loss_sum, **step_extra, **objective.metrics(_merge(records)), "lr": lr,
                        "grad_norm": grad_norm, "num_items": n_global,
-                       "tokens_per_s": sum(it.num_tokens for m in micro for it in m) / max(dt, 1e-9),
+                       "tokens_per_s": dist.sum(sum(it.num_tokens for it in mine)) / max(dt, 1e-9),
                        "step_time": dt, "wall_time": time.time() - run.start_time, "epoch": sampler.epoch}
             if eval_items and loop.should(cfg.train.eval_every, step, last):
                 metrics.update(evaluate(objective, model, eval_items, mbs))
@@ -462,6 +483,6 @@ def train(cfg: PreferenceConfig) -> Path:
     finally:
         progress.close()
         run.tracker.close()
-    final = export_model(run.dir, model, tok)
+    final = loop.export(run, model, tok)
     log.info("preference: done; model exported to %s", final)
     return final

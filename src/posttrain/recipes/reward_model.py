@@ -28,8 +28,6 @@ from posttrain.data.formats import validate
 from posttrain.data.io import DataError, Rows, read_rows
 from posttrain.data.tokenize import Example, join
 from posttrain.losses.reward_model import bradley_terry_loss
-from posttrain.models.checkpoint import export_model
-from posttrain.models.loading import resolve_device
 from posttrain.models.lora import apply_lora
 from posttrain.models.scalar import load_scalar, sequence_scores
 from posttrain.recipes.preference import disable_dropout, encode_units
@@ -109,17 +107,18 @@ def evaluate_pairs(model, pairs: list[Pair], cfg: RewardModelConfig, pad_id: int
 
 def train(cfg: RewardModelConfig) -> Path:
     """Train; return the exported reward model directory (``<output_dir>/final``)."""
-    device = resolve_device(cfg.model.device)
-    run = loop.start_run(cfg, "reward_model", device)
+    run = loop.start_run(cfg, "reward_model")
+    device, dist = run.device, run.dist
 
     rows = read_rows(cfg.data.path, cfg.data.split, num_examples=cfg.data.num_examples, seed=cfg.train.seed)
     validate(rows, "preference")
     train_rows, eval_rows = split_rows(rows, cfg.data.eval_path, cfg.data.eval_fraction, cfg.train.seed, cfg.data.split)
     if eval_rows is not None:
         validate(eval_rows, "preference")
-    model, tok = load_scalar(cfg.model, corpus=corpus_of(train_rows), seed=cfg.train.seed, device=device)
+    model, tok = load_scalar(cfg.model, corpus=corpus_of(train_rows), seed=cfg.train.seed, device=run.load_device)
     model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
     disable_dropout(model)  # scores of the same text must not differ between steps and at export
+    model = loop.wrap(run, cfg, model)
     model.train()
     pairs = load_pairs(tok, train_rows, cfg)
     eval_pairs = load_pairs(tok, eval_rows, cfg) if eval_rows is not None else []
@@ -132,27 +131,31 @@ def train(cfg: RewardModelConfig) -> Path:
     if state:
         sampler.load_state_dict(state["sampler"])
 
-    progress = loop.Progress(cfg.train.steps, start, "reward_model", cfg.train.progress)
+    progress = loop.Progress(cfg.train.steps, start, "reward_model", cfg.train.progress and dist.is_main)
     last = cfg.train.steps
     try:
         for step in range(start + 1, last + 1):
             t0 = time.time()
-            micro = [[pairs[i] for i in sampler.take(mbs)] for _ in range(cfg.train.grad_accum)]
-            n_global = sum(len(m) for m in micro)  # the loss is a mean over the step's pairs
+            # The step's global batch: micro_batch_size x grad_accum pairs per rank, each rank its slice.
+            picked = sampler.take(mbs * cfg.train.grad_accum * dist.world)
+            mine = [pairs[i] for i in picked[dist.slice(len(picked))]]
+            n_global = len(picked)  # the loss is a mean over the step's pairs
             loss_sum, chosen, rejected = 0.0, [], []
-            for batch in micro:
-                loss, (c, r) = micro_loss(model, batch, n_global, cfg, pad_id, device)
-                loss.backward()
+            for k in range(0, len(mine), mbs):
+                loss, (c, r) = micro_loss(model, mine[k:k + mbs], n_global, cfg, pad_id, device)
+                (loss * dist.loss_scale).backward()
                 loss_sum += loss.item()
-                chosen.append(c)
-                rejected.append(r)
+                chosen.append(c.cpu())
+                rejected.append(r.cpu())
+            loss_sum = dist.sum(loss_sum)
+            chosen, rejected = ([t for part in dist.gather(x) for t in part] for x in (chosen, rejected))
             lr = scheduler.get_last_lr()[0]
             grad_norm = loop.optimizer_step(model, optimizer, scheduler, max_grad_norm=cfg.optim.max_grad_norm,
                                             step=step, loss=loss_sum)
             dt = time.time() - t0
             metrics = {"loss": loss_sum, **pair_metrics(torch.cat(chosen), torch.cat(rejected)), "lr": lr,
                        "grad_norm": grad_norm, "num_items": n_global,
-                       "tokens_per_s": sum(p.num_tokens for m in micro for p in m) / max(dt, 1e-9),
+                       "tokens_per_s": dist.sum(sum(p.num_tokens for p in mine)) / max(dt, 1e-9),
                        "step_time": dt, "wall_time": time.time() - run.start_time, "epoch": sampler.epoch,
                        **run.memory.metrics([model], [optimizer])}
             if eval_pairs and loop.should(cfg.train.eval_every, step, last):
@@ -167,6 +170,6 @@ def train(cfg: RewardModelConfig) -> Path:
     finally:
         progress.close()
         run.tracker.close()
-    final = export_model(run.dir, model, tok)
+    final = loop.export(run, model, tok)
     log.info("reward_model: done; exported to %s", final)
     return final
