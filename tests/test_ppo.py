@@ -55,7 +55,7 @@ def test_row_layout_round_trips_to_completion_layout(packed):
     seqs = grpo.sequences(_varied_groups(), mask_truncated=True)
     mask = ppo.completion_mask(seqs)
     assert mask.sum(1).tolist() == [float(len(e) - len([t for t in e.loss_mask if t == 0])) if k else 0.0
-                                    for e, k in seqs]
+                                    for e, k in seqs] + [0.0]  # + the empty slot of padding micro-batches
     x = torch.randn(mask.shape) * mask
     back = torch.zeros_like(x)
     for batch, idx in grpo.micro_batches(seqs, 2, 0, "cpu", packed=packed):

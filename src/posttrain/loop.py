@@ -124,7 +124,7 @@ def start_run(cfg: Any, recipe: str, device: torch.device | None = None) -> Run:
     setup_logging()
     dist = distributed.init(cfg.model.device)
     if dist.enabled and not dist.is_main:
-        log.setLevel(logging.WARNING)  # one log for the run: rank 0's; warnings and errors from every rank
+        log.setLevel(logging.ERROR)  # one log for the run, rank 0's (an error reaches the CLI from every rank)
     train: TrainConfig = cfg.train
     check_recipe(cfg, recipe)  # data, models and rewards resolve, or nothing is written
     plan = dist.broadcast(open_run_dir(cfg, recipe, dist.world) if dist.is_main else None)

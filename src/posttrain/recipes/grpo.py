@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 
 from posttrain import loop
-from posttrain.config import GRPOConfig
+from posttrain.config import ConfigError, GRPOConfig
+from posttrain.distributed import Dist
 from posttrain.data.collate import EpochSampler, LMBatch, collate_packed, collate_padded, pack_indices
 from posttrain.data.formats import reward_columns, validate
 from posttrain.data.io import DataError, read_rows
@@ -37,8 +38,7 @@ from posttrain.losses.kl import kl_estimate
 from posttrain.losses.logprobs import completion_logps
 from posttrain.losses.policy import PolicyLossTerms, cispo_loss, gspo_loss, ppo_clip_loss
 from posttrain.memory import reward_models
-from posttrain.models.checkpoint import export_model
-from posttrain.models.loading import load_frozen, load_model, resolve_device
+from posttrain.models.loading import load_frozen, load_model
 from posttrain.models.lora import apply_lora, is_peft
 from posttrain.rl.advantages import batch_normalize, group_advantages, rloo_advantages
 from posttrain.rl.groups import Group, collect_groups
@@ -243,15 +243,22 @@ def sample_groups(engine, tok, rows: list[dict], prompt_ids: list[list[int]], pi
 
 
 def train(cfg: GRPOConfig) -> Path:
-    device = resolve_device(cfg.model.device)
-    run = loop.start_run(cfg, "grpo", device)
+    run = loop.start_run(cfg, "grpo")
+    device, dist = run.device, run.dist
+    if cfg.prompts_per_step % dist.world:
+        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step}: each of the {dist.world} ranks generates whole "
+                          f"groups, so it must be a multiple of the number of ranks")
 
     rows = read_rows(cfg.data.path, cfg.data.split, num_examples=cfg.data.num_examples, seed=cfg.train.seed)
     validate(rows, "prompt")
-    model, tok = load_model(cfg.model, seed=cfg.train.seed, device=device)
+    model, tok = load_model(cfg.model, seed=cfg.train.seed, device=run.load_device)
     model = apply_lora(model, cfg.lora)
+    ref = reference_model(cfg, model, run.load_device)
+    if isinstance(ref, torch.nn.Module):
+        ref = loop.wrap(run, cfg, ref)  # a frozen model runs in lockstep with the policy
+    model = loop.wrap(run, cfg, model)
     model.train()
-    ref = reference_model(cfg, model, device)
+    optimizer, scheduler = loop.make_optimizer(model, cfg.optim, cfg.train.steps * cfg.num_iterations)
     reward_fn = build_reward([(r.name, r.weight, r.options) for r in cfg.rewards], workers=cfg.reward_workers,
                              non_finite=cfg.reward_non_finite)
     engine = make_engine(cfg.rollout_engine, model, tok, decode=cfg.rollout_decode, vllm=cfg.vllm, seed=cfg.train.seed,
@@ -265,23 +272,26 @@ def train(cfg: GRPOConfig) -> Path:
     eval_rows = read_rows(cfg.data.eval_path, "test", seed=cfg.train.seed).rows[:cfg.eval_examples] \
         if cfg.data.eval_path else []
     sampler = EpochSampler(len(usable), cfg.train.seed, shuffle=cfg.data.shuffle)
-    optimizer, scheduler = loop.make_optimizer(model, cfg.optim, cfg.train.steps * cfg.num_iterations)
     start, state = loop.resume(run, model, optimizer, scheduler)
     if state:
-        engine.sync_weights()  # the checkpoint's weights replaced those the engine started from
+        with dist.unsharded(model):
+            engine.sync_weights()  # the checkpoint's weights replaced those the engine started from
         sampler.load_state_dict(state["sampler"])
-        reward_fn.load_state_dict(state.get("rewards", {}))  # e.g. the `random` control's draw counter
-        keep_steps_upto(run.dir / "samples.jsonl", start)  # steps after the checkpoint run again
-    elif (run.dir / "samples.jsonl").exists():
+        load_reward_state(reward_fn, state.get("rewards", {}), dist)  # e.g. the `random` control's draw counter
+        if dist.is_main:
+            keep_steps_upto(run.dir / "samples.jsonl", start)  # steps after the checkpoint run again
+    elif dist.is_main and (run.dir / "samples.jsonl").exists():
         (run.dir / "samples.jsonl").unlink()
 
     def rollout_round() -> list[Group]:
         picked = [usable[i] for i in sampler.take(cfg.prompts_per_step)]
-        seeds = rollout_seeds(cfg.train.seed, step, next(rounds), range(len(picked) * cfg.num_generations))
-        return sample_groups(engine, tok, rows.rows, prompt_ids, picked, cfg.num_generations, sampling, reward_fn,
-                             timing, seeds, rows.where)
+        mine, G = dist.slice(len(picked)), cfg.num_generations  # whole groups per rank: exact group baselines
+        seeds = rollout_seeds(cfg.train.seed, step, next(rounds), range(mine.start * G, mine.stop * G))
+        with dist.unsharded(model):  # ranks stop decoding at different tokens: no per-layer gathers inside
+            return sample_groups(engine, tok, rows.rows, prompt_ids, picked[mine], G, sampling, reward_fn, timing,
+                                 seeds, rows.where)
 
-    progress = loop.Progress(cfg.train.steps, start, "grpo", cfg.train.progress)
+    progress = loop.Progress(cfg.train.steps, start, "grpo", cfg.train.progress and dist.is_main)
     last = cfg.train.steps
     short_steps = flat_steps = faulty = 0
     try:
@@ -291,15 +301,18 @@ def train(cfg: GRPOConfig) -> Path:
             t_step = time.time()
             # 1-2. rollout + reward (dynamic sampling may take several rounds)
             groups, generated, stats = collect_groups(rollout_round, cfg.prompts_per_step,
-                                                      dynamic=cfg.dynamic_sampling, max_rounds=cfg.max_gen_batches)
+                                                      dynamic=cfg.dynamic_sampling, max_rounds=cfg.max_gen_batches,
+                                                      gather=dist.gather, rank=dist.rank)
             timing["generate"] = time.time() - t_step - timing["reward"]
+            generated = [g for part in dist.gather(generated) for g in part]  # every rank's, for the metrics
             metrics = rollout_metrics(generated, stats)  # what the policy did, before any filtering
             faulty += metrics["reward/non_finite"]
             if stats.bound_reached:
                 short_steps += 1
                 log.debug("step %d: dynamic sampling hit max_gen_batches=%d with %d/%d varied groups; "
                           "training on those", step, cfg.max_gen_batches, stats.kept_groups, cfg.prompts_per_step)
-            if groups and not any(g.has_variance for g in groups):
+            n_groups = dist.sum(len(groups))  # a rank may hold none of the kept groups: it still runs the update
+            if n_groups and not dist.sum(sum(g.has_variance for g in groups)):
                 # Every group's rewards are equal: all advantages are 0, nothing to learn from (a step
                 # would still move the weights through Adam's momentum and weight decay). Skipped and
                 # counted, as dynamic sampling does when it finds no varied group (the same test on the
@@ -308,13 +321,14 @@ def train(cfg: GRPOConfig) -> Path:
                 if flat_steps == 1:
                     log.warning("step %d: every group has identical rewards, nothing to learn from; the update is "
                                 "skipped (metric skipped_update)", step)
-                groups = []
-            if groups:
+                n_groups = 0
+            if n_groups:
                 engine.sleep()  # vllm on CUDA: its memory goes back to the trainer during the update
                 metrics.update(update_policy(cfg, model, ref, groups, optimizer, scheduler, policy_loss,
-                                             tok.pad_token_id, device, timing, step))
+                                             tok.pad_token_id, device, timing, step, dist))
                 t0 = time.time()
-                engine.sync_weights()  # vllm: push the updated policy (merged LoRA) before the next rollout
+                with dist.unsharded(model):
+                    engine.sync_weights()  # vllm: push the updated policy (merged LoRA) before the next rollout
                 timing["update"] += time.time() - t0
             else:
                 metrics["skipped_update"] = 1.0  # no group with a learning signal: nothing to train on
@@ -325,10 +339,12 @@ def train(cfg: GRPOConfig) -> Path:
                            wall_time=time.time() - run.start_time)
             metrics.update(run.memory.metrics([model, ref, *reward_models(reward_fn)], [optimizer]))
             if eval_rows and loop.should(cfg.eval_every, step, last):
-                metrics["eval_accuracy"] = held_out_accuracy(model, tok, eval_rows, cfg,
-                                                             engine if cfg.rollout_engine != "native" else None)
+                with dist.unsharded(model):  # rank 0 generates alone: no collective inside
+                    acc = held_out_accuracy(model, tok, eval_rows, cfg, engine if cfg.rollout_engine != "native"
+                                            else None) if dist.is_main else None
+                metrics["eval_accuracy"] = dist.broadcast(acc)
             run.tracker.log(step, metrics)
-            if step == 1 or step == last or (cfg.samples_every and step % cfg.samples_every == 0):
+            if dist.is_main and (step == 1 or step == last or (cfg.samples_every and step % cfg.samples_every == 0)):
                 write_samples(run.dir, step, generated, tok)
             progress.update(step, f"reward {metrics['reward/mean']:.3f} acc {metrics['accuracy']:.2f}")
             if not cfg.train.progress and loop.should(cfg.train.log_every, step, last):
@@ -336,7 +352,7 @@ def train(cfg: GRPOConfig) -> Path:
                          metrics["accuracy"], metrics["completion_len/mean"])
             if loop.should(cfg.train.save_every, step, last):
                 loop.save(run, cfg, step, model, tok, optimizer, scheduler,
-                          {"sampler": sampler.state_dict(), "rewards": reward_fn.state_dict()})
+                          {"sampler": sampler.state_dict(), "rewards": dist.gather(reward_fn.state_dict())})
     finally:
         progress.close()
         run.tracker.close()
@@ -354,26 +370,50 @@ def train(cfg: GRPOConfig) -> Path:
     if faulty:
         log.warning("reward_non_finite=zero: %d completions had a non-finite reward (or none that applied) and "
                     "were scored 0 in this run (metric reward/non_finite)", faulty)
-    return export_model(run.dir, model, tok)
+    return loop.export(run, model, tok)
+
+
+def load_reward_state(reward_fn, saved, dist) -> None:
+    """Restore stateful rewards: one state per rank (a rank scores its own completions), or one state
+    from a checkpoint of another shape (an older single-process one, or another number of ranks)."""
+    if isinstance(saved, list):
+        saved = saved[dist.rank] if len(saved) == dist.world else saved[0]
+    reward_fn.load_state_dict(saved)
+
+
+def pad_micro_batches(mbs: list, empty_index: int, dist, pad_id: int, device) -> list:
+    """``mbs`` plus empty micro-batches, so this rank runs as many forwards and backwards as the busiest
+    (FSDP's collectives pair them up across ranks). An empty one holds a 2-token row with nothing to
+    train, numbered ``empty_index`` (a slot after the rank's sequences): it adds 0 to every loss, count
+    and metric."""
+    extra = dist.pad_count(len(mbs))
+    if not extra:
+        return mbs
+    empty = micro_batches([(Example((pad_id, pad_id), (0, 0)), False)], 1, pad_id, device)[0][0]
+    return mbs + [(empty, torch.tensor([empty_index]))] * extra
 
 
 def update_policy(cfg: GRPOConfig, model, ref, groups: list[Group], optimizer, scheduler, policy_loss: PolicyLoss,
-                  pad_id: int, device, timing: dict, step: int) -> dict:
-    """Steps 3-5: advantages, log-probs, mu optimizer updates. Returns the update metrics."""
-    rewards_PG = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+                  pad_id: int, device, timing: dict, step: int, dist=None) -> dict:
+    """Steps 3-5: advantages, log-probs, mu optimizer updates. Returns the update metrics. Data-parallel,
+    ``groups`` are this rank's; counts, batch statistics and metrics are taken over every rank's."""
+    dist = dist or Dist()
+    G = len(groups[0].rewards) if groups else cfg.num_generations
+    rewards_PG = torch.tensor([g.rewards for g in groups], dtype=torch.float32).view(-1, G)
     t0 = time.time()
-    mbs = micro_batches(sequences(groups, cfg.mask_truncated_completions), cfg.train.micro_batch_size, pad_id, device,
-                       packed=cfg.padding_free)
+    seqs = sequences(groups, cfg.mask_truncated_completions)
+    mbs = micro_batches(seqs, cfg.train.micro_batch_size, pad_id, device, packed=cfg.padding_free) if seqs else []
+    mbs = pad_micro_batches(mbs, len(seqs), dist, pad_id, device)
     refs = ref_logps(ref, model, mbs, cfg.temperature) if ref is not None else None
     if refs is not None and cfg.kl_in == "reward":
         # Subtract beta * (summed KL of the completion) from its reward, before the baseline.
-        rewards_PG = rewards_PG - cfg.beta * sequence_kl(model, mbs, refs, cfg).view_as(rewards_PG)
-    adv = compute_advantages(rewards_PG, cfg).flatten()
+        rewards_PG = rewards_PG - cfg.beta * sequence_kl(model, mbs, refs, cfg)[:len(seqs)].view_as(rewards_PG)
+    adv = torch.cat([global_advantages(rewards_PG, cfg, dist).flatten(), torch.zeros(1)])  # 0: the empty slot
     advs = [adv[idx].to(device) for _, idx in mbs]
     old = frozen_logps(model, mbs, cfg.temperature) if cfg.num_iterations > 1 else None
     rollout = rollout_logps(groups, mbs)
     timing["logps"] += time.time() - t0
-    num_tokens, counts = aggregation_counts(cfg, mbs)
+    num_tokens, counts = aggregation_counts(cfg, mbs, dist)
     out = {"num_tokens": num_tokens}
     if num_tokens == 0:
         return {**out, "skipped_update": 1.0}  # every completion masked (e.g. all truncated)
@@ -406,13 +446,14 @@ def update_policy(cfg: GRPOConfig, model, ref, groups: list[Group], optimizer, s
                 if cfg.kl_in == "loss":
                     loss_BT = loss_BT + cfg.beta * kl_BT
             loss = aggregate(loss_BT, m, cfg.aggregation, **counts)
-            loss.backward()
+            (loss * dist.loss_scale).backward()
             w = m.sum().item() / num_tokens
             sums["loss"] += loss.item()
             sums["clip_low"] += (terms.clipped_low_BT * m).sum().item() / num_tokens
             sums["clip_high"] += (terms.clipped_high_BT * m).sum().item() / num_tokens
             if ent is not None:
                 sums["entropy"] += ent * w
+        sums = {k: dist.sum(v) for k, v in sums.items()}  # each rank held its share of the global sums
         grad_norm = loop.optimizer_step(model, optimizer, scheduler, max_grad_norm=cfg.optim.max_grad_norm,
                                         step=step, loss=sums["loss"])
         if it == 0:
@@ -420,6 +461,7 @@ def update_policy(cfg: GRPOConfig, model, ref, groups: list[Group], optimizer, s
                        **{"clip_frac/low": sums["clip_low"], "clip_frac/high": sums["clip_high"]})
             if refs is not None:
                 out["kl"] = sums["kl"]
+    seen = {k: [t for part in dist.gather(v) for t in part] for k, v in seen.items()}
     if seen["old"]:
         out.update(correction_metrics(cfg, *(torch.cat(seen[k]) for k in ("old", "rollout", "w", "clipped"))))
     out["clip_frac/low_last"] = sums["clip_low"]
@@ -428,11 +470,22 @@ def update_policy(cfg: GRPOConfig, model, ref, groups: list[Group], optimizer, s
     return out
 
 
-def aggregation_counts(cfg, mbs) -> tuple[float, dict]:
+def global_advantages(rewards_PG: torch.Tensor, cfg, dist) -> torch.Tensor:
+    """``compute_advantages`` of this rank's groups. Group baselines need only the rank's own (whole)
+    groups; batch whitening needs every rank's, so they are gathered first and the rank's rows kept."""
+    if cfg.scale != "batch" or not dist.enabled:
+        return compute_advantages(rewards_PG, cfg)
+    parts = dist.gather(rewards_PG)
+    start = sum(len(p) for p in parts[:dist.rank])
+    return compute_advantages(torch.cat(parts), cfg)[start:start + len(rewards_PG)]
+
+
+def aggregation_counts(cfg, mbs, dist=None) -> tuple[float, dict]:
     """(token count, the keyword counts of ``aggregate`` for ``cfg.aggregation``), global over every
-    micro-batch of the optimizer step."""
-    num_tokens = sum(b.target_mask_BT.sum().item() for b, _ in mbs)
-    num_seqs = sum((b.target_mask_BT.sum(1) > 0).sum().item() for b, _ in mbs)
+    micro-batch of the optimizer step, on every rank (``dist``)."""
+    dist = dist or Dist()
+    num_tokens = dist.sum(sum(b.target_mask_BT.sum().item() for b, _ in mbs))
+    num_seqs = dist.sum(sum((b.target_mask_BT.sum(1) > 0).sum().item() for b, _ in mbs))
     return num_tokens, {"token_mean": dict(num_tokens=num_tokens), "seq_mean_token_mean": dict(num_seqs=num_seqs),
                         "seq_mean_token_sum": dict(num_seqs=num_seqs),
                         "seq_sum_const": dict(num_seqs=num_seqs, const_len=cfg.max_completion_length)}[cfg.aggregation]
@@ -449,6 +502,8 @@ def rollout_logps(groups: list[Group], mbs) -> list[torch.Tensor] | None:
     for batch, idx in mbs:
         r_BT = torch.zeros(batch.target_mask_BT.shape, dtype=torch.float32)
         for row, i in enumerate(idx.tolist()):
+            if i >= len(flat):
+                continue  # an empty micro-batch's row (pad_micro_batches): nothing was sampled
             start, lp = flat[i]
             r_BT[row, start - 1:start - 1 + len(lp)] = torch.tensor(lp, dtype=torch.float32)
         out.append(r_BT.to(batch.target_mask_BT.device))

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from posttrain import loop
-from posttrain.config import PPOConfig
+from posttrain.config import ConfigError, PPOConfig
 from posttrain.data.collate import EpochSampler
 from posttrain.data.formats import validate
 from posttrain.data.io import read_rows
@@ -36,8 +36,7 @@ from posttrain.losses.aggregation import aggregate
 from posttrain.losses.kl import kl_estimate
 from posttrain.losses.value import clipped_value_loss, explained_variance
 from posttrain.memory import reward_models
-from posttrain.models.checkpoint import export_model
-from posttrain.models.loading import DTYPES, ModelError, load_model, resolve_device
+from posttrain.models.loading import DTYPES, ModelError, load_model
 from posttrain.models.lora import apply_lora
 from posttrain.models.scalar import check_scalar_dir, load_scalar, same_vocabulary, scalar_from_causal, token_values
 from posttrain.recipes import grpo
@@ -45,6 +44,7 @@ from posttrain.recipes.grpo import StepBatch
 from posttrain.recipes.preference import disable_dropout
 from posttrain.rl.advantages import batch_normalize, gae, per_token_rewards
 from posttrain.rl.groups import Group, collect_groups
+from posttrain.distributed import Dist
 from posttrain.losses.importance import rollout_is_weights
 from posttrain.rollout import make_engine
 from posttrain.rollout.engine import SamplingParams
@@ -107,9 +107,10 @@ def from_rows(x_BT: torch.Tensor, batch: StepBatch, idx: torch.Tensor, out_NL: t
 
 
 def completion_mask(seqs) -> torch.Tensor:
-    """(N, L): 1 on each kept sequence's loss tokens (a masked-out truncated sample has none)."""
+    """(N + 1, L): 1 on each kept sequence's loss tokens (a masked-out truncated sample has none); the
+    last row is empty: the slot of the empty micro-batches (``grpo.pad_micro_batches``)."""
     lengths = [sum(ex.loss_mask[1:]) if kept else 0 for ex, kept in seqs]
-    mask = torch.zeros(len(seqs), max(lengths + [1]))
+    mask = torch.zeros(len(seqs) + 1, max(lengths + [1]))
     for n, k in enumerate(lengths):
         mask[n, :k] = 1.0
     return mask
@@ -118,14 +119,15 @@ def completion_mask(seqs) -> torch.Tensor:
 @dataclass(frozen=True)
 class Scored:
     """The rollout batch in completion layout, before any update: the rollout policy's log-probs, the
-    reference's (None when beta = 0), the critic's values, the mask; the policy's mean entropy; and the
-    importance weights of the rollout/trainer correction (1 without one)."""
+    reference's (None when beta = 0), the critic's values, the mask (one more row than sequences: the
+    empty slot); the entropy summed over this rank's tokens; and the importance weights of the
+    rollout/trainer correction (None without one)."""
 
     old_NL: torch.Tensor
     ref_NL: torch.Tensor | None
     values_NL: torch.Tensor
     mask_NL: torch.Tensor
-    entropy: float
+    entropy_sum: float
     is_weights_NL: torch.Tensor | None = None
 
 
@@ -141,12 +143,13 @@ def engine_logps(groups: list[Group], mask_NL: torch.Tensor) -> torch.Tensor | N
 
 
 @torch.no_grad()
-def score_rollouts(cfg: PPOConfig, model, critic, ref, seqs, pad_id: int, device) -> Scored:
+def score_rollouts(cfg: PPOConfig, model, critic, ref, seqs, pad_id: int, device, dist) -> Scored:
     # float32 at least (float64 for a float64 model): the statistics of GAE and whitening
     mask = completion_mask(seqs).to(torch.promote_types(next(model.parameters()).dtype, torch.float32))
     old, values = torch.zeros_like(mask), torch.zeros_like(mask)
     refs = torch.zeros_like(mask) if ref is not None else None
     mbs = grpo.micro_batches(seqs, cfg.train.micro_batch_size, pad_id, device, packed=cfg.padding_free)
+    mbs = grpo.pad_micro_batches(mbs, len(seqs), dist, pad_id, device)
     ref_lps = grpo.ref_logps(ref, model, mbs, cfg.temperature) if ref is not None else [None] * len(mbs)
     entropy = 0.0
     for (batch, idx), ref_lp in zip(mbs, ref_lps):
@@ -155,8 +158,19 @@ def score_rollouts(cfg: PPOConfig, model, critic, ref, seqs, pad_id: int, device
         from_rows(critic_values(critic, batch), batch, idx, values, mask)
         if ref_lp is not None:
             from_rows(ref_lp, batch, idx, refs, mask)
-        entropy += (ent or 0.0) * batch.target_mask_BT.sum().item() / max(1.0, mask.sum().item())
+        entropy += (ent or 0.0) * batch.target_mask_BT.sum().item()
     return Scored(old, refs, values, mask, entropy)
+
+
+def gathered(dist, *tensors_NL: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's rows of each tensor, concatenated in rank order (the one-process batch), the
+    completion axis padded to the longest rank's."""
+    if not dist.enabled:
+        return list(tensors_NL)
+    parts = dist.gather([t.cpu() for t in tensors_NL])
+    L = max(p[0].shape[1] for p in parts)
+    return [torch.cat([torch.nn.functional.pad(p[i], (0, L - p[i].shape[1])) for p in parts])
+            for i in range(len(tensors_NL))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,37 +178,46 @@ def score_rollouts(cfg: PPOConfig, model, critic, ref, seqs, pad_id: int, device
 
 
 def ppo_update(cfg: PPOConfig, model, critic, ref, groups: list[Group], opt, sched, critic_opt, critic_sched,
-               policy_loss, pad_id: int, device, timing: dict, step: int) -> dict:
-    """Steps 2-5 for one rollout batch. Returns the step's update metrics."""
+               policy_loss, pad_id: int, device, timing: dict, step: int, dist=None) -> dict:
+    """Steps 2-5 for one rollout batch. Returns the step's update metrics. Data-parallel, ``groups`` are
+    this rank's: whitening and the metrics take every rank's tokens, and mini-batch k holds the same
+    sequences, over the ranks, as it does in one process."""
+    dist = dist or Dist()
     t0 = time.time()
     seqs = grpo.sequences(groups, cfg.mask_truncated_completions)
-    s = score_rollouts(cfg, model, critic, ref, seqs, pad_id, device)
+    n = len(seqs)
+    s = score_rollouts(cfg, model, critic, ref, seqs, pad_id, device, dist)
+    mask = s.mask_NL
     correction = {}
-    rollout_NL = engine_logps(groups, s.mask_NL)
+    rollout_NL = engine_logps(groups, mask)
     if rollout_NL is not None:
         # theta_old under the trainer against the engine that sampled (a constant for every update)
-        isw = rollout_is_weights(s.old_NL, rollout_NL, s.mask_NL, mode="mask" if cfg.rollout_is == "mis" else "truncate",
+        isw = rollout_is_weights(s.old_NL, rollout_NL, mask, mode="mask" if cfg.rollout_is == "mis" else "truncate",
                                  level=cfg.rollout_is_level, cap=cfg.rollout_is_cap, cap_low=cfg.rollout_is_cap_low)
-        keep = s.mask_NL > 0
-        correction = grpo.correction_metrics(cfg, s.old_NL[keep].float(), rollout_NL[keep].float(),
-                                             isw.weights_BT[keep].float(), isw.clipped_BT[keep].float())
+        keep = mask > 0
+        seen = [x[keep].float().cpu() for x in (s.old_NL, rollout_NL, isw.weights_BT, isw.clipped_BT)]
+        correction = grpo.correction_metrics(cfg, *(torch.cat(p) for p in zip(*dist.gather(seen))))
         if cfg.rollout_is != "none":
             s = replace(s, is_weights_NL=isw.weights_BT)
-    scores_N = torch.tensor([r for g in groups for r in g.rewards], dtype=s.mask_NL.dtype)
-    mask = s.mask_NL
+    scores_N = torch.tensor([r for g in groups for r in g.rewards] + [0.0], dtype=mask.dtype)
     kl_NL = kl_estimate(s.old_NL, s.ref_NL, cfg.kl_estimator) * mask if s.ref_NL is not None else torch.zeros_like(mask)
     rewards_NL = per_token_rewards(scores_N, kl_NL, mask, cfg.beta)
     adv_NL, ret_NL = gae(rewards_NL, s.values_NL, mask, gamma=cfg.gamma, lam=cfg.lam)
-    n_tok = mask.sum().clamp(min=1)
-    out = {**correction, "num_tokens": mask.sum().item(), "entropy": s.entropy,
-           "kl": (kl_NL.sum() / n_tok).item(), "non_score_reward": (-cfg.beta * kl_NL.sum(1)).mean().item(),
-           "advantages/mean": (adv_NL.sum() / n_tok).item(), "returns/mean": (ret_NL.sum() / n_tok).item(),
-           "values/mean": (s.values_NL * mask).sum().item() / n_tok.item(),
-           "explained_variance": explained_variance(s.values_NL, ret_NL, mask)}
+    # Batch statistics over every rank's sequences (this rank's are rows offset..offset+n of the batch).
+    g_mask, g_kl, g_adv, g_ret, g_val = gathered(dist, *(x[:n] for x in (mask, kl_NL, adv_NL, ret_NL, s.values_NL)))
+    sizes = dist.gather(n)
+    offset, n_total = sum(sizes[:dist.rank]), sum(sizes)
+    n_tok = g_mask.sum().clamp(min=1)
+    out = {**correction, "num_tokens": g_mask.sum().item(), "entropy": dist.sum(s.entropy_sum) / n_tok.item(),
+           "kl": (g_kl.sum() / n_tok).item(), "non_score_reward": (-cfg.beta * g_kl.sum(1)).mean().item(),
+           "advantages/mean": (g_adv.sum() / n_tok).item(), "returns/mean": (g_ret.sum() / n_tok).item(),
+           "values/mean": (g_val * g_mask).sum().item() / n_tok.item(),
+           "explained_variance": explained_variance(g_val, g_ret, g_mask)}
     if cfg.whiten_advantages:
-        adv_NL = batch_normalize(adv_NL, mask=mask)
+        white = batch_normalize(g_adv, mask=g_mask)[offset:offset + n, :adv_NL.shape[1]]
+        adv_NL = torch.cat([white.to(adv_NL), adv_NL[n:]])
     timing["logps"] += time.time() - t0
-    if mask.sum() == 0:
+    if g_mask.sum() == 0:
         return {**out, "skipped_update": 1.0}  # every completion masked (e.g. all truncated)
 
     t0 = time.time()
@@ -202,9 +225,10 @@ def ppo_update(cfg: PPOConfig, model, critic, ref, groups: list[Group], opt, sch
     sums: dict[str, float] = {}
     updates = 0
     for _ in range(cfg.ppo_epochs):
-        for chunk in torch.randperm(len(seqs), generator=gen).chunk(cfg.num_mini_batches):
-            m = minibatch_step(cfg, model, critic, seqs, chunk, s, adv_NL, ret_NL, opt, sched, critic_opt,
-                               critic_sched, policy_loss, pad_id, device, step)
+        for chunk in torch.randperm(n_total, generator=gen).chunk(cfg.num_mini_batches):
+            mine = chunk[(chunk >= offset) & (chunk < offset + n)] - offset  # this rank's part of the mini-batch
+            m = minibatch_step(cfg, model, critic, seqs, mine, s, adv_NL, ret_NL, opt, sched, critic_opt,
+                               critic_sched, policy_loss, pad_id, device, step, dist)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
             updates += 1
@@ -215,13 +239,16 @@ def ppo_update(cfg: PPOConfig, model, critic, ref, groups: list[Group], opt, sch
 
 
 def minibatch_step(cfg: PPOConfig, model, critic, seqs, chunk: torch.Tensor, s: Scored, adv_NL, ret_NL, opt, sched,
-                   critic_opt, critic_sched, policy_loss, pad_id: int, device, step: int) -> dict:
-    """One optimizer step of the policy and of the critic on the sequences ``chunk`` (global indices),
+                   critic_opt, critic_sched, policy_loss, pad_id: int, device, step: int, dist=None) -> dict:
+    """One optimizer step of the policy and of the critic on the sequences ``chunk`` (this rank's indices),
     accumulated over micro-batches with the mini-batch's global counts."""
+    dist = dist or Dist()
     chunk = chunk.sort().values
     mbs = grpo.micro_batches([seqs[i] for i in chunk.tolist()], cfg.train.micro_batch_size, pad_id, device,
-                             packed=cfg.padding_free)
-    num_tokens, counts = grpo.aggregation_counts(cfg, mbs)
+                             packed=cfg.padding_free) if len(chunk) else []
+    mbs = grpo.pad_micro_batches(mbs, len(chunk), dist, pad_id, device)
+    chunk = torch.cat([chunk, torch.tensor([len(seqs)])])  # the empty micro-batches' slot: s's empty row
+    num_tokens, counts = grpo.aggregation_counts(cfg, mbs, dist)
     sums = {"loss": 0.0, "value_loss": 0.0, "clip_frac/low": 0.0, "clip_frac/high": 0.0, "value_clip_frac": 0.0,
             "approx_kl": 0.0}
     if num_tokens == 0:
@@ -239,7 +266,8 @@ def minibatch_step(cfg: PPOConfig, model, critic, seqs, chunk: torch.Tensor, s: 
         vt = clipped_value_loss(values, to_rows(s.values_NL, batch, idx, s.mask_NL),
                                 to_rows(ret_NL, batch, idx, s.mask_NL), clip=cfg.critic.value_clip or None)
         val = aggregate(vt.loss_BT, m, "token_mean", num_tokens=num_tokens)
-        (pol + val).backward()  # disjoint parameters: one backward fills the policy's and the critic's grads
+        # disjoint parameters: one backward fills the policy's and the critic's grads
+        ((pol + val) * dist.loss_scale).backward()
         frac = lambda x: (x * m).sum().item() / num_tokens  # noqa: E731
         sums["loss"] += pol.item()
         sums["value_loss"] += val.item()
@@ -247,6 +275,7 @@ def minibatch_step(cfg: PPOConfig, model, critic, seqs, chunk: torch.Tensor, s: 
         sums["clip_frac/high"] += frac(terms.clipped_high_BT)
         sums["value_clip_frac"] += frac(vt.clipped_BT)
         sums["approx_kl"] += frac(0.5 * (logps.detach() - old) ** 2)  # how far this update moved the policy
+    sums = {k: dist.sum(v) for k, v in sums.items()}  # each rank held its share of the global sums
     sums["grad_norm"] = loop.optimizer_step(model, opt, sched, max_grad_norm=cfg.optim.max_grad_norm, step=step,
                                             loss=sums["loss"])
     sums["critic/grad_norm"] = loop.optimizer_step(critic, critic_opt, critic_sched,
@@ -260,16 +289,25 @@ def minibatch_step(cfg: PPOConfig, model, critic, seqs, chunk: torch.Tensor, s: 
 
 def train(cfg: PPOConfig) -> Path:
     """Train; return the exported policy directory (``<output_dir>/final``; the critic goes to ``critic/``)."""
-    device = resolve_device(cfg.model.device)
-    run = loop.start_run(cfg, "ppo", device)
+    run = loop.start_run(cfg, "ppo")
+    device, dist = run.device, run.dist
+    if cfg.prompts_per_step % dist.world:
+        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step}: each of the {dist.world} ranks generates whole "
+                          f"groups, so it must be a multiple of the number of ranks")
 
     rows = read_rows(cfg.data.path, cfg.data.split, num_examples=cfg.data.num_examples, seed=cfg.train.seed)
     validate(rows, "prompt")
-    model, tok = load_model(cfg.model, seed=cfg.train.seed, device=device)
-    critic = load_critic(cfg, model, tok, device)
+    model, tok = load_model(cfg.model, seed=cfg.train.seed, device=run.load_device)
+    critic = load_critic(cfg, model, tok, run.load_device)
     model = apply_lora(model, cfg.lora)
+    ref = grpo.reference_model(cfg, model, run.load_device)
+    if isinstance(ref, torch.nn.Module):
+        ref = loop.wrap(run, cfg, ref)  # frozen models run in lockstep with the policy
+    model, critic = loop.wrap(run, cfg, model), loop.wrap(run, cfg, critic)
     model.train()
-    ref = grpo.reference_model(cfg, model, device)
+    updates = cfg.train.steps * cfg.ppo_epochs * cfg.num_mini_batches
+    optimizer, scheduler = loop.make_optimizer(model, cfg.optim, updates)
+    critic_opt, critic_sched = loop.make_optimizer(critic, replace(cfg.optim, lr=cfg.critic.lr), updates)
     reward_fn = build_reward([(r.name, r.weight, r.options) for r in cfg.rewards], workers=cfg.reward_workers,
                              non_finite=cfg.reward_non_finite)
     engine = make_engine(cfg.rollout_engine, model, tok, decode=cfg.rollout_decode, vllm=cfg.vllm, seed=cfg.train.seed,
@@ -283,20 +321,19 @@ def train(cfg: PPOConfig) -> Path:
         if cfg.data.eval_path else []
 
     sampler = EpochSampler(len(usable), cfg.train.seed, shuffle=cfg.data.shuffle)
-    updates = cfg.train.steps * cfg.ppo_epochs * cfg.num_mini_batches
-    optimizer, scheduler = loop.make_optimizer(model, cfg.optim, updates)
-    critic_opt, critic_sched = loop.make_optimizer(critic, replace(cfg.optim, lr=cfg.critic.lr), updates)
     start, state = loop.resume(run, model, optimizer, scheduler, extras={"critic": (critic, critic_opt)})
     if state:
         sampler.load_state_dict(state["sampler"])
-        reward_fn.load_state_dict(state.get("rewards", {}))  # stateful rewards (the `random` control)
+        grpo.load_reward_state(reward_fn, state.get("rewards", {}), dist)  # stateful rewards (`random`)
         critic_sched.load_state_dict(state["critic_scheduler"])
-        keep_steps_upto(run.dir / "samples.jsonl", start)
-        engine.sync_weights()  # the checkpoint's weights replaced those the engine started from
-    elif (run.dir / "samples.jsonl").exists():
+        if dist.is_main:
+            keep_steps_upto(run.dir / "samples.jsonl", start)
+        with dist.unsharded(model):
+            engine.sync_weights()  # the checkpoint's weights replaced those the engine started from
+    elif dist.is_main and (run.dir / "samples.jsonl").exists():
         (run.dir / "samples.jsonl").unlink()
 
-    progress = loop.Progress(cfg.train.steps, start, "ppo", cfg.train.progress)
+    progress = loop.Progress(cfg.train.steps, start, "ppo", cfg.train.progress and dist.is_main)
     last = cfg.train.steps
     try:
         for step in range(start + 1, last + 1):
@@ -305,42 +342,49 @@ def train(cfg: PPOConfig) -> Path:
 
             def rollout_round() -> list[Group]:
                 picked = [usable[i] for i in sampler.take(cfg.prompts_per_step)]
-                seeds = grpo.rollout_seeds(cfg.train.seed, step, 0, range(len(picked) * cfg.num_generations))
-                return grpo.sample_groups(engine, tok, rows.rows, prompt_ids, picked, cfg.num_generations, sampling,
-                                          reward_fn, timing, seeds, rows.where)
+                mine, G = dist.slice(len(picked)), cfg.num_generations
+                seeds = grpo.rollout_seeds(cfg.train.seed, step, 0, range(mine.start * G, mine.stop * G))
+                with dist.unsharded(model):  # ranks stop decoding at different tokens: no per-layer gathers
+                    return grpo.sample_groups(engine, tok, rows.rows, prompt_ids, picked[mine], G, sampling,
+                                              reward_fn, timing, seeds, rows.where)
 
-            groups, _, stats = collect_groups(rollout_round, cfg.prompts_per_step, dynamic=False, max_rounds=1)
+            groups, _, stats = collect_groups(rollout_round, cfg.prompts_per_step, dynamic=False, max_rounds=1,
+                                              gather=dist.gather, rank=dist.rank)
             timing["generate"] = time.time() - t_step - timing["reward"]
-            metrics = grpo.rollout_metrics(groups, stats)
+            generated = [g for part in dist.gather(groups) for g in part]  # every rank's, for the metrics
+            metrics = grpo.rollout_metrics(generated, stats)
             if cfg.num_generations == 1:
                 del metrics["zero_variance_frac"]  # a group of one never varies; PPO's baseline is the critic
             engine.sleep()  # vllm on CUDA: its memory goes back to the trainer during the update
             metrics.update(ppo_update(cfg, model, critic, ref, groups, optimizer, scheduler, critic_opt, critic_sched,
-                                      policy_loss, tok.pad_token_id, device, timing, step))
-            engine.sync_weights()  # vllm: push the updated policy (merged LoRA) before the next rollout
+                                      policy_loss, tok.pad_token_id, device, timing, step, dist))
+            with dist.unsharded(model):
+                engine.sync_weights()  # vllm: push the updated policy (merged LoRA) before the next rollout
             dt = time.time() - t_step
-            gen_tokens = sum(len(c) for g in groups for c in g.completion_ids)
+            gen_tokens = sum(len(c) for g in generated for c in g.completion_ids)
             metrics.update({f"time/{k}": v for k, v in timing.items()})
             metrics.update(step_time=dt, tokens_per_s=gen_tokens / max(dt, 1e-9), lr=scheduler.get_last_lr()[0],
                            **{"critic/lr": critic_sched.get_last_lr()[0]}, wall_time=time.time() - run.start_time)
             metrics.update(run.memory.metrics([model, ref, critic, *reward_models(reward_fn)], [optimizer, critic_opt]))
             if eval_rows and loop.should(cfg.eval_every, step, last):
-                metrics["eval_accuracy"] = grpo.held_out_accuracy(model, tok, eval_rows, cfg)
+                with dist.unsharded(model):  # rank 0 generates alone: no collective inside
+                    acc = grpo.held_out_accuracy(model, tok, eval_rows, cfg) if dist.is_main else None
+                metrics["eval_accuracy"] = dist.broadcast(acc)
             run.tracker.log(step, metrics)
-            if step == 1 or step == last or (cfg.samples_every and step % cfg.samples_every == 0):
-                grpo.write_samples(run.dir, step, groups, tok)
+            if dist.is_main and (step == 1 or step == last or (cfg.samples_every and step % cfg.samples_every == 0)):
+                grpo.write_samples(run.dir, step, generated, tok)
             progress.update(step, f"reward {metrics['reward/mean']:.3f} ev {metrics['explained_variance']:.2f}")
             if not cfg.train.progress and loop.should(cfg.train.log_every, step, last):
                 log.info("ppo step %d/%d reward %.3f acc %.3f value_loss %.4f kl %.4f", step, last,
                          metrics["reward/mean"], metrics["accuracy"], metrics.get("value_loss", 0.0), metrics["kl"])
             if loop.should(cfg.train.save_every, step, last):
                 loop.save(run, cfg, step, model, tok, optimizer, scheduler,
-                          {"sampler": sampler.state_dict(), "rewards": reward_fn.state_dict(),
+                          {"sampler": sampler.state_dict(), "rewards": dist.gather(reward_fn.state_dict()),
                            "critic_scheduler": critic_sched.state_dict()}, extras={"critic": (critic, critic_opt)})
     finally:
         progress.close()
         run.tracker.close()
         reward_fn.close()
         engine.close()
-    export_model(run.dir, critic, tok, name="critic")
-    return export_model(run.dir, model, tok)
+    loop.export(run, critic, tok, name="critic")
+    return loop.export(run, model, tok)

@@ -45,26 +45,36 @@ class SamplingStats:
         return self.zero_variance_groups / max(1, self.generated_groups)
 
 
-def collect_groups(generate_round: Callable[[], list[Group]], target: int, *, dynamic: bool,
-                   max_rounds: int) -> tuple[list[Group], list[Group], SamplingStats]:
+def collect_groups(generate_round: Callable[[], list[Group]], target: int, *, dynamic: bool, max_rounds: int,
+                   gather: Callable[[tuple], list[tuple]] = lambda x: [x], rank: int = 0,
+                   ) -> tuple[list[Group], list[Group], SamplingStats]:
     """(groups to train on, every group generated, stats).
 
     Without ``dynamic``: one round, every group kept. With it: rounds until ``target`` groups with
     reward variance are in hand or ``max_rounds`` is reached (then: whatever was kept, maybe none).
+
+    Data-parallel, each rank generates its share of every round; ``gather`` (``Dist.gather``) gives
+    every rank's counts, so the decision to go on is the same on every rank and the ``target`` groups
+    kept are the first ones in the global order (round by round, rank by rank) -- the groups one
+    process would keep. The stats count all ranks; the returned groups are this rank's.
     """
     if max_rounds < 1:
         raise ValueError("max_rounds must be >= 1")
     kept: list[Group] = []
     generated: list[Group] = []
-    rounds = 0
+    rounds = kept_total = generated_total = zero_total = 0
     while True:
         groups = generate_round()
         rounds += 1
         generated.extend(groups)
-        kept.extend(g for g in groups if g.has_variance or not dynamic)
-        if not dynamic or len(kept) >= target or rounds >= max_rounds:
+        new = [g for g in groups if g.has_variance or not dynamic]
+        counts = gather((len(new), len(groups), sum(not g.has_variance for g in groups)))
+        ahead = kept_total + sum(c[0] for c in counts[:rank])  # kept groups before this rank's in global order
+        kept.extend(new[:max(0, target - ahead)])
+        kept_total += sum(c[0] for c in counts)
+        generated_total += sum(c[1] for c in counts)
+        zero_total += sum(c[2] for c in counts)
+        if not dynamic or kept_total >= target or rounds >= max_rounds:
             break
-    short = dynamic and len(kept) < target
-    kept = kept[:target]
-    zero = sum(not g.has_variance for g in generated)
-    return kept, generated, SamplingStats(rounds, len(generated), zero, len(kept), short)
+    short = dynamic and kept_total < target
+    return kept, generated, SamplingStats(rounds, generated_total, zero_total, min(kept_total, target), short)
