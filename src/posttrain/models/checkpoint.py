@@ -76,6 +76,15 @@ def _write_model(model, tokenizer, directory: Path, *, merge: bool, full: dict |
         tokenizer.save_pretrained(str(directory))
 
 
+def _tied_keys(model) -> set[str]:
+    """State-dict keys that are another weight (a tied-embedding model's LM head)."""
+    base = model.get_base_model() if is_peft(model) else model
+    if not getattr(base.config, "tie_word_embeddings", False):
+        return set()
+    prefix = "base_model.model." if is_peft(model) else ""
+    return {prefix + k for k in dict(getattr(base, "_tied_weights_keys", None) or {})}
+
+
 def plain_class(module) -> type:
     """The module's own class, under the subclass FSDP2 creates when it wraps a module."""
     return next(c for c in type(module).__mro__ if not c.__name__.startswith("FSDP"))
@@ -94,7 +103,10 @@ def plain_copy(model, full: dict):
             from peft import get_peft_model
 
             plain = get_peft_model(plain, copy.deepcopy(model.peft_config["default"]))
-    plain.load_state_dict(full, assign=True)
+    missing = plain.load_state_dict(full, assign=True, strict=False).missing_keys
+    if any(k not in _tied_keys(plain) for k in missing):
+        raise RuntimeError(f"plain_copy: the gathered state dict lacks {missing}")
+    plain.tie_weights()
     for name, buf in model.named_buffers():
         owner, _, attr = name.rpartition(".")
         setattr(plain.get_submodule(owner) if owner else plain, attr, buf.detach().cpu().clone())
@@ -180,12 +192,16 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, *, optimiz
 
 def full_state_dict(model, dist) -> dict | None:
     """The whole model's weights: gathered to rank 0 (on the CPU) from a sharded model; None on one
-    process, where the model saves itself."""
+    process, where the model saves itself. Tied weights (the LM head of a tied-embedding model) are left
+    out, as save_pretrained leaves them out of a model's own files."""
     if not dist.enabled:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    for key in _tied_keys(model):
+        full.pop(key, None)
+    return full
 
 
 def optimizer_state(model, optimizer) -> dict:
