@@ -120,9 +120,11 @@ def run_recipe(name: str, argv: list[str], preset: tuple[str, ...] = (), debug: 
     if path:
         add_search_dir(Path(path).resolve().parent)  # `module:function` rewards next to the config file
 
+    from posttrain.distributed import is_main_process
+
     def run() -> int:
         out = importlib.import_module(RECIPES[name]).train(cfg)
-        if os.environ.get("RANK", "0") == "0":  # under torchrun: one line for the run, not one per rank
+        if is_main_process():  # under torchrun: one line for the run, not one per rank
             print(f"posttrain {name}: finished; model at {out}")
         return 0
 

@@ -98,6 +98,7 @@ def check_targets(summary: dict) -> list[str]:
 def main(argv: list[str]) -> int:
     from rich.console import Console
 
+    from posttrain.distributed import is_main_process
     from posttrain.pipeline import config_from_dict, format_table, run, PipelineConfig
 
     p = argparse.ArgumentParser(prog="posttrain demo", description=__doc__.split("\n\n")[0])
@@ -112,6 +113,8 @@ def main(argv: list[str]) -> int:
     cfg = config_from_dict(PipelineConfig, demo_config(a.fast, output, rlhf=a.rlhf))
     t0 = time.time()
     summary = run(cfg)
+    if not is_main_process():
+        return 0  # under torchrun the table is printed once, by rank 0
     console = Console()
     console.print(format_table(summary))
     for line in check_targets(summary):

@@ -202,6 +202,11 @@ def resolve_strategy(strategy: str, lora_r: int) -> str:
     return strategy if strategy != "auto" else ("replicate" if lora_r > 0 else "fsdp")
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a launched job, or a single process: the one that prints a command's summary."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def launched() -> bool:
     """Started by torchrun (or another env:// launcher) with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from posttrain import distributed
 from posttrain.config import (RECIPE_CONFIGS, ConfigError, config_from_dict, dict_doc, doc, is_data_file, read_yaml,
                               to_dict)
 
@@ -294,18 +295,20 @@ def run(cfg: PipelineConfig) -> dict:
     from posttrain.preflight import pipeline_problems
 
     setup_logging()
+    dist = distributed.init()  # under torchrun the stages train data-parallel; the rest is rank 0's work
     root = Path(cfg.output_dir)
     plans = plan(cfg)
     # Every stage's data, models, verifiers and run directory, before the first stage (or any directory).
     problems = pipeline_problems(cfg, plans)
     if problems:
         raise ConfigError(f"{len(problems)} problem(s), no stage was started:\n  " + "\n  ".join(problems))
-    root.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    previous = _read_json(root / "pipeline.json") or {}
+    previous = dist.broadcast(_read_json(root / "pipeline.json") if dist.is_main else None) or {}
     prior_seconds = {e["name"]: e.get("seconds", 0.0) for e in previous.get("stages", []) + previous.get("controls", [])}
     baseline = None
-    if cfg.eval.baseline and Path(plans[0].start_model).is_dir():
+    if cfg.eval.baseline and Path(plans[0].start_model).is_dir() and dist.is_main:
         baseline = _read_json(root / "baseline_eval.json") or _evaluate(plans[0].start_model, cfg)
         atomic_write_json(root / "baseline_eval.json", baseline)
     entries: list[dict] = []
@@ -318,7 +321,8 @@ def run(cfg: PipelineConfig) -> dict:
             ev, seconds = _read_json(eval_file), prior_seconds.get(p.name, 0.0)
         else:
             log.info("stage %s (%s) from %s", p.name, p.recipe, p.start_model)
-            if p.pairs and not is_complete(p.final) and _make_pairs(p) == 0:
+            made = dist.broadcast(_make_pairs(p) if dist.is_main and p.pairs and not is_complete(p.final) else None)
+            if made == 0 and dist.is_main:
                 # Every prompt's samples were all right or all wrong: nothing to prefer.
                 reason = "make_pairs found no prompt with both a correct and an incorrect sample"
                 if p.recipe == "reward_model":  # its output is a reward model: the policy cannot stand in
@@ -326,10 +330,12 @@ def run(cfg: PipelineConfig) -> dict:
 
                     raise DataError(f"stage {p.name}: {reason}; a reward model needs pairs to train on")
                 _pass_through(p, reason)
+            dist.barrier()
             if not is_complete(p.final):
                 importlib.import_module(RECIPE_MODULES[p.recipe]).train(p.cfg)
-            ev = _stage_eval(p, cfg)
-            atomic_write_json(eval_file, ev)
+            ev = dist.broadcast(_stage_eval(p, cfg) if dist.is_main else None)
+            if dist.is_main:
+                atomic_write_json(eval_file, ev)
             seconds = prior_seconds.get(p.name, 0.0) + time.time() - started
         entry = {"name": p.name, "recipe": p.recipe, "dir": str(p.dir.relative_to(root)), "eval": ev,
                  "seconds": seconds, "start_model": p.start_model, "start_stage": p.start_stage,
@@ -341,10 +347,11 @@ def run(cfg: PipelineConfig) -> dict:
             controls.append({**entry, "of": p.control_of})
         else:
             entries.append(entry)
-        _write_summary(root, cfg, entries, controls, baseline, t0)
-    summary = _read_json(root / "pipeline.json")
-    _build_report(root)
-    return summary
+        if dist.is_main:
+            _write_summary(root, cfg, entries, controls, baseline, t0)
+    if dist.is_main:
+        _build_report(root)
+    return dist.broadcast(_read_json(root / "pipeline.json") if dist.is_main else None)
 
 
 def _build_report(root: Path) -> None:
@@ -414,6 +421,8 @@ def main(argv: list[str]) -> int:
         summary = run(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    if not distributed.is_main_process():
+        return 0  # under torchrun the table is printed once, by rank 0
     Console().print(format_table(summary))
     print(f"report: {Path(cfg.output_dir) / 'report.html'}")
     return 0
