@@ -251,12 +251,15 @@ def head_saved(s: ModelShape, B: int, T: int, K: int, a: Act, head: str) -> int:
 
 
 def head_backward(s: ModelShape, B: int, T: int, K: int, a: Act, head: str, device: str, trains_head: bool) -> int:
-    """Transient bytes at the start of backward, in the head. chunked: three fp32 tiles of
-    min(K, tile) x V (logits z, exp(z - lse), the gradient), the gradient of the K hidden rows, and a fp32
-    V x h accumulator for the head's weight when it trains and is not fp32 (fp32: it becomes the .grad).
-    full: the logits' gradient (N, V) in the activation dtype and two fp32 (T, V) row temporaries."""
+    """Transient bytes at the start of backward, in the head. chunked (``_HeadLogps.backward``): three
+    fp32 tiles of min(K, tile) x V (logits z, exp(z - lse), the gradient), the gradient of the K hidden
+    rows, and when the head trains its fp32 V x h weight-gradient accumulator plus each tile's fp32
+    g^T h product before it is added in (the accumulator becomes the head's .grad). full (``token_logps``
+    row by row): the rows' logits gradients, (N, V) in the activation dtype, gathered while the saved
+    logits are still held, and two fp32 (T, V) row temporaries; the head's own weight gradient comes
+    after the logits are freed."""
     if head == "chunked":
-        acc = 4 * s.vocab * s.hidden if trains_head and a.b != 4 else 0
+        acc = 2 * 4 * s.vocab * s.hidden if trains_head else 0
         return 3 * 4 * min(K, logits_tile_rows(s, device)) * s.vocab + a.b * K * s.hidden + acc
     if head == "full":
         return a.b * B * T * s.vocab + 2 * 4 * T * s.vocab
@@ -264,11 +267,14 @@ def head_backward(s: ModelShape, B: int, T: int, K: int, a: Act, head: str, devi
 
 
 def layer_backward(s: ModelShape, B: int, T: int, a: Act) -> int:
-    """Transient bytes inside one layer's backward beyond what its nodes free: one (N, I) gradient and
-    the residual stream's gradient with its copy (2 bNh). Each node frees its saved tensors as it runs,
-    so the gradients mostly replace them; this is the margin."""
+    """Transient bytes inside one layer's backward beyond what its nodes free. The MLP's is the largest:
+    down_proj's backward makes the (N, I) gradient of the product, then the product's backward makes the
+    gradients of silu(gate) and up (2 x (N, I)) before the first is released: 3 bNI at once, less the
+    product itself when down_proj had saved it (it trains, or is adapted) and has freed it by then. Plus
+    the residual stream's gradient and its copy (2 bNh)."""
     N = B * T
-    return a.b * N * (s.intermediate + 2 * s.hidden)
+    prod_saved = a.full or "down_proj" in a.targets
+    return a.b * N * ((3 - prod_saved) * s.intermediate + 2 * s.hidden)
 
 
 def forward_transient(s: ModelShape, B: int, T: int, K: int, a: Act, head: str, device: str) -> int:
@@ -334,12 +340,14 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
 
     where = "on the CPU (offload)" if off else (f"sharded over {n} GPUs" if fsdp else "replicated")
     P = causal_params(s)
-    add("policy weights", 0 if off else P * b_store / shard, "always", f"{P / 1e9:.3g}B x {b_store} B ({plan.dtype}), {where}")
     # Trainable parameters: every weight, or the adapters (peft keeps them fp32 whatever the base dtype).
     if lora:
         T_params, T_tensors, b_train = lora_params(s, plan.lora_r, plan.lora_targets), s.layers * 2 * len(plan.lora_targets), 4
     else:
         T_params, T_tensors, b_train = P, param_tensors(s), b_store
+    adapters = T_params * b_train if lora else 0
+    add("policy weights", 0 if off else (P * b_store + adapters) / shard, "always",
+        f"{P / 1e9:.3g}B x {b_store} B ({plan.dtype})" + (" + fp32 adapters" if lora else "") + f", {where}")
     what = f"LoRA r={plan.lora_r} adapters (fp32)" if lora else "every weight"
     # Gradients: one per trainable parameter, in its dtype (FSDP2 reduce-scatters into the sharded
     # parameter's dtype, in fp32 with mixed precision); sharded by n under FSDP.
@@ -348,7 +356,7 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
     # AdamW: exp_avg and exp_avg_sq like the parameter (zeros_like: its dtype) + a 4-byte step per tensor.
     opt = 2 * T_params * b_train / shard + 4 * T_tensors
     add("optimizer state", 0 if off else opt, "always", f"AdamW: 2 x {T_params / 1e6:.4g}M x {b_train} B + steps, {where}")
-    host = (P * b_store + T_params * b_train + 2 * T_params * b_train) / shard if off else 0
+    host = (P * b_store + adapters + T_params * b_train + 2 * T_params * b_train) / shard if off else 0
 
     B, T, K = _rows_and_tokens(plan)
     masked = True  # right padding or packed rows: attention always gets a mask in these recipes
@@ -392,10 +400,12 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
             "frozen, replicated on every GPU")
 
     # Activations of one micro-batch, and the backward sweep. Backward starts at the head with every
-    # layer's activations saved; layer by layer it frees a layer's activations and allocates that layer's
-    # gradients. The peak is at one end: the start (all activations + head transients) or the end (all
-    # gradients + one layer). With several micro-batches per step, the gradients of the earlier ones are
-    # already there when the last one starts.
+    # activation saved; then layer by layer (top first) it frees a layer's activations and allocates that
+    # layer's gradients. With uniform layers the peak is at one of three moments: the head's backward
+    # (all activations + its transients), the top layer's (the head's saved tensors gone, its weight
+    # gradient there, + one layer's transients), the last layer's (every gradient + one layer's
+    # activations and transients). With several micro-batches per step, the gradients of the earlier
+    # ones are all there already.
     acts = saved + critic_saved
     add("activations", acts, "train", f"saved for backward: {B} rows x {T} tokens"
         + (" (gradient checkpointing: layer inputs + one layer)" if plan.gradient_checkpointing else ""))
@@ -405,14 +415,20 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
     # RL: each GPU updates on its P*G/n sequences in micro-batches of ``micro_batch`` rows.
     accum = plan.grad_accum or (math.ceil(plan.prompts_per_step * plan.num_generations / n / plan.micro_batch)
                                 if plan.recipe in RL_RECIPES else 1)
-    per_layer_act = acts / s.layers
+    critic = held["critic"]
+    heads = head_saved(s, B, T, K, act, head) + (head_saved(s, B, T, K, act, "scalar") if critic else 0)
+    head_grad = s.vocab * s.hidden * b_train / shard if trains_head and not off else 0
+    layer_act = layer_saved(s, B, T, act) + (layer_saved(s, B, T, Act(b_act, full=True)) if critic else 0)
     if accum > 1:
-        backward = grads + acts + t_head + t_layer
+        backward = grads + max(acts + t_head, acts - heads + t_layer)
     else:
-        head_grad = 0 if lora or off else s.vocab * s.hidden * b_train / shard
-        backward = max(acts + t_head + head_grad, grads + per_layer_act + t_layer)
+        backward = max(acts + t_head, acts - heads + head_grad + t_layer, grads + layer_act + t_layer)
+    # Preference losses with a live reference (no precompute) score it after the policy's forward, with
+    # the policy's activations saved: its no-grad forward runs on top of them.
+    live_ref = plan.recipe in REF_RECIPES and not plan.precompute_ref
+    ref_on_top = acts + forward_transient(s, B, T, K, act, head, plan.device) if live_ref else 0
     always = sum(p.bytes for p in parts if p.phase == "always")
-    phases = {"train": always + gathered + unsharded_grads + backward}
+    phases = {"train": always + gathered + unsharded_grads + max(backward, ref_on_top)}
     # Optimizer step: every gradient + AdamW's temporaries -- CUDA's foreach implementation allocates one
     # sqrt(exp_avg_sq) list as large as the state's half; CPU's per-tensor one, the largest tensor's.
     if not off:
