@@ -5,7 +5,7 @@ Run (2-core CPU, ~10 minutes):
     .venv/bin/python benchmarks/plan_check.py
     .venv/bin/python benchmarks/plan_check.py --only grpo-small --only sft-small   # a subset
 
-Each run is a fresh subprocess running posttrain's own recipe (sft, dpo, grpo, ppo, on the tiny presets
+Each run is a fresh subprocess running posttrain's own recipe (sft, dpo, reward-model, grpo, ppo, on the tiny presets
 saved as model directories; two with a 32k vocabulary so the LM head matters; LoRA with a reference,
 gradient checkpointing and bfloat16 once each) for 3 optimizer steps.
 The worker records, without changing what the recipe does:
@@ -61,6 +61,7 @@ RUNS: dict[str, tuple[str, str, int, tuple[str, ...]]] = {
     "grpo-small-32k": ("grpo", "small", 32000, ()),
     "grpo-medium-ckpt": ("grpo", "medium", 0, ("model.gradient_checkpointing=true",)),
     "grpo-small-bf16": ("grpo", "small", 0, ("model.dtype=bfloat16",)),
+    "rm-medium": ("reward_model", "medium", 0, ()),
     "ppo-small": ("ppo", "small", 0, ()),
     "ppo-medium": ("ppo", "medium", 0, ()),
 }
@@ -76,9 +77,9 @@ def overrides(recipe: str, model_dir: str, rm_dir: str, out: Path, null: bool) -
     if recipe == "sft":
         return common + ["data.path=builtin:arithmetic", "data.num_examples=200", "data.max_length=64",
                          "data.eval_fraction=0.0", f"train.micro_batch_size={1 if null else 16}"]
-    if recipe == "dpo":
+    if recipe in ("dpo", "reward_model"):
         return common + [f"data.path={out.parent / 'pairs.jsonl'}", "data.max_length=64", "data.eval_fraction=0.0",
-                         "loss=dpo", f"train.micro_batch_size={1 if null else 8}"]
+                         f"train.micro_batch_size={1 if null else 8}"] + (["loss=dpo"] if recipe == "dpo" else [])
     rl = common + ["data.path=builtin:arithmetic?max_terms=5", "data.num_examples=64", "data.shuffle=false",
                    f"prompts_per_step={1 if null else 8}", f"num_generations={2 if null else 4}",
                    f"max_completion_length={2 if null else 32}", f"train.micro_batch_size={2 if null else 32}",
@@ -124,7 +125,7 @@ def worker(spec: dict, out: Path) -> None:
 
     from posttrain import memory
     from posttrain.config import RECIPE_CONFIGS, config_from_dict
-    from posttrain.recipes import grpo, preference, sft
+    from posttrain.recipes import grpo, preference, reward_model, sft
     from posttrain.tracking import Tracker
 
     shapes: list[tuple[int, int, int]] = []  # (B, T, K) of every forward that builds a graph
@@ -140,6 +141,7 @@ def worker(spec: dict, out: Path) -> None:
     grpo.completion_logps = recorded(grpo.completion_logps, lambda a, k: int((a[5] > 0).sum()))
     sft.forward_logits = recorded(sft.forward_logits, lambda a, k: 0)
     preference.forward_logits = recorded(preference.forward_logits, lambda a, k: 0)
+    reward_model.sequence_scores = recorded(reward_model.sequence_scores, lambda a, k: 0)
     snaps: list[dict] = []
     log = Tracker.log
 
@@ -219,7 +221,7 @@ def planned(r: dict):
     rl = r["recipe"] in ("grpo", "ppo")
     plan = Plan(recipe=r["recipe"], dtype=cfg.model.dtype, lora_r=cfg.lora.r,
                 gradient_checkpointing=cfg.model.gradient_checkpointing, lora_targets=tuple(cfg.lora.target_modules),
-                micro_batch=r["B"] // (2 if r["recipe"] in PAIR_RECIPES else 1), seq_len=r["T"],
+                micro_batch=r["B"] // (2 if r["recipe"] in (*PAIR_RECIPES, "reward_model") else 1), seq_len=r["T"],
                 completion_len=cfg.max_completion_length if rl else r["T"], loss_tokens=r["K"],
                 grad_accum=max(1, r["forwards_per_step"]) if not rl else 1,
                 prompts_per_step=cfg.prompts_per_step if rl else 8, num_generations=cfg.num_generations if rl else 8,

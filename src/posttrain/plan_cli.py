@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from posttrain.planning import (GiB, LINEARS, RECIPES, Estimate, ModelShape, Plan, PlanError, causal_params, estimate,
-                                search, throughput_cost)
+                                search)
 
 # Public config.json numbers of Qwen2.5 models (Qwen/Qwen2.5-*-Instruct on the Hugging Face hub): hidden,
 # layers, heads, kv heads, MLP size, vocabulary, tied embeddings. All have q/k/v biases (Qwen2 architecture).
@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reward-model", default="", help="ppo: the reward model's shape (default: the policy's)")
     ap.add_argument("--arch", choices=("llama", "qwen2"), default="llama", help="architecture of a tiny preset")
     ap.add_argument("--vocab", type=int, default=0, help="override the vocabulary size")
+    ap.add_argument("--cpu-memory", type=float, default=0, help="GiB of CPU memory on the machine (for offload; "
+                    "0: not checked, only reported)")
+    ap.add_argument("--search-lora-r", type=int, default=16, help="LoRA rank of the alternative shown beside a full "
+                    "fine-tune")
     ap.add_argument("--no-search", action="store_true", help="only the configuration asked for")
     ap.add_argument("--json", action="store_true", help="print the estimate (and the best option) as JSON")
     return ap
@@ -174,17 +178,24 @@ def main(argv: list[str] | None = None) -> int:
             raise PlanError(f"--lora-targets {bad}: expected some of {', '.join(LINEARS)}")
         capacity = per_gpu - int(a.reserve * GiB)
         asked = estimate(shape, plan, reward)
-        options = [] if a.no_search else search(shape, plan, capacity, reward)
+        cpu = int(a.cpu_memory * GiB)
+        options = [] if a.no_search else search(shape, plan, capacity, reward, cpu)
+        lora = [] if a.no_search or plan.lora_r else search(
+            shape, replace(plan, lora_r=a.search_lora_r, dtype=a.dtype or "bfloat16",
+                           strategy="replicate" if not a.strategy else plan.strategy), capacity, reward, cpu)
     except PlanError as e:
         print(f"posttrain plan: error: {e}")
         return 2
     best = next((o for o in options if o.fits), None)
+    best_lora = next((o for o in lora if o.fits), None)
     if a.json:
         out = {"model": asdict(shape), "plan": asdict(plan), "capacity_bytes": capacity,
                "estimate": {"parts": [asdict(p) for p in asked.parts], "phases": asked.phases,
                             "peak": asked.peak, "host_bytes": asked.host_bytes}}
-        if best:
-            out["best"] = {"plan": asdict(best.plan), "peak": best.estimate.peak, "cost": best.cost}
+        for key, o in (("best", best), ("best_lora", best_lora)):
+            if o:
+                out[key] = {"plan": asdict(o.plan), "peak": o.estimate.peak, "cost": o.cost,
+                            "host_bytes": o.estimate.host_bytes}
         print(json.dumps(out, indent=1))
         return 0
     print(f"posttrain plan: {shape.name} ({causal_params(shape) / 1e9:.3g}B parameters: {shape.layers} layers, hidden "
@@ -196,19 +207,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nasked: {describe(plan)}\n{table(asked, capacity)}")
     if a.no_search:
         return 0
+    kind = f"LoRA r={plan.lora_r}" if plan.lora_r else "full fine-tuning"
     if best is None:
         smallest = min(options, key=lambda o: o.estimate.peak)
-        print(f"\nnothing fits: the smallest configuration searched needs {smallest.estimate.peak / GiB:.2f} GiB per "
-              f"GPU ({describe(smallest.plan)}).")
-        return 1
-    if best.plan == plan:
-        print("\nthe configuration asked is the cheapest that fits.")
-        return 0
-    print(f"\ncheapest that fits (x{best.cost:.2f} step time vs. no sharding/checkpointing/offload at micro-batch "
-          f"{plan.micro_batch}; full fine-tuning before LoRA): {describe(best.plan)}\n  flags: {flags(best.plan)}\n"
-          f"{table(best.estimate, capacity)}")
-    runners = [o for o in options if o.fits and o is not best][:3]
-    if runners:
-        print("\nnext options: " + "; ".join(f"x{o.cost:.2f}: {flags(o.plan)} (peak {o.estimate.peak / GiB:.1f} GiB)"
-                                              for o in runners))
-    return 0
+        print(f"\n{kind}: nothing fits; the smallest configuration searched needs {smallest.estimate.peak / GiB:.2f} "
+              f"GiB per GPU ({describe(smallest.plan)}).")
+    elif best.plan == plan:
+        print(f"\n{kind}: the configuration asked is the cheapest that fits.")
+    else:
+        print(f"\n{kind}, cheapest that fits (x{best.cost:.2f} step time against no sharding, checkpointing or "
+              f"offload at micro-batch {plan.micro_batch}): {describe(best.plan)}\n  flags: {flags(best.plan)}\n"
+              f"{table(best.estimate, capacity)}")
+        runners = [o for o in options if o.fits and o is not best][:3]
+        if runners:
+            print("  next: " + "; ".join(f"x{o.cost:.2f} {flags(o.plan)} (peak {o.estimate.peak / GiB:.1f} GiB)"
+                                         for o in runners))
+    if lora:
+        if best_lora is None:
+            print(f"\nwith LoRA r={a.search_lora_r}: nothing fits either (smallest peak "
+                  f"{min(o.estimate.peak for o in lora) / GiB:.2f} GiB per GPU).")
+        else:
+            print(f"\nwith LoRA r={a.search_lora_r} instead (a low-rank update, not the same training), cheapest that "
+                  f"fits (x{best_lora.cost:.2f}): {describe(best_lora.plan)}\n  flags: {flags(best_lora.plan)} "
+                  f"--dtype {best_lora.plan.dtype}\n{table(best_lora.estimate, capacity)}")
+    return 0 if best or best_lora else 1

@@ -238,15 +238,17 @@ def logits_tile_rows(s: ModelShape, device: str) -> int:
 
 
 def head_saved(s: ModelShape, B: int, T: int, K: int, a: Act, head: str) -> int:
-    """chunked (RL policy): the K selected hidden rows bKh + fp32 log-sum-exps 4K; logits never saved.
-    full (SFT, preference): the head's input bNh and fp32 logits 4NV (``token_logps``' log-sum-exp keeps
-    its fp32 input; a bf16 model's logits are copied to fp32 row by row). scalar (critic, reward model):
+    """chunked (RL policy): the K selected hidden rows bKh, fp32 log-sum-exps 4K and int64 targets 8K
+    (``_HeadLogps``), the boolean selection mask BT (its index); logits never saved.
+    full (SFT, preference): the head's input bNh, fp32 logits 4NV (``token_logps``' log-sum-exp keeps
+    its fp32 input; a bf16 model's logits are copied to fp32 row by row), the log-sum-exps 4N and the
+    gathered int64 targets 8N. scalar (critic, reward model):
     the score head's input bNh."""
     N = B * T
     if head == "chunked":
-        return a.b * K * s.hidden + 4 * K
+        return a.b * K * s.hidden + 12 * K + N
     if head == "full":
-        return a.b * N * s.hidden + 4 * N * s.vocab
+        return a.b * N * s.hidden + 4 * N * s.vocab + 12 * N
     return a.b * N * s.hidden
 
 
@@ -339,12 +341,14 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
         parts.append(Part(name, int(math.ceil(nbytes)), phase, how))
 
     where = "on the CPU (offload)" if off else (f"sharded over {n} GPUs" if fsdp else "replicated")
-    P = causal_params(s)
-    # Trainable parameters: every weight, or the adapters (peft keeps them fp32 whatever the base dtype).
+    scalar = plan.recipe == "reward_model"  # the model trained is a scalar-head one (no LM head)
+    P = scalar_params(s) if scalar else causal_params(s)
+    # Trainable parameters: every weight, or the adapters (peft keeps them fp32 whatever the base dtype;
+    # a reward model's score head also trains in full then, a negligible h x 1).
     if lora:
         T_params, T_tensors, b_train = lora_params(s, plan.lora_r, plan.lora_targets), s.layers * 2 * len(plan.lora_targets), 4
     else:
-        T_params, T_tensors, b_train = P, param_tensors(s), b_store
+        T_params, T_tensors, b_train = P, param_tensors(s, scalar), b_store
     adapters = T_params * b_train if lora else 0
     add("policy weights", 0 if off else (P * b_store + adapters) / shard, "always",
         f"{P / 1e9:.3g}B x {b_store} B ({plan.dtype})" + (" + fp32 adapters" if lora else "") + f", {where}")
@@ -377,6 +381,8 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
     unsharded_grads = layer_grad * (b_act + (4 if plan.mixed_precision == "bf16" else 0)) if fsdp else 0
     if gathered:
         add("gathered parameters", gathered, "train", "two layers + embedding/head, in the compute dtype (all-gather)")
+    if unsharded_grads:
+        add("unsharded layer gradients", unsharded_grads, "train", "one layer's, before its reduce-scatter")
 
     # Critic (PPO): a second full model with a scalar head, trained in full with its own AdamW, same
     # strategy; its activations join the policy's in the one backward of the PPO step.
@@ -395,8 +401,10 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
         add("reference weights", 0 if off else P * b_store / shard, "always", f"frozen copy of the policy, {where}")
         host += P * b_store / shard if off else 0
     if held["reward model"]:
+        # Frozen and replicated on every GPU, in the compute dtype: nothing updates it, so it needs no fp32
+        # copy (the reward_model verifier's own ``dtype`` option; bfloat16 under mixed precision).
         r = reward or s
-        add("reward model weights", scalar_params(r) * b_store, "always", f"{scalar_params(r) / 1e9:.3g}B x {b_store} B, "
+        add("reward model weights", scalar_params(r) * b_act, "always", f"{scalar_params(r) / 1e9:.3g}B x {b_act} B, "
             "frozen, replicated on every GPU")
 
     # Activations of one micro-batch, and the backward sweep. Backward starts at the head with every
@@ -466,15 +474,17 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
 # ---------------------------------------------------------------------------------------------
 # The cheapest configuration that fits
 
-# Relative step-time factors, used only to order configurations (not a prediction of speed):
-#   fsdp      x1.10  all-gathers the parameters in forward and backward and reduce-scatters gradients:
-#                    1.5x the bytes of DDP's all-reduce, mostly overlapped with compute
-#   checkpointing x4/3  one more forward per backward (forward : backward ~ 1 : 2 in FLOPs)
-#   offload   x3     parameters and gradients cross PCIe every step and AdamW runs on the CPU (users of
-#                    FSDP / ZeRO offload report 2-5x)
-#   micro-batch x1.05 per halving: the same tokens in more, smaller kernels
-# LoRA is not a speed option but a different training run (only the adapters learn), so a full
-# fine-tune that fits always ranks first; with --lora-r given, LoRA is what was asked for.
+# "Cheapest" = the least throughput cost: relative step-time factors against the plain configuration
+# (replicated, no checkpointing, no offload, the micro-batch asked for). They only order the options;
+# they are rough, not a prediction of speed:
+#   fsdp          x1.10  parameters all-gathered in forward and backward, gradients reduce-scattered: 1.5x the
+#                        bytes of DDP's all-reduce, mostly overlapped with compute
+#   checkpointing x4/3   one more forward per backward (forward : backward ~ 1 : 2 in FLOPs)
+#   offload       x3     parameters and gradients cross PCIe every step and AdamW runs on the CPU (users of
+#                        FSDP / ZeRO offload report 2-5x)
+#   micro-batch   x1.05 per halving: the same tokens in more, smaller kernels
+# LoRA is not searched against full fine-tuning on speed: it trains something else (a low-rank update),
+# so ``search`` keeps ``plan.lora_r`` and the CLI reports the LoRA alternative beside.
 COST = {"fsdp": 1.10, "checkpointing": 4 / 3, "offload": 3.0, "halving": 1.05}
 
 
@@ -498,22 +508,22 @@ class Option:
 
 
 def search(shape: ModelShape, plan: Plan, capacity: int, reward: ModelShape | None = None,
-           lora_r: int = 16) -> list[Option]:
-    """Every combination of strategy, LoRA (``plan.lora_r`` if set, else off or ``lora_r``), gradient
-    checkpointing, offload and micro-batch (halved down to 1), ranked: fitting first, then full fine-tuning
-    before LoRA, then by ``throughput_cost``, then by peak."""
-    loras = (plan.lora_r,) if plan.lora_r else (0, lora_r)
+           cpu_memory: int = 0) -> list[Option]:
+    """Every combination of strategy (replicate, fsdp, fsdp + CPU offload), gradient checkpointing and
+    micro-batch (halved down to 1) for ``plan``'s model, recipe and LoRA setting, ranked: fitting first
+    (peak <= ``capacity`` per GPU and, when ``cpu_memory`` is given, the offloaded state of all GPUs
+    within it), then by ``throughput_cost``, then by peak."""
     strategies = ("replicate", "fsdp") if plan.gpus > 1 else ("replicate",)
     mbs = [plan.micro_batch]
     while mbs[-1] > 1:
         mbs.append(mbs[-1] // 2)
     options = []
-    for r in loras:
-        for strategy in (*strategies, "fsdp+offload"):
-            for ckpt in (False, True):
-                for mb in mbs:
-                    p = replace(plan, lora_r=r, strategy="fsdp" if strategy != "replicate" else "replicate",
-                                offload=strategy == "fsdp+offload", gradient_checkpointing=ckpt, micro_batch=mb)
-                    e = estimate(shape, p, reward)
-                    options.append(Option(p, e, throughput_cost(p, plan.micro_batch), e.peak <= capacity))
-    return sorted(options, key=lambda o: (not o.fits, o.plan.lora_r > 0 and not plan.lora_r, o.cost, o.estimate.peak))
+    for strategy in (*strategies, "fsdp+offload"):
+        for ckpt in (False, True):
+            for mb in mbs:
+                p = replace(plan, strategy="fsdp" if strategy != "replicate" else "replicate",
+                            offload=strategy == "fsdp+offload", gradient_checkpointing=ckpt, micro_batch=mb)
+                e = estimate(shape, p, reward)
+                fits = e.peak <= capacity and (not cpu_memory or e.host_bytes * p.gpus <= cpu_memory)
+                options.append(Option(p, e, throughput_cost(p, plan.micro_batch), fits))
+    return sorted(options, key=lambda o: (not o.fits, o.cost, o.estimate.peak))
