@@ -61,6 +61,7 @@ RUNS: dict[str, tuple[str, str, int, tuple[str, ...]]] = {
     "grpo-small-32k": ("grpo", "small", 32000, ()),
     "grpo-medium-ckpt": ("grpo", "medium", 0, ("model.gradient_checkpointing=true",)),
     "grpo-small-bf16": ("grpo", "small", 0, ("model.dtype=bfloat16",)),
+    "grpo-small-long": ("grpo", "small", 0, ("max_completion_length=160",)),
     "rm-medium": ("reward_model", "medium", 0, ()),
     "ppo-small": ("ppo", "small", 0, ()),
     "ppo-medium": ("ppo", "medium", 0, ()),
@@ -71,23 +72,29 @@ THRESHOLD = 0.15
 ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "LRU_CACHE_CAPACITY": "1"}
 
 
-def overrides(recipe: str, model_dir: str, rm_dir: str, out: Path, null: bool) -> list[str]:
+def overrides(recipe: str, model_dir: str, rm_dir: str, out: Path) -> list[str]:
     common = [f"model.path={model_dir}", "model.device=cpu", f"train.steps={STEPS}", f"train.output_dir={out}",
               "train.progress=false", "train.resume=never", "train.log_every=1000000", "optim.schedule=constant"]
     if recipe == "sft":
         return common + ["data.path=builtin:arithmetic", "data.num_examples=200", "data.max_length=64",
-                         "data.eval_fraction=0.0", f"train.micro_batch_size={1 if null else 16}"]
+                         "data.eval_fraction=0.0", "train.micro_batch_size=16"]
     if recipe in ("dpo", "reward_model"):
         return common + [f"data.path={out.parent / 'pairs.jsonl'}", "data.max_length=64", "data.eval_fraction=0.0",
-                         f"train.micro_batch_size={1 if null else 8}"] + (["loss=dpo"] if recipe == "dpo" else [])
+                         "train.micro_batch_size=8"] + (["loss=dpo"] if recipe == "dpo" else [])
     rl = common + ["data.path=builtin:arithmetic?max_terms=5", "data.num_examples=64", "data.shuffle=false",
-                   f"prompts_per_step={1 if null else 8}", f"num_generations={2 if null else 4}",
-                   f"max_completion_length={2 if null else 32}", f"train.micro_batch_size={2 if null else 32}",
+                   "prompts_per_step=8", "num_generations=4", "max_completion_length=32", "train.micro_batch_size=32",
                    "samples_every=0", "mask_truncated_completions=false"]
     if recipe == "grpo":
         return rl + ["rewards=[{name: 'bench_common:digit_reward'}]"]
     rm = f"{{name: reward_model, options: {{path: '{rm_dir}', device: cpu}}}}"
     return rl + [f"rewards=[{rm}]", "critic.init=reward_model", "beta=0.05", "ppo_epochs=1", "num_mini_batches=1"]
+
+
+def null_overrides(recipe: str) -> list[str]:
+    """A null run's sizes, applied last: one row (pair) per micro-batch; RL: one prompt, 2 samples, 2 tokens."""
+    if recipe in ("grpo", "ppo"):
+        return ["prompts_per_step=1", "num_generations=2", "max_completion_length=2", "train.micro_batch_size=2"]
+    return ["train.micro_batch_size=1"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +207,7 @@ def run(name: str, recipe: str, preset: str, vocab: int, extra: tuple[str, ...],
     model_dir, rm_dir = build(tmp, preset, vocab)
     out_dir = tmp / name
     spec = {"name": name, "recipe": recipe, "preset": preset, "vocab": vocab, "model_dir": model_dir,
-            "overrides": overrides(recipe, model_dir, rm_dir, out_dir, null) + list(extra)}
+            "overrides": [*overrides(recipe, model_dir, rm_dir, out_dir), *extra, *(null_overrides(recipe) if null else [])]}
     result = tmp / f"{name}.json"
     env = {**bc.child_env(), **({} if plain else ENV), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec), "--out", str(result)],

@@ -112,6 +112,17 @@ def table(e: Estimate, capacity: int) -> str:
     return "\n".join(lines)
 
 
+def why_not(options, capacity: int, cpu: int) -> str:
+    """Why the closest option does not fit: the GPUs, or the CPU memory its offloaded state needs."""
+    smallest = min(options, key=lambda o: o.estimate.peak)
+    if smallest.estimate.peak <= capacity:
+        return (f"{describe(smallest.plan)} fits the GPUs ({smallest.estimate.peak / GiB:.2f} GiB) but its offloaded "
+                f"state needs {smallest.estimate.host_bytes * smallest.plan.gpus / GiB:.0f} GiB of CPU memory "
+                f"(--cpu-memory {cpu / GiB:g}).")
+    return f"the smallest configuration searched needs {smallest.estimate.peak / GiB:.2f} GiB per GPU " \
+           f"({describe(smallest.plan)})."
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="posttrain plan", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="local HF model directory (config.json only), a tiny preset, or "
@@ -209,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     kind = f"LoRA r={plan.lora_r}" if plan.lora_r else "full fine-tuning"
     if best is None:
-        smallest = min(options, key=lambda o: o.estimate.peak)
-        print(f"\n{kind}: nothing fits; the smallest configuration searched needs {smallest.estimate.peak / GiB:.2f} "
-              f"GiB per GPU ({describe(smallest.plan)}).")
+        print(f"\n{kind}: nothing fits; {why_not(options, capacity, cpu)}")
     elif best.plan == plan:
         print(f"\n{kind}: the configuration asked is the cheapest that fits.")
     else:
@@ -224,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                                          for o in runners))
     if lora:
         if best_lora is None:
-            print(f"\nwith LoRA r={a.search_lora_r}: nothing fits either (smallest peak "
-                  f"{min(o.estimate.peak for o in lora) / GiB:.2f} GiB per GPU).")
+            print(f"\nwith LoRA r={a.search_lora_r}: nothing fits either; {why_not(lora, capacity, cpu)}")
         else:
             print(f"\nwith LoRA r={a.search_lora_r} instead (a low-rank update, not the same training), cheapest that "
                   f"fits (x{best_lora.cost:.2f}): {describe(best_lora.plan)}\n  flags: {flags(best_lora.plan)} "
