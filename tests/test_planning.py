@@ -244,4 +244,12 @@ def test_7b_on_two_24gb_gpus_grpo_fits_ppo_does_not(capsys):
     # With the RAM for it, a full GRPO fine-tune fits by offloading to the CPU.
     assert main([*common[:-2], "--recipe", "grpo", "--no-search", "--offload", "--strategy", "fsdp",
                  "--micro-batch", "1"]) == 0
-    assert capsys.readouterr().out.rstrip().endswith("usable: fits")
+    assert "usable: fits" in capsys.readouterr().out
+
+
+def test_json_output_carries_the_estimate_and_the_best_option(capsys):
+    assert main(["--model", "small", "--recipe", "dpo", "--gpus", "1x1GB", "--reserve", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"]["hidden"] == 128 and out["plan"]["recipe"] == "dpo"
+    assert out["estimate"]["peak"] == max(out["estimate"]["phases"].values())
+    assert out["best"]["peak"] <= out["capacity_bytes"] == 1 << 30

@@ -346,7 +346,8 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
     # Trainable parameters: every weight, or the adapters (peft keeps them fp32 whatever the base dtype;
     # a reward model's score head also trains in full then, a negligible h x 1).
     if lora:
-        T_params, T_tensors, b_train = lora_params(s, plan.lora_r, plan.lora_targets), s.layers * 2 * len(plan.lora_targets), 4
+        T_params, b_train = lora_params(s, plan.lora_r, plan.lora_targets), 4
+        T_tensors = s.layers * 2 * len(plan.lora_targets)
     else:
         T_params, T_tensors, b_train = P, param_tensors(s, scalar), b_store
     adapters = T_params * b_train if lora else 0
@@ -359,7 +360,8 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
         f"{T_params / 1e6:.4g}M trainable ({what}) x {b_train} B, {where}")
     # AdamW: exp_avg and exp_avg_sq like the parameter (zeros_like: its dtype) + a 4-byte step per tensor.
     opt = 2 * T_params * b_train / shard + 4 * T_tensors
-    add("optimizer state", 0 if off else opt, "always", f"AdamW: 2 x {T_params / 1e6:.4g}M x {b_train} B + steps, {where}")
+    add("optimizer state", 0 if off else opt, "always",
+        f"AdamW: 2 x {T_params / 1e6:.4g}M x {b_train} B + steps, {where}")
     host = (P * b_store + adapters + T_params * b_train + 2 * T_params * b_train) / shard if off else 0
 
     B, T, K = _rows_and_tokens(plan)
@@ -395,7 +397,8 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
         critic_grads = 0 if off else Pc * b_store / shard
         add("critic gradients", critic_grads, "train", f"{Pc / 1e9:.3g}B x {b_store} B, {where}")
         critic_act = Act(b_act, full=True, masked=masked)
-        critic_saved = model_saved(s, B, T, critic_act, plan.gradient_checkpointing) + head_saved(s, B, T, K, critic_act, "scalar")
+        critic_saved = (model_saved(s, B, T, critic_act, plan.gradient_checkpointing)
+                        + head_saved(s, B, T, K, critic_act, "scalar"))
         host += (Pc * b_store * 4) / shard if off else 0
     if held["reference"]:
         add("reference weights", 0 if off else P * b_store / shard, "always", f"frozen copy of the policy, {where}")
@@ -437,8 +440,8 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
     ref_on_top = acts + forward_transient(s, B, T, K, act, head, plan.device) if live_ref else 0
     always = sum(p.bytes for p in parts if p.phase == "always")
     phases = {"train": always + gathered + unsharded_grads + max(backward, ref_on_top)}
-    # Optimizer step: every gradient + AdamW's temporaries -- CUDA's foreach implementation allocates one
-    # sqrt(exp_avg_sq) list as large as the state's half; CPU's per-tensor one, the largest tensor's.
+    # Optimizer step: every gradient + AdamW's temporaries -- CUDA's foreach implementation allocates a
+    # sqrt(exp_avg_sq) list as large as one moment; CPU's per-tensor loop, one for the largest tensor.
     if not off:
         largest = max(s.vocab * s.hidden, s.hidden * s.intermediate) * b_train if not lora else \
             max(plan.lora_r * max(linear_dims(s)[t]) for t in plan.lora_targets) * 4
