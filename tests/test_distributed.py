@@ -121,6 +121,17 @@ def test_every_recipe_on_two_ranks_equals_one_rank(single, tmp_path):
     assert _max_diff(root / "ppo", tmp_path / "ppo", "critic") <= TOL
     # only rank 0 wrote the run's record (one metrics line per step) and one HF export
     assert len((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()) == 3
+    # each rank holds half of the weights, gradients and AdamW state: what `posttrain plan` says for FSDP
+    # (a tensor with an odd first dimension gives rank 0 the extra row: the tolerance)
+    from posttrain import planning as pl
+    from posttrain.plan_cli import load_shape
+
+    est = pl.estimate(load_shape("tiny"), pl.Plan(recipe="sft", gpus=2, strategy="fsdp", device="cpu"))
+    got = read_metrics(tmp_path / "sft")[-1]
+    for part, key in (("policy weights", "weights"), ("gradients", "grads"), ("optimizer state", "optimizer")):
+        assert got[f"memory/{key}_mb"] == pytest.approx(est.get(part) / 2**20, rel=0.02), part
+        assert got[f"memory/{key}_mb"] == pytest.approx(read_metrics(root / "sft")[-1][f"memory/{key}_mb"] / 2,
+                                                        rel=0.02), part
     saved = json.loads((tmp_path / "grpo" / "final" / "config.json").read_text())
     assert saved["architectures"] == ["LlamaForCausalLM"]
 

@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("posttrain.report:main", "write RUN_DIR/report.html: curves, per-stage accuracy, samples, configs"),
     "audit-verifier": ("posttrain.verifiers.audit:main", "probe a verifier with gold and adversarial completions"),
     "make-pairs": ("posttrain.pairs:main", "sample completions, score them with a verifier, write preference pairs"),
+    "plan": ("posttrain.plan_cli:main", "will it fit? per-GPU memory by component and the cheapest configuration that fits"),
 }
 
 

@@ -468,7 +468,8 @@ def train(cfg: PreferenceConfig) -> Path:
             metrics = {"loss": loss_sum, **step_extra, **objective.metrics(_merge(records)), "lr": lr,
                        "grad_norm": grad_norm, "num_items": n_global,
                        "tokens_per_s": dist.sum(sum(it.num_tokens for it in mine)) / max(dt, 1e-9),
-                       "step_time": dt, "wall_time": time.time() - run.start_time, "epoch": sampler.epoch}
+                       "step_time": dt, "wall_time": time.time() - run.start_time, "epoch": sampler.epoch,
+                       **run.memory.metrics([model, source], [optimizer])}
             if eval_items and loop.should(cfg.train.eval_every, step, last):
                 metrics.update(evaluate(objective, model, eval_items, mbs))
             run.tracker.log(step, metrics)

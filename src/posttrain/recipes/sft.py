@@ -124,7 +124,8 @@ def train(cfg: SFTConfig, kind: str = "sft", recipe: str = "sft") -> Path:
             dt = time.time() - t0
             metrics = {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "num_tokens": num_tokens,
                        "tokens_per_s": dist.sum(sum(int(b.input_ids_BT.numel()) for b in micro)) / max(dt, 1e-9),
-                       "step_time": dt, "wall_time": time.time() - run.start_time, "epoch": sampler.epoch}
+                       "step_time": dt, "wall_time": time.time() - run.start_time, "epoch": sampler.epoch,
+                       **run.memory.metrics([model], [optimizer])}
             if eval_units and loop.should(cfg.train.eval_every, step, last):
                 metrics["eval_loss"] = eval_loss(model, eval_units, tok.pad_token_id, cfg.packing,
                                                  cfg.train.micro_batch_size, device)
