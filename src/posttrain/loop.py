@@ -140,9 +140,17 @@ def wrap(run: Run, cfg: Any, model):
     in one process."""
     from posttrain.distributed import resolve_strategy
 
+    train = cfg.train
+    if not run.dist.enabled:
+        if train.mixed_precision != "none" or train.cpu_offload:
+            log.warning("train.mixed_precision / train.cpu_offload apply to FSDP2 under torchrun; one process keeps "
+                        "the model as model.dtype says, on its device")
+        return model
+    if train.cpu_offload and run.device.type != "cuda":
+        raise ConfigError("train.cpu_offload: FSDP2 offloads from GPUs to the CPU; this run is on the CPU already")
     lora_r = getattr(getattr(cfg, "lora", None), "r", 0)
-    return run.dist.wrap(model, resolve_strategy(cfg.train.strategy, lora_r),
-                         mixed_precision=cfg.train.mixed_precision, cpu_offload=cfg.train.cpu_offload)
+    return run.dist.wrap(model, resolve_strategy(train.strategy, lora_r), mixed_precision=train.mixed_precision,
+                         cpu_offload=train.cpu_offload)
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
