@@ -198,6 +198,22 @@ class RewardConfig:
     _shorthand = "name"
 
 
+ALERT_KINDS = ("collapse", "entropy", "zero_variance", "eval_decline")
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """When RL's online warnings fire (posttrain.rl.diagnostics.Monitor)."""
+
+    collapse_share: float = doc(0.9, "collapse: share of samples giving the batch's most common answer (prompts' golds differ)")
+    collapse_steps: int = doc(3, "collapse: consecutive steps at or above collapse_share")
+    entropy_ratio: float = doc(0.1, "entropy: warn below this fraction of the start entropy")
+    entropy_start_steps: int = doc(3, "entropy: the start value is the mean over the first steps")
+    zero_variance_frac: float = doc(0.8, "zero_variance: share of groups with identical rewards ...")
+    zero_variance_steps: int = doc(20, "zero_variance: ... for this many consecutive steps")
+    eval_drops: int = doc(3, "eval_decline: held-out accuracy fell at this many evaluations in a row")
+
+
 @dataclass(frozen=True)
 class GRPOConfig:
     model: ModelConfig = doc(ModelConfig(), "policy model (a local directory or a tiny preset)")
@@ -236,6 +252,10 @@ class GRPOConfig:
     eval_every: int = doc(0, "held-out greedy accuracy every N steps (needs data.eval_path; 0: at the end)")
     eval_examples: int = doc(200, "held-out rows to evaluate")
     samples_every: int = doc(10, "write sample completions to samples.jsonl every N steps")
+    eval_k: int = doc(4, "held-out samples per prompt for pass@k beside greedy accuracy (0: greedy only)")
+    diagnostics: DiagnosticsConfig = doc(DiagnosticsConfig(), "thresholds of the collapse / futility warnings")
+    stop_on: tuple[str, ...] = doc((), "warnings that stop the run: collapse, entropy, zero_variance, eval_decline")
+    keep_best: bool = doc(False, "export the best model by held-out accuracy as best/ beside final/ (needs data.eval_path)")
 
     def check(self) -> None:
         if self.num_generations < 2:
@@ -248,6 +268,11 @@ class GRPOConfig:
             raise ConfigError(f"dual_clip: must be > 1 (or 0 for off), got {self.dual_clip}")
         if self.temperature <= 0:
             raise ConfigError("temperature: RL needs sampling, must be > 0")
+        for kind in self.stop_on:
+            if kind not in ALERT_KINDS:
+                raise ConfigError(f"stop_on: unknown warning {kind!r} (choose from {', '.join(ALERT_KINDS)})")
+        if (self.keep_best or "eval_decline" in self.stop_on) and not self.data.eval_path:
+            raise ConfigError("keep_best / stop_on: [eval_decline] need held-out accuracy: set data.eval_path")
 
 
 RECIPE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "grpo": GRPOConfig,

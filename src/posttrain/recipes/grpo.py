@@ -39,6 +39,7 @@ from posttrain.models.loading import load_frozen, load_model, resolve_device
 from posttrain.models.lora import apply_lora, is_peft
 from posttrain.rl.advantages import batch_normalize, group_advantages, rloo_advantages
 from posttrain.rl.groups import Group, collect_groups
+from posttrain.rl.watch import RunWatch, held_out_metrics
 from posttrain.rollout.engine import KVCacheEngine, SamplingParams
 from posttrain.verifiers import build_reward, is_correct
 
@@ -232,6 +233,9 @@ def train(cfg: GRPOConfig) -> Path:
         keep_steps_upto(run.dir / "samples.jsonl", start)  # steps after the checkpoint run again
     elif (run.dir / "samples.jsonl").exists():
         (run.dir / "samples.jsonl").unlink()
+    # Collapse / futility diagnostics and warnings (rl/diagnostics.py); a run stopped by stop_on stays stopped.
+    watch = RunWatch(run.dir, cfg, rows.rows, start, state.get("watch"))
+    last = start if state.get("stopped") else cfg.train.steps
 
     def rollout_round() -> list[Group]:
         picked = [usable[i] for i in sampler.take(cfg.prompts_per_step)]
@@ -239,7 +243,6 @@ def train(cfg: GRPOConfig) -> Path:
                              timing)
 
     progress = loop.Progress(cfg.train.steps, start, "grpo", cfg.train.progress)
-    last = cfg.train.steps
     short_steps = 0
     try:
         for step in range(start + 1, last + 1):
@@ -250,6 +253,7 @@ def train(cfg: GRPOConfig) -> Path:
                                                       dynamic=cfg.dynamic_sampling, max_rounds=cfg.max_gen_batches)
             timing["generate"] = time.time() - t_step - timing["reward"]
             metrics = rollout_metrics(generated, stats)  # what the policy did, before any filtering
+            metrics.update(watch.metrics(generated))
             if stats.bound_reached:
                 short_steps += 1
                 log.debug("step %d: dynamic sampling hit max_gen_batches=%d with %d/%d varied groups; "
@@ -265,7 +269,9 @@ def train(cfg: GRPOConfig) -> Path:
             metrics.update(step_time=dt, tokens_per_s=gen_tokens / max(dt, 1e-9), lr=scheduler.get_last_lr()[0],
                            wall_time=time.time() - run.start_time)
             if eval_rows and loop.should(cfg.eval_every, step, last):
-                metrics["eval_accuracy"] = held_out_accuracy(model, tok, eval_rows, cfg)
+                metrics.update(held_out_metrics(model, tok, eval_rows, cfg))
+                watch.evaluated(step, metrics["eval_accuracy"], model, tok)
+            stop = watch.check(step, metrics)
             run.tracker.log(step, metrics)
             if step == 1 or step == last or (cfg.samples_every and step % cfg.samples_every == 0):
                 write_samples(run.dir, step, generated, tok)
@@ -273,8 +279,12 @@ def train(cfg: GRPOConfig) -> Path:
             if not cfg.train.progress and loop.should(cfg.train.log_every, step, last):
                 log.info("grpo step %d/%d reward %.3f acc %.3f len %.1f", step, last, metrics["reward/mean"],
                          metrics["accuracy"], metrics["completion_len/mean"])
-            if loop.should(cfg.train.save_every, step, last):
-                loop.save(run, cfg, step, model, tok, optimizer, scheduler, {"sampler": sampler.state_dict()})
+            if loop.should(cfg.train.save_every, step, last) or stop:
+                loop.save(run, cfg, step, model, tok, optimizer, scheduler,
+                          {"sampler": sampler.state_dict(), "watch": watch.state_dict(), "stopped": stop})
+            if stop:
+                last = step
+                break
     finally:
         progress.close()
         run.tracker.close()
