@@ -145,6 +145,7 @@ class PreferenceConfig:
     loss: Literal["dpo", "ipo", "simpo", "kto", "orpo"] = doc("dpo", "preference objective")
     beta: Union[float, None] = doc(None, "beta (empty: dpo/ipo/kto 0.1, simpo 2.0); orpo uses orpo_lambda instead")
     label_smoothing: float = doc(0.0, "dpo only: assumed label-flip rate of conservative DPO (cDPO), in [0, 0.5)")
+    rpo_alpha: float = doc(0.0, "dpo only: weight of an NLL term on the chosen completion (RPO, Pang et al. 2024); 0: off")
     simpo_gamma: float = doc(1.0, "simpo only: target reward margin gamma in reward units (gamma/beta 0.5 at beta 2)")
     orpo_lambda: float = doc(0.1, "orpo only: weight of the odds-ratio term added to the chosen NLL")
     kto_desirable_weight: float = doc(1.0, "kto only: lambda_D, weight of desirable examples")
@@ -170,7 +171,7 @@ class PreferenceConfig:
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         # Options of another loss would be silently ignored: say so instead.
-        only = {"label_smoothing": "dpo", "simpo_gamma": "simpo", "orpo_lambda": "orpo",
+        only = {"label_smoothing": "dpo", "rpo_alpha": "dpo", "simpo_gamma": "simpo", "orpo_lambda": "orpo",
                 "kto_desirable_weight": "kto", "kto_undesirable_weight": "kto"}
         for name, owner in only.items():
             if self.loss != owner and getattr(self, name) != getattr(defaults, name):
@@ -178,8 +179,8 @@ class PreferenceConfig:
         for name in ("kto_desirable_weight", "kto_undesirable_weight"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
-        if self.simpo_gamma < 0 or self.orpo_lambda < 0:
-            raise ConfigError("simpo_gamma / orpo_lambda: must be >= 0")
+        if self.simpo_gamma < 0 or self.orpo_lambda < 0 or self.rpo_alpha < 0:
+            raise ConfigError("simpo_gamma / orpo_lambda / rpo_alpha: must be >= 0")
         if self.reference_free:
             if self.ref_model != "initial":
                 raise ConfigError(f"ref_model: {self.loss} is reference-free and loads no reference model")

@@ -20,6 +20,7 @@ from posttrain.losses.preference import (
     kto_kl_estimate,
     kto_loss,
     orpo_loss,
+    rpo_loss,
     simpo_loss,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "masked_mean",
     "orpo_loss",
     "ppo_clip_loss",
+    "rpo_loss",
     "sequence_count",
     "simpo_loss",
     "token_count",
