@@ -259,6 +259,7 @@ def run(cfg: PipelineConfig) -> dict:
                 importlib.import_module(RECIPE_MODULES[p.recipe]).train(p.cfg)
             ev = _evaluate(str(p.final), cfg)
             atomic_write_json(eval_file, ev)
+            _warn_below_majority(p.name, ev)
             seconds = prior_seconds.get(p.name, 0.0) + time.time() - started
         entry = {"name": p.name, "recipe": p.recipe, "dir": str(p.dir.relative_to(root)), "eval": ev,
                  "seconds": seconds, "start_model": p.start_model, "ref_model": p.ref_label}
@@ -273,6 +274,16 @@ def run(cfg: PipelineConfig) -> dict:
     summary = _read_json(root / "pipeline.json")
     _build_report(root)
     return summary
+
+
+def _warn_below_majority(name: str, ev: dict) -> None:
+    """A model whose accuracy interval reaches down to "always give the most common gold answer" has
+    not shown it learned more than the answer distribution: say so where the stage ends."""
+    base = ev.get("majority_baseline")
+    if base is not None and ev["greedy_ci"][0] <= base:
+        log.warning("stage %s: greedy accuracy %.1f%% [%.1f, %.1f] is not above the majority baseline %.1f%% "
+                    "(always answering %r)", name, 100 * ev["greedy_accuracy"], 100 * ev["greedy_ci"][0],
+                    100 * ev["greedy_ci"][1], 100 * base, ev.get("majority_answer"))
 
 
 def _build_report(root: Path) -> None:

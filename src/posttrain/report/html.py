@@ -498,6 +498,27 @@ def control_comparison(p: PipelineData) -> str:
     return f"<h3>Control comparison</h3><ul>{''.join(items)}</ul>" if items else ""
 
 
+def ablation_section(p: PipelineData) -> str:
+    """ablations.json: the same stage with one setting on and off at an equal generation budget."""
+    items = []
+    for a in p.ablations:
+        on, off = a.get("on") or {}, a.get("off") or {}
+        acc_on, acc_off = (numeric((x.get("eval") or {}).get("greedy_accuracy")) for x in (on, off))
+        if acc_on is None or acc_off is None:
+            continue
+        ci_on, ci_off = (x["eval"].get("greedy_ci") for x in (on, off))
+        tok = [numeric(x.get("generated_tokens")) for x in (on, off)]
+        tokens = (f" at {tok[0] / 1e6:.2f}M vs {tok[1] / 1e6:.2f}M generated tokens"
+                  if None not in tok else "")
+        apart = isinstance(ci_on, (list, tuple)) and isinstance(ci_off, (list, tuple)) and \
+            (ci_on[0] > ci_off[1] or ci_off[0] > ci_on[1])
+        items.append(f"<li><b>{escape(str(a.get('of')))}</b> {fmt_pct(acc_on, ci_on)} vs <b>{escape(str(a.get('name')))}</b> "
+                     f"({escape(str(a.get('what', '')))}) {fmt_pct(acc_off, ci_off)}{tokens}: "
+                     f"<b>{100 * (acc_on - acc_off):+.1f} pp</b> for the setting; the 95% intervals "
+                     f"{'do not overlap' if apart else 'overlap'}.</li>")
+    return f"<h3>Ablation</h3><ul>{''.join(items)}</ul>" if items else ""
+
+
 def stage_section(p: PipelineData, i: int, st: StageData) -> str:
     ev = st.eval or {}
     meta = [("recipe", st.recipe or "unknown"), ("time", fmt_seconds(st.seconds)),
@@ -528,7 +549,8 @@ def render_pipeline(p: PipelineData) -> str:
             ("finished", _when(p.finished)), ("total time", fmt_seconds(p.total_seconds))]
     nav = "<nav><a href=\"#overview\">overview</a>" + "".join(
         f'<a href="#stage-{i}">{escape(s.name)}</a>' for i, s in enumerate(p.stages)) + "</nav>"
-    body = ['<h2 id="overview">Accuracy per stage</h2>', accuracy_chart(p), stage_table(p), control_comparison(p)]
+    body = ['<h2 id="overview">Accuracy per stage</h2>', accuracy_chart(p), stage_table(p), control_comparison(p),
+            ablation_section(p)]
     body += [stage_section(p, i, s) for i, s in enumerate(p.stages)]
     body.append("<h2>pipeline.json</h2><details><summary>pipeline.json (eval samples omitted)</summary>"
                 f'<pre class="config">{escape(json.dumps(_without_samples(p.raw), indent=2, default=str))}</pre>'

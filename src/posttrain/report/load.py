@@ -54,6 +54,7 @@ class PipelineData:
     total_seconds: float | None = None
     finished: datetime | None = None
     raw: dict = field(default_factory=dict)
+    ablations: tuple[dict, ...] = ()  # ablations.json (posttrain demo --evidence): on/off runs with their evals
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
@@ -128,9 +129,16 @@ def load_pipeline(path: Path) -> PipelineData:
     stages = tuple(_stage(e, path, i) for i, e in enumerate(raw.get("stages") or []))
     controls = tuple(_stage(e, path, i) for i, e in enumerate(raw.get("controls") or []))
     base = raw.get("baseline_eval") if isinstance(raw.get("baseline_eval"), dict) else None
+    ablations = []
+    if (path / "ablations.json").exists():
+        try:
+            ablations = json.loads((path / "ablations.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            ablations = []
     return PipelineData(name=path.resolve().name, path=path, stages=stages, controls=controls,
                         baseline_eval=base, total_seconds=numeric(raw.get("total_seconds")),
-                        finished=_mtime(path / "pipeline.json"), raw=raw)
+                        finished=_mtime(path / "pipeline.json"), raw=raw,
+                        ablations=tuple(a for a in ablations if isinstance(a, dict)))
 
 
 def load(run_dir: str | Path) -> RunData | PipelineData:
