@@ -77,3 +77,31 @@ def test_generated_tokens_and_the_ablation_budget():
     # on: 2.5 rounds of 16 groups per step on average -> off: 40 groups per step, all trained on
     assert (abl.dynamic_sampling, abl.prompts_per_step, abl.train.steps, abl.optim) == (False, 40, 50, cfg.optim)
     assert abl.train.output_dir == "out" and abl.num_generations == cfg.num_generations
+
+
+def test_demo_seeds_runs_one_pipeline_per_seed_and_writes_the_table(tmp_path, monkeypatch, capsys):
+    import json
+
+    import posttrain.pipeline as pipeline
+    from posttrain.demo import main
+
+    seen = []
+
+    def fake_run(cfg):
+        seen.append(cfg)
+        seed = cfg.stages[0].config["train"]["seed"]
+        acc = {"pretrain": 0.0, "sft": 0.3, "preference": 0.35, "grpo": 0.5 + 0.01 * seed}
+        return {"stages": [{"name": s.name, "recipe": s.recipe, "seconds": 1.0,
+                            "eval": _ev(acc[s.recipe], acc[s.recipe] - 0.05, acc[s.recipe] + 0.05)}
+                           for s in cfg.stages], "controls": []}
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    assert main(["--fast", "--seeds", "0,2", "--task", "counting", "--output", str(tmp_path)]) == 0
+    assert [c.output_dir for c in seen] == [str(tmp_path / "seed0"), str(tmp_path / "seed2")]
+    assert [{s.config["train"]["seed"] for s in c.stages} for c in seen] == [{0}, {2}]
+    assert all(c.eval.data == TASK_DATA["counting"]["rl"] for c in seen)
+    rows = json.loads((tmp_path / "seeds.json").read_text())
+    assert [r["seed"] for r in rows] == [0, 2] and rows[1]["grpo_gain"] == pytest.approx(0.17)
+    assert "| 2 | 30.0 [25.0, 35.0] | 35.0 [30.0, 40.0] (+5.0) | 52.0 [47.0, 57.0] | +17.0 (met)" in \
+        (tmp_path / "seeds.md").read_text()
+    assert "counting, seeds 0,2:" in capsys.readouterr().out

@@ -102,3 +102,29 @@ def test_demo_fast_runs_end_to_end(tmp_path):
     html = (tmp_path / "demo" / "report.html").read_text()
     for name in ("pretrain", "sft", "dpo", "grpo"):
         assert name in html
+
+
+def test_dynamic_sampling_ablation_spends_the_same_generation_per_step(tmp_path):
+    from posttrain.evidence import run_ablation
+    from posttrain.report import build_report
+    from posttrain.tracking import read_metrics
+
+    cfg = config_from_dict(PipelineConfig, {
+        "output_dir": str(tmp_path / "pipe"),
+        "eval": {"data": "builtin:arithmetic?max_terms=2", "examples": 8, "k": 0, "max_new_tokens": 8},
+        "stages": [{"name": "grpo", "recipe": "grpo", "config": {
+            "model": "tiny", "data": {"path": "builtin:arithmetic?max_terms=2", "num_examples": 40, "max_length": 16},
+            "rewards": ["toy_rewards:parity"], "prompts_per_step": 2, "num_generations": 4,
+            "max_completion_length": 6, "dynamic_sampling": True, "max_gen_batches": 3,
+            "train": {"steps": 2, "micro_batch_size": 16, "progress": False}}}]})
+    run(cfg)
+    root = tmp_path / "pipe"
+    result = run_ablation(root, cfg)
+    on = read_metrics(root / "stages" / "01_grpo")
+    off = read_metrics(root / "controls" / "grpo_no_dynamic_sampling")
+    rounds = sum(m["gen_rounds"] for m in on) / len(on)
+    assert result["off"]["prompts_per_step"] == max(1, round(2 * rounds))
+    assert all(m["gen_rounds"] == 1 for m in off) and len(off) == len(on)
+    assert result["on"]["eval"]["n_prompts"] == result["off"]["eval"]["n_prompts"] == 8
+    assert json.loads((root / "ablations.json").read_text())[0]["of"] == "grpo"
+    assert "Ablation" in build_report(root).read_text()
