@@ -179,3 +179,10 @@ def test_keep_best_exports_the_best_evaluated_model(tmp_path, monkeypatch):
     assert any(not torch.equal(got[k], final[k]) for k in final)  # the later steps changed the weights
     with pytest.raises(ConfigError, match="keep_best"):
         config_from_dict(GRPOConfig, {}, ["keep_best=true"])
+
+
+def test_a_few_identical_answers_among_unanswered_samples_are_not_collapse():
+    mon = Monitor(DiagnosticsConfig(collapse_steps=1))
+    m = answer_diversity([["1", None, None, None], ["1", None, None, None]], ["3", "4"])
+    assert m["diversity/top_share"] == 1.0 and m["diversity/no_answer"] == 0.75
+    assert mon.observe(1, m) == []

@@ -161,8 +161,10 @@ class Monitor:
         if share is None:
             return None
         gold = m.get("diversity/gold_top_share", 0.0)
-        # Prompts whose gold answers are mostly one value (a two-label task) agree for a good reason.
-        holds = share >= self.t.collapse_share and gold < self.t.collapse_share
+        # Prompts whose gold answers are mostly one value (a two-label task) agree for a good reason; and a
+        # few answered samples among many unanswered ones say little about the policy's answers.
+        holds = (share >= self.t.collapse_share and gold < self.t.collapse_share
+                 and m.get("diversity/no_answer", 0.0) <= 0.5)
         if not self._track("collapse", holds, self.t.collapse_steps):
             return None
         return Alert("collapse", step,
