@@ -33,6 +33,19 @@ def test_stages_chain_and_name_their_reference(tmp_path):
     assert plans[1].cfg.train.output_dir == str(tmp_path / "pipe" / "stages" / "02_grpo")
 
 
+def test_a_control_does_not_check_held_out_accuracy_with_its_spurious_reward(tmp_path):
+    cfg = _tiny_pipeline(tmp_path, controls=["random_reward"])
+    grpo = cfg.stages[1].config | {"data": {**cfg.stages[1].config["data"], "eval_path": "builtin:arithmetic"},
+                                   "keep_best": True, "stop_on": ["eval_decline", "collapse"]}
+    cfg = config_from_dict(PipelineConfig, {"output_dir": cfg.output_dir, "controls": ["random_reward"], "stages": [
+        {"name": "sft", "recipe": "sft", "config": cfg.stages[0].config},
+        {"name": "grpo", "recipe": "grpo", "config": grpo}]})
+    real, control = plan(cfg)[1:]
+    assert real.cfg.data.eval_path and real.cfg.keep_best
+    assert control.cfg.rewards[0].name == "random"
+    assert (control.cfg.data.eval_path, control.cfg.keep_best, control.cfg.stop_on) == ("", False, ("collapse",))
+
+
 def test_a_typo_in_a_later_stage_fails_before_anything_runs(tmp_path):
     cfg = _tiny_pipeline(tmp_path)
     bad = cfg.stages[1].config | {"prompts_per_stepp": 3}

@@ -153,8 +153,11 @@ def plan(cfg: PipelineConfig) -> list[StagePlan]:
         out = root / "controls" / f"{base.name}_{control}"
         first = base.cfg.rewards[0]
         spurious = replace(first, name=CONTROL_VERIFIERS[control], options={})
+        # The recipe's own held-out checks score with its first reward, here the spurious one: off (the
+        # pipeline evaluates the control with the real verifier like every stage).
         rcfg = replace(base.cfg, rewards=(spurious,) + tuple(base.cfg.rewards[1:]),
-                       train=replace(base.cfg.train, output_dir=str(out)))
+                       train=replace(base.cfg.train, output_dir=str(out)), data=replace(base.cfg.data, eval_path=""),
+                       keep_best=False, stop_on=tuple(k for k in base.cfg.stop_on if k != "eval_decline"))
         plans.append(StagePlan(f"{base.name}_{control}", "grpo", out, rcfg, base.start_model, base.ref_label,
                                control_of=base.name))
     return plans
