@@ -5,6 +5,10 @@ format, DPOs it on pairs its own samples make under the math verifier (no human 
 GRPO with the math verifier and DAPO's settings (token-level loss, Clip-Higher, Dynamic Sampling,
 truncation masking). Held-out accuracy is printed after every stage with 95% intervals, and
 report.html holds the curves. The held-out split of the task is never trained on.
+
+`--seeds 0,1,2` runs it once per seed and prints the per-seed table, `--task counting` swaps the data for
+the second built-in task, `--evidence` adds a random-reward control and a dynamic-sampling ablation
+(posttrain/evidence.py).
 """
 
 from __future__ import annotations
