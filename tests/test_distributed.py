@@ -183,6 +183,39 @@ def test_checkpoints_resume_across_world_sizes(tmp_path):
         assert (tmp_path / name / "resumes.jsonl").exists()
 
 
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """kill -9 torchrun and both ranks at once. torchrun starts each rank in a session of its own, so
+    killing torchrun's process group alone would leave the ranks running on as orphans that finish
+    the run (and race the resumed one)."""
+    pids = [proc.pid, *_descendants(proc.pid)]
+    assert len(pids) >= 3, pids  # torchrun + two ranks
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() and
+                                         "Z" not in _state(pid) for pid in pids[1:]):
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
 def test_sigkill_of_two_ranks_then_resume_matches_the_uninterrupted_run(tmp_path):
     steps = 40  # the kill lands at step >= 6, before the end
     assert main(_sft(tmp_path / "ref", steps, 1)) == 0
@@ -192,8 +225,7 @@ def test_sigkill_of_two_ranks_then_resume_matches_the_uninterrupted_run(tmp_path
     deadline = time.time() + 180
     while time.time() < deadline and not ((killed / "metrics.jsonl").exists() and len(read_metrics(killed)) >= 6):
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
-    proc.wait()
+    _kill_tree(proc)
     ckpt = latest_checkpoint(killed)
     assert ckpt is not None and int(ckpt.name.split("-")[1]) < steps and not (killed / "final").exists()
     torchrun(_sft(killed, steps, 2))

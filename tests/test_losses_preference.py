@@ -13,6 +13,7 @@ from posttrain.losses.preference import (
     kto_kl_estimate,
     kto_loss,
     orpo_loss,
+    rpo_loss,
     simpo_loss,
 )
 
@@ -65,6 +66,34 @@ def test_dpo_gradient_weight_property():
     torch.testing.assert_close(pc.grad, -beta * weight)
     torch.testing.assert_close(pr.grad, beta * weight)
     assert rc.grad is None
+
+
+def test_rpo_adds_the_chosen_token_mean_nll_with_its_gradient():
+    """The DPO pair above (beta h = 0.2) with |y_c| = 4 chosen tokens and alpha = 0.5:
+    NLL_c = -pi_c / |y_c| = 10 / 4 = 2.5, so L = softplus(-0.2) + 0.5 * 2.5 = 0.5981389 + 1.25.
+    dL/dpi_c = -0.1 sigma(-0.2) - 0.5 / 4 = -0.0450166 - 0.125 (the NLL pulls the chosen log-prob UP);
+    dL/dpi_r = +0.1 sigma(-0.2), unchanged. The implicit rewards are DPO's."""
+    pc, pr = _t(-10.0, grad=True), _t(-12.0, grad=True)
+    terms = rpo_loss(pc, pr, _t(-11.0), _t(-11.0), _t(4.0), beta=0.1, alpha=0.5)
+    terms.loss_B.sum().backward()
+    assert terms.loss_B.item() == pytest.approx(_softplus(-0.2) + 1.25, abs=1e-12)
+    assert pc.grad.item() == pytest.approx(-0.1 * _sigmoid(-0.2) - 0.125, abs=1e-12)
+    assert pr.grad.item() == pytest.approx(0.1 * _sigmoid(-0.2), abs=1e-12)
+    assert (terms.chosen_rewards_B.item(), terms.rejected_rewards_B.item()) == pytest.approx((0.1, -0.1))
+
+
+def test_rpo_with_alpha_zero_is_dpo_and_the_nll_is_per_pair():
+    """alpha = 0 gives DPO exactly; per pair the NLL divides by that pair's own length (a batch of a
+    2-token and an 8-token chosen completion: -pi_c / 2 and -pi_c / 8), and the length gets no gradient."""
+    gen = torch.Generator().manual_seed(1)
+    pc, pr, rc, rr = (torch.randn(2, generator=gen, dtype=F64) * 3 - 10 for _ in range(4))
+    lens = _t(2.0, 8.0)
+    torch.testing.assert_close(rpo_loss(pc, pr, rc, rr, lens, beta=0.2, alpha=0.0).loss_B,
+                               dpo_loss(pc, pr, rc, rr, beta=0.2).loss_B)
+    pc.requires_grad_(True)
+    rpo_loss(pc, pr, rc, rr, lens, beta=0.2, alpha=1.0).loss_B.sum().backward()
+    dpo_grad = -0.2 * torch.sigmoid(-0.2 * ((pc - rc) - (pr - rr))).detach()
+    torch.testing.assert_close(pc.grad, dpo_grad - 1.0 / lens)
 
 
 def test_cdpo_label_smoothing():

@@ -33,6 +33,19 @@ def test_stages_chain_and_name_their_reference(tmp_path):
     assert plans[1].cfg.train.output_dir == str(tmp_path / "pipe" / "stages" / "02_grpo")
 
 
+def test_a_control_does_not_check_held_out_accuracy_with_its_spurious_reward(tmp_path):
+    cfg = _tiny_pipeline(tmp_path, controls=["random_reward"])
+    grpo = cfg.stages[1].config | {"data": {**cfg.stages[1].config["data"], "eval_path": "builtin:arithmetic"},
+                                   "keep_best": True, "stop_on": ["eval_decline", "collapse"]}
+    cfg = config_from_dict(PipelineConfig, {"output_dir": cfg.output_dir, "controls": ["random_reward"], "stages": [
+        {"name": "sft", "recipe": "sft", "config": cfg.stages[0].config},
+        {"name": "grpo", "recipe": "grpo", "config": grpo}]})
+    real, control = plan(cfg)[1:]
+    assert real.cfg.data.eval_path and real.cfg.keep_best
+    assert control.cfg.rewards[0].name == "random"
+    assert (control.cfg.data.eval_path, control.cfg.keep_best, control.cfg.stop_on) == ("", False, ("collapse",))
+
+
 def test_a_typo_in_a_later_stage_fails_before_anything_runs(tmp_path):
     cfg = _tiny_pipeline(tmp_path)
     bad = cfg.stages[1].config | {"prompts_per_stepp": 3}
@@ -216,3 +229,29 @@ def test_a_complete_stage_whose_config_changed_is_not_silently_skipped(tmp_path)
     with pytest.raises(ConfigError, match="eval.split: 'dev' cannot apply to the file 'held_out.jsonl'"):
         config_from_dict(PipelineConfig, {"eval": {"data": "held_out.jsonl", "split": "dev"}, "stages": [
             {"name": "s", "recipe": "sft"}]})
+
+
+def test_dynamic_sampling_ablation_spends_the_same_generation_per_step(tmp_path):
+    from posttrain.evidence import run_ablation
+    from posttrain.report import build_report
+    from posttrain.tracking import read_metrics
+
+    cfg = config_from_dict(PipelineConfig, {
+        "output_dir": str(tmp_path / "pipe"),
+        "eval": {"data": "builtin:arithmetic?max_terms=2", "examples": 8, "k": 0, "max_new_tokens": 8},
+        "stages": [{"name": "grpo", "recipe": "grpo", "config": {
+            "model": "tiny", "data": {"path": "builtin:arithmetic?max_terms=2", "num_examples": 40, "max_length": 16},
+            "rewards": ["toy_rewards:parity"], "prompts_per_step": 2, "num_generations": 4,
+            "max_completion_length": 6, "dynamic_sampling": True, "max_gen_batches": 3,
+            "train": {"steps": 2, "micro_batch_size": 16, "progress": False}}}]})
+    run(cfg)
+    root = tmp_path / "pipe"
+    result = run_ablation(root, cfg)
+    on = read_metrics(root / "stages" / "01_grpo")
+    off = read_metrics(root / "controls" / "grpo_no_dynamic_sampling")
+    rounds = sum(m["gen_rounds"] for m in on) / len(on)
+    assert result["off"]["prompts_per_step"] == max(1, round(2 * rounds))
+    assert all(m["gen_rounds"] == 1 for m in off) and len(off) == len(on)
+    assert result["on"]["eval"]["n_prompts"] == result["off"]["eval"]["n_prompts"] == 8
+    assert json.loads((root / "ablations.json").read_text())[0]["of"] == "grpo"
+    assert "Ablation" in build_report(root).read_text()

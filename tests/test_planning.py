@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from posttrain import planning as pl
-from posttrain.config import LoraConfig, ModelConfig, GRPOConfig, PPOConfig, config_from_dict
+from posttrain.config import LoraConfig, GRPOConfig, PPOConfig, config_from_dict
 from posttrain.losses.logprobs import completion_logps, forward_logits, token_logps
 from posttrain.memory import MB, optimizer_bytes
 from posttrain.models.lora import apply_lora

@@ -101,6 +101,20 @@ def test_every_loss_falls(tmp_path, pairs_file, unpaired_file, loss):
         assert m[-1]["rewards/margin"] > m[0]["rewards/margin"]
 
 
+def test_rpo_keeps_the_chosen_answers_likelier_than_dpo_does(tmp_path, pairs_file):
+    """The same pairs and steps with and without the NLL term: DPO's margin grows partly by pushing the
+    chosen completions down too; with rpo_alpha the chosen log-probs end higher."""
+    common = ("loss=dpo", "train.steps=12", "optim.lr=3e-3")
+    preference.train(_cfg(tmp_path, pairs_file, *common, name="dpo"))
+    preference.train(_cfg(tmp_path, pairs_file, *common, "rpo_alpha=1.0", name="rpo"))
+    dpo, rpo = read_metrics(tmp_path / "dpo"), read_metrics(tmp_path / "rpo")
+    assert rpo[0]["logps/chosen"] == dpo[0]["logps/chosen"]  # the same start
+    assert rpo[0]["loss"] > dpo[0]["loss"]  # the NLL term is in the loss
+    late = lambda m, k: sum(r[k] for r in m[-3:]) / 3  # noqa: E731
+    assert late(rpo, "logps/chosen") > late(dpo, "logps/chosen") + 1.0
+    assert late(rpo, "rewards/accuracy") >= 0.75
+
+
 # ------------------------------------------------------------------ the reference
 
 
@@ -270,6 +284,8 @@ def test_kto_accepts_paired_rows(char_tok):
     (["loss=simpo", "precompute_ref=false"], "precompute_ref"),
     (["loss=kto", "kto_undesirable_weight=0"], "kto_undesirable_weight"),
     (["loss=dpo", "beta=0"], "beta"),
+    (["loss=ipo", "rpo_alpha=1"], "rpo_alpha"),
+    (["loss=dpo", "rpo_alpha=-1"], "rpo_alpha"),
 ])
 def test_config_combinations_are_checked(override, field):
     with pytest.raises(ConfigError, match=field):

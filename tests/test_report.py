@@ -173,6 +173,48 @@ def test_pipeline_report(tmp_path):
     assert escape(XSS) in pairs and XSS not in html
 
 
+def test_rl_warnings_diversity_majority_baseline_and_preference_trend(tmp_path):
+    root = _pipeline(tmp_path)
+    run = root / "stages/04_grpo"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.update({"diversity/top_share": 0.3, "diversity/no_answer": 0.1, "diversity/group_distinct": 2.0,
+                  "diversity/batch_distinct": 1.5, "zero_variance/all_correct": 0.1, "zero_variance/all_wrong": 0.1})
+        if "eval_accuracy" in r:
+            r["eval_pass_at_k"] = r["eval_accuracy"] + 0.1
+    rows[-1]["warning/collapse"] = 1.0
+    _write_jsonl(run / "metrics.jsonl", rows)
+    _write_jsonl(run / "warnings.jsonl", [{"kind": "collapse", "step": 30, "cause": f"all say 1 {XSS}",
+                                           "suggestion": "audit the verifier"}])
+    (run / "best.json").write_text(json.dumps({"step": 20, "eval_accuracy": 0.62}))
+    # A DPO run whose chosen log-probs fall (the known failure), and a stage below its majority baseline.
+    dpo = root / "stages/03_missing"
+    dpo.mkdir(parents=True)
+    (dpo / "config.yaml").write_text(yaml.safe_dump({"recipe": "preference"}))
+    prefs = [{"step": s, "loss": 0.7 - s / 100, "logps/chosen": -20.0 - s, "logps/rejected": -22.0 - 2 * s}
+             for s in range(1, 11)]
+    _write_jsonl(dpo / "metrics.jsonl", prefs)
+    pipe = json.loads((root / "pipeline.json").read_text())
+    pipe["stages"][0]["eval"].update(majority_baseline=0.3, majority_answer="7")   # 12% < 30%: flagged
+    pipe["stages"][3]["eval"].update(majority_baseline=0.3, majority_answer="7")   # 61%: not flagged
+    (root / "pipeline.json").write_text(json.dumps(pipe))
+    html = build_report(root).read_text()
+    assert "1 warning(s) during training" in html and escape(f"all say 1 {XSS}") in html and XSS not in html
+    assert "best/</code> is the model of step 20" in html and "62.0%" in html
+    ids = _chart_ids(html)
+    for chart in ("Answer diversity: share of the most common answer", "Held-out: greedy vs pass@k",
+                  "Distinct answers (per group; batch per prompt)"):
+        assert f"grpo: {chart}" in ids
+    assert not any(i.startswith("grpo: warning") for i in ids)  # the flags are the list above, not charts
+    table = html[html.index("<table>"):html.index("</table>")]
+    pre = table[table.index("<td>pretrain</td>"):]
+    assert "30.0% (7)" in pre[:pre.index("</tr>")] and "not above" in pre[:pre.index("</tr>")]
+    grpo_row = table[table.index("<td>grpo</td>"):]
+    assert "30.0% (7)" in grpo_row[:grpo_row.index("</tr>")] and "not above" not in grpo_row[:grpo_row.index("</tr>")]
+    assert "log-prob of the chosen completions -8.00, of the rejected -16.00" in html
+    assert "the chosen answers became less likely too" in html
+
+
 def test_missing_pieces_are_tolerated(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

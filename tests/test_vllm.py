@@ -219,7 +219,6 @@ def test_resumed_grpo_run_pushes_the_checkpoint_weights(tmp_path):
 def test_each_torchrun_rank_drives_its_own_engine(tmp_path):
     """Two ranks (gloo) each start an engine beside the job's process group: their samples differ (a
     seed per rank), the weight push works on each, and the group still works after the engines close."""
-    import json
     import subprocess
     import sys
     from pathlib import Path

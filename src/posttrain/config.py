@@ -201,6 +201,7 @@ class PreferenceConfig:
     loss: Literal["dpo", "ipo", "simpo", "kto", "orpo"] = doc("dpo", "preference objective")
     beta: Union[float, None] = doc(None, "beta (empty: dpo/ipo/kto 0.1, simpo 2.0); orpo uses orpo_lambda instead")
     label_smoothing: float = doc(0.0, "dpo only: assumed label-flip rate of conservative DPO (cDPO), in [0, 0.5)")
+    rpo_alpha: float = doc(0.0, "dpo only: weight of an NLL term on the chosen completion (RPO, Pang et al. 2024); 0: off")
     simpo_gamma: float = doc(1.0, "simpo only: target reward margin gamma in reward units (gamma/beta 0.5 at beta 2)")
     orpo_lambda: float = doc(0.1, "orpo only: weight of the odds-ratio term added to the chosen NLL")
     kto_desirable_weight: float = doc(1.0, "kto only: lambda_D, weight of desirable examples")
@@ -226,7 +227,7 @@ class PreferenceConfig:
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         # Options of another loss would be silently ignored: say so instead.
-        only = {"label_smoothing": "dpo", "simpo_gamma": "simpo", "orpo_lambda": "orpo",
+        only = {"label_smoothing": "dpo", "rpo_alpha": "dpo", "simpo_gamma": "simpo", "orpo_lambda": "orpo",
                 "kto_desirable_weight": "kto", "kto_undesirable_weight": "kto"}
         for name, owner in only.items():
             if self.loss != owner and getattr(self, name) != getattr(defaults, name):
@@ -234,8 +235,8 @@ class PreferenceConfig:
         for name in ("kto_desirable_weight", "kto_undesirable_weight"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
-        if self.simpo_gamma < 0 or self.orpo_lambda < 0:
-            raise ConfigError("simpo_gamma / orpo_lambda: must be >= 0")
+        if self.simpo_gamma < 0 or self.orpo_lambda < 0 or self.rpo_alpha < 0:
+            raise ConfigError("simpo_gamma / orpo_lambda / rpo_alpha: must be >= 0")
         if self.reference_free:
             if self.ref_model != "initial":
                 raise ConfigError(f"ref_model: {self.loss} is reference-free and loads no reference model")
@@ -252,6 +253,31 @@ class RewardConfig:
     options: dict = dict_doc("keyword options for the verifier, e.g. {timeout: 5}")
 
     _shorthand = "name"
+
+
+ALERT_KINDS = ("collapse", "entropy", "zero_variance", "eval_decline")
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """When RL's online warnings fire (posttrain.rl.diagnostics.Monitor)."""
+
+    collapse_share: float = doc(0.9, "collapse: share of samples giving the batch's most common answer (prompts' golds differ)")
+    collapse_steps: int = doc(3, "collapse: consecutive steps at or above collapse_share")
+    entropy_ratio: float = doc(0.1, "entropy: warn below this fraction of the start entropy")
+    entropy_start_steps: int = doc(3, "entropy: the start value is the mean over the first steps")
+    zero_variance_frac: float = doc(0.8, "zero_variance: share of groups with identical rewards ...")
+    zero_variance_steps: int = doc(20, "zero_variance: ... for this many consecutive steps")
+    eval_drops: int = doc(3, "eval_decline: held-out accuracy fell at this many evaluations in a row")
+
+
+def check_watch(cfg) -> None:
+    """The diagnostics fields an RL config shares (GRPO, PPO): known warnings, held-out data when needed."""
+    for kind in cfg.stop_on:
+        if kind not in ALERT_KINDS:
+            raise ConfigError(f"stop_on: unknown warning {kind!r} (choose from {', '.join(ALERT_KINDS)})")
+    if (cfg.keep_best or "eval_decline" in cfg.stop_on) and not cfg.data.eval_path:
+        raise ConfigError("keep_best / stop_on: [eval_decline] need held-out accuracy: set data.eval_path")
 
 
 @dataclass(frozen=True)
@@ -304,6 +330,10 @@ class GRPOConfig:
     eval_every: int = doc(0, "held-out greedy accuracy every N steps (needs data.eval_path; 0: at the end)")
     eval_examples: int = doc(200, "held-out rows to evaluate")
     samples_every: int = doc(10, "write sample completions to samples.jsonl every N steps")
+    eval_k: int = doc(4, "held-out samples per prompt for pass@k beside greedy accuracy (0: greedy only)")
+    diagnostics: DiagnosticsConfig = doc(DiagnosticsConfig(), "thresholds of the collapse / futility warnings")
+    stop_on: tuple[str, ...] = doc((), "warnings that stop the run: collapse, entropy, zero_variance, eval_decline")
+    keep_best: bool = doc(False, "export the best model by held-out accuracy as best/ beside final/ (needs data.eval_path)")
 
     def check(self) -> None:
         if self.num_generations < 2:
@@ -323,6 +353,8 @@ class GRPOConfig:
 
         if self.rollout_is_cap <= 0 or not 0 <= self.rollout_is_cap_low < self.rollout_is_cap:
             raise ConfigError("rollout_is_cap / rollout_is_cap_low: need 0 <= cap_low < cap")
+        check_watch(self)
+
 
 @dataclass(frozen=True)
 class RewardModelConfig:
@@ -406,10 +438,15 @@ class PPOConfig:
     eval_every: int = doc(0, "held-out greedy accuracy every N steps (needs data.eval_path; 0: at the end)")
     eval_examples: int = doc(200, "held-out rows to evaluate")
     samples_every: int = doc(10, "write sample completions to samples.jsonl every N steps")
+    eval_k: int = doc(4, "held-out samples per prompt for pass@k beside greedy accuracy (0: greedy only)")
+    diagnostics: DiagnosticsConfig = doc(DiagnosticsConfig(), "thresholds of the collapse / futility warnings")
+    stop_on: tuple[str, ...] = doc((), "warnings that stop the run: collapse, entropy, zero_variance, eval_decline")
+    keep_best: bool = doc(False, "export the best model by held-out accuracy as best/ beside final/ (needs data.eval_path)")
 
     def check(self) -> None:
         if not self.rewards:
             raise ConfigError("rewards: give at least one reward model or verifier")
+        check_watch(self)
         if self.eps_low < 0 or self.eps_high < 0:
             raise ConfigError("eps_low / eps_high must be >= 0")
         if self.dual_clip and self.dual_clip <= 1:

@@ -70,6 +70,19 @@ def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
     return any(ok for a, ok in zip(answers, correct) if a == winner)
 
 
+def majority_baseline(rows: list[dict]) -> tuple[float, str] | None:
+    """(accuracy, answer) of always giving the most common gold answer (the `answer` column, else
+    `label`): the floor a model must clear to have learned anything beyond the answer distribution.
+    None when the rows carry no gold answer."""
+    from posttrain.rl.watch import gold_answer
+
+    golds = [gold_answer(r) for r in rows]
+    if not rows or any(g is None for g in golds):
+        return None
+    answer, count = Counter(golds).most_common(1)[0]
+    return count / len(rows), answer
+
+
 @dataclass(frozen=True)
 class EvalSummary:
     n_prompts: int
@@ -85,6 +98,14 @@ class EvalSummary:
     mean_at_k_ci: tuple[float, float] | None = None
     samples: list[dict] = field(default_factory=list)
     maj_at_k_missing: str | None = None  # why maj@k is not reported (the verifier has no answer extractor)
+    majority_baseline: float | None = None   # accuracy of always answering the most common gold answer
+    majority_answer: str | None = None
+
+    @property
+    def above_majority(self) -> bool | None:
+        """Is greedy accuracy above the majority baseline by more than the noise (its 95% interval
+        lies above it)? None without a gold column."""
+        return None if self.majority_baseline is None else self.greedy_ci[0] > self.majority_baseline
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -113,6 +134,9 @@ def evaluate(model, tokenizer, rows: list[dict], verifier: Callable[..., float],
                for r, t, s in list(zip(rows, texts, scores))[:keep_samples]]
     summary = dict(n_prompts=len(rows), greedy_accuracy=acc, greedy_ci=wilson(sum(correct), len(rows)),
                    samples=samples)
+    majority = majority_baseline(rows)
+    if majority is not None:
+        summary.update(majority_baseline=majority[0], majority_answer=majority[1])
     if k > 0:
         gen = engine.generate(prompts, k, SamplingParams(max_new_tokens, temperature=temperature))
         p_at, maj, mean = [], [], []
@@ -199,6 +223,9 @@ def format_summary(s: EvalSummary) -> str:
         return f"{100 * x:5.1f}%  [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
     lines = [f"prompts: {s.n_prompts}", f"greedy accuracy: {pct(s.greedy_accuracy, s.greedy_ci)}"]
+    if s.majority_baseline is not None:
+        verdict = "" if s.above_majority else "  <- NOT above the majority baseline"
+        lines.append(f"majority baseline (always {s.majority_answer!r}): {100 * s.majority_baseline:5.1f}%{verdict}")
     if s.k:
         lines.append(f"pass@{s.k} (T={s.temperature}): {pct(s.pass_at_k, s.pass_at_k_ci)}")
         lines.append(f"mean@{s.k}: {pct(s.mean_at_k, s.mean_at_k_ci)}")

@@ -196,8 +196,11 @@ def plan(cfg: PipelineConfig) -> list[StagePlan]:
         out = root / "controls" / f"{base.name}_{control}"
         first = base.cfg.rewards[0]
         spurious = replace(first, name=CONTROL_VERIFIERS[control], options={})
+        # The recipe's own held-out checks score with its first reward, here the spurious one: off (the
+        # pipeline evaluates the control with the real verifier like every stage).
         rcfg = replace(base.cfg, rewards=(spurious,) + tuple(base.cfg.rewards[1:]),
-                       train=replace(base.cfg.train, output_dir=str(out)))
+                       train=replace(base.cfg.train, output_dir=str(out)), data=replace(base.cfg.data, eval_path=""),
+                       keep_best=False, stop_on=tuple(k for k in base.cfg.stop_on if k != "eval_decline"))
         plans.append(StagePlan(f"{base.name}_{control}", "grpo", out, rcfg, base.start_model, base.ref_label,
                                control_of=base.name, start_stage=base.start_stage))
     return plans
@@ -336,6 +339,7 @@ def run(cfg: PipelineConfig) -> dict:
             ev = dist.broadcast(_stage_eval(p, cfg) if dist.is_main else None)
             if dist.is_main:
                 atomic_write_json(eval_file, ev)
+                _warn_below_majority(p.name, ev)
             seconds = prior_seconds.get(p.name, 0.0) + time.time() - started
         entry = {"name": p.name, "recipe": p.recipe, "dir": str(p.dir.relative_to(root)), "eval": ev,
                  "seconds": seconds, "start_model": p.start_model, "start_stage": p.start_stage,
@@ -352,6 +356,16 @@ def run(cfg: PipelineConfig) -> dict:
     if dist.is_main:
         _build_report(root)
     return dist.broadcast(_read_json(root / "pipeline.json") if dist.is_main else None)
+
+
+def _warn_below_majority(name: str, ev: dict) -> None:
+    """A model whose accuracy interval reaches down to "always give the most common gold answer" has
+    not shown it learned more than the answer distribution: say so where the stage ends."""
+    base = ev.get("majority_baseline")
+    if base is not None and ev["greedy_ci"][0] <= base:
+        log.warning("stage %s: greedy accuracy %.1f%% [%.1f, %.1f] is not above the majority baseline %.1f%% "
+                    "(always answering %r)", name, 100 * ev["greedy_accuracy"], 100 * ev["greedy_ci"][0],
+                    100 * ev["greedy_ci"][1], 100 * base, ev.get("majority_answer"))
 
 
 def _build_report(root: Path) -> None:

@@ -21,6 +21,7 @@ from posttrain.losses.preference import (
     kto_kl_estimate,
     kto_loss,
     orpo_loss,
+    rpo_loss,
     simpo_loss,
 )
 
@@ -46,6 +47,7 @@ __all__ = [
     "orpo_loss",
     "ppo_clip_loss",
     "rollout_is_weights",
+    "rpo_loss",
     "sequence_count",
     "simpo_loss",
     "token_count",

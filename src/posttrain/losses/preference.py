@@ -1,4 +1,4 @@
-"""Preference-optimisation losses: DPO (+ conservative DPO), IPO, SimPO, KTO, ORPO.
+"""Preference-optimisation losses: DPO (+ conservative DPO, + RPO's NLL term), IPO, SimPO, KTO, ORPO.
 
 All functions return per-example losses ``loss_B`` to MINIMISE (the recipe takes the mean) and
 detached implicit rewards for logging. Inputs are per-sequence completion log-probs, (B,):
@@ -84,6 +84,36 @@ def dpo_loss(
         chosen_rewards_B=(beta * chosen_logratio_B).detach(),
         rejected_rewards_B=(beta * rejected_logratio_B).detach(),
     )
+
+
+def rpo_loss(
+    pol_chosen_B: Tensor,
+    pol_rejected_B: Tensor,
+    ref_chosen_B: Tensor,
+    ref_rejected_B: Tensor,
+    chosen_len_B: Tensor,
+    *,
+    beta: float = 0.1,
+    alpha: float = 1.0,
+    label_smoothing: float = 0.0,
+) -> PairwiseLossTerms:
+    """DPO plus an NLL term on the chosen completion (Pang et al. 2024, "Iterative Reasoning
+    Preference Optimization", arXiv 2404.19733, Eq. 1; TRL's ``rpo_alpha``):
+
+        L = L_DPO(h) + alpha * NLL_c,     NLL_c = -pi_c / |y_c|
+
+    with summed log-probs in the DPO term (as ``dpo_loss``) and the chosen completion's token-mean
+    negative log-likelihood. Why: DPO only moves the margin h, and on reasoning pairs it does so by
+    lowering BOTH completions (the chosen answers' likelihood falls); the NLL term holds the chosen
+    ones up. Gradient: dL/dpi_c = -beta sigma(-beta h) - alpha / |y_c|, dL/dpi_r = beta sigma(-beta h).
+    Deviation: the paper normalizes the NLL by |x + y_c| (prompt included); like TRL we divide by the
+    completion's tokens, the ones the NLL is summed over. Rewards are DPO's implicit rewards.
+    """
+    terms = dpo_loss(pol_chosen_B, pol_rejected_B, ref_chosen_B, ref_rejected_B, beta=beta,
+                     label_smoothing=label_smoothing)
+    nll_B = -pol_chosen_B / chosen_len_B
+    return PairwiseLossTerms(loss_B=terms.loss_B + alpha * nll_B, chosen_rewards_B=terms.chosen_rewards_B,
+                             rejected_rewards_B=terms.rejected_rewards_B)
 
 
 def ipo_loss(

@@ -20,10 +20,12 @@ a `step-*` directory with its marker but not its files; the next prune deletes t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,15 @@ def _written(tmp: Path, final: Path, write, publish: bool = True, sync=lambda: N
         raise WriteError(f"{what} (while writing {final.name}; nothing was published)") from e
 
 
+@contextlib.contextmanager
+def _one_process_dcp():
+    """DCP warns on every save / load without a process group that it assumes one process: that is
+    what a single-process run means, so the warning says nothing here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, *, optimizer, scheduler,
                     train_state: dict[str, Any], keep: int = 2, extras: dict[str, tuple] | None = None,
                     dist=None) -> Path:
@@ -178,9 +189,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, *, optimiz
                 _write_model(m, tok, tmp / sub if sub else tmp, merge=False, full=fulls[sub] if dist.enabled else None)
             torch.save({"step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None,
                         "rng": rng_state(), "train_state": train_state}, tmp / STATE_FILE)
-        import torch.distributed.checkpoint as dcp
+        with _one_process_dcp():
+            import torch.distributed.checkpoint as dcp
 
-        dcp.save(optims, checkpoint_id=str(tmp / OPTIM_DIR))
+            dcp.save(optims, checkpoint_id=str(tmp / OPTIM_DIR))
 
     final = root / name
     _written(tmp, final, write, publish=dist.is_main, sync=dist.barrier)
@@ -273,7 +285,8 @@ def load_checkpoint(path: str | Path, model, *, optimizer, scheduler, extras: di
 
         optims = {f"{sub or 'model'}": (m, o) for sub, (m, o) in models.items() if o is not None}
         saved = {k: optimizer_state(m, o) for k, (m, o) in optims.items()}
-        dcp.load(saved, checkpoint_id=str(path / OPTIM_DIR))
+        with _one_process_dcp():
+            dcp.load(saved, checkpoint_id=str(path / OPTIM_DIR))
         for k, (m, o) in optims.items():
             set_optimizer_state_dict(m, o, saved[k])
     if scheduler is not None and state["scheduler"] is not None:

@@ -42,6 +42,7 @@ from posttrain.models.loading import load_frozen, load_model
 from posttrain.models.lora import apply_lora, is_peft
 from posttrain.rl.advantages import batch_normalize, group_advantages, rloo_advantages
 from posttrain.rl.groups import Group, collect_groups
+from posttrain.rl.watch import RunWatch, held_out_metrics
 from posttrain.rollout import make_engine
 from posttrain.rollout.engine import SamplingParams, row_seeds
 from posttrain.verifiers import build_reward, is_correct
@@ -282,6 +283,9 @@ def train(cfg: GRPOConfig) -> Path:
             keep_steps_upto(run.dir / "samples.jsonl", start)  # steps after the checkpoint run again
     elif dist.is_main and (run.dir / "samples.jsonl").exists():
         (run.dir / "samples.jsonl").unlink()
+    # Collapse / futility diagnostics and warnings (rl/diagnostics.py); a run stopped by stop_on stays stopped.
+    watch = RunWatch(run.dir, cfg, rows.rows, start, state.get("watch"), writes=dist.is_main)
+    last = start if state.get("stopped") else cfg.train.steps
 
     def rollout_round() -> list[Group]:
         picked = [usable[i] for i in sampler.take(cfg.prompts_per_step)]
@@ -292,7 +296,6 @@ def train(cfg: GRPOConfig) -> Path:
                                  seeds, rows.where)
 
     progress = loop.Progress(cfg.train.steps, start, "grpo", cfg.train.progress and dist.is_main)
-    last = cfg.train.steps
     short_steps = flat_steps = faulty = 0
     try:
         for step in range(start + 1, last + 1):
@@ -307,6 +310,7 @@ def train(cfg: GRPOConfig) -> Path:
             generated = [g for part in dist.gather(generated) for g in part]  # every rank's, for the metrics
             metrics = rollout_metrics(generated, stats)  # what the policy did, before any filtering
             faulty += metrics["reward/non_finite"]
+            metrics.update(watch.metrics(generated))
             if stats.bound_reached:
                 short_steps += 1
                 log.debug("step %d: dynamic sampling hit max_gen_batches=%d with %d/%d varied groups; "
@@ -340,9 +344,11 @@ def train(cfg: GRPOConfig) -> Path:
             metrics.update(run.memory.metrics([model, ref, *reward_models(reward_fn)], [optimizer]))
             if eval_rows and loop.should(cfg.eval_every, step, last):
                 with dist.unsharded(model):  # rank 0 generates alone: no collective inside
-                    acc = held_out_accuracy(model, tok, eval_rows, cfg, engine if cfg.rollout_engine != "native"
+                    held = held_out_metrics(model, tok, eval_rows, cfg, engine if cfg.rollout_engine != "native"
                                             else None) if dist.is_main else None
-                metrics["eval_accuracy"] = dist.broadcast(acc)
+                metrics.update(dist.broadcast(held))
+                watch.evaluated(step, metrics["eval_accuracy"], lambda name: loop.export(run, model, tok, name))
+            stop = watch.check(step, metrics)
             run.tracker.log(step, metrics)
             if dist.is_main and (step == 1 or step == last or (cfg.samples_every and step % cfg.samples_every == 0)):
                 write_samples(run.dir, step, generated, tok)
@@ -350,9 +356,13 @@ def train(cfg: GRPOConfig) -> Path:
             if not cfg.train.progress and loop.should(cfg.train.log_every, step, last):
                 log.info("grpo step %d/%d reward %.3f acc %.3f len %.1f", step, last, metrics["reward/mean"],
                          metrics["accuracy"], metrics["completion_len/mean"])
-            if loop.should(cfg.train.save_every, step, last):
+            if loop.should(cfg.train.save_every, step, last) or stop:
                 loop.save(run, cfg, step, model, tok, optimizer, scheduler,
-                          {"sampler": sampler.state_dict(), "rewards": dist.gather(reward_fn.state_dict())})
+                          {"sampler": sampler.state_dict(), "rewards": dist.gather(reward_fn.state_dict()),
+                           "watch": watch.state_dict(), "stopped": stop})
+            if stop:
+                last = step
+                break
     finally:
         progress.close()
         run.tracker.close()
@@ -551,15 +561,6 @@ def rollout_metrics(groups: list[Group], stats) -> dict:
     first = [x for g in groups for x in g.components[names[0]]]
     out["accuracy"] = sum(is_correct(x) for x in first) / len(first)
     return out
-
-
-def held_out_accuracy(model, tok, rows: list[dict], cfg: GRPOConfig, engine=None) -> float:
-    from posttrain.evaluation import evaluate
-    from posttrain.verifiers import load
-
-    first = cfg.rewards[0]
-    return evaluate(model, tok, rows, load(first.name, **first.options),
-                    max_new_tokens=cfg.max_completion_length, engine=engine).greedy_accuracy
 
 
 def write_samples(run_dir: Path, step: int, groups: list[Group], tok, per_step: int = 4) -> None:

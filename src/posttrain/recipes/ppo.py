@@ -44,6 +44,7 @@ from posttrain.recipes.grpo import StepBatch
 from posttrain.recipes.preference import disable_dropout
 from posttrain.rl.advantages import batch_normalize, gae, per_token_rewards
 from posttrain.rl.groups import Group, collect_groups
+from posttrain.rl.watch import RunWatch, held_out_metrics
 from posttrain.distributed import Dist
 from posttrain.losses.importance import rollout_is_weights
 from posttrain.rollout import make_engine
@@ -333,8 +334,10 @@ def train(cfg: PPOConfig) -> Path:
     elif dist.is_main and (run.dir / "samples.jsonl").exists():
         (run.dir / "samples.jsonl").unlink()
 
+    # The same collapse / futility warnings as GRPO (rl/watch.py); a run stopped by stop_on stays stopped.
+    watch = RunWatch(run.dir, cfg, rows.rows, start, state.get("watch"), writes=dist.is_main)
+    last = start if state.get("stopped") else cfg.train.steps
     progress = loop.Progress(cfg.train.steps, start, "ppo", cfg.train.progress and dist.is_main)
-    last = cfg.train.steps
     try:
         for step in range(start + 1, last + 1):
             timing = {"generate": 0.0, "reward": 0.0, "logps": 0.0, "update": 0.0}
@@ -353,6 +356,7 @@ def train(cfg: PPOConfig) -> Path:
             timing["generate"] = time.time() - t_step - timing["reward"]
             generated = [g for part in dist.gather(groups) for g in part]  # every rank's, for the metrics
             metrics = grpo.rollout_metrics(generated, stats)
+            metrics.update(watch.metrics(generated))
             if cfg.num_generations == 1:
                 del metrics["zero_variance_frac"]  # a group of one never varies; PPO's baseline is the critic
             engine.sleep()  # vllm on CUDA: its memory goes back to the trainer during the update
@@ -368,8 +372,11 @@ def train(cfg: PPOConfig) -> Path:
             metrics.update(run.memory.metrics([model, ref, critic, *reward_models(reward_fn)], [optimizer, critic_opt]))
             if eval_rows and loop.should(cfg.eval_every, step, last):
                 with dist.unsharded(model):  # rank 0 generates alone: no collective inside
-                    acc = grpo.held_out_accuracy(model, tok, eval_rows, cfg) if dist.is_main else None
-                metrics["eval_accuracy"] = dist.broadcast(acc)
+                    held = held_out_metrics(model, tok, eval_rows, cfg, engine if cfg.rollout_engine != "native"
+                                            else None) if dist.is_main else None
+                metrics.update(dist.broadcast(held))
+                watch.evaluated(step, metrics["eval_accuracy"], lambda name: loop.export(run, model, tok, name))
+            stop = watch.check(step, metrics)
             run.tracker.log(step, metrics)
             if dist.is_main and (step == 1 or step == last or (cfg.samples_every and step % cfg.samples_every == 0)):
                 grpo.write_samples(run.dir, step, generated, tok)
@@ -377,10 +384,13 @@ def train(cfg: PPOConfig) -> Path:
             if not cfg.train.progress and loop.should(cfg.train.log_every, step, last):
                 log.info("ppo step %d/%d reward %.3f acc %.3f value_loss %.4f kl %.4f", step, last,
                          metrics["reward/mean"], metrics["accuracy"], metrics.get("value_loss", 0.0), metrics["kl"])
-            if loop.should(cfg.train.save_every, step, last):
+            if loop.should(cfg.train.save_every, step, last) or stop:
                 loop.save(run, cfg, step, model, tok, optimizer, scheduler,
                           {"sampler": sampler.state_dict(), "rewards": dist.gather(reward_fn.state_dict()),
-                           "critic_scheduler": critic_sched.state_dict()}, extras={"critic": (critic, critic_opt)})
+                           "critic_scheduler": critic_sched.state_dict(), "watch": watch.state_dict(),
+                           "stopped": stop}, extras={"critic": (critic, critic_opt)})
+            if stop:
+                break
     finally:
         progress.close()
         run.tracker.close()

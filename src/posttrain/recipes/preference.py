@@ -28,7 +28,7 @@ from posttrain.data.formats import validate
 from posttrain.data.io import DataError, Rows, read_rows
 from posttrain.data.tokenize import EncodeStats, Example, completion_ids, join, prompt_ids
 from posttrain.losses.logprobs import forward_logits, token_logps
-from posttrain.losses.preference import dpo_loss, ipo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
+from posttrain.losses.preference import dpo_loss, ipo_loss, kto_kl_estimate, kto_loss, orpo_loss, rpo_loss, simpo_loss
 from posttrain.models.loading import load_frozen, load_model
 from posttrain.models.lora import apply_lora, is_peft
 from posttrain.recipes.sft import corpus_of, split_rows
@@ -271,6 +271,10 @@ def pair_loss(cfg: PreferenceConfig) -> PairLoss:
     def dpo(pc, pr, rc, rr):
         return dpo_loss(pc.sum_B, pr.sum_B, rc.sum_B, rr.sum_B, beta=beta, label_smoothing=cfg.label_smoothing)
 
+    def rpo(pc, pr, rc, rr):
+        return rpo_loss(pc.sum_B, pr.sum_B, rc.sum_B, rr.sum_B, pc.len_B, beta=beta, alpha=cfg.rpo_alpha,
+                        label_smoothing=cfg.label_smoothing)
+
     def ipo(pc, pr, rc, rr):
         return ipo_loss(pc.avg_B, pr.avg_B, rc.avg_B, rr.avg_B, beta=beta)
 
@@ -283,7 +287,7 @@ def pair_loss(cfg: PreferenceConfig) -> PairLoss:
         # gradient accumulation cannot change it.
         return orpo_loss(pc.avg_B, pr.avg_B, -pc.avg_B, lam=cfg.orpo_lambda)
 
-    return {"dpo": dpo, "ipo": ipo, "simpo": simpo, "orpo": orpo}[cfg.loss]
+    return {"dpo": rpo if cfg.rpo_alpha > 0 else dpo, "ipo": ipo, "simpo": simpo, "orpo": orpo}[cfg.loss]
 
 
 def _mean(x: torch.Tensor) -> float:

@@ -28,6 +28,7 @@ class ChartSpec:
     band: tuple[str, str] | None = None  # (low, high) metric names shaded around the first line
     std: str | None = None  # a std metric shaded as mean +- std around the first line
     y_range: tuple[float | None, float | None] = (None, None)
+    needs: str | None = None  # drawn only when this metric was logged (not for the other keys alone)
 
 
 CHARTS: tuple[ChartSpec, ...] = (
@@ -47,7 +48,14 @@ CHARTS: tuple[ChartSpec, ...] = (
     ChartSpec("Preference accuracy", ("rewards/accuracy",), y_range=(0.0, 1.0)),
     ChartSpec("Log-probs: chosen vs rejected", ("logps/chosen", "logps/rejected")),
     ChartSpec("Clip fraction", ("clip_frac/low", "clip_frac/high"), y_range=(0.0, None)),
-    ChartSpec("Zero-variance groups", ("zero_variance_frac",), y_range=(0.0, 1.0)),
+    ChartSpec("Zero-variance groups", ("zero_variance_frac", "zero_variance/all_correct", "zero_variance/all_wrong"),
+              y_range=(0.0, 1.0)),
+    ChartSpec("Answer diversity: share of the most common answer", ("diversity/top_share", "diversity/gold_top_share",
+                                                                     "diversity/no_answer"), y_range=(0.0, 1.0)),
+    ChartSpec("Distinct answers (per group; batch per prompt)", ("diversity/group_distinct", "diversity/batch_distinct"),
+              y_range=(0.0, None)),
+    ChartSpec("Held-out: greedy vs pass@k", ("eval_accuracy", "eval_pass_at_k", "eval_majority_baseline"),
+              y_range=(0.0, 1.0), needs="eval_pass_at_k"),
     ChartSpec("Generation rounds per step", ("gen_rounds",), y_range=(0.0, None)),
     ChartSpec("Gradient norm", ("grad_norm",)),
     ChartSpec("Learning rate", ("lr",), y_range=(0.0, None)),
@@ -55,7 +63,8 @@ CHARTS: tuple[ChartSpec, ...] = (
     ChartSpec("Memory (MB)", ("memory/peak_mb", "memory/weights_mb", "memory/grads_mb", "memory/optimizer_mb",
                               "memory/activations_mb"), y_range=(0.0, None)),
 )
-NOT_CHARTED = ("step", "wall_time", "epoch", "time/*", "memory/models_held", "memory/baseline_mb", "eval_pairs")  # bookkeeping
+NOT_CHARTED = ("step", "wall_time", "epoch", "time/*", "warning/*", "memory/models_held", "memory/baseline_mb",
+               "eval_pairs")  # bookkeeping, or drawn elsewhere (the time split)
 MEMORY_PARTS = ("weights", "grads", "optimizer", "activations")
 TIME_ORDER = ("time/generate", "time/reward", "time/logps", "time/update")
 HEADLINE = ("reward/mean", "accuracy", "eval_accuracy", "loss", "eval_loss", "rewards/accuracy", "rewards/margin",
@@ -206,7 +215,7 @@ def charts(metrics: tuple[dict, ...], chart_prefix: str = "") -> tuple[list[str]
     main = []
     for spec in CHARTS:
         present = _matching(keys, spec.keys)
-        if not present:
+        if not present or (spec.needs and spec.needs not in keys):
             continue
         series = [svg.Series(k, tuple(_series(metrics, k)), _band(metrics, spec, k) if i == 0 else ())
                   for i, k in enumerate(present)]
@@ -383,7 +392,7 @@ def run_body(run: RunData, chart_prefix: str = "") -> str:
     """Everything about one recipe run: headline numbers, curves, time split, samples, config."""
     if not run.exists:
         return f'<p class="warn">Run directory {escape(str(run.path))} not found.</p>'
-    parts = [headline(run.metrics)]
+    parts = [headline(run.metrics), warnings_block(run), preference_trend(run.metrics)]
     if run.metrics:
         parts.append(proxy_vs_gold(run, chart_prefix))
         main, other = charts(run.metrics, chart_prefix)
@@ -405,6 +414,37 @@ def run_body(run: RunData, chart_prefix: str = "") -> str:
     else:
         parts.append('<p class="note">No config.yaml.</p>')
     return "".join(parts)
+
+
+def warnings_block(run: RunData) -> str:
+    """The RL diagnostics' warnings (rl/diagnostics.py), each with its cause and a suggestion."""
+    items = [f"<li><b>{escape(str(w.get('kind')))}</b> at step {escape(str(w.get('step')))}: "
+             f"{escape(str(w.get('cause', '')))} <i>Suggestion:</i> {escape(str(w.get('suggestion', '')))}</li>"
+             for w in run.warnings]
+    best = ""
+    if run.best and numeric(run.best.get("eval_accuracy")) is not None:
+        best = (f'<p class="note">keep_best: <code>best/</code> is the model of step {escape(str(run.best.get("step")))}'
+                f" (held-out accuracy {fmt_pct(run.best['eval_accuracy'])}).</p>")
+    if not items:
+        return best
+    return f'<div class="warn"><b>{len(items)} warning(s) during training</b><ul>{"".join(items)}</ul></div>{best}'
+
+
+def preference_trend(metrics: tuple[dict, ...]) -> str:
+    """Preference runs: did the chosen completions' log-probability rise or fall? (DPO's known failure
+    is both falling, the chosen ones too, which the margin alone hides.)"""
+    c, r = _series(metrics, "logps/chosen"), _series(metrics, "logps/rejected")
+    if len(c) < 2 or len(r) < 2:
+        return ""
+    k = max(1, min(5, len(c) // 5))
+    dc = sum(v for _, v in c[-k:]) / k - sum(v for _, v in c[:k]) / k
+    dr = sum(v for _, v in r[-k:]) / k - sum(v for _, v in r[:k]) / k
+    text = (f"log-prob of the chosen completions {dc:+.2f}, of the rejected {dr:+.2f} (mean of the last {k} "
+            f"step(s) minus the first {k})")
+    if dc < 0:
+        return (f'<p class="warn">{escape(text)}: the chosen answers became less likely too, the known DPO failure; '
+                f"an NLL term on the chosen completion (rpo_alpha) counters it.</p>")
+    return f'<p class="note">{escape(text)}.</p>'
 
 
 def render_run(run: RunData) -> str:
@@ -438,8 +478,8 @@ def stage_table(p: PipelineData) -> str:
     ks = {_ev(s, "k") for _, s in rows if _ev(s, "pass_at_k") is not None}
     common = len(ks) == 1
     k = f"@{ks.pop()}" if common else "@k"
-    head = ["stage", "recipe", "greedy accuracy [95% CI]", "Δ vs previous", f"pass{k}", f"maj{k}", f"mean{k}",
-            "prompts", "time", "reference model"]
+    head = ["stage", "recipe", "greedy accuracy [95% CI]", "majority baseline", "Δ vs previous", f"pass{k}",
+            f"maj{k}", f"mean{k}", "prompts", "time", "reference model"]
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     prev = None
     accs = {s.name: numeric(_ev(s, "greedy_accuracy")) for _, s in rows}
@@ -453,16 +493,30 @@ def stage_table(p: PipelineData) -> str:
         acc_cell = fmt_pct(acc, _ev(s, "greedy_ci"))
         if _ev(s, "kind") == "pairs":  # a reward model: its held-out pair accuracy
             acc_cell = f"pairs {fmt_pct(_ev(s, 'pair_accuracy'), _ev(s, 'pair_ci'))}"
-        cells = [escape(name), escape(s.recipe or "—"), acc_cell, d,
+        cells = [escape(name), escape(s.recipe or "—"), acc_cell, majority_cell(s.eval), d,
                  _k_cell(s.eval, "pass_at_k", common), _k_cell(s.eval, "maj_at_k", common),
                  _k_cell(s.eval, "mean_at_k", common), escape(str(_ev(s, "n_prompts") or "—")),
                  fmt_seconds(s.seconds), escape(str(s.ref_model or "—"))]
         out.append(f'<tr class="{kind}">' + "".join(
-            f"<td class=num>{c}</td>" if 2 <= i <= 8 else f"<td>{c}</td>" for i, c in enumerate(cells)) + "</tr>")
+            f"<td class=num>{c}</td>" if 2 <= i <= 9 else f"<td>{c}</td>" for i, c in enumerate(cells)) + "</tr>")
         if kind != "control" and acc is not None:
             prev = acc
     out.append("</table>")
     return "".join(out)
+
+
+def majority_cell(ev: dict | None) -> str:
+    """The accuracy of always giving the most common gold answer, flagged when the stage's greedy accuracy
+    is not above it (its 95% interval reaches down to the baseline)."""
+    base = numeric((ev or {}).get("majority_baseline"))
+    if base is None:
+        return "—"
+    cell = f"{100 * base:.1f}% ({escape(str(ev.get('majority_answer')))})"
+    ci = ev.get("greedy_ci")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and numeric(ci[0]) is not None and ci[0] <= base:
+        cell += ' <span class="badge bad" title="greedy accuracy not above always giving the most common answer">' \
+                "not above</span>"
+    return cell
 
 
 def accuracy_chart(p: PipelineData) -> str:
@@ -559,6 +613,27 @@ def branch_comparison(p: PipelineData) -> str:
             + f'<p class="note">{note}</p>')
 
 
+def ablation_section(p: PipelineData) -> str:
+    """ablations.json: the same stage with one setting on and off at an equal generation budget."""
+    items = []
+    for a in p.ablations:
+        on, off = a.get("on") or {}, a.get("off") or {}
+        acc_on, acc_off = (numeric((x.get("eval") or {}).get("greedy_accuracy")) for x in (on, off))
+        if acc_on is None or acc_off is None:
+            continue
+        ci_on, ci_off = (x["eval"].get("greedy_ci") for x in (on, off))
+        tok = [numeric(x.get("generated_tokens")) for x in (on, off)]
+        tokens = (f" at {tok[0] / 1e6:.2f}M vs {tok[1] / 1e6:.2f}M generated tokens"
+                  if None not in tok else "")
+        apart = isinstance(ci_on, (list, tuple)) and isinstance(ci_off, (list, tuple)) and \
+            (ci_on[0] > ci_off[1] or ci_off[0] > ci_on[1])
+        items.append(f"<li><b>{escape(str(a.get('of')))}</b> {fmt_pct(acc_on, ci_on)} vs <b>{escape(str(a.get('name')))}</b> "
+                     f"({escape(str(a.get('what', '')))}) {fmt_pct(acc_off, ci_off)}{tokens}: "
+                     f"<b>{100 * (acc_on - acc_off):+.1f} pp</b> for the setting; the 95% intervals "
+                     f"{'do not overlap' if apart else 'overlap'}.</li>")
+    return f"<h3>Ablation</h3><ul>{''.join(items)}</ul>" if items else ""
+
+
 def stage_section(p: PipelineData, i: int, st: StageData) -> str:
     ev = st.eval or {}
     meta = [("recipe", st.recipe or "unknown"), ("time", fmt_seconds(st.seconds)),
@@ -590,7 +665,7 @@ def render_pipeline(p: PipelineData) -> str:
     nav = "<nav><a href=\"#overview\">overview</a>" + "".join(
         f'<a href="#stage-{i}">{escape(s.name)}</a>' for i, s in enumerate(p.stages)) + "</nav>"
     body = ['<h2 id="overview">Accuracy per stage</h2>', accuracy_chart(p), stage_table(p), control_comparison(p),
-            branch_comparison(p)]
+            branch_comparison(p), ablation_section(p)]
     body += [stage_section(p, i, s) for i, s in enumerate(p.stages)]
     body.append("<h2>pipeline.json</h2><details><summary>pipeline.json (eval samples omitted)</summary>"
                 f'<pre class="config">{escape(json.dumps(_without_samples(p.raw), indent=2, default=str))}</pre>'

@@ -36,6 +36,8 @@ class RunData:
     samples: tuple[dict, ...] = ()
     finished: datetime | None = None  # mtime of the newest file read
     problems: tuple[str, ...] = ()  # unreadable lines or files, shown in the report
+    warnings: tuple[dict, ...] = ()  # RL diagnostics' warnings (warnings.jsonl): kind, step, cause, suggestion
+    best: dict | None = None  # keep_best: best.json (step and held-out accuracy of best/)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class PipelineData:
     total_seconds: float | None = None
     finished: datetime | None = None
     raw: dict = field(default_factory=dict)
+    ablations: tuple[dict, ...] = ()  # ablations.json (posttrain demo --evidence): on/off runs with their evals
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
@@ -103,10 +106,21 @@ def load_run(path: Path, name: str | None = None) -> RunData:
     metrics, problems = _read_jsonl(met_path) if met_path.exists() else ([], [])
     samples, smp_problems = _read_jsonl(smp_path) if smp_path.exists() else ([], [])
     metrics = sorted((m for m in metrics if numeric(m.get("step")) is not None), key=lambda m: m["step"])
+    warnings, warn_problems = _read_jsonl(path / "warnings.jsonl") if (path / "warnings.jsonl").exists() else ([], [])
+    best = _read_json_dict(path / "best.json")
     return RunData(name=name, path=path, exists=True,
                    recipe=_recipe_from_config(config_text) if config_text else None,
                    config_text=config_text, metrics=tuple(metrics), samples=tuple(samples),
-                   finished=_mtime(cfg_path, met_path, smp_path), problems=tuple(problems + smp_problems))
+                   finished=_mtime(cfg_path, met_path, smp_path), problems=tuple(problems + smp_problems + warn_problems),
+                   warnings=tuple(warnings), best=best)
+
+
+def _read_json_dict(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _stage(entry: dict, root: Path, stage_index: int) -> StageData:
@@ -124,9 +138,16 @@ def load_pipeline(path: Path) -> PipelineData:
     stages = tuple(_stage(e, path, i) for i, e in enumerate(raw.get("stages") or []))
     controls = tuple(_stage(e, path, i) for i, e in enumerate(raw.get("controls") or []))
     base = raw.get("baseline_eval") if isinstance(raw.get("baseline_eval"), dict) else None
+    ablations = []
+    if (path / "ablations.json").exists():
+        try:
+            ablations = json.loads((path / "ablations.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            ablations = []
     return PipelineData(name=path.resolve().name, path=path, stages=stages, controls=controls,
                         baseline_eval=base, total_seconds=numeric(raw.get("total_seconds")),
-                        finished=_mtime(path / "pipeline.json"), raw=raw)
+                        finished=_mtime(path / "pipeline.json"), raw=raw,
+                        ablations=tuple(a for a in ablations if isinstance(a, dict)))
 
 
 def load(run_dir: str | Path) -> RunData | PipelineData:

@@ -1,8 +1,9 @@
 """Built-in tasks: generated data with checkable answers (no downloads)."""
 
 from posttrain.tasks.arithmetic import ArithmeticTask
+from posttrain.tasks.counting import CountingTask
 
-BUILTIN_TASKS = {"arithmetic": ArithmeticTask}
+BUILTIN_TASKS = {"arithmetic": ArithmeticTask, "counting": CountingTask}
 
 
 def get_task(name: str, **options):

@@ -32,16 +32,23 @@ class ArithmeticTask:
     # With long_fraction in (0, 1): chains longer than short_terms are drawn only that often.
     short_terms: int = 3
     long_fraction: float = -1.0
+    # With long_rows >= 0: exactly that many rows of `rows(n)` are chains longer than short_terms, spread
+    # evenly through the rows; every other row is short. (A count, not a rate: with a handful of long
+    # rows, chance would make the count, and with it what SFT learns, differ from seed to seed.)
+    long_rows: int = -1
 
-    def _terms(self, rng: random.Random) -> int:
+    def _terms(self, rng: random.Random, long: bool | None = None) -> int:
+        if long is not None and self.min_terms <= self.short_terms < self.max_terms:
+            return rng.randint(self.short_terms + 1, self.max_terms) if long else rng.randint(self.min_terms,
+                                                                                               self.short_terms)
         if 0 <= self.long_fraction <= 1 and self.min_terms <= self.short_terms < self.max_terms:
             if rng.random() < self.long_fraction:
                 return rng.randint(self.short_terms + 1, self.max_terms)
             return rng.randint(self.min_terms, self.short_terms)
         return rng.randint(self.min_terms, self.max_terms)
 
-    def _expression(self, rng: random.Random) -> tuple[str, list[str], int]:
-        k = self._terms(rng)
+    def _expression(self, rng: random.Random, long: bool | None = None) -> tuple[str, list[str], int]:
+        k = self._terms(rng, long)
         value = rng.randint(0, self.max_operand)
         expr = str(value)
         steps = []
@@ -61,12 +68,13 @@ class ArithmeticTask:
             raise ValueError(f"split {split!r}: expected 'train' or 'test'")
         rng = random.Random(f"arith-{split}-{seed}")
         out, seen = [], set()
+        long_slots = {(2 * j + 1) * n // (2 * self.long_rows) for j in range(self.long_rows)} if self.long_rows > 0 else set()
         tries = 0
         while len(out) < n:
             tries += 1
             if tries > 200 * n + 1000:
                 raise ValueError(f"cannot draw {n} distinct {split} expressions; widen the task")
-            expr, steps, value = self._expression(rng)
+            expr, steps, value = self._expression(rng, (len(out) in long_slots) if self.long_rows >= 0 else None)
             if expr in seen or _is_heldout(expr, self.heldout_fraction) != (split == "test"):
                 continue
             seen.add(expr)

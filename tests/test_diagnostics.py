@@ -1,0 +1,190 @@
+"""Collapse and futility diagnostics (rl/diagnostics.py, rl/watch.py): the metrics by hand, each
+warning from a synthetic run, stop_on through the GRPO and PPO recipes, keep_best, the majority baseline."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain.config import DiagnosticsConfig, GRPOConfig, PPOConfig, config_from_dict, ConfigError
+from posttrain.evaluation import evaluate, majority_baseline
+from posttrain.recipes import grpo, ppo
+from posttrain.rl.diagnostics import Monitor, answer_diversity, rollout_diagnostics, zero_variance_split
+from posttrain.rl.groups import Group
+from posttrain.rl.watch import read_warnings
+from posttrain.tracking import read_metrics
+
+
+def test_answer_diversity_by_hand():
+    # 3 groups of 4: {7,7,8,None}, {1,1,1,1}, {1,2,None,None}; golds 7, 1, 2.
+    answers = [["7", "7", "8", None], ["1", "1", "1", "1"], ["1", "2", None, None]]
+    m = answer_diversity(answers, ["7", "1", "2"])
+    assert m["diversity/group_distinct"] == pytest.approx((2 + 1 + 2) / 3)
+    assert m["diversity/batch_distinct"] == pytest.approx(4 / 3)         # {7, 8, 1, 2} over 3 prompts
+    assert m["diversity/top_share"] == pytest.approx(5 / 9)              # "1": 5 of the 9 answered samples
+    assert m["diversity/no_answer"] == pytest.approx(3 / 12)
+    assert m["diversity/gold_top_share"] == pytest.approx(1 / 3)
+    assert answer_diversity([[None, None]])["diversity/top_share"] == 0.0
+
+
+def test_zero_variance_split_separates_too_easy_from_too_hard():
+    rewards = [[1, 1], [0, 0], [0, 1], [0.5, 0.5]]
+    correct = [[True, True], [False, False], [False, True], [True, False]]  # last: equal reward, mixed verdicts
+    m = zero_variance_split(rewards, correct)
+    assert m == {"zero_variance/all_correct": 0.25, "zero_variance/all_wrong": 0.25}
+
+
+def _group(row, texts, rewards):
+    G = len(texts)
+    return Group(row, (5,), tuple((6,) for _ in texts), tuple(texts), (False,) * G, tuple(rewards),
+                 {"math": tuple(rewards)})
+
+
+def _collapsing_groups(step, P=4, G=4):
+    """Step 1-2: each prompt's samples answer around its own gold (row + 10); from step 3 on every
+    sample of every prompt answers \\boxed{1}."""
+    out = []
+    for p in range(P):
+        if step < 3:
+            texts = [f"\\boxed{{{p + 10 + (j % 2)}}}" for j in range(G)]
+            rewards = [float(j % 2 == 0) for j in range(G)]
+        else:
+            texts, rewards = ["\\boxed{1}"] * G, [0.0] * G
+        out.append(_group(p, texts, rewards))
+    return out
+
+
+def _metrics_of(groups):
+    from posttrain.rl.diagnostics import canonical_answer
+    from posttrain.verifiers import extract_answer, is_correct
+
+    return rollout_diagnostics(groups, canonical_answer(extract_answer), lambda i: str(i + 10), is_correct)
+
+
+def test_a_synthetic_collapsing_run_triggers_the_collapse_warning_once():
+    mon = Monitor(DiagnosticsConfig(collapse_steps=3))
+    fired = {}
+    for step in range(1, 9):
+        m = _metrics_of(_collapsing_groups(step))
+        for a in mon.observe(step, m):
+            fired.setdefault(a.kind, []).append(a)
+    (alert,) = fired["collapse"]
+    assert alert.step == 5  # collapsed from step 3, three steps in a row
+    assert "100% of the answered samples give one and the same answer" in alert.cause
+    assert "audit" in alert.suggestion
+
+
+def test_no_collapse_warning_when_the_gold_answers_themselves_agree():
+    # A two-label task where every prompt's gold answer is "1": answering 1 everywhere is right, not collapse.
+    mon = Monitor(DiagnosticsConfig(collapse_steps=1))
+    m = rollout_diagnostics([_group(p, ["\\boxed{1}"] * 4, [1.0] * 4) for p in range(4)],
+                            lambda t: "1", lambda i: "1", lambda s: s >= 1)
+    assert m["diversity/top_share"] == 1.0 and m["diversity/gold_top_share"] == 1.0
+    assert mon.observe(1, m) == []
+
+
+def test_entropy_warning_relative_to_the_start():
+    mon = Monitor(DiagnosticsConfig(entropy_ratio=0.25, entropy_start_steps=2))
+    seq = [1.0, 0.8, 0.5, 0.3, 0.2, 0.15, 0.5, 0.1]  # start 0.9; below 0.225 at steps 5, 6 and 8
+    steps = [s for s, e in enumerate(seq, 1) for a in mon.observe(s, {"entropy": e}) if a.kind == "entropy"]
+    assert steps == [5, 8]  # once per episode: it cleared at step 7 and fell again at step 8
+
+
+def test_zero_variance_warning_names_too_hard():
+    mon = Monitor(DiagnosticsConfig(zero_variance_frac=0.8, zero_variance_steps=4))
+    m = {"zero_variance_frac": 0.9, "zero_variance/all_correct": 0.1, "zero_variance/all_wrong": 0.8}
+    alerts = [a for s in range(1, 7) for a in mon.observe(s, m)]
+    assert [a.step for a in alerts] == [4]
+    assert "too hard" in alerts[0].cause and "curriculum" in alerts[0].suggestion
+    mon2 = Monitor(DiagnosticsConfig(zero_variance_steps=1))
+    easy = mon2.observe(1, {"zero_variance_frac": 1.0, "zero_variance/all_correct": 1.0})
+    assert "too easy" in easy[0].cause
+
+
+def test_eval_decline_needs_consecutive_drops():
+    mon = Monitor(DiagnosticsConfig(eval_drops=3))
+    accs = [0.5, 0.4, 0.45, 0.42, 0.41, 0.40, 0.39]  # drops at evals 2, 4, 5, 6, 7: three in a row at eval 6
+    fired = [i for i, a in enumerate(accs, 1) for al in mon.observe(i * 10, {"eval_accuracy": a})]
+    assert fired == [6]
+    # State survives a checkpoint round trip: a resumed monitor continues the same count.
+    again = Monitor(DiagnosticsConfig(eval_drops=3))
+    again.load_state_dict(json.loads(json.dumps(mon.state_dict())))
+    assert again.runs == mon.runs and again.last_eval == 0.39
+
+
+def test_majority_baseline_by_hand():
+    rows = [{"prompt": "a", "answer": "3"}, {"prompt": "b", "answer": "3.0"}, {"prompt": "c", "answer": "5"},
+            {"prompt": "d", "answer": "3"}]
+    # "3.0" is not normalized into "3": gold answers are compared as the dataset spells them.
+    assert majority_baseline(rows) == (0.5, "3")
+    assert majority_baseline([{"prompt": "x", "label": "pos"}, {"prompt": "y", "label": "pos"},
+                              {"prompt": "z", "label": "neg"}]) == (pytest.approx(2 / 3), "pos")
+    assert majority_baseline([{"prompt": "x"}]) is None
+
+
+def test_evaluation_reports_the_majority_baseline_and_flags_a_model_below_it(tiny_model, char_tok):
+    from posttrain.verifiers import load
+
+    rows = [{"prompt": f"{i}+0=", "answer": "1" if i < 6 else str(i)} for i in range(8)]
+    s = evaluate(tiny_model, char_tok, rows, load("math"), max_new_tokens=4)
+    assert s.majority_baseline == 0.75 and s.majority_answer == "1"
+    assert s.greedy_accuracy == 0.0 and s.above_majority is False  # a random model answers nothing
+    assert s.to_json()["majority_baseline"] == 0.75
+
+
+def _cfg(tmp_path, *extra, recipe=GRPOConfig):
+    return config_from_dict(recipe, {}, [
+        "model=tiny", "data.path=builtin:arithmetic?max_terms=2", "data.num_examples=40", "data.max_length=16",
+        "data.eval_path=builtin:arithmetic?max_terms=3", "eval_examples=8", "eval_k=0", "rewards=[math]",
+        "prompts_per_step=4", "num_generations=4", "max_completion_length=6", "train.micro_batch_size=16",
+        f"train.output_dir={tmp_path}", "train.progress=false", "samples_every=0", *extra])
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "ppo"])
+def test_rl_run_stops_on_collapse_and_says_why(tmp_path, monkeypatch, recipe):
+    calls = iter(range(1, 100))
+
+    def fake_sample_groups(engine, tok, rows, prompt_ids, picked, G, *rest):
+        step = next(calls)
+        return [_group(i, g.texts, g.rewards) for i, g in zip(picked, _collapsing_groups(step, len(picked), G))]
+
+    monkeypatch.setattr(grpo, "sample_groups", fake_sample_groups)  # PPO samples through grpo.sample_groups too
+    config, train = {"grpo": (GRPOConfig, grpo.train), "ppo": (PPOConfig, ppo.train)}[recipe]
+    cfg = _cfg(tmp_path, "train.steps=10", "stop_on=[collapse]", "diagnostics.collapse_steps=2", recipe=config)
+    with pytest.raises(ConfigError, match="stop_on: unknown warning"):
+        _cfg(tmp_path, "stop_on=[colapse]", recipe=config)
+    train(cfg)
+    m = read_metrics(tmp_path)
+    assert [r["step"] for r in m] == [1, 2, 3, 4]  # collapsed at 3, warned and stopped at 4
+    assert m[-1]["warning/collapse"] == 1.0 and m[-1]["diversity/top_share"] == 1.0
+    (w,) = read_warnings(tmp_path)
+    assert (w.kind, w.step) == ("collapse", 4)
+    assert (tmp_path / "final" / "COMPLETE").exists()
+    # Resuming a stopped run does not train on: the stop is part of the checkpoint.
+    train(cfg)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_keep_best_exports_the_best_evaluated_model(tmp_path, monkeypatch):
+    accs = iter([0.25, 0.5, 0.375, 0.125])
+    monkeypatch.setattr(grpo, "held_out_metrics", lambda *a, **k: {"eval_accuracy": next(accs)})
+    cfg = _cfg(tmp_path, "train.steps=4", "eval_every=1", "keep_best=true", "train.save_every=1",
+                    "train.keep_checkpoints=4", "optim.lr=1e-2", "rewards=[toy_rewards:parity]")
+    grpo.train(cfg)
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best == {"step": 2, "eval_accuracy": 0.5}
+    got = load_file(tmp_path / "best" / "model.safetensors")
+    at_2 = load_file(tmp_path / "checkpoints" / "step-00000002" / "model.safetensors")
+    final = load_file(tmp_path / "final" / "model.safetensors")
+    assert all(torch.equal(got[k], at_2[k]) for k in at_2)
+    assert any(not torch.equal(got[k], final[k]) for k in final)  # the later steps changed the weights
+    with pytest.raises(ConfigError, match="keep_best"):
+        config_from_dict(GRPOConfig, {}, ["keep_best=true"])
+
+
+def test_a_few_identical_answers_among_unanswered_samples_are_not_collapse():
+    mon = Monitor(DiagnosticsConfig(collapse_steps=1))
+    m = answer_diversity([["1", None, None, None], ["1", None, None, None]], ["3", "4"])
+    assert m["diversity/top_share"] == 1.0 and m["diversity/no_answer"] == 0.75
+    assert mon.observe(1, m) == []
