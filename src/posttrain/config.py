@@ -271,30 +271,27 @@ class DiagnosticsConfig:
     eval_drops: int = doc(3, "eval_decline: held-out accuracy fell at this many evaluations in a row")
 
 
-def check_watch(cfg) -> None:
-    """The diagnostics fields an RL config shares (GRPO, PPO): known warnings, held-out data when needed."""
-    for kind in cfg.stop_on:
-        if kind not in ALERT_KINDS:
-            raise ConfigError(f"stop_on: unknown warning {kind!r} (choose from {', '.join(ALERT_KINDS)})")
-    if (cfg.keep_best or "eval_decline" in cfg.stop_on) and not cfg.data.eval_path:
-        raise ConfigError("keep_best / stop_on: [eval_decline] need held-out accuracy: set data.eval_path")
-
-
 @dataclass(frozen=True)
-class GRPOConfig:
+class RLConfig:
+    """What the RL recipes (GRPO, PPO) share: the policy, its rollouts, the rewards, the clipped policy loss, the
+    held-out evaluation and the online diagnostics. Each recipe adds its own fields and, where it differs, its
+    own defaults."""
+
     model: ModelConfig = doc(ModelConfig(), "policy model (a local directory or a tiny preset)")
-    lora: LoraConfig = doc(LoraConfig(), "LoRA adapters (r=0: off)")
+    lora: LoraConfig = doc(LoraConfig(), "policy LoRA adapters (r=0: off)")
     data: DataConfig = doc(DataConfig(max_length=256), "prompt rows; extra columns go to the rewards")
-    optim: OptimConfig = doc(OptimConfig(lr=1e-5, max_grad_norm=1.0), "optimizer and schedule")
+    optim: OptimConfig = doc(OptimConfig(lr=1e-5, max_grad_norm=1.0), "policy optimizer and schedule")
     train: TrainConfig = doc(TrainConfig(micro_batch_size=16),
-                             "loop (train.steps = rollout steps; padding_free: micro_batch_size counts packed rows)")
-    rewards: tuple[RewardConfig, ...] = doc((RewardConfig(),), "verifiers summed with weights; the first defines accuracy")
+                             "loop (train.steps = rollout steps; micro_batch_size counts sequences or packed rows)")
+    rewards: tuple[RewardConfig, ...] = doc(
+        (RewardConfig(),), "verifiers and/or reward models ({name: reward_model, options: {path: DIR}}) summed with "
+                           "weights (weight 0: logged only); the first defines accuracy")
     reward_workers: int = doc(0, "worker processes for slow verifiers (0: auto)")
     reward_non_finite: Literal["error", "zero"] = doc(
         "error", "a reward that is inf / NaN (a verifier fault), or a row that no weighted reward applies to (all "
                  "None): error stops the run naming reward, row and completion; zero scores it 0, warns and "
                  "counts it (reward/non_finite)")
-    prompts_per_step: int = doc(8, "P: prompt groups per step")
+    prompts_per_step: int = doc(8, "P: prompts (groups) per step")
     num_generations: int = doc(8, "G: completions per prompt")
     max_completion_length: int = doc(64, "max new tokens per completion")
     temperature: float = doc(1.0, "sampling temperature (log-probs use the same temperature)")
@@ -309,9 +306,6 @@ class GRPOConfig:
     rollout_is_level: Literal["token", "sequence"] = doc("token", "importance ratio per token or per sequence")
     rollout_is_cap: float = doc(2.0, "C: tis truncates the weight at C; mis zeroes ratios above C")
     rollout_is_cap_low: float = doc(0.0, "mis: also zero ratios below this")
-    num_iterations: int = doc(1, "mu: updates per rollout batch (1: ratio is exactly 1, no old-logp pass)")
-    advantage: Literal["grpo", "rloo"] = doc("grpo", "group baseline: z-score (grpo) or leave-one-out (rloo)")
-    scale: Literal["std", "none", "batch"] = doc("std", "std: divide by group std; none: Dr. GRPO; batch: whiten over the batch")
     loss: Literal["ppo_clip", "gspo", "cispo"] = doc("ppo_clip", "policy loss")
     aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_sum_const", "seq_mean_token_sum"] = doc(
         "token_mean", "token_mean (DAPO) | seq_mean_token_mean (GRPO) | seq_sum_const (Dr. GRPO)")
@@ -320,10 +314,7 @@ class GRPOConfig:
     dual_clip: float = doc(0.0, "dual-clip constant c > 1 for negative advantages (0: off)")
     beta: float = doc(0.0, "KL coefficient; 0 loads no reference model")
     kl_estimator: Literal["k1", "k2", "k3"] = doc("k3", "KL estimator (Schulman)")
-    kl_in: Literal["loss", "reward"] = doc("loss", "add beta * KL to the loss, or subtract it from the reward")
     ref_model: str = doc("initial", "reference model: initial (the starting weights) or a checkpoint path")
-    dynamic_sampling: bool = doc(False, "DAPO: regenerate until P groups have non-zero reward variance")
-    max_gen_batches: int = doc(4, "dynamic sampling: most generation rounds per step")
     mask_truncated_completions: bool = doc(False, "truncated completions add no loss (DAPO overlong filtering)")
     padding_free: bool = doc(True, "update on packed rows (the step's sequences first-fit into rows as long as the "
                                    "longest): the same loss, no compute spent on padding")
@@ -336,10 +327,8 @@ class GRPOConfig:
     keep_best: bool = doc(False, "export the best model by held-out accuracy as best/ beside final/ (needs data.eval_path)")
 
     def check(self) -> None:
-        if self.num_generations < 2:
-            raise ConfigError("num_generations: a group needs at least 2 completions for a baseline")
         if not self.rewards:
-            raise ConfigError("rewards: give at least one verifier")
+            raise ConfigError("rewards: give at least one verifier or reward model")
         if self.eps_low < 0 or self.eps_high < 0:
             raise ConfigError("eps_low / eps_high must be >= 0")
         if self.dual_clip and self.dual_clip <= 1:
@@ -350,10 +339,28 @@ class GRPOConfig:
             raise ConfigError(f"data.max_length: {self.data.max_length} leaves no room for a prompt: it counts "
                               f"prompt + completion and must exceed max_completion_length="
                               f"{self.max_completion_length}")
-
         if self.rollout_is_cap <= 0 or not 0 <= self.rollout_is_cap_low < self.rollout_is_cap:
             raise ConfigError("rollout_is_cap / rollout_is_cap_low: need 0 <= cap_low < cap")
-        check_watch(self)
+        for kind in self.stop_on:
+            if kind not in ALERT_KINDS:
+                raise ConfigError(f"stop_on: unknown warning {kind!r} (choose from {', '.join(ALERT_KINDS)})")
+        if (self.keep_best or "eval_decline" in self.stop_on) and not self.data.eval_path:
+            raise ConfigError("keep_best / stop_on: [eval_decline] need held-out accuracy: set data.eval_path")
+
+
+@dataclass(frozen=True)
+class GRPOConfig(RLConfig):
+    num_iterations: int = doc(1, "mu: updates per rollout batch (1: ratio is exactly 1, no old-logp pass)")
+    advantage: Literal["grpo", "rloo"] = doc("grpo", "group baseline: z-score (grpo) or leave-one-out (rloo)")
+    scale: Literal["std", "none", "batch"] = doc("std", "std: divide by group std; none: Dr. GRPO; batch: whiten over the batch")
+    kl_in: Literal["loss", "reward"] = doc("loss", "add beta * KL to the loss, or subtract it from the reward")
+    dynamic_sampling: bool = doc(False, "DAPO: regenerate until P groups have non-zero reward variance")
+    max_gen_batches: int = doc(4, "dynamic sampling: most generation rounds per step")
+
+    def check(self) -> None:
+        if self.num_generations < 2:
+            raise ConfigError("num_generations: a group needs at least 2 completions for a baseline")
+        super().check()
 
 
 @dataclass(frozen=True)
@@ -388,71 +395,28 @@ class CriticConfig:
 
 
 @dataclass(frozen=True)
-class PPOConfig:
-    model: ModelConfig = doc(ModelConfig(), "policy model (a local directory or a tiny preset)")
-    lora: LoraConfig = doc(LoraConfig(), "policy LoRA adapters (r=0: off)")
-    data: DataConfig = doc(DataConfig(max_length=256), "prompt rows; extra columns go to the rewards")
-    optim: OptimConfig = doc(OptimConfig(lr=1e-5, max_grad_norm=1.0), "policy optimizer and schedule")
-    train: TrainConfig = doc(TrainConfig(micro_batch_size=16),
-                             "loop (train.steps = rollout steps; micro_batch_size counts sequences or packed rows)")
+class PPOConfig(RLConfig):
+    """PPO with a critic: RLConfig's fields with PPO's defaults (a reward model scores, four completions per
+    prompt, symmetric clipping, the per-token k1 KL penalty of InstructGPT), plus the critic and GAE. The
+    policy loss is aggregated as `aggregation` says over each mini-batch; the value loss is a token mean."""
+
     rewards: tuple[RewardConfig, ...] = doc(
         (RewardConfig(name="reward_model"),),
         "sequence score: reward models ({name: reward_model, options: {path: DIR}}) and/or verifiers, summed with "
         "weights (weight 0: logged only); the first defines accuracy")
-    reward_workers: int = doc(0, "worker processes for slow verifiers (0: auto)")
-    reward_non_finite: Literal["error", "zero"] = doc(
-        "error", "a reward that is inf / NaN, or a row that no weighted reward applies to: error stops the run "
-                 "naming reward, row and completion; zero scores it 0, warns and counts it (reward/non_finite)")
-    critic: CriticConfig = doc(CriticConfig(), "the value model")
-    prompts_per_step: int = doc(8, "P: prompts per rollout batch")
     num_generations: int = doc(4, "G: completions per prompt")
-    max_completion_length: int = doc(64, "max new tokens per completion")
-    temperature: float = doc(1.0, "sampling temperature (log-probs use the same temperature)")
-    top_p: float = doc(1.0, "nucleus sampling")
-    rollout_decode: Literal["auto", "dynamic", "static", "cuda_graph"] = doc(
-        "auto", "decode loop: auto (cuda_graph on CUDA, else dynamic) | dynamic | static | cuda_graph")
-    rollout_engine: Literal["native", "vllm"] = doc("native", "rollout engine: native (KV-cache loop on the policy) "
-                                                              "| vllm (colocated vLLM, weights pushed every step)")
-    vllm: VLLMConfig = doc(VLLMConfig(), "vLLM engine options (rollout_engine: vllm)")
-    rollout_is: Literal["none", "tis", "mis"] = doc("none", "rollout/trainer mismatch correction: truncated (tis) "
-                                                            "or masked (mis) importance sampling")
-    rollout_is_level: Literal["token", "sequence"] = doc("token", "importance ratio per token or per sequence")
-    rollout_is_cap: float = doc(2.0, "C: tis truncates the weight at C; mis zeroes ratios above C")
-    rollout_is_cap_low: float = doc(0.0, "mis: also zero ratios below this")
+    eps_high: float = doc(0.2, "upper clip range (raise it for Clip-Higher)")
+    beta: float = doc(0.05, "KL coefficient of the per-token reward -beta * KL (0: no reference model)")
+    kl_estimator: Literal["k1", "k2", "k3"] = doc("k1", "per-token KL estimate in the reward (InstructGPT: k1)")
+    critic: CriticConfig = doc(CriticConfig(), "the value model")
     ppo_epochs: int = doc(4, "passes over each rollout batch")
     num_mini_batches: int = doc(1, "mini-batches per pass, each one optimizer step of the policy and of the critic")
     gamma: float = doc(1.0, "GAE discount")
     lam: float = doc(0.95, "GAE lambda")
     whiten_advantages: bool = doc(True, "whiten advantages over the rollout batch's valid tokens")
-    loss: Literal["ppo_clip", "gspo", "cispo"] = doc("ppo_clip", "policy loss (the GRPO recipe's functions)")
-    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_sum_const", "seq_mean_token_sum"] = doc(
-        "token_mean", "policy-loss aggregation over the mini-batch (the value loss is a token mean)")
-    eps_low: float = doc(0.2, "lower clip range (ratio >= 1 - eps_low)")
-    eps_high: float = doc(0.2, "upper clip range (raise it for Clip-Higher)")
-    dual_clip: float = doc(0.0, "dual-clip constant c > 1 for negative advantages (0: off)")
-    beta: float = doc(0.05, "KL coefficient of the per-token reward -beta * KL (0: no reference model)")
-    kl_estimator: Literal["k1", "k2", "k3"] = doc("k1", "per-token KL estimate in the reward (InstructGPT: k1)")
-    ref_model: str = doc("initial", "reference model: initial (the starting weights) or a checkpoint path")
-    mask_truncated_completions: bool = doc(False, "truncated completions add no loss")
-    padding_free: bool = doc(True, "run the model on packed rows (same loss, no compute on padding)")
-    eval_every: int = doc(0, "held-out greedy accuracy every N steps (needs data.eval_path; 0: at the end)")
-    eval_examples: int = doc(200, "held-out rows to evaluate")
-    samples_every: int = doc(10, "write sample completions to samples.jsonl every N steps")
-    eval_k: int = doc(4, "held-out samples per prompt for pass@k beside greedy accuracy (0: greedy only)")
-    diagnostics: DiagnosticsConfig = doc(DiagnosticsConfig(), "thresholds of the collapse / futility warnings")
-    stop_on: tuple[str, ...] = doc((), "warnings that stop the run: collapse, entropy, zero_variance, eval_decline")
-    keep_best: bool = doc(False, "export the best model by held-out accuracy as best/ beside final/ (needs data.eval_path)")
 
     def check(self) -> None:
-        if not self.rewards:
-            raise ConfigError("rewards: give at least one reward model or verifier")
-        check_watch(self)
-        if self.eps_low < 0 or self.eps_high < 0:
-            raise ConfigError("eps_low / eps_high must be >= 0")
-        if self.dual_clip and self.dual_clip <= 1:
-            raise ConfigError(f"dual_clip: must be > 1 (or 0 for off), got {self.dual_clip}")
-        if self.temperature <= 0:
-            raise ConfigError("temperature: RL needs sampling, must be > 0")
+        super().check()
         for name in ("gamma", "lam"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
@@ -461,13 +425,8 @@ class PPOConfig:
                               f"{self.prompts_per_step * self.num_generations} sequences")
         if self.critic.value_clip < 0 or self.critic.lr < 0:
             raise ConfigError("critic.value_clip / critic.lr: must be >= 0")
-        if self.rollout_is_cap <= 0 or not 0 <= self.rollout_is_cap_low < self.rollout_is_cap:
-            raise ConfigError("rollout_is_cap / rollout_is_cap_low: need 0 <= cap_low < cap")
         if self.critic.init == "reward_model" and not any(r.name == "reward_model" for r in self.rewards):
             raise ConfigError("critic.init: 'reward_model' needs a reward_model entry in rewards")
-        if self.data.max_length <= self.max_completion_length:
-            raise ConfigError(f"data.max_length: {self.data.max_length} leaves no room for a prompt: it counts "
-                              f"prompt + completion, and max_completion_length is {self.max_completion_length}")
 
 
 RECIPE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "grpo": GRPOConfig,

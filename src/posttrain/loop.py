@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -223,6 +223,19 @@ def export(run: Run, model, tokenizer, name: str = "final") -> Path:
 
 def should(every: int, step: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
+
+
+def end_step(run: Run, cfg: Any, recipe: str, step: int, last: int, metrics: dict, info: str, progress: Progress,
+             checkpoint: Callable[[], Any]) -> None:
+    """The end of a supervised step (pretrain, sft, preference, reward model): record ``metrics``, show
+    ``info`` on the progress bar (in the log when the bar is off) and call ``checkpoint()`` when
+    ``train.save_every`` says so."""
+    run.tracker.log(step, metrics)
+    progress.update(step, info)
+    if should(cfg.train.log_every, step, last) and not cfg.train.progress:
+        log.info("%s step %d/%d %s lr %.2e", recipe, step, last, info, metrics["lr"])
+    if should(cfg.train.save_every, step, last):
+        checkpoint()
 
 
 class Progress:

@@ -243,16 +243,105 @@ def sample_groups(engine, tok, rows: list[dict], prompt_ids: list[list[int]], pi
             for k, row in enumerate(picked)]
 
 
-def train(cfg: GRPOConfig) -> Path:
-    run = loop.start_run(cfg, "grpo")
-    device, dist = run.device, run.dist
-    if cfg.prompts_per_step % dist.world:
-        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step}: each of the {dist.world} ranks generates whole "
-                          f"groups, so it must be a multiple of the number of ranks")
+@dataclass
+class Rollouts:
+    """What an RL recipe (GRPO, PPO) samples, scores and evaluates with: the prompts and where the epoch is,
+    the rewards, the rollout engine and the held-out rows. ``round`` is one generation round of P prompt
+    groups; ``state_dict`` is what a checkpoint needs to resume it exactly."""
 
+    cfg: GRPOConfig  # or PPOConfig: the RLConfig fields
+    rows: object  # data.io.Rows
+    tok: object
+    prompt_ids: list[list[int]]
+    usable: list[int]
+    eval_rows: list[dict]
+    sampler: EpochSampler
+    reward_fn: object
+    engine: object
+    sampling: SamplingParams
+
+    @classmethod
+    def build(cls, cfg, rows, model, tok) -> Rollouts:
+        reward_fn = build_reward([(r.name, r.weight, r.options) for r in cfg.rewards], workers=cfg.reward_workers,
+                                 non_finite=cfg.reward_non_finite)
+        engine = make_engine(cfg.rollout_engine, model, tok, decode=cfg.rollout_decode, vllm=cfg.vllm,
+                             seed=cfg.train.seed, max_model_len=cfg.data.max_length)  # prompt + completion
+        # The engine's log-probs feed the mismatch metrics (vllm) and the off-policy correction.
+        sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p,
+                                  return_logps=cfg.rollout_engine != "native" or cfg.rollout_is != "none")
+        prompt_ids, usable = encode_prompts(tok, rows, cfg.data.max_length, cfg.max_completion_length)
+        eval_rows = read_rows(cfg.data.eval_path, "test", seed=cfg.train.seed).rows[:cfg.eval_examples] \
+            if cfg.data.eval_path else []
+        sampler = EpochSampler(len(usable), cfg.train.seed, shuffle=cfg.data.shuffle)
+        return cls(cfg, rows, tok, prompt_ids, usable, eval_rows, sampler, reward_fn, engine, sampling)
+
+    def start(self, run, model, state: dict, start: int) -> None:
+        """Continue from a checkpoint's ``state`` (or start afresh: an empty one)."""
+        dist = run.dist
+        if state:
+            with dist.unsharded(model):
+                self.engine.sync_weights()  # the checkpoint's weights replaced those the engine started from
+            self.sampler.load_state_dict(state["sampler"])
+            load_reward_state(self.reward_fn, state.get("rewards", {}), dist)  # e.g. the `random` control's draws
+            if dist.is_main:
+                keep_steps_upto(run.dir / "samples.jsonl", start)  # steps after the checkpoint run again
+        elif dist.is_main and (run.dir / "samples.jsonl").exists():
+            (run.dir / "samples.jsonl").unlink()
+
+    def round(self, model, dist, step: int, round_: int, timing: dict) -> list[Group]:
+        """Steps 1-2 for the next P prompts: this rank's share of them (whole groups, so the group
+        baselines are exact), G samples each, scored."""
+        cfg = self.cfg
+        picked = [self.usable[i] for i in self.sampler.take(cfg.prompts_per_step)]
+        mine, G = dist.slice(len(picked)), cfg.num_generations
+        seeds = rollout_seeds(cfg.train.seed, step, round_, range(mine.start * G, mine.stop * G))
+        with dist.unsharded(model):  # ranks stop decoding at different tokens: no per-layer gathers inside
+            return sample_groups(self.engine, self.tok, self.rows.rows, self.prompt_ids, picked[mine], G,
+                                 self.sampling, self.reward_fn, timing, seeds, self.rows.where)
+
+    def sync(self, model, dist) -> None:
+        """Push the updated policy (merged LoRA) into the engine before the next rollout (vllm; native: no-op)."""
+        with dist.unsharded(model):
+            self.engine.sync_weights()
+
+    def evaluate(self, run, model, step: int, last: int, watch: RunWatch) -> dict:
+        """Held-out metrics when ``eval_every`` says so (rank 0 generates alone, the others receive them);
+        ``watch`` records the accuracy and exports ``best/`` under keep_best."""
+        dist = run.dist
+        if not (self.eval_rows and loop.should(self.cfg.eval_every, step, last)):
+            return {}
+        with dist.unsharded(model):  # rank 0 generates alone: no collective inside
+            held = held_out_metrics(model, self.tok, self.eval_rows, self.cfg,
+                                    self.engine if self.cfg.rollout_engine != "native" else None) \
+                if dist.is_main else None
+        held = dist.broadcast(held)
+        watch.evaluated(step, held["eval_accuracy"], lambda name: loop.export(run, model, self.tok, name))
+        return held
+
+    def state_dict(self, dist) -> dict:
+        return {"sampler": self.sampler.state_dict(), "rewards": dist.gather(self.reward_fn.state_dict())}
+
+    def close(self) -> None:
+        self.reward_fn.close()
+        self.engine.close()
+
+
+def start_rl(cfg, recipe: str):
+    """What every RL recipe (GRPO, PPO) starts with: (the run, its prompt rows, the policy before LoRA,
+    its tokenizer)."""
+    run = loop.start_run(cfg, recipe)
+    if cfg.prompts_per_step % run.dist.world:
+        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step}: each of the {run.dist.world} ranks generates "
+                          f"whole groups, so it must be a multiple of the number of ranks")
     rows = read_rows(cfg.data.path, cfg.data.split, num_examples=cfg.data.num_examples, seed=cfg.train.seed)
     validate(rows, "prompt")
     model, tok = load_model(cfg.model, seed=cfg.train.seed, device=run.load_device)
+    return run, rows, model, tok
+
+
+def train(cfg: GRPOConfig) -> Path:
+    run, rows, model, tok = start_rl(cfg, "grpo")
+    device, dist = run.device, run.dist
     model = apply_lora(model, cfg.lora)
     ref = reference_model(cfg, model, run.load_device)
     if isinstance(ref, torch.nn.Module):
@@ -260,40 +349,13 @@ def train(cfg: GRPOConfig) -> Path:
     model = loop.wrap(run, cfg, model)
     model.train()
     optimizer, scheduler = loop.make_optimizer(model, cfg.optim, cfg.train.steps * cfg.num_iterations)
-    reward_fn = build_reward([(r.name, r.weight, r.options) for r in cfg.rewards], workers=cfg.reward_workers,
-                             non_finite=cfg.reward_non_finite)
-    engine = make_engine(cfg.rollout_engine, model, tok, decode=cfg.rollout_decode, vllm=cfg.vllm, seed=cfg.train.seed,
-                         max_model_len=cfg.data.max_length)  # data.max_length counts prompt + completion
-    # The engine's log-probs feed the mismatch metrics (vllm) and the off-policy correction.
-    sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p,
-                              return_logps=cfg.rollout_engine != "native" or cfg.rollout_is != "none")
     policy_loss = make_policy_loss(cfg)
-
-    prompt_ids, usable = encode_prompts(tok, rows, cfg.data.max_length, cfg.max_completion_length)
-    eval_rows = read_rows(cfg.data.eval_path, "test", seed=cfg.train.seed).rows[:cfg.eval_examples] \
-        if cfg.data.eval_path else []
-    sampler = EpochSampler(len(usable), cfg.train.seed, shuffle=cfg.data.shuffle)
+    rollouts = Rollouts.build(cfg, rows, model, tok)
     start, state = loop.resume(run, model, optimizer, scheduler)
-    if state:
-        with dist.unsharded(model):
-            engine.sync_weights()  # the checkpoint's weights replaced those the engine started from
-        sampler.load_state_dict(state["sampler"])
-        load_reward_state(reward_fn, state.get("rewards", {}), dist)  # e.g. the `random` control's draw counter
-        if dist.is_main:
-            keep_steps_upto(run.dir / "samples.jsonl", start)  # steps after the checkpoint run again
-    elif dist.is_main and (run.dir / "samples.jsonl").exists():
-        (run.dir / "samples.jsonl").unlink()
+    rollouts.start(run, model, state, start)
     # Collapse / futility diagnostics and warnings (rl/diagnostics.py); a run stopped by stop_on stays stopped.
     watch = RunWatch(run.dir, cfg, rows.rows, start, state.get("watch"), writes=dist.is_main)
     last = start if state.get("stopped") else cfg.train.steps
-
-    def rollout_round() -> list[Group]:
-        picked = [usable[i] for i in sampler.take(cfg.prompts_per_step)]
-        mine, G = dist.slice(len(picked)), cfg.num_generations  # whole groups per rank: exact group baselines
-        seeds = rollout_seeds(cfg.train.seed, step, next(rounds), range(mine.start * G, mine.stop * G))
-        with dist.unsharded(model):  # ranks stop decoding at different tokens: no per-layer gathers inside
-            return sample_groups(engine, tok, rows.rows, prompt_ids, picked[mine], G, sampling, reward_fn, timing,
-                                 seeds, rows.where)
 
     progress = loop.Progress(cfg.train.steps, start, "grpo", cfg.train.progress and dist.is_main)
     short_steps = flat_steps = faulty = 0
@@ -303,7 +365,8 @@ def train(cfg: GRPOConfig) -> Path:
             rounds = itertools.count()
             t_step = time.time()
             # 1-2. rollout + reward (dynamic sampling may take several rounds)
-            groups, generated, stats = collect_groups(rollout_round, cfg.prompts_per_step,
+            groups, generated, stats = collect_groups(lambda: rollouts.round(model, dist, step, next(rounds), timing),
+                                                      cfg.prompts_per_step,
                                                       dynamic=cfg.dynamic_sampling, max_rounds=cfg.max_gen_batches,
                                                       gather=dist.gather, rank=dist.rank)
             timing["generate"] = time.time() - t_step - timing["reward"]
@@ -327,12 +390,11 @@ def train(cfg: GRPOConfig) -> Path:
                                 "skipped (metric skipped_update)", step)
                 n_groups = 0
             if n_groups:
-                engine.sleep()  # vllm on CUDA: its memory goes back to the trainer during the update
+                rollouts.engine.sleep()  # vllm on CUDA: its memory goes back to the trainer during the update
                 metrics.update(update_policy(cfg, model, ref, groups, optimizer, scheduler, policy_loss,
                                              tok.pad_token_id, device, timing, step, dist))
                 t0 = time.time()
-                with dist.unsharded(model):
-                    engine.sync_weights()  # vllm: push the updated policy (merged LoRA) before the next rollout
+                rollouts.sync(model, dist)
                 timing["update"] += time.time() - t0
             else:
                 metrics["skipped_update"] = 1.0  # no group with a learning signal: nothing to train on
@@ -341,13 +403,8 @@ def train(cfg: GRPOConfig) -> Path:
             metrics.update({f"time/{k}": v for k, v in timing.items()})
             metrics.update(step_time=dt, tokens_per_s=gen_tokens / max(dt, 1e-9), lr=scheduler.get_last_lr()[0],
                            wall_time=time.time() - run.start_time)
-            metrics.update(run.memory.metrics([model, ref, *reward_models(reward_fn)], [optimizer]))
-            if eval_rows and loop.should(cfg.eval_every, step, last):
-                with dist.unsharded(model):  # rank 0 generates alone: no collective inside
-                    held = held_out_metrics(model, tok, eval_rows, cfg, engine if cfg.rollout_engine != "native"
-                                            else None) if dist.is_main else None
-                metrics.update(dist.broadcast(held))
-                watch.evaluated(step, metrics["eval_accuracy"], lambda name: loop.export(run, model, tok, name))
+            metrics.update(run.memory.metrics([model, ref, *reward_models(rollouts.reward_fn)], [optimizer]))
+            metrics.update(rollouts.evaluate(run, model, step, last, watch))
             stop = watch.check(step, metrics)
             run.tracker.log(step, metrics)
             if dist.is_main and (step == 1 or step == last or (cfg.samples_every and step % cfg.samples_every == 0)):
@@ -358,16 +415,14 @@ def train(cfg: GRPOConfig) -> Path:
                          metrics["accuracy"], metrics["completion_len/mean"])
             if loop.should(cfg.train.save_every, step, last) or stop:
                 loop.save(run, cfg, step, model, tok, optimizer, scheduler,
-                          {"sampler": sampler.state_dict(), "rewards": dist.gather(reward_fn.state_dict()),
-                           "watch": watch.state_dict(), "stopped": stop})
+                          {**rollouts.state_dict(dist), "watch": watch.state_dict(), "stopped": stop})
             if stop:
                 last = step
                 break
     finally:
         progress.close()
         run.tracker.close()
-        reward_fn.close()
-        engine.close()
+        rollouts.close()
     if short_steps:
         log.warning("dynamic sampling reached max_gen_batches=%d with fewer than %d varied groups on %d of %d "
                     "steps; those steps trained on the groups they had (metric: dynamic_sampling_short)",

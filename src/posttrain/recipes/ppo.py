@@ -27,16 +27,12 @@ from pathlib import Path
 import torch
 
 from posttrain import loop
-from posttrain.config import ConfigError, PPOConfig
-from posttrain.data.collate import EpochSampler
-from posttrain.data.formats import validate
-from posttrain.data.io import read_rows
-from posttrain.io_utils import keep_steps_upto
+from posttrain.config import PPOConfig
 from posttrain.losses.aggregation import aggregate
 from posttrain.losses.kl import kl_estimate
 from posttrain.losses.value import clipped_value_loss, explained_variance
 from posttrain.memory import reward_models
-from posttrain.models.loading import DTYPES, ModelError, load_model
+from posttrain.models.loading import DTYPES, ModelError
 from posttrain.models.lora import apply_lora
 from posttrain.models.scalar import check_scalar_dir, load_scalar, same_vocabulary, scalar_from_causal, token_values
 from posttrain.recipes import grpo
@@ -44,12 +40,9 @@ from posttrain.recipes.grpo import StepBatch
 from posttrain.recipes.preference import disable_dropout
 from posttrain.rl.advantages import batch_normalize, gae, per_token_rewards
 from posttrain.rl.groups import Group, collect_groups
-from posttrain.rl.watch import RunWatch, held_out_metrics
+from posttrain.rl.watch import RunWatch
 from posttrain.distributed import Dist
 from posttrain.losses.importance import rollout_is_weights
-from posttrain.rollout import make_engine
-from posttrain.rollout.engine import SamplingParams
-from posttrain.verifiers import build_reward
 
 log = logging.getLogger("posttrain")
 
@@ -290,15 +283,8 @@ def minibatch_step(cfg: PPOConfig, model, critic, seqs, chunk: torch.Tensor, s: 
 
 def train(cfg: PPOConfig) -> Path:
     """Train; return the exported policy directory (``<output_dir>/final``; the critic goes to ``critic/``)."""
-    run = loop.start_run(cfg, "ppo")
+    run, rows, model, tok = grpo.start_rl(cfg, "ppo")
     device, dist = run.device, run.dist
-    if cfg.prompts_per_step % dist.world:
-        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step}: each of the {dist.world} ranks generates whole "
-                          f"groups, so it must be a multiple of the number of ranks")
-
-    rows = read_rows(cfg.data.path, cfg.data.split, num_examples=cfg.data.num_examples, seed=cfg.train.seed)
-    validate(rows, "prompt")
-    model, tok = load_model(cfg.model, seed=cfg.train.seed, device=run.load_device)
     critic = load_critic(cfg, model, tok, run.load_device)
     model = apply_lora(model, cfg.lora)
     ref = grpo.reference_model(cfg, model, run.load_device)
@@ -309,31 +295,12 @@ def train(cfg: PPOConfig) -> Path:
     updates = cfg.train.steps * cfg.ppo_epochs * cfg.num_mini_batches
     optimizer, scheduler = loop.make_optimizer(model, cfg.optim, updates)
     critic_opt, critic_sched = loop.make_optimizer(critic, replace(cfg.optim, lr=cfg.critic.lr), updates)
-    reward_fn = build_reward([(r.name, r.weight, r.options) for r in cfg.rewards], workers=cfg.reward_workers,
-                             non_finite=cfg.reward_non_finite)
-    engine = make_engine(cfg.rollout_engine, model, tok, decode=cfg.rollout_decode, vllm=cfg.vllm, seed=cfg.train.seed,
-                         max_model_len=cfg.data.max_length)
-    # The engine's log-probs feed the mismatch metrics (vllm) and the off-policy correction.
-    sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p,
-                              return_logps=cfg.rollout_engine != "native" or cfg.rollout_is != "none")
     policy_loss = grpo.make_policy_loss(cfg)
-    prompt_ids, usable = grpo.encode_prompts(tok, rows, cfg.data.max_length, cfg.max_completion_length)
-    eval_rows = read_rows(cfg.data.eval_path, "test", seed=cfg.train.seed).rows[:cfg.eval_examples] \
-        if cfg.data.eval_path else []
-
-    sampler = EpochSampler(len(usable), cfg.train.seed, shuffle=cfg.data.shuffle)
+    rollouts = grpo.Rollouts.build(cfg, rows, model, tok)
     start, state = loop.resume(run, model, optimizer, scheduler, extras={"critic": (critic, critic_opt)})
+    rollouts.start(run, model, state, start)
     if state:
-        sampler.load_state_dict(state["sampler"])
-        grpo.load_reward_state(reward_fn, state.get("rewards", {}), dist)  # stateful rewards (`random`)
         critic_sched.load_state_dict(state["critic_scheduler"])
-        if dist.is_main:
-            keep_steps_upto(run.dir / "samples.jsonl", start)
-        with dist.unsharded(model):
-            engine.sync_weights()  # the checkpoint's weights replaced those the engine started from
-    elif dist.is_main and (run.dir / "samples.jsonl").exists():
-        (run.dir / "samples.jsonl").unlink()
-
     # The same collapse / futility warnings as GRPO (rl/watch.py); a run stopped by stop_on stays stopped.
     watch = RunWatch(run.dir, cfg, rows.rows, start, state.get("watch"), writes=dist.is_main)
     last = start if state.get("stopped") else cfg.train.steps
@@ -342,16 +309,8 @@ def train(cfg: PPOConfig) -> Path:
         for step in range(start + 1, last + 1):
             timing = {"generate": 0.0, "reward": 0.0, "logps": 0.0, "update": 0.0}
             t_step = time.time()
-
-            def rollout_round() -> list[Group]:
-                picked = [usable[i] for i in sampler.take(cfg.prompts_per_step)]
-                mine, G = dist.slice(len(picked)), cfg.num_generations
-                seeds = grpo.rollout_seeds(cfg.train.seed, step, 0, range(mine.start * G, mine.stop * G))
-                with dist.unsharded(model):  # ranks stop decoding at different tokens: no per-layer gathers
-                    return grpo.sample_groups(engine, tok, rows.rows, prompt_ids, picked[mine], G, sampling,
-                                              reward_fn, timing, seeds, rows.where)
-
-            groups, _, stats = collect_groups(rollout_round, cfg.prompts_per_step, dynamic=False, max_rounds=1,
+            groups, _, stats = collect_groups(lambda: rollouts.round(model, dist, step, 0, timing),
+                                              cfg.prompts_per_step, dynamic=False, max_rounds=1,
                                               gather=dist.gather, rank=dist.rank)
             timing["generate"] = time.time() - t_step - timing["reward"]
             generated = [g for part in dist.gather(groups) for g in part]  # every rank's, for the metrics
@@ -359,23 +318,18 @@ def train(cfg: PPOConfig) -> Path:
             metrics.update(watch.metrics(generated))
             if cfg.num_generations == 1:
                 del metrics["zero_variance_frac"]  # a group of one never varies; PPO's baseline is the critic
-            engine.sleep()  # vllm on CUDA: its memory goes back to the trainer during the update
+            rollouts.engine.sleep()  # vllm on CUDA: its memory goes back to the trainer during the update
             metrics.update(ppo_update(cfg, model, critic, ref, groups, optimizer, scheduler, critic_opt, critic_sched,
                                       policy_loss, tok.pad_token_id, device, timing, step, dist))
-            with dist.unsharded(model):
-                engine.sync_weights()  # vllm: push the updated policy (merged LoRA) before the next rollout
+            rollouts.sync(model, dist)
             dt = time.time() - t_step
             gen_tokens = sum(len(c) for g in generated for c in g.completion_ids)
             metrics.update({f"time/{k}": v for k, v in timing.items()})
             metrics.update(step_time=dt, tokens_per_s=gen_tokens / max(dt, 1e-9), lr=scheduler.get_last_lr()[0],
                            **{"critic/lr": critic_sched.get_last_lr()[0]}, wall_time=time.time() - run.start_time)
-            metrics.update(run.memory.metrics([model, ref, critic, *reward_models(reward_fn)], [optimizer, critic_opt]))
-            if eval_rows and loop.should(cfg.eval_every, step, last):
-                with dist.unsharded(model):  # rank 0 generates alone: no collective inside
-                    held = held_out_metrics(model, tok, eval_rows, cfg, engine if cfg.rollout_engine != "native"
-                                            else None) if dist.is_main else None
-                metrics.update(dist.broadcast(held))
-                watch.evaluated(step, metrics["eval_accuracy"], lambda name: loop.export(run, model, tok, name))
+            metrics.update(run.memory.metrics([model, ref, critic, *reward_models(rollouts.reward_fn)],
+                                              [optimizer, critic_opt]))
+            metrics.update(rollouts.evaluate(run, model, step, last, watch))
             stop = watch.check(step, metrics)
             run.tracker.log(step, metrics)
             if dist.is_main and (step == 1 or step == last or (cfg.samples_every and step % cfg.samples_every == 0)):
@@ -386,15 +340,13 @@ def train(cfg: PPOConfig) -> Path:
                          metrics["reward/mean"], metrics["accuracy"], metrics.get("value_loss", 0.0), metrics["kl"])
             if loop.should(cfg.train.save_every, step, last) or stop:
                 loop.save(run, cfg, step, model, tok, optimizer, scheduler,
-                          {"sampler": sampler.state_dict(), "rewards": dist.gather(reward_fn.state_dict()),
-                           "critic_scheduler": critic_sched.state_dict(), "watch": watch.state_dict(),
-                           "stopped": stop}, extras={"critic": (critic, critic_opt)})
+                          {**rollouts.state_dict(dist), "critic_scheduler": critic_sched.state_dict(),
+                           "watch": watch.state_dict(), "stopped": stop}, extras={"critic": (critic, critic_opt)})
             if stop:
                 break
     finally:
         progress.close()
         run.tracker.close()
-        reward_fn.close()
-        engine.close()
+        rollouts.close()
     loop.export(run, critic, tok, name="critic")
     return loop.export(run, model, tok)

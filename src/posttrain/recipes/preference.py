@@ -476,15 +476,12 @@ def train(cfg: PreferenceConfig) -> Path:
                        **run.memory.metrics([model, source], [optimizer])}
             if eval_items and loop.should(cfg.train.eval_every, step, last):
                 metrics.update(evaluate(objective, model, eval_items, mbs))
-            run.tracker.log(step, metrics)
             info = f"loss {loss_sum:.4f}"
             if "rewards/margin" in metrics:
                 info += f" margin {metrics['rewards/margin']:.3f}"
-            progress.update(step, info)
-            if loop.should(cfg.train.log_every, step, last) and not cfg.train.progress:
-                log.info("preference step %d/%d %s lr %.2e", step, last, info, lr)
-            if loop.should(cfg.train.save_every, step, last):
-                loop.save(run, cfg, step, model, tok, optimizer, scheduler, {"sampler": sampler.state_dict()})
+            loop.end_step(run, cfg, "preference", step, last, metrics, info, progress,
+                          lambda: loop.save(run, cfg, step, model, tok, optimizer, scheduler,
+                                            {"sampler": sampler.state_dict()}))
     finally:
         progress.close()
         run.tracker.close()

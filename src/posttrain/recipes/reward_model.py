@@ -160,13 +160,10 @@ def train(cfg: RewardModelConfig) -> Path:
                        **run.memory.metrics([model], [optimizer])}
             if eval_pairs and loop.should(cfg.train.eval_every, step, last):
                 metrics.update(evaluate_pairs(model, eval_pairs, cfg, pad_id, device))
-            run.tracker.log(step, metrics)
-            info = f"loss {loss_sum:.4f} acc {metrics['accuracy']:.2f}"
-            progress.update(step, info)
-            if loop.should(cfg.train.log_every, step, last) and not cfg.train.progress:
-                log.info("reward_model step %d/%d %s lr %.2e", step, last, info, lr)
-            if loop.should(cfg.train.save_every, step, last):
-                loop.save(run, cfg, step, model, tok, optimizer, scheduler, {"sampler": sampler.state_dict()})
+            loop.end_step(run, cfg, "reward_model", step, last, metrics,
+                          f"loss {loss_sum:.4f} acc {metrics['accuracy']:.2f}", progress,
+                          lambda: loop.save(run, cfg, step, model, tok, optimizer, scheduler,
+                                            {"sampler": sampler.state_dict()}))
     finally:
         progress.close()
         run.tracker.close()

@@ -129,12 +129,9 @@ def train(cfg: SFTConfig, kind: str = "sft", recipe: str = "sft") -> Path:
             if eval_units and loop.should(cfg.train.eval_every, step, last):
                 metrics["eval_loss"] = eval_loss(model, eval_units, tok.pad_token_id, cfg.packing,
                                                  cfg.train.micro_batch_size, device)
-            run.tracker.log(step, metrics)
-            progress.update(step, f"loss {loss_sum:.4f}")
-            if loop.should(cfg.train.log_every, step, last) and not cfg.train.progress:
-                log.info("%s step %d/%d loss %.4f lr %.2e", recipe, step, last, loss_sum, lr)
-            if loop.should(cfg.train.save_every, step, last):
-                loop.save(run, cfg, step, model, tok, optimizer, scheduler, {"sampler": sampler.state_dict()})
+            loop.end_step(run, cfg, recipe, step, last, metrics, f"loss {loss_sum:.4f}", progress,
+                          lambda: loop.save(run, cfg, step, model, tok, optimizer, scheduler,
+                                            {"sampler": sampler.state_dict()}))
     finally:
         progress.close()
         run.tracker.close()

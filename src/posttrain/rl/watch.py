@@ -8,7 +8,7 @@
     best.json        its step and accuracy
 
 The recipe's config needs ``rewards`` (the first defines correctness), ``diagnostics``, ``stop_on``,
-``keep_best``, ``eval_k``, ``max_completion_length`` and ``temperature`` (GRPOConfig and PPOConfig have them).
+``keep_best``, ``eval_k``, ``max_completion_length`` and ``temperature`` (RLConfig, shared by GRPOConfig and PPOConfig).
 """
 
 from __future__ import annotations

@@ -12,18 +12,15 @@ chosen by a hash of the expression, so no split is ever trained on.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 
-
-def _is_heldout(expr: str, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.sha256(expr.encode()).digest()[:8], "big")
-    return (h % 10_000) < fraction * 10_000
+from posttrain.tasks.worked import WorkedTask
 
 
 @dataclass(frozen=True)
-class ArithmeticTask:
+class ArithmeticTask(WorkedTask):
+    _tag = "arith"  # the random streams' name: the rows drawn for a seed stay those drawn before
     min_terms: int = 2
     max_terms: int = 4
     max_operand: int = 9
@@ -47,7 +44,7 @@ class ArithmeticTask:
             return rng.randint(self.min_terms, self.short_terms)
         return rng.randint(self.min_terms, self.max_terms)
 
-    def _expression(self, rng: random.Random, long: bool | None = None) -> tuple[str, list[str], int]:
+    def _instance(self, rng: random.Random, long: bool | None = None) -> tuple[str, list[str], int]:
         k = self._terms(rng, long)
         value = rng.randint(0, self.max_operand)
         expr = str(value)
@@ -61,37 +58,3 @@ class ArithmeticTask:
             expr += f"{op}{b}"
             value = new
         return expr, steps, value
-
-    def rows(self, n: int, split: str = "train", seed: int = 0) -> list[dict]:
-        """``n`` prompt/completion/answer rows from one split ("train" or "test")."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split {split!r}: expected 'train' or 'test'")
-        rng = random.Random(f"arith-{split}-{seed}")
-        out, seen = [], set()
-        long_slots = {(2 * j + 1) * n // (2 * self.long_rows) for j in range(self.long_rows)} if self.long_rows > 0 else set()
-        tries = 0
-        while len(out) < n:
-            tries += 1
-            if tries > 200 * n + 1000:
-                raise ValueError(f"cannot draw {n} distinct {split} expressions; widen the task")
-            expr, steps, value = self._expression(rng, (len(out) in long_slots) if self.long_rows >= 0 else None)
-            if expr in seen or _is_heldout(expr, self.heldout_fraction) != (split == "test"):
-                continue
-            seen.add(expr)
-            out.append({
-                "prompt": f"{expr}=",
-                "completion": ",".join(steps) + f" \\boxed{{{value}}}",
-                "answer": str(value),
-            })
-        return out
-
-    def pretrain_text(self, n: int, seed: int = 0) -> list[dict]:
-        """Plain worked equations, "7+8-5=7+8=15,15-5=10": no answer format, never a held-out expression."""
-        rng = random.Random(f"arith-pretrain-{seed}")
-        out = []
-        while len(out) < n:
-            expr, steps, value = self._expression(rng)
-            if _is_heldout(expr, self.heldout_fraction):
-                continue
-            out.append({"text": f"{expr}=" + ",".join(steps)})
-        return out

@@ -17,11 +17,12 @@ import random
 import string
 from dataclasses import dataclass
 
-from posttrain.tasks.arithmetic import _is_heldout
+from posttrain.tasks.worked import WorkedTask
 
 
 @dataclass(frozen=True)
-class CountingTask:
+class CountingTask(WorkedTask):
+    _tag = "count"
     min_len: int = 2
     max_len: int = 8
     letters: int = 4            # the strings use the first `letters` letters of the alphabet
@@ -50,34 +51,3 @@ class CountingTask:
             count += ch == target
             steps.append(f"{ch}{count}")
         return f"{text}:{target}", steps, count
-
-    def rows(self, n: int, split: str = "train", seed: int = 0) -> list[dict]:
-        """``n`` prompt/completion/answer rows from one split ("train" or "test")."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split {split!r}: expected 'train' or 'test'")
-        rng = random.Random(f"count-{split}-{seed}")
-        out, seen = [], set()
-        long_slots = {(2 * j + 1) * n // (2 * self.long_rows) for j in range(self.long_rows)} if self.long_rows > 0 else set()
-        tries = 0
-        while len(out) < n:
-            tries += 1
-            if tries > 200 * n + 1000:
-                raise ValueError(f"cannot draw {n} distinct {split} strings; widen the task")
-            query, steps, count = self._instance(rng, (len(out) in long_slots) if self.long_rows >= 0 else None)
-            if query in seen or _is_heldout(query, self.heldout_fraction) != (split == "test"):
-                continue
-            seen.add(query)
-            out.append({"prompt": f"{query}=", "completion": ",".join(steps) + f" \\boxed{{{count}}}",
-                        "answer": str(count)})
-        return out
-
-    def pretrain_text(self, n: int, seed: int = 0) -> list[dict]:
-        """Plain tallies, "cabbac:b=c0,a0,b1,b2,a2,c2": no answer format, never a held-out prompt."""
-        rng = random.Random(f"count-pretrain-{seed}")
-        out = []
-        while len(out) < n:
-            query, steps, _ = self._instance(rng)
-            if _is_heldout(query, self.heldout_fraction):
-                continue
-            out.append({"text": f"{query}=" + ",".join(steps)})
-        return out
