@@ -68,6 +68,15 @@ def test_a_read_only_output_directory_is_named(tmp_path, monkeypatch, capsys):
     assert f"cannot write {out / 'config.yaml'}: the file system is read-only (train.output_dir='{out}')" in err
 
 
+def test_an_output_directory_under_a_file_is_named(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "a_file" / "run"
+    assert main(["sft", *SFT, f"train.output_dir={out}"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {out}" in err and "a part of that path is a file, not a directory" in err
+    assert "Traceback" not in err
+
+
 def test_the_readme_reward_example_runs_as_written_from_the_working_directory(tmp_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     code = readme.split("# my_rewards.py\n", 1)[1].split("```", 1)[0]

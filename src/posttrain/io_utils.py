@@ -23,6 +23,7 @@ _KINDS = (
      "the disk is full"),
     ((errno.EROFS,), ("Read-only file system", "os error 30"), "the file system is read-only"),
     ((errno.EACCES, errno.EPERM), ("Permission denied", "os error 13"), "permission denied"),
+    ((errno.ENOTDIR,), ("Not a directory", "os error 20"), "a part of that path is a file, not a directory"),
 )
 
 
