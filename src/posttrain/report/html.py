@@ -91,6 +91,7 @@ svg{max-width:100%;height:auto}
 .stat{background:#fff;border:1px solid var(--line);border-radius:8px;padding:6px 12px;min-width:130px}
 .stat .k{color:var(--muted);font-size:12px}.stat .v{font-size:16px;font-weight:600}
 table{border-collapse:collapse;background:#fff;font-size:13px;margin:8px 0}
+.scroll{overflow-x:auto;max-width:100%}
 th,td{border:1px solid var(--line);padding:5px 9px;text-align:left;vertical-align:top}
 th{background:#f3f4f6;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tr.baseline td{color:var(--muted)}tr.control td{background:#fffbeb}
@@ -480,7 +481,7 @@ def stage_table(p: PipelineData) -> str:
     k = f"@{ks.pop()}" if common else "@k"
     head = ["stage", "recipe", "greedy accuracy [95% CI]", "majority baseline", "Δ vs previous", f"pass{k}",
             f"maj{k}", f"mean{k}", "prompts", "time", "reference model"]
-    out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    out = ['<div class="scroll"><table><tr>' + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     prev = None
     accs = {s.name: numeric(_ev(s, "greedy_accuracy")) for _, s in rows}
     for kind, s in rows:
@@ -501,7 +502,7 @@ def stage_table(p: PipelineData) -> str:
             f"<td class=num>{c}</td>" if 2 <= i <= 9 else f"<td>{c}</td>" for i, c in enumerate(cells)) + "</tr>")
         if kind != "control" and acc is not None:
             prev = acc
-    out.append("</table>")
+    out.append("</table></div>")  # wide: scrolls inside the page instead of widening it
     return "".join(out)
 
 
@@ -586,7 +587,7 @@ def branch_comparison(p: PipelineData) -> str:
         return ""
     head = ["stage", "recipe", "from", "greedy accuracy [95% CI]", "models held", "peak MB",
             *(f"{k} MB" for k in MEMORY_PARTS), "s / step", "steps", "generated tokens", "time"]
-    out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    out = ['<div class="scroll"><table><tr>' + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     peaks = {}
     for s in rl:
         m = s.run.metrics if s.run else ()
@@ -600,7 +601,7 @@ def branch_comparison(p: PipelineData) -> str:
                  f"{sum(r.get('tokens_per_s', 0) * r.get('step_time', 0) for r in m):,.0f}", fmt_seconds(s.seconds)]
         out.append("<tr>" + "".join(f"<td class=num>{c}</td>" if i >= 3 else f"<td>{c}</td>"
                                     for i, c in enumerate(cells)) + "</tr>")
-    out.append("</table>")
+    out.append("</table></div>")
     ppo = next(s.name for s in rl if s.recipe == "ppo")
     ratios = [f"{escape(s.name)}: {peaks[s.name] / peaks[ppo]:.2f}x {escape(ppo)}'s peak"
               for s in rl if s.recipe == "grpo" and peaks.get(s.name) and peaks.get(ppo)]
