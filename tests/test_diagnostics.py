@@ -11,6 +11,7 @@ from posttrain.config import DiagnosticsConfig, GRPOConfig, PPOConfig, config_fr
 from posttrain.evaluation import evaluate, majority_baseline
 from posttrain.recipes import grpo, ppo
 from posttrain.rl.diagnostics import Monitor, answer_diversity, rollout_diagnostics, zero_variance_split
+from posttrain.rl import rollouts
 from posttrain.rl.groups import Group
 from posttrain.rl.watch import read_warnings
 from posttrain.tracking import read_metrics
@@ -149,7 +150,7 @@ def test_rl_run_stops_on_collapse_and_says_why(tmp_path, monkeypatch, recipe):
         step = next(calls)
         return [_group(i, g.texts, g.rewards) for i, g in zip(picked, _collapsing_groups(step, len(picked), G))]
 
-    monkeypatch.setattr(grpo, "sample_groups", fake_sample_groups)  # PPO samples through grpo.sample_groups too
+    monkeypatch.setattr(rollouts, "sample_groups", fake_sample_groups)  # GRPO and PPO both sample through it
     config, train = {"grpo": (GRPOConfig, grpo.train), "ppo": (PPOConfig, ppo.train)}[recipe]
     cfg = _cfg(tmp_path, "train.steps=10", "stop_on=[collapse]", "diagnostics.collapse_steps=2", recipe=config)
     with pytest.raises(ConfigError, match="stop_on: unknown warning"):
@@ -168,7 +169,7 @@ def test_rl_run_stops_on_collapse_and_says_why(tmp_path, monkeypatch, recipe):
 
 def test_keep_best_exports_the_best_evaluated_model(tmp_path, monkeypatch):
     accs = iter([0.25, 0.5, 0.375, 0.125])
-    monkeypatch.setattr(grpo, "held_out_metrics", lambda *a, **k: {"eval_accuracy": next(accs)})
+    monkeypatch.setattr(rollouts, "held_out_metrics", lambda *a, **k: {"eval_accuracy": next(accs)})
     cfg = _cfg(tmp_path, "train.steps=4", "eval_every=1", "keep_best=true", "train.save_every=1",
                     "train.keep_checkpoints=4", "optim.lr=1e-2", "rewards=[toy_rewards:parity]")
     grpo.train(cfg)

@@ -3,8 +3,8 @@
 Four models: the policy, a frozen reference (none when beta = 0), the reward (reward models and/or
 verifiers, as in GRPO) and a critic -- a scalar value head over its own backbone, trained with its own
 optimizer. Each step:
-  1. rollout   -- P prompts x G samples, scored by the rewards: one score per completion (GRPO's
-                  ``sample_groups``)
+  1. rollout   -- P prompts x G samples, scored by the rewards: one score per completion (shared with GRPO,
+                  ``rl/rollouts.py``)
   2. score     -- one pass without gradient: the rollout policy's log-probs (old), the reference's, the
                   critic's values V
   3. reward    -- per token: r_t = -beta * KL_t on every completion token, + the score at the last one
@@ -40,6 +40,7 @@ from posttrain.recipes.grpo import StepBatch
 from posttrain.recipes.preference import disable_dropout
 from posttrain.rl.advantages import batch_normalize, gae, per_token_rewards
 from posttrain.rl.groups import Group, collect_groups
+from posttrain.rl.rollouts import Rollouts, rollout_metrics, start_rl, write_samples
 from posttrain.rl.watch import RunWatch
 from posttrain.distributed import Dist
 from posttrain.losses.importance import rollout_is_weights
@@ -283,7 +284,7 @@ def minibatch_step(cfg: PPOConfig, model, critic, seqs, chunk: torch.Tensor, s: 
 
 def train(cfg: PPOConfig) -> Path:
     """Train; return the exported policy directory (``<output_dir>/final``; the critic goes to ``critic/``)."""
-    run, rows, model, tok = grpo.start_rl(cfg, "ppo")
+    run, rows, model, tok = start_rl(cfg, "ppo")
     device, dist = run.device, run.dist
     critic = load_critic(cfg, model, tok, run.load_device)
     model = apply_lora(model, cfg.lora)
@@ -296,7 +297,7 @@ def train(cfg: PPOConfig) -> Path:
     optimizer, scheduler = loop.make_optimizer(model, cfg.optim, updates)
     critic_opt, critic_sched = loop.make_optimizer(critic, replace(cfg.optim, lr=cfg.critic.lr), updates)
     policy_loss = grpo.make_policy_loss(cfg)
-    rollouts = grpo.Rollouts.build(cfg, rows, model, tok)
+    rollouts = Rollouts.build(cfg, rows, model, tok)
     start, state = loop.resume(run, model, optimizer, scheduler, extras={"critic": (critic, critic_opt)})
     rollouts.start(run, model, state, start)
     if state:
@@ -314,7 +315,7 @@ def train(cfg: PPOConfig) -> Path:
                                               gather=dist.gather, rank=dist.rank)
             timing["generate"] = time.time() - t_step - timing["reward"]
             generated = [g for part in dist.gather(groups) for g in part]  # every rank's, for the metrics
-            metrics = grpo.rollout_metrics(generated, stats)
+            metrics = rollout_metrics(generated, stats)
             metrics.update(watch.metrics(generated))
             if cfg.num_generations == 1:
                 del metrics["zero_variance_frac"]  # a group of one never varies; PPO's baseline is the critic
@@ -333,7 +334,7 @@ def train(cfg: PPOConfig) -> Path:
             stop = watch.check(step, metrics)
             run.tracker.log(step, metrics)
             if dist.is_main and (step == 1 or step == last or (cfg.samples_every and step % cfg.samples_every == 0)):
-                grpo.write_samples(run.dir, step, generated, tok)
+                write_samples(run.dir, step, generated, tok)
             progress.update(step, f"reward {metrics['reward/mean']:.3f} ev {metrics['explained_variance']:.2f}")
             if not cfg.train.progress and loop.should(cfg.train.log_every, step, last):
                 log.info("ppo step %d/%d reward %.3f acc %.3f value_loss %.4f kl %.4f", step, last,

@@ -1,4 +1,5 @@
-"""`posttrain report RUN_DIR`: one self-contained HTML file (inline CSS and SVG, no scripts) per run or pipeline.
+"""The HTML of a run report: formatting, curves, samples, one run's sections and the page around them
+(a pipeline's sections are in ``report/pipeline.py``; ``posttrain report`` is ``report/__init__.py``).
 
 The page is built from plain strings; every piece of text that came from a file (model completions, prompts,
 config values, metric names) passes through ``escape`` exactly once, where it is placed.
@@ -6,19 +7,15 @@ config values, metric names) passes through ``escape`` exactly once, where it is
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 from dataclasses import dataclass
 from datetime import datetime
 from fnmatch import fnmatchcase
 from html import escape
-from pathlib import Path
 from typing import Any
 
-from posttrain.io_utils import atomic_write_text
 from posttrain.report import svg
-from posttrain.report.load import PipelineData, RunData, StageData, load, numeric
+from posttrain.report.load import RunData, numeric
 
 
 @dataclass(frozen=True)
@@ -157,18 +154,18 @@ def reward_badge(r: Any) -> str:
     return f'<span class="badge {cls}">reward {svg.fmt_num(v) if v else "0"}</span>'
 
 
-def _when(dt: datetime | None) -> str:
+def when_text(dt: datetime | None) -> str:
     return dt.strftime("%Y-%m-%d %H:%M") if dt else "—"
 
 
-def _meta(items: list[tuple[str, str]]) -> str:
+def meta_line(items: list[tuple[str, str]]) -> str:
     return '<div class="meta">' + "".join(f"<span>{escape(k)} <b>{escape(v)}</b></span>" for k, v in items) + "</div>"
 
 
 # ---------------------------------------------------------------- curves
 
 
-def _series(metrics: tuple[dict, ...], key: str) -> list[tuple[float, float]]:
+def metric_series(metrics: tuple[dict, ...], key: str) -> list[tuple[float, float]]:
     out = []
     for m in metrics:
         v = numeric(m.get(key))
@@ -218,11 +215,11 @@ def charts(metrics: tuple[dict, ...], chart_prefix: str = "") -> tuple[list[str]
         present = _matching(keys, spec.keys)
         if not present or (spec.needs and spec.needs not in keys):
             continue
-        series = [svg.Series(k, tuple(_series(metrics, k)), _band(metrics, spec, k) if i == 0 else ())
+        series = [svg.Series(k, tuple(metric_series(metrics, k)), _band(metrics, spec, k) if i == 0 else ())
                   for i, k in enumerate(present)]
         used.update(present, spec.band or (), [spec.std] if spec.std else [])
         main.append(svg.line_chart(spec.title, series, chart_id=chart_prefix + spec.title, y_range=spec.y_range))
-    other = [svg.line_chart(k, [svg.Series(k, tuple(_series(metrics, k)))], chart_id=chart_prefix + k,
+    other = [svg.line_chart(k, [svg.Series(k, tuple(metric_series(metrics, k)))], chart_id=chart_prefix + k,
                             width=360, height=200)
              for k in keys if k not in used]
     return main, other
@@ -254,7 +251,7 @@ def headline(metrics: tuple[dict, ...]) -> str:
     """Start -> end values of the metrics people look at first (means over a few steps at each end)."""
     cards = []
     for key in HEADLINE:
-        pts = _series(metrics, key)
+        pts = metric_series(metrics, key)
         if not pts:
             continue
         k = 1 if key.startswith("eval") else max(1, min(10, len(pts) // 10))
@@ -362,16 +359,16 @@ def proxy_vs_gold(run: RunData, chart_prefix: str = "") -> str:
     trained, gold = reward_roles(run.config_text)
     series, lines = [], []
     for k in gold:
-        pts = _series(run.metrics, f"reward/{k}/mean")
+        pts = metric_series(run.metrics, f"reward/{k}/mean")
         if pts:
             series.append(svg.Series(f"{k} (gold: logged, not trained on)", tuple(pts)))
             a, b = _ends(pts)
             lines.append(f"gold <b>{escape(k)}</b> {fmt_value(a)} → {fmt_value(b)}")
-    held_out = _series(run.metrics, "eval_accuracy")
+    held_out = metric_series(run.metrics, "eval_accuracy")
     if held_out and series:
         series.append(svg.Series("eval_accuracy (held-out, gold)", tuple(held_out)))
     for k in trained:
-        pts = _series(run.metrics, f"reward/{k}/mean")
+        pts = metric_series(run.metrics, f"reward/{k}/mean")
         if not pts or not series:
             continue
         lo, hi = min(v for _, v in pts), max(v for _, v in pts)
@@ -434,7 +431,7 @@ def warnings_block(run: RunData) -> str:
 def preference_trend(metrics: tuple[dict, ...]) -> str:
     """Preference runs: did the chosen completions' log-probability rise or fall? (DPO's known failure
     is both falling, the chosen ones too, which the margin alone hides.)"""
-    c, r = _series(metrics, "logps/chosen"), _series(metrics, "logps/rejected")
+    c, r = metric_series(metrics, "logps/chosen"), metric_series(metrics, "logps/rejected")
     if len(c) < 2 or len(r) < 2:
         return ""
     k = max(1, min(5, len(c) // 5))
@@ -453,228 +450,11 @@ def render_run(run: RunData) -> str:
     wall = max((numeric(m.get("wall_time")) or 0.0 for m in run.metrics), default=0.0)
     meta = [("recipe", run.recipe or "unknown"),
             ("steps", f"{int(min(steps))}–{int(max(steps))}" if steps else "none logged"),
-            ("finished", _when(run.finished)), ("time", fmt_seconds(wall) if wall else "—")]
+            ("finished", when_text(run.finished)), ("time", fmt_seconds(wall) if wall else "—")]
     return page(f"{run.name}", meta, "", run_body(run))
 
 
-# ---------------------------------------------------------------- pipeline
-
-
-def _ev(st: StageData | None, key: str) -> Any:
-    return (st.eval or {}).get(key) if st else None
-
-
-def _k_cell(ev: dict | None, key: str, common_k: bool) -> str:
-    if not ev or numeric(ev.get(key)) is None:
-        return "—"
-    suffix = "" if common_k else f" (k={ev.get('k')})"
-    return fmt_pct(ev.get(key), ev.get(key + "_ci")) + suffix
-
-
-def stage_table(p: PipelineData) -> str:
-    rows: list[tuple[str, StageData]] = []
-    if p.baseline_eval:
-        rows.append(("baseline", StageData("before training", None, p.baseline_eval, None, None, None)))
-    rows += [("stage", s) for s in p.stages] + [("control", c) for c in p.controls]
-    ks = {_ev(s, "k") for _, s in rows if _ev(s, "pass_at_k") is not None}
-    common = len(ks) == 1
-    k = f"@{ks.pop()}" if common else "@k"
-    head = ["stage", "recipe", "greedy accuracy [95% CI]", "majority baseline", "Δ vs previous", f"pass{k}",
-            f"maj{k}", f"mean{k}", "prompts", "time", "reference model"]
-    out = ['<div class="scroll"><table><tr>' + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
-    prev = None
-    accs = {s.name: numeric(_ev(s, "greedy_accuracy")) for _, s in rows}
-    for kind, s in rows:
-        acc = numeric(_ev(s, "greedy_accuracy"))
-        base = accs.get(s.start_stage) if s.start_stage else prev  # a branch: against the stage it started from
-        d = f"{100 * (acc - base):+.1f} pp" if acc is not None and base is not None and kind != "control" else ""
-        if d and s.start_stage:
-            d += f" (vs {escape(s.start_stage)})"
-        name = s.name + (f" (control of {s.of})" if kind == "control" and s.of else "")
-        acc_cell = fmt_pct(acc, _ev(s, "greedy_ci"))
-        if _ev(s, "kind") == "pairs":  # a reward model: its held-out pair accuracy
-            acc_cell = f"pairs {fmt_pct(_ev(s, 'pair_accuracy'), _ev(s, 'pair_ci'))}"
-        cells = [escape(name), escape(s.recipe or "—"), acc_cell, majority_cell(s.eval), d,
-                 _k_cell(s.eval, "pass_at_k", common), _k_cell(s.eval, "maj_at_k", common),
-                 _k_cell(s.eval, "mean_at_k", common), escape(str(_ev(s, "n_prompts") or "—")),
-                 fmt_seconds(s.seconds), escape(str(s.ref_model or "—"))]
-        out.append(f'<tr class="{kind}">' + "".join(
-            f"<td class=num>{c}</td>" if 2 <= i <= 9 else f"<td>{c}</td>" for i, c in enumerate(cells)) + "</tr>")
-        if kind != "control" and acc is not None:
-            prev = acc
-    out.append("</table></div>")  # wide: scrolls inside the page instead of widening it
-    return "".join(out)
-
-
-def majority_cell(ev: dict | None) -> str:
-    """The accuracy of always giving the most common gold answer, flagged when the stage's greedy accuracy
-    is not above it (its 95% interval reaches down to the baseline)."""
-    base = numeric((ev or {}).get("majority_baseline"))
-    if base is None:
-        return "—"
-    cell = f"{100 * base:.1f}% ({escape(str(ev.get('majority_answer')))})"
-    ci = ev.get("greedy_ci")
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and numeric(ci[0]) is not None and ci[0] <= base:
-        cell += ' <span class="badge bad" title="greedy accuracy not above always giving the most common answer">' \
-                "not above</span>"
-    return cell
-
-
-def accuracy_chart(p: PipelineData) -> str:
-    def bar(label: str, ev: dict | None, kind: str) -> svg.Bar:
-        ci = (ev or {}).get("greedy_ci")
-        ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(numeric(c) is not None for c in ci)
-        return svg.Bar(label, numeric((ev or {}).get("greedy_accuracy")), tuple(ci) if ok else None, kind)
-
-    bars = ([bar("before training", p.baseline_eval, "baseline")] if p.baseline_eval else [])
-    bars += [bar(s.name, s.eval, "stage") for s in p.stages] + [bar(c.name, c.eval, "control") for c in p.controls]
-    if not any(b.value is not None for b in bars):
-        return '<p class="note">No stage has an evaluation.</p>'
-    return '<div class="wide">' + svg.bar_chart("Greedy accuracy per stage (95% CI)", bars,
-                                                chart_id="accuracy per stage") + "</div>"
-
-
-def _stage_named(p: PipelineData, name: str | None) -> StageData | None:
-    found = [s for s in p.stages if s.name == name] or [s for s in p.stages if s.recipe == name]
-    return found[-1] if found else None
-
-
-def _before(p: PipelineData, st: StageData, with_samples: bool = False) -> tuple[dict | None, str]:
-    """The evaluation just before a stage ran (the stage it started from, else the previous stage's, or the
-    baseline before the first); ``with_samples`` skips back over evaluations that kept no samples."""
-    start = _stage_named(p, st.start_stage) if st.start_stage else None
-    if start is not None and start.eval and (start.eval.get("samples") or not with_samples):
-        return start.eval, f"after {start.name}"
-    for prev in reversed(p.stages[:p.stages.index(st)]):
-        if prev.eval and (prev.eval.get("samples") or not with_samples):
-            return prev.eval, f"after {prev.name}"
-    return p.baseline_eval, "before training"
-
-
-def control_comparison(p: PipelineData) -> str:
-    items = []
-    for c in p.controls:
-        real = _stage_named(p, c.of)
-        ra, ca = numeric(_ev(real, "greedy_accuracy")), numeric(_ev(c, "greedy_accuracy"))
-        if real is None or ra is None or ca is None:
-            items.append(f"<li>{escape(c.name)}: cannot compare (stage {escape(str(c.of))} or an evaluation "
-                         f"is missing).</li>")
-            continue
-        rci, cci = _ev(real, "greedy_ci"), _ev(c, "greedy_ci")
-        text = (f"<b>{escape(real.name)}</b> {fmt_pct(ra, rci)} vs control <b>{escape(c.name)}</b> "
-                f"{fmt_pct(ca, cci)}: gain of the real reward over the control <b>{100 * (ra - ca):+.1f} pp</b>")
-        start = numeric((_before(p, real)[0] or {}).get("greedy_accuracy"))
-        if start is not None:
-            text += (f" (from {fmt_pct(start)} the real run moved {100 * (ra - start):+.1f} pp, "
-                     f"the control {100 * (ca - start):+.1f} pp)")
-        if isinstance(rci, (list, tuple)) and isinstance(cci, (list, tuple)) and len(rci) == len(cci) == 2:
-            apart = rci[0] > cci[1] or cci[0] > rci[1]
-            text += (". The 95% intervals do not overlap." if apart else
-                     ". The 95% intervals overlap: this gain is not clearly separated from the control.")
-        items.append(f"<li>{text}</li>")
-    return f"<h3>Control comparison</h3><ul>{''.join(items)}</ul>" if items else ""
-
-
-def _last(metrics: tuple[dict, ...], key: str) -> float | None:
-    return next((numeric(m.get(key)) for m in reversed(metrics) if numeric(m.get(key)) is not None), None)
-
-
-def branch_comparison(p: PipelineData) -> str:
-    """PPO (critic + reward model) beside GRPO when a pipeline has both: what each reached and what it
-    held in memory, measured. The article's claim is about the memory column."""
-    rl = [s for s in p.stages if s.recipe in RL_RECIPES]
-    if not any(s.recipe == "ppo" for s in rl) or not any(s.recipe == "grpo" for s in rl):
-        return ""
-    head = ["stage", "recipe", "from", "greedy accuracy [95% CI]", "models held", "peak MB",
-            *(f"{k} MB" for k in MEMORY_PARTS), "s / step", "steps", "generated tokens", "time"]
-    out = ['<div class="scroll"><table><tr>' + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
-    peaks = {}
-    for s in rl:
-        m = s.run.metrics if s.run else ()
-        peaks[s.name] = max((numeric(r.get("memory/peak_mb")) or 0.0 for r in m), default=0.0) or None
-        times = [v for _, v in _series(m, "step_time")]
-        held = _last(m, "memory/models_held")
-        cells = [escape(s.name), escape(s.recipe or "—"), escape(s.start_stage or "—"),
-                 fmt_pct(_ev(s, "greedy_accuracy"), _ev(s, "greedy_ci")), "—" if held is None else f"{held:.0f}",
-                 fmt_value(peaks[s.name]), *(fmt_value(_last(m, f"memory/{k}_mb")) for k in MEMORY_PARTS),
-                 fmt_value(sum(times) / len(times)) if times else "—", str(len(m)),
-                 f"{sum(r.get('tokens_per_s', 0) * r.get('step_time', 0) for r in m):,.0f}", fmt_seconds(s.seconds)]
-        out.append("<tr>" + "".join(f"<td class=num>{c}</td>" if i >= 3 else f"<td>{c}</td>"
-                                    for i, c in enumerate(cells)) + "</tr>")
-    out.append("</table></div>")
-    ppo = next(s.name for s in rl if s.recipe == "ppo")
-    ratios = [f"{escape(s.name)}: {peaks[s.name] / peaks[ppo]:.2f}x {escape(ppo)}'s peak"
-              for s in rl if s.recipe == "grpo" and peaks.get(s.name) and peaks.get(ppo)]
-    note = ("Memory is measured in each stage's own process state: exact bytes of the weights, gradients and "
-            "optimizer state held, and the peak (CUDA max allocated, or CPU peak resident set since the stage "
-            "began, which on CPU also counts memory the allocator kept from earlier stages); activations are "
-            "the peak minus the rest. For a clean comparison at scale: benchmarks/grpo_vs_ppo.py.")
-    return (f"<h3>RLHF (PPO with a critic + reward model) vs GRPO</h3>{''.join(out)}"
-            + (f"<p>Peak memory, GRPO over PPO: {'; '.join(ratios)}.</p>" if ratios else "")
-            + f'<p class="note">{note}</p>')
-
-
-def ablation_section(p: PipelineData) -> str:
-    """ablations.json: the same stage with one setting on and off at an equal generation budget."""
-    items = []
-    for a in p.ablations:
-        on, off = a.get("on") or {}, a.get("off") or {}
-        acc_on, acc_off = (numeric((x.get("eval") or {}).get("greedy_accuracy")) for x in (on, off))
-        if acc_on is None or acc_off is None:
-            continue
-        ci_on, ci_off = (x["eval"].get("greedy_ci") for x in (on, off))
-        tok = [numeric(x.get("generated_tokens")) for x in (on, off)]
-        tokens = (f" at {tok[0] / 1e6:.2f}M vs {tok[1] / 1e6:.2f}M generated tokens"
-                  if None not in tok else "")
-        apart = isinstance(ci_on, (list, tuple)) and isinstance(ci_off, (list, tuple)) and \
-            (ci_on[0] > ci_off[1] or ci_off[0] > ci_on[1])
-        items.append(f"<li><b>{escape(str(a.get('of')))}</b> {fmt_pct(acc_on, ci_on)} vs <b>{escape(str(a.get('name')))}</b> "
-                     f"({escape(str(a.get('what', '')))}) {fmt_pct(acc_off, ci_off)}{tokens}: "
-                     f"<b>{100 * (acc_on - acc_off):+.1f} pp</b> for the setting; the 95% intervals "
-                     f"{'do not overlap' if apart else 'overlap'}.</li>")
-    return f"<h3>Ablation</h3><ul>{''.join(items)}</ul>" if items else ""
-
-
-def stage_section(p: PipelineData, i: int, st: StageData) -> str:
-    ev = st.eval or {}
-    meta = [("recipe", st.recipe or "unknown"), ("time", fmt_seconds(st.seconds)),
-            ("greedy accuracy", fmt_pct(ev.get("greedy_accuracy"), ev.get("greedy_ci"))),
-            ("reference model", str(st.ref_model or "—")), ("dir", st.dir or "—")]
-    parts = [f'<h2 id="stage-{i}">Stage {i + 1}: {escape(st.name)}</h2>', _meta(meta)]
-    before, label = _before(p, st, with_samples=True)
-    cmp = eval_comparison(before, label, st.eval, f"after {st.name}")
-    if cmp:
-        opened = " open" if st.recipe in RL_RECIPES else ""
-        parts.append(f"<details{opened}><summary>Eval samples: before vs after this stage</summary>{cmp}</details>")
-    parts.append(run_body(st.run, f"{st.name}: ") if st.run else '<p class="note">No run directory recorded.</p>')
-    return "".join(parts)
-
-
-def _without_samples(raw: dict) -> dict:
-    out = copy.deepcopy(raw)
-    evals = [out.get("baseline_eval")] + [e.get("eval") for e in (out.get("stages") or []) + (out.get("controls") or [])
-                                           if isinstance(e, dict)]
-    for ev in evals:
-        if isinstance(ev, dict) and isinstance(ev.get("samples"), list):
-            ev["samples"] = f"<{len(ev['samples'])} samples, shown above>"
-    return out
-
-
-def render_pipeline(p: PipelineData) -> str:
-    meta = [("pipeline", f"{len(p.stages)} stage(s)" + (f" + {len(p.controls)} control(s)" if p.controls else "")),
-            ("finished", _when(p.finished)), ("total time", fmt_seconds(p.total_seconds))]
-    nav = "<nav><a href=\"#overview\">overview</a>" + "".join(
-        f'<a href="#stage-{i}">{escape(s.name)}</a>' for i, s in enumerate(p.stages)) + "</nav>"
-    body = ['<h2 id="overview">Accuracy per stage</h2>', accuracy_chart(p), stage_table(p), control_comparison(p),
-            branch_comparison(p), ablation_section(p)]
-    body += [stage_section(p, i, s) for i, s in enumerate(p.stages)]
-    body.append("<h2>pipeline.json</h2><details><summary>pipeline.json (eval samples omitted)</summary>"
-                f'<pre class="config">{escape(json.dumps(_without_samples(p.raw), indent=2, default=str))}</pre>'
-                "</details>")
-    return page(p.name, meta, nav, "".join(body))
-
-
-# ---------------------------------------------------------------- page + entry points
+# ---------------------------------------------------------------- the page
 
 
 def page(title: str, meta: list[tuple[str, str]], nav: str, body: str) -> str:
@@ -682,23 +462,5 @@ def page(title: str, meta: list[tuple[str, str]], nav: str, body: str) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
             f"<title>{escape(title)} — posttrain report</title><style>{CSS}</style></head><body><main>"
-            f"<header><h1>{escape(title)}</h1>{_meta(meta + [('report generated', generated)])}{nav}</header>"
+            f"<header><h1>{escape(title)}</h1>{meta_line(meta + [('report generated', generated)])}{nav}</header>"
             f"{body}</main></body></html>\n")
-
-
-def build_report(run_dir: str | Path) -> Path:
-    """Write ``<run_dir>/report.html`` for a recipe run or a pipeline directory and return its path."""
-    data = load(run_dir)
-    text = render_pipeline(data) if isinstance(data, PipelineData) else render_run(data)
-    out = Path(run_dir) / "report.html"
-    atomic_write_text(out, text)
-    return out
-
-
-def main(argv: list[str]) -> int:
-    """posttrain report RUN_DIR: write RUN_DIR/report.html (a recipe run or a pipeline directory)."""
-    p = argparse.ArgumentParser(prog="posttrain report", description=main.__doc__)
-    p.add_argument("run_dir", help="a run's output_dir, or a pipeline directory holding pipeline.json")
-    a = p.parse_args(argv)
-    print(f"posttrain report: wrote {build_report(a.run_dir)}")
-    return 0
