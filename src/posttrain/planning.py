@@ -325,21 +325,11 @@ def _rows_and_tokens(plan: Plan) -> tuple[int, int, int]:
     return B, plan.seq_len, K
 
 
-def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) -> Estimate:
-    """Per-GPU bytes by component and per phase for ``plan``; ``reward`` is PPO's reward-model shape
-    (default: the policy's)."""
-    plan.check()
-    s, n = shape, plan.gpus
-    fsdp, off, lora = plan.strategy == "fsdp", plan.offload, plan.lora_r > 0
-    shard = n if fsdp else 1
-    b_store = _bytes(plan.dtype)
-    b_act = 2 if plan.mixed_precision == "bf16" else b_store
-    held = held_models(plan)
-    parts: list[Part] = []
-
-    def add(name: str, nbytes: float, phase: str, how: str) -> None:
-        parts.append(Part(name, int(math.ceil(nbytes)), phase, how))
-
+def _policy_parts(s: ModelShape, plan: Plan, add) -> tuple[float, float, int, float]:
+    """The trained model's weights, gradients and AdamW state (``add``ed): (its parameters, the trainable
+    ones, their bytes each, host bytes under offload)."""
+    n, off, lora, fsdp = plan.gpus, plan.offload, plan.lora_r > 0, plan.strategy == "fsdp"
+    shard, b_store = (n if fsdp else 1), _bytes(plan.dtype)
     where = "on the CPU (offload)" if off else (f"sharded over {n} GPUs" if fsdp else "replicated")
     scalar = plan.recipe == "reward_model"  # the model trained is a scalar-head one (no LM head)
     P = scalar_params(s) if scalar else causal_params(s)
@@ -363,15 +353,14 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
     add("optimizer state", 0 if off else opt, "always",
         f"AdamW: 2 x {T_params / 1e6:.4g}M x {b_train} B + steps, {where}")
     host = (P * b_store + adapters + T_params * b_train + 2 * T_params * b_train) / shard if off else 0
+    return P, T_params, b_train, host
 
-    B, T, K = _rows_and_tokens(plan)
-    masked = True  # right padding or packed rows: attention always gets a mask in these recipes
-    act = Act(b_act, full=not lora, targets=plan.lora_targets if lora else (), lora_r=plan.lora_r, masked=masked)
-    head = "chunked" if plan.recipe in RL_RECIPES else ("scalar" if plan.recipe == "reward_model" else "full")
-    saved = model_saved(s, B, T, act, plan.gradient_checkpointing) + head_saved(s, B, T, K, act, head)
-    trains_head = not lora
-    t_head = head_backward(s, B, T, K, act, head, plan.device, trains_head)
-    t_layer = layer_backward(s, B, T, act)
+
+def _fsdp_transients(s: ModelShape, plan: Plan, P: float, add) -> tuple[float, float]:
+    """What FSDP (or bf16 compute over stored fp32 weights) gathers during a step (``add``ed): (gathered
+    parameters, unsharded layer gradients)."""
+    fsdp, lora, b_store = plan.strategy == "fsdp", plan.lora_r > 0, _bytes(plan.dtype)
+    b_act = 2 if plan.mixed_precision == "bf16" else b_store
     # Under FSDP each layer's parameters are all-gathered (in the compute dtype) around its forward and
     # backward, the next one prefetched: 2 layers; the root (embedding, final norm, head) stays gathered
     # through forward and backward. Its unsharded gradients exist for one layer before the reduce-scatter
@@ -385,17 +374,27 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
         add("gathered parameters", gathered, "train", "two layers + embedding/head, in the compute dtype (all-gather)")
     if unsharded_grads:
         add("unsharded layer gradients", unsharded_grads, "train", "one layer's, before its reduce-scatter")
+    return gathered, unsharded_grads
 
+
+def _other_models(s: ModelShape, plan: Plan, held: dict[str, bool], reward: ModelShape, add, B: int, T: int,
+                  K: int, masked: bool) -> tuple[float, float]:
+    """The models besides the policy (``add``s their parts): (the critic's saved activations, host bytes
+    they keep under offload)."""
+    n, off, fsdp = plan.gpus, plan.offload, plan.strategy == "fsdp"
+    shard, b_store = (n if fsdp else 1), _bytes(plan.dtype)
+    b_act = 2 if plan.mixed_precision == "bf16" else b_store
+    where = "on the CPU (offload)" if off else (f"sharded over {n} GPUs" if fsdp else "replicated")
+    P = causal_params(s)
     # Critic (PPO): a second full model with a scalar head, trained in full with its own AdamW, same
     # strategy; its activations join the policy's in the one backward of the PPO step.
-    critic_saved = critic_grads = 0
+    critic_saved = host = 0
     if held["critic"]:
         Pc = scalar_params(s)
         add("critic weights", 0 if off else Pc * b_store / shard, "always", f"{Pc / 1e9:.3g}B x {b_store} B, {where}")
         add("critic optimizer state", 0 if off else 2 * Pc * b_store / shard + 4 * param_tensors(s, True), "always",
             "AdamW over every critic weight (the critic trains in full)")
-        critic_grads = 0 if off else Pc * b_store / shard
-        add("critic gradients", critic_grads, "train", f"{Pc / 1e9:.3g}B x {b_store} B, {where}")
+        add("critic gradients", 0 if off else Pc * b_store / shard, "train", f"{Pc / 1e9:.3g}B x {b_store} B, {where}")
         critic_act = Act(b_act, full=True, masked=masked)
         critic_saved = (model_saved(s, B, T, critic_act, plan.gradient_checkpointing)
                         + head_saved(s, B, T, K, critic_act, "scalar"))
@@ -406,9 +405,60 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
     if held["reward model"]:
         # Frozen and replicated on every GPU, in the compute dtype: nothing updates it, so it needs no fp32
         # copy (the reward_model verifier's own ``dtype`` option; bfloat16 under mixed precision).
-        r = reward or s
-        add("reward model weights", scalar_params(r) * b_act, "always", f"{scalar_params(r) / 1e9:.3g}B x {b_act} B, "
-            "frozen, replicated on every GPU")
+        Pr = scalar_params(reward)
+        add("reward model weights", Pr * b_act, "always", f"{Pr / 1e9:.3g}B x {b_act} B, frozen, replicated on every GPU")
+    return critic_saved, host
+
+
+def _rollout(s: ModelShape, plan: Plan, P: float, b_act: int, add) -> float:
+    """RL's rollout phase beyond the always-held parts (``add``s its parts)."""
+    # Rollout: each GPU samples its share of the P x G completions with a KV cache; token-by-token
+    # decoding cannot gather one layer per token, so FSDP unshards the whole policy (compute dtype) on
+    # every GPU for the rollout, beside its shards.
+    rows = max(1, math.ceil(plan.prompts_per_step / plan.gpus)) * plan.num_generations
+    rows = min(rows, max(1, 256 // plan.num_generations) * plan.num_generations)  # the engine's max_batch
+    kv = kv_cache(s, rows, plan.seq_len, b_act)
+    add("rollout KV cache", kv, "rollout", f"{rows} rows x {plan.seq_len} tokens x 2 x {s.layers} layers x "
+        f"{s.kv_heads} kv heads x {s.head_dim} x {b_act} B")
+    unshard = P * b_act if plan.strategy == "fsdp" else 0
+    if unshard:
+        add("unsharded policy (rollout)", unshard, "rollout", f"{P / 1e9:.3g}B x {b_act} B on every GPU")
+    # Decoding: the cache grows by concatenation (one layer's cache copied at a time) and each step
+    # samples from fp32 logits (logits, probabilities, sorted copy: 3 x rows x V x 4).
+    decode = kv / s.layers + 3 * 4 * rows * s.vocab
+    add("decode temporaries", decode, "rollout", "one layer's cache copy + fp32 sampling buffers")
+    return unshard + kv + decode
+
+
+def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) -> Estimate:
+    """Per-GPU bytes by component and per phase for ``plan``; ``reward`` is PPO's reward-model shape
+    (default: the policy's)."""
+    plan.check()
+    s, n = shape, plan.gpus
+    fsdp, off, lora = plan.strategy == "fsdp", plan.offload, plan.lora_r > 0
+    shard = n if fsdp else 1
+    b_store = _bytes(plan.dtype)
+    b_act = 2 if plan.mixed_precision == "bf16" else b_store
+    held = held_models(plan)
+    parts: list[Part] = []
+
+    def add(name: str, nbytes: float, phase: str, how: str) -> None:
+        parts.append(Part(name, int(math.ceil(nbytes)), phase, how))
+
+    P, T_params, b_train, host = _policy_parts(s, plan, add)
+
+    B, T, K = _rows_and_tokens(plan)
+    masked = True  # right padding or packed rows: attention always gets a mask in these recipes
+    act = Act(b_act, full=not lora, targets=plan.lora_targets if lora else (), lora_r=plan.lora_r, masked=masked)
+    head = "chunked" if plan.recipe in RL_RECIPES else ("scalar" if plan.recipe == "reward_model" else "full")
+    saved = model_saved(s, B, T, act, plan.gradient_checkpointing) + head_saved(s, B, T, K, act, head)
+    trains_head = not lora
+    t_head = head_backward(s, B, T, K, act, head, plan.device, trains_head)
+    t_layer = layer_backward(s, B, T, act)
+    gathered, unsharded_grads = _fsdp_transients(s, plan, P, add)
+
+    critic_saved, host_other = _other_models(s, plan, held, reward or s, add, B, T, K, masked)
+    host += host_other
 
     # Activations of one micro-batch, and the backward sweep. Backward starts at the head with every
     # activation saved; then layer by layer (top first) it frees a layer's activations and allocates that
@@ -455,22 +505,7 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
     phases["score"] = always + gathered + fwd
 
     if plan.recipe in RL_RECIPES:
-        # Rollout: each GPU samples its share of the P x G completions with a KV cache; token-by-token
-        # decoding cannot gather one layer per token, so FSDP unshards the whole policy (compute dtype) on
-        # every GPU for the rollout, beside its shards.
-        rows = max(1, math.ceil(plan.prompts_per_step / n)) * plan.num_generations
-        rows = min(rows, max(1, 256 // plan.num_generations) * plan.num_generations)  # the engine's max_batch
-        kv = kv_cache(s, rows, plan.seq_len, b_act)
-        add("rollout KV cache", kv, "rollout", f"{rows} rows x {plan.seq_len} tokens x 2 x {s.layers} layers x "
-            f"{s.kv_heads} kv heads x {s.head_dim} x {b_act} B")
-        unshard = P * b_act if fsdp else 0
-        if unshard:
-            add("unsharded policy (rollout)", unshard, "rollout", f"{P / 1e9:.3g}B x {b_act} B on every GPU")
-        # Decoding: the cache grows by concatenation (one layer's cache copied at a time) and each step
-        # samples from fp32 logits (logits, probabilities, sorted copy: 3 x rows x V x 4).
-        decode = kv / s.layers + 3 * 4 * rows * s.vocab
-        add("decode temporaries", decode, "rollout", "one layer's cache copy + fp32 sampling buffers")
-        phases["rollout"] = always + unshard + kv + decode
+        phases["rollout"] = always + _rollout(s, plan, P, b_act, add)
     return Estimate(tuple(parts), phases, int(host))
 
 
