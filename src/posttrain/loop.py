@@ -221,6 +221,13 @@ def export(run: Run, model, tokenizer, name: str = "final") -> Path:
     return ckpt.export_model(run.dir, model, tokenizer, name=name, dist=run.dist)
 
 
+def export_final(run: Run, model, tokenizer, recipe: str) -> Path:
+    """The run's model as ``final/``, said in the log."""
+    final = export(run, model, tokenizer)
+    log.info("%s: done; model exported to %s", recipe, final)
+    return final
+
+
 def should(every: int, step: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 

@@ -38,7 +38,7 @@ from posttrain.models.loading import load_frozen, load_model
 from posttrain.models.lora import apply_lora, is_peft
 from posttrain.rl.advantages import batch_normalize, group_advantages, rloo_advantages
 from posttrain.rl.groups import Group, collect_groups
-from posttrain.rl.rollouts import Rollouts, rollout_metrics, start_rl, write_samples
+from posttrain.rl.rollouts import Rollouts, rollout_metrics, start_rl
 from posttrain.rl.watch import RunWatch
 
 log = logging.getLogger("posttrain")
@@ -248,11 +248,7 @@ def train(cfg: GRPOConfig) -> Path:
             metrics.update(step_time=dt, tokens_per_s=gen_tokens / max(dt, 1e-9), lr=scheduler.get_last_lr()[0],
                            wall_time=time.time() - run.start_time)
             metrics.update(run.memory.metrics([model, ref, *reward_models(rollouts.reward_fn)], [optimizer]))
-            metrics.update(rollouts.evaluate(run, model, step, last, watch))
-            stop = watch.check(step, metrics)
-            run.tracker.log(step, metrics)
-            if dist.is_main and (step == 1 or step == last or (cfg.samples_every and step % cfg.samples_every == 0)):
-                write_samples(run.dir, step, generated, tok)
+            stop = rollouts.record(run, model, step, last, generated, metrics, watch)
             progress.update(step, f"reward {metrics['reward/mean']:.3f} acc {metrics['accuracy']:.2f}")
             if not cfg.train.progress and loop.should(cfg.train.log_every, step, last):
                 log.info("grpo step %d/%d reward %.3f acc %.3f len %.1f", step, last, metrics["reward/mean"],

@@ -40,7 +40,7 @@ from posttrain.recipes.grpo import StepBatch
 from posttrain.recipes.preference import disable_dropout
 from posttrain.rl.advantages import batch_normalize, gae, per_token_rewards
 from posttrain.rl.groups import Group, collect_groups
-from posttrain.rl.rollouts import Rollouts, rollout_metrics, start_rl, write_samples
+from posttrain.rl.rollouts import Rollouts, rollout_metrics, start_rl
 from posttrain.rl.watch import RunWatch
 from posttrain.distributed import Dist
 from posttrain.losses.importance import rollout_is_weights
@@ -330,11 +330,7 @@ def train(cfg: PPOConfig) -> Path:
                            **{"critic/lr": critic_sched.get_last_lr()[0]}, wall_time=time.time() - run.start_time)
             metrics.update(run.memory.metrics([model, ref, critic, *reward_models(rollouts.reward_fn)],
                                               [optimizer, critic_opt]))
-            metrics.update(rollouts.evaluate(run, model, step, last, watch))
-            stop = watch.check(step, metrics)
-            run.tracker.log(step, metrics)
-            if dist.is_main and (step == 1 or step == last or (cfg.samples_every and step % cfg.samples_every == 0)):
-                write_samples(run.dir, step, generated, tok)
+            stop = rollouts.record(run, model, step, last, generated, metrics, watch)
             progress.update(step, f"reward {metrics['reward/mean']:.3f} ev {metrics['explained_variance']:.2f}")
             if not cfg.train.progress and loop.should(cfg.train.log_every, step, last):
                 log.info("ppo step %d/%d reward %.3f acc %.3f value_loss %.4f kl %.4f", step, last,

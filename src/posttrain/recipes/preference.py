@@ -485,6 +485,4 @@ def train(cfg: PreferenceConfig) -> Path:
     finally:
         progress.close()
         run.tracker.close()
-    final = loop.export(run, model, tok)
-    log.info("preference: done; model exported to %s", final)
-    return final
+    return loop.export_final(run, model, tok, "preference")

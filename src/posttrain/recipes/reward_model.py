@@ -167,6 +167,4 @@ def train(cfg: RewardModelConfig) -> Path:
     finally:
         progress.close()
         run.tracker.close()
-    final = loop.export(run, model, tok)
-    log.info("reward_model: done; exported to %s", final)
-    return final
+    return loop.export_final(run, model, tok, "reward_model")

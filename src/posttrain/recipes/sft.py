@@ -135,6 +135,4 @@ def train(cfg: SFTConfig, kind: str = "sft", recipe: str = "sft") -> Path:
     finally:
         progress.close()
         run.tracker.close()
-    final = loop.export(run, model, tok)
-    log.info("%s: done; model exported to %s", recipe, final)
-    return final
+    return loop.export_final(run, model, tok, recipe)

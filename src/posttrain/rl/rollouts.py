@@ -163,6 +163,18 @@ class Rollouts:
         watch.evaluated(step, held["eval_accuracy"], lambda name: loop.export(run, model, self.tok, name))
         return held
 
+    def record(self, run, model, step: int, last: int, generated: list[Group], metrics: dict,
+               watch: RunWatch) -> bool:
+        """The end of an RL step: the held-out evaluation when due, the diagnostics' verdict, the metrics
+        and some sample completions written. True when ``stop_on`` says stop."""
+        metrics.update(self.evaluate(run, model, step, last, watch))
+        stop = watch.check(step, metrics)
+        run.tracker.log(step, metrics)
+        every = self.cfg.samples_every
+        if run.dist.is_main and (step == 1 or step == last or (every and step % every == 0)):
+            write_samples(run.dir, step, generated, self.tok)
+        return stop
+
     def state_dict(self, dist) -> dict:
         return {"sampler": self.sampler.state_dict(), "rewards": dist.gather(self.reward_fn.state_dict())}
 
