@@ -172,6 +172,25 @@ def test_pool_kills_a_sleeping_task_and_keeps_order():
         assert [o.value for o in pool.run(abs, [(-1,), (-2,), (-3,)])] == [1, 2, 3]
 
 
+def test_a_worker_whose_parent_drops_the_pipe_ends_quietly(capfd):
+    """The parent closing its end with the worker's message unread resets the connection: the worker
+    ends with status 0 and prints no traceback (seen in the demo's logs between two GRPO stages)."""
+    import multiprocessing as mp
+
+    from posttrain.verifiers.pool import _worker_main
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=True)
+    worker = ctx.Process(target=_worker_main, args=(child, None, None), daemon=True)
+    worker.start()
+    child.close()
+    assert parent.poll(60)  # its "ready" is waiting, unread
+    parent.close()
+    worker.join(60)
+    assert worker.exitcode == 0
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_pool_reraises_task_exceptions_with_the_remote_traceback():
     with WorkerPool(1, timeout=5) as pool:
         with pytest.raises(WorkerTaskError, match="ValueError"):

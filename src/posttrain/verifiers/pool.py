@@ -67,21 +67,23 @@ def _worker_main(conn: Connection, initializer: Callable[[], None] | None, memor
     _limit_memory(memory_limit_mb)
     if initializer is not None:
         initializer()
-    conn.send(("ready", "ok", None))
-    while True:
-        try:
+    try:
+        conn.send(("ready", "ok", None))
+        while True:
             message = conn.recv()
-        except EOFError:  # the parent went away
-            return
-        if message is None:
-            return
-        task_id, fn, args = message
-        try:
-            result = fn(*args)
-        except BaseException:  # forwarded to the parent, which raises it: nothing is swallowed
-            conn.send((task_id, "error", traceback.format_exc()))
-        else:
-            conn.send((task_id, "ok", result))
+            if message is None:
+                return
+            task_id, fn, args = message
+            try:
+                result = fn(*args)
+            except BaseException:  # forwarded to the parent, which raises it: nothing is swallowed
+                conn.send((task_id, "error", traceback.format_exc()))
+            else:
+                conn.send((task_id, "ok", result))
+    except (EOFError, OSError):
+        # The parent went away or dropped its end (a closed pipe with unread data resets the connection):
+        # nobody is left to answer, so the worker ends quietly instead of printing a traceback.
+        return
 
 
 @dataclass
