@@ -189,3 +189,21 @@ def test_a_few_identical_answers_among_unanswered_samples_are_not_collapse():
     m = answer_diversity([["1", None, None, None], ["1", None, None, None]], ["3", "4"])
     assert m["diversity/top_share"] == 1.0 and m["diversity/no_answer"] == 0.75
     assert mon.observe(1, m) == []
+
+
+def test_held_out_metrics_closes_the_verifier_it_loads(monkeypatch):
+    """Each held-out evaluation loads the first reward's verifier; its worker processes (math) must go
+    when the evaluation ends, not whenever the object is collected."""
+    import types
+
+    from posttrain import evaluation, verifiers
+    from posttrain.rl.watch import held_out_metrics
+
+    closed = []
+    check = types.SimpleNamespace(close=lambda: closed.append(1))
+    monkeypatch.setattr(verifiers, "load", lambda name, **options: check)
+    summary = types.SimpleNamespace(greedy_accuracy=0.5, majority_baseline=None, pass_at_k=None)
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: summary)
+    cfg = config_from_dict(GRPOConfig, {})
+    assert held_out_metrics(None, None, [{"prompt": "1+1=", "answer": "2"}], cfg) == {"eval_accuracy": 0.5}
+    assert closed == [1]

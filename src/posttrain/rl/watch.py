@@ -106,8 +106,12 @@ def held_out_metrics(model, tokenizer, rows: list[dict], cfg: Any, engine=None) 
     from posttrain.verifiers import load
 
     first = cfg.rewards[0]
-    s = evaluate(model, tokenizer, rows, load(first.name, **first.options), k=cfg.eval_k,
-                 temperature=cfg.temperature, max_new_tokens=cfg.max_completion_length, keep_samples=0, engine=engine)
+    check = load(first.name, **first.options)
+    try:
+        s = evaluate(model, tokenizer, rows, check, k=cfg.eval_k, temperature=cfg.temperature,
+                     max_new_tokens=cfg.max_completion_length, keep_samples=0, engine=engine)
+    finally:
+        getattr(check, "close", lambda: None)()  # its worker processes (math) go now, not when collected
     out = {"eval_accuracy": s.greedy_accuracy}
     if s.majority_baseline is not None:
         out["eval_majority_baseline"] = s.majority_baseline
