@@ -198,3 +198,17 @@ def test_a_failed_atomic_write_names_the_file_not_its_temporary(tmp_path, monkey
     monkeypatch.setattr(io_utils.tempfile, "mkstemp", full)
     assert main(["report", str(run)]) == 1
     assert f"posttrain report: error: cannot write {run / 'report.html'}: the disk is full" in capsys.readouterr().err
+
+
+def test_a_run_directory_config_runs_again_as_a_config_of_its_recipe_only(tmp_path, capsys):
+    """`posttrain sft RUN/config.yaml optim.lr=...` reruns a recorded run as a variant; the record's
+    `recipe` key must match the command."""
+    first = tmp_path / "first"
+    assert main(["sft", *SFT, f"train.output_dir={first}"]) == 0
+    again = tmp_path / "again"
+    assert main(["sft", str(first / "config.yaml"), "optim.lr=1e-3", f"train.output_dir={again}"]) == 0
+    assert (again / "final").exists()
+    capsys.readouterr()
+    assert main(["grpo", str(first / "config.yaml"), f"train.output_dir={tmp_path / 'g'}"]) == 2
+    err = capsys.readouterr().err
+    assert "this is the config of a 'sft' run" in err and "posttrain sft" in err

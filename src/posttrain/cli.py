@@ -112,7 +112,7 @@ def run_recipe(name: str, argv: list[str], preset: tuple[str, ...] = (), debug: 
     path = argv[0] if argv and "=" not in argv[0] else None
     overrides = [*preset, *(argv[1:] if path else argv)]
     try:
-        cfg = load_config(RECIPE_CONFIGS[name], path, overrides)
+        cfg = load_config(RECIPE_CONFIGS[name], path, overrides, recipe=name)
     except ConfigError as e:
         print(f"posttrain {name}: config error: {e}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from posttrain.config import to_dict
+from posttrain.typedconfig import RUN_RECORD_KEYS  # top-level facts of config.yaml that are not config fields
 from posttrain.io_utils import WriteError, atomic_write_text, describe_write_error
 from posttrain.models import checkpoint as ckpt
 
@@ -93,7 +94,6 @@ def is_safe(key: str) -> bool:
     return any(".".join(parts[:i]) in SAFE_FIELDS for i in range(1, len(parts) + 1))
 
 
-RUNTIME_KEYS = ("recipe", "world_size")  # top-level facts of config.yaml that are not config fields
 LAYOUT_FIELDS = ("train.micro_batch_size", "train.grad_accum")
 
 
@@ -122,7 +122,7 @@ def config_diff(saved: dict, cfg: Any) -> dict[str, tuple[Any, Any]]:
     A field the saved config lacks (written by an older version) counts as its default."""
     new = flatten(to_dict(cfg))
     defaults = flatten(to_dict(type(cfg)()))
-    old = flatten({k: v for k, v in saved.items() if k not in RUNTIME_KEYS})
+    old = flatten({k: v for k, v in saved.items() if k not in RUN_RECORD_KEYS})
     diff = {}
     for key in sorted(set(new) | set(old)):
         before = old.get(key, defaults.get(key, _ABSENT))

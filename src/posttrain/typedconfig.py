@@ -261,8 +261,18 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
+RUN_RECORD_KEYS = ("recipe", "world_size")  # what a run's config.yaml records besides the config itself
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = (), recipe: str | None = None) -> Any:
+    """``cls`` from a YAML file and overrides. With ``recipe``, a run directory's ``config.yaml`` loads as
+    the config it records (its ``recipe`` must be this one; ``world_size`` is a fact of that run)."""
     data = read_yaml(path) if path else {}
+    if recipe is not None and isinstance(data, dict) and "recipe" in data:
+        if data["recipe"] != recipe:
+            raise ConfigError(f"{path}: this is the config of a {data['recipe']!r} run (its `recipe:` key); "
+                              f"run it with `posttrain {data['recipe']}`", "recipe")
+        data = {k: v for k, v in data.items() if k not in RUN_RECORD_KEYS}
     try:
         return config_from_dict(cls, data, overrides)
     except ConfigError as e:
