@@ -76,6 +76,15 @@ def test_a_synthetic_collapsing_run_triggers_the_collapse_warning_once():
     assert "audit" in alert.suggestion
 
 
+def test_a_warning_hovering_at_its_threshold_fires_once_until_it_has_cleared_as_long():
+    mon = Monitor(DiagnosticsConfig(collapse_steps=3))
+    at, below = {"diversity/top_share": 0.95}, {"diversity/top_share": 0.5}
+    # held 3 (fires at 3), one dip, held 3 again: the same episode; then clear for 3 steps, held 3: fires
+    seq = [at] * 3 + [below] + [at] * 3 + [below] * 3 + [at] * 3
+    steps = [s for s, m in enumerate(seq, 1) for a in mon.observe(s, m) if a.kind == "collapse"]
+    assert steps == [3, 13]
+
+
 def test_no_collapse_warning_when_the_gold_answers_themselves_agree():
     # A two-label task where every prompt's gold answer is "1": answering 1 everywhere is right, not collapse.
     mon = Monitor(DiagnosticsConfig(collapse_steps=1))

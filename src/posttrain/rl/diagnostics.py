@@ -115,8 +115,9 @@ class Alert:
 class Monitor:
     """Feed it each step's metrics (``observe``); it returns the warnings that step raised.
 
-    A warning fires once when its condition has held long enough and again only after the condition
-    has cleared, so a run that stays collapsed is told once, not every step. The state is plain data
+    A warning fires once when its condition has held long enough (N steps or evaluations in a row) and
+    again only after the condition has been clear for as long (N in a row), so a run that stays collapsed,
+    or hovers at the threshold, is told once, not every few steps. The state is plain data
     (``state_dict``), saved with checkpoints so a resumed run continues the same counts.
     """
 
@@ -124,16 +125,18 @@ class Monitor:
         self.t = thresholds
         self.runs = {k: 0 for k in ALERT_KINDS}   # consecutive steps (or evaluations) the condition held
         self.active = {k: False for k in ALERT_KINDS}
+        self.clear = {k: 0 for k in ALERT_KINDS}  # consecutive steps the condition did not hold
         self.entropy_start: list[float] = []
         self.last_eval: float | None = None
 
     def state_dict(self) -> dict:
-        return {"runs": dict(self.runs), "active": dict(self.active), "entropy_start": list(self.entropy_start),
-                "last_eval": self.last_eval}
+        return {"runs": dict(self.runs), "active": dict(self.active), "clear": dict(self.clear),
+                "entropy_start": list(self.entropy_start), "last_eval": self.last_eval}
 
     def load_state_dict(self, state: dict) -> None:
         self.runs.update(state.get("runs", {}))
         self.active.update(state.get("active", {}))
+        self.clear.update(state.get("clear", {}))
         self.entropy_start = list(state.get("entropy_start", []))
         self.last_eval = state.get("last_eval")
 
@@ -143,13 +146,18 @@ class Monitor:
         return [a for a in alerts if a is not None]
 
     def _track(self, kind: str, holds: bool | None, needed: int) -> bool:
-        """Count consecutive holds; True exactly when the count first reaches ``needed``.
-        ``holds`` None (not measured this step) leaves the count as it is."""
+        """Count consecutive holds; True exactly when the count first reaches ``needed`` while the warning
+        is not active. It becomes inactive after ``needed`` consecutive non-holds. ``holds`` None (not
+        measured this step) leaves the counts as they are."""
         if holds is None:
             return False
         if not holds:
-            self.runs[kind], self.active[kind] = 0, False
+            self.runs[kind] = 0
+            self.clear[kind] += 1
+            if self.clear[kind] >= needed:
+                self.active[kind] = False
             return False
+        self.clear[kind] = 0
         self.runs[kind] += 1
         if self.runs[kind] >= needed and not self.active[kind]:
             self.active[kind] = True
