@@ -107,3 +107,26 @@ def test_cli_pairs_train_the_preference_recipe(tmp_path, model_dir, capsys):
     preference.train(cfg)
     m = read_metrics(tmp_path / "run")
     assert len(m) == 2 and m[0]["rewards/margin"] == 0.0 and m[1]["rewards/margin"] != 0.0
+
+
+def test_gold_column_pairs_the_reference_solution_with_the_model_s_wrong_samples(model_and_tok):
+    """A random model solves nothing: on-policy pairing skips every prompt; with the rows' worked solutions
+    (gold_column) each prompt pairs its solution, if the verifier accepts it, against the model's samples."""
+    model, tok = model_and_tok
+    rows = get_task("arithmetic").rows(8)
+    rows[0] = {**rows[0], "completion": "1+1=3 \\boxed{12345}"}  # a wrong reference is never used
+    verifier = load_verifier("math")
+    try:
+        plain, plain_stats = make_pairs(model, tok, rows, verifier, 4, max_new_tokens=6, seed=0)
+        assert plain == [] and plain_stats.skipped_all_wrong == 8 and plain_stats.gold_chosen == 0
+        out, stats = make_pairs(model, tok, rows, verifier, 4, max_new_tokens=6, seed=0, pairs_per_prompt=2,
+                                gold_column="completion")
+    finally:
+        verifier.close()
+    assert stats.gold_chosen == 7 and stats.skipped_all_wrong == 8  # the counts describe the samples
+    by_prompt = {r["prompt"]: r for r in rows}
+    assert rows[0]["prompt"] not in {r["prompt"] for r in out}
+    assert {r["prompt"] for r in out} == {r["prompt"] for r in rows[1:]}
+    for r in out:
+        assert r["chosen"] == by_prompt[r["prompt"]]["completion"] and r["rejected"] != r["chosen"]
+        assert "completion" not in r and r["answer"] == by_prompt[r["prompt"]]["answer"]

@@ -3,8 +3,11 @@
 Sample n completions per prompt from a model, score each with a verifier, and write
 (prompt, chosen = a correct completion, rejected = an incorrect one) rows for DPO / IPO / SimPO /
 ORPO, or (prompt, completion, label = correct?) rows for KTO. A prompt whose samples are all correct
-or all wrong yields no pair (there is nothing to prefer) and is counted. The dataset's other
-columns (e.g. `answer`) are kept in every output row.
+or all wrong yields no pair (there is nothing to prefer) and is counted -- unless the data has a
+reference solution (``gold_column``, e.g. the `completion` of SFT rows): then a prompt the model never
+solves takes it, if the verifier accepts it, as the chosen completion against the model's own wrong
+ones. Those are the prompts the model most needs to learn, and on-policy pairs never cover them. The
+dataset's other columns (e.g. `answer`) are kept in every output row.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class PairStats:
     skipped_all_wrong: int
     desirable: int = 0        # kto only
     undesirable: int = 0      # kto only
+    gold_chosen: int = 0      # all-wrong prompts whose reference solution was used (gold_column)
 
 
 def _as_completion(prompt: Any, text: str) -> Any:
@@ -50,13 +54,15 @@ def _distinct(texts: list[str]) -> list[str]:
 def make_pairs(model, tokenizer, rows: list[dict], verifier: Callable[..., float], n: int, *,
                max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, pairs_per_prompt: int = 1,
                kto: bool = False, seed: int = 0, batch_size: int = 256,
-               progress: bool = False, engine: str = "native") -> tuple[list[dict], PairStats]:
+               progress: bool = False, engine: str = "native", gold_column: str = "") -> tuple[list[dict], PairStats]:
     """(output rows, counts). Pairs: up to ``pairs_per_prompt`` distinct (correct, incorrect)
     combinations per prompt, drawn with ``seed``. KTO: every distinct completion, labelled by the
     verifier (prompts with one kind only are kept: KTO needs no pair, but they are still counted).
     Prompts go through in chunks of ``batch_size // n``: sampled, scored and turned into rows, so only
     one chunk's completions are held at a time (the result is the same as one pass over all rows).
-    ``engine``: native (KV-cache loop on ``model``) or vllm (a colocated vLLM copy of it)."""
+    ``engine``: native (KV-cache loop on ``model``) or vllm (a colocated vLLM copy of it).
+    ``gold_column``: a column holding a correct worked completion; a prompt without a correct sample uses
+    it as its correct one (when the verifier accepts it; otherwise the prompt stays all-wrong)."""
     if n < 2 and not kto:
         raise ValueError("make_pairs: n must be >= 2 to find a correct and an incorrect completion")
     if temperature <= 0:
@@ -75,7 +81,7 @@ def make_pairs(model, tokenizer, rows: list[dict], verifier: Callable[..., float
                                  max_model_len=longest + max_new_tokens)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     out: list[dict] = []
-    counts = dict(correct=0, empty=0, all_correct=0, all_wrong=0, desirable=0, undesirable=0)
+    counts = dict(correct=0, empty=0, all_correct=0, all_wrong=0, desirable=0, undesirable=0, gold_chosen=0)
     chunk = max(1, batch_size // n)
     bar = Progress(len(rows), 0, "make-pairs", enabled=progress, unit="prompts")
     try:
@@ -84,20 +90,34 @@ def make_pairs(model, tokenizer, rows: list[dict], verifier: Callable[..., float
             gen = gen_engine.generate([encode_prompt(tokenizer, r["prompt"]) for r in part], n, params)
             texts = [tokenizer.decode(c, skip_special_tokens=True) for c in gen.completion_ids]
             scores = score_all(verifier, texts, [reward_columns(r) for r in part for _ in range(n)])
-            _rows_from_samples(part, texts, scores, n, kto, pairs_per_prompt, rng, out, counts)
+            golds = _accepted_golds(verifier, part, gold_column) if gold_column else [None] * len(part)
+            _rows_from_samples(part, texts, scores, n, kto, pairs_per_prompt, rng, out, counts, golds)
             bar.update(s + len(part), f"{len(out)} rows")
     finally:
         bar.close()
         gen_engine.close()
     stats = PairStats(prompts=len(rows), completions=len(rows) * n, correct=counts["correct"], empty=counts["empty"],
                       pairs=len(out), skipped_all_correct=counts["all_correct"], skipped_all_wrong=counts["all_wrong"],
-                      desirable=counts["desirable"], undesirable=counts["undesirable"])
+                      desirable=counts["desirable"], undesirable=counts["undesirable"],
+                      gold_chosen=counts["gold_chosen"])
     return out, stats
 
 
+def _accepted_golds(verifier, rows: list[dict], column: str) -> list[str | None]:
+    """Each row's reference completion in ``column`` when the verifier scores it correct, else None."""
+    texts = [r.get(column) if isinstance(r.get(column), str) and r.get(column).strip() else None for r in rows]
+    have = [i for i, t in enumerate(texts) if t is not None]
+    scores = score_all(verifier, [texts[i] for i in have], [reward_columns(rows[i]) for i in have]) if have else []
+    ok = {i for i, sc in zip(have, scores) if sc == sc and is_correct(sc)}
+    return [t if i in ok else None for i, t in enumerate(texts)]
+
+
 def _rows_from_samples(rows: list[dict], texts: list[str], scores: list[float], n: int, kto: bool,
-                       pairs_per_prompt: int, rng: random.Random, out: list[dict], counts: dict) -> None:
-    """Append the output rows of ``rows`` (n samples each, in order) to ``out``; update ``counts``."""
+                       pairs_per_prompt: int, rng: random.Random, out: list[dict], counts: dict,
+                       golds: list[str | None] | None = None) -> None:
+    """Append the output rows of ``rows`` (n samples each, in order) to ``out``; update ``counts``.
+    ``golds``: per row, an accepted reference completion that stands in for a correct sample when the
+    row has none."""
     for i, row in enumerate(rows):
         # NaN is a verifier's "does not apply": such samples are neither correct nor incorrect.
         # An empty completion (EOS first) is no training text in either format: it is counted only.
@@ -111,6 +131,9 @@ def _rows_from_samples(rows: list[dict], texts: list[str], scores: list[float], 
             counts["all_correct"] += 1
         elif not good:  # all wrong, or nothing usable (all empty / not applicable)
             counts["all_wrong"] += 1
+            if golds and golds[i] is not None and bad:
+                good = [golds[i]]
+                counts["gold_chosen"] += 1
         extra = {k: v for k, v in row.items() if k not in OWN_COLUMNS}
         prompt = row["prompt"]
         if kto:
@@ -131,7 +154,8 @@ def format_stats(s: PairStats, kto: bool) -> str:
     return "\n".join([f"prompts: {s.prompts}",
                       f"completions: {s.completions} ({s.correct} correct, {s.empty} empty and left out)", written,
                       f"prompts with every sample correct ({no_pair}): {s.skipped_all_correct}",
-                      f"prompts with every sample wrong ({no_pair}): {s.skipped_all_wrong}"])
+                      f"prompts with every sample wrong ({no_pair}): {s.skipped_all_wrong}"
+                      + (f" ({s.gold_chosen} of them paired with their reference solution)" if s.gold_chosen else "")])
 
 
 def main(argv: list[str]) -> int:
@@ -162,6 +186,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--stats", default="", help="also write the counts as json here")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--engine", default="native", choices=["native", "vllm"], help="rollout engine")
+    p.add_argument("--gold-column", default="", help="column with a reference solution: a prompt with no correct "
+                                                     "sample takes it as chosen (if the verifier accepts it)")
     a = p.parse_args(argv)
     rows = read_rows(a.data, a.split, num_examples=a.num_examples, seed=a.seed)
     validate(rows, "prompt")
@@ -169,7 +195,7 @@ def main(argv: list[str]) -> int:
     model, tok = load_model(ModelConfig(path=a.model, device=a.device))
     out, stats = make_pairs(model, tok, data, load_verifier(a.verifier), a.n, max_new_tokens=a.max_new_tokens,
                             temperature=a.temperature, top_p=a.top_p, pairs_per_prompt=a.pairs_per_prompt,
-                            kto=a.kto, seed=a.seed, progress=a.progress, engine=a.engine)
+                            kto=a.kto, seed=a.seed, progress=a.progress, engine=a.engine, gold_column=a.gold_column)
     write_jsonl(a.out, out)
     print(format_stats(stats, a.kto))
     print(f"wrote {len(out)} rows to {a.out}")

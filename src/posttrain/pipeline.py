@@ -63,6 +63,8 @@ class PairsConfig:
     pairs_per_prompt: int = doc(1, "pairs written per prompt")
     kto: bool = doc(False, "write KTO rows (prompt, completion, label) instead of pairs")
     engine: Literal["native", "vllm"] = doc("native", "rollout engine that samples: native | vllm")
+    gold_column: str = doc("", "column with a reference solution (e.g. completion): a prompt with no correct sample "
+                               "takes it as the chosen one, if the verifier accepts it (empty: off)")
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,8 @@ def _make_pairs(plan_: StagePlan) -> int:
     try:
         out, stats = make_pairs(model, tok, data, verifier, p.n, max_new_tokens=p.max_new_tokens,
                                 temperature=p.temperature, pairs_per_prompt=p.pairs_per_prompt, kto=p.kto,
-                                seed=plan_.cfg.train.seed, progress=plan_.cfg.train.progress, engine=p.engine)
+                                seed=plan_.cfg.train.seed, progress=plan_.cfg.train.progress, engine=p.engine,
+                                gold_column=p.gold_column)
     finally:
         getattr(verifier, "close", lambda: None)()
     log.info("stage %s: %d pairs from %s (%s)", plan_.name, len(out), p.data, stats)
