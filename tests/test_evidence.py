@@ -64,8 +64,9 @@ def test_seed_row_and_table():
     weak = copy.deepcopy(summary)
     weak["stages"][3]["eval"] = _ev(0.55, 0.48, 0.62)
     table = seed_table([row, seed_row(4, weak)])
-    assert "| 3 | 40.0 [33.0, 47.0] | 45.0 [38.0, 52.0] (+5.0) | 62.0 [55.0, 68.0] | +17.0 (met) | 5.0 min |" in table
-    assert "+10.0 (NOT met)" in table and "min +10.0 over 2 seed(s)" in table and "every seed: NOT met" in table
+    assert "| 3 | 40.0 [33.0, 47.0] | 45.0 [38.0, 52.0] (+5.0) | 62.0 [55.0, 68.0] | +17.0 (met; intervals apart) | 5.0 min |" in table
+    assert "+10.0 (NOT met; intervals overlap)" in table and "min +10.0 over 2 seed(s)" in table
+    assert "every seed: NOT met; significant (95% intervals apart) on every seed: no." in table
 
 
 def test_generated_tokens_and_the_ablation_budget():
@@ -102,6 +103,6 @@ def test_demo_seeds_runs_one_pipeline_per_seed_and_writes_the_table(tmp_path, mo
     assert all(c.eval.data == TASK_DATA["counting"]["rl"] for c in seen)
     rows = json.loads((tmp_path / "seeds.json").read_text())
     assert [r["seed"] for r in rows] == [0, 2] and rows[1]["grpo_gain"] == pytest.approx(0.17)
-    assert "| 2 | 30.0 [25.0, 35.0] | 35.0 [30.0, 40.0] (+5.0) | 52.0 [47.0, 57.0] | +17.0 (met)" in \
+    assert "| 2 | 30.0 [25.0, 35.0] | 35.0 [30.0, 40.0] (+5.0) | 52.0 [47.0, 57.0] | +17.0 (met; intervals apart)" in \
         (tmp_path / "seeds.md").read_text()
     assert "counting, seeds 0,2:" in capsys.readouterr().out

@@ -115,15 +115,19 @@ def seed_table(rows: list[dict], target: float = 0.15) -> str:
     out = ["| seed | SFT | DPO (gain) | GRPO | GRPO gain over its start | time |", "|---|---|---|---|---|---|"]
     for r in rows:
         gain = r.get("grpo_gain")
-        verdict = "" if gain is None else (" (met)" if gain >= target - 1e-9 else " (NOT met)")
+        verdict = "" if gain is None else (
+            f" ({'met' if gain >= target - 1e-9 else 'NOT met'}; "
+            f"{'intervals apart' if r.get('grpo_significant') else 'intervals overlap'})")
         dpo = f"{r.get('dpo_text', '—')} ({100 * r['dpo_gain']:+.1f})" if "dpo_gain" in r else r.get("dpo_text", "—")
         out.append(f"| {r['seed']} | {r.get('sft_text', '—')} | {dpo} | {r.get('grpo_text', '—')} | "
                    f"{'—' if gain is None else f'{100 * gain:+.1f}'}{verdict} | {r['seconds'] / 60:.1f} min |")
     gains = [r["grpo_gain"] for r in rows if "grpo_gain" in r]
     if gains:
         mean = sum(gains) / len(gains)
+        apart = all(r.get("grpo_significant") for r in rows if "grpo_gain" in r)
         out.append(f"\nGRPO gain: mean {100 * mean:+.1f} points, min {100 * min(gains):+.1f} over {len(gains)} seed(s); "
-                   f"target >= {100 * target:.0f} on every seed: {'met' if min(gains) >= target - 1e-9 else 'NOT met'}.")
+                   f"target >= {100 * target:.0f} on every seed: {'met' if min(gains) >= target - 1e-9 else 'NOT met'}; "
+                   f"significant (95% intervals apart) on every seed: {'yes' if apart else 'no'}.")
     return "\n".join(out)
 
 
