@@ -90,7 +90,8 @@ def make_pairs(model, tokenizer, rows: list[dict], verifier: Callable[..., float
             gen = gen_engine.generate([encode_prompt(tokenizer, r["prompt"]) for r in part], n, params)
             texts = [tokenizer.decode(c, skip_special_tokens=True) for c in gen.completion_ids]
             scores = score_all(verifier, texts, [reward_columns(r) for r in part for _ in range(n)])
-            golds = _accepted_golds(verifier, part, gold_column) if gold_column else [None] * len(part)
+            golds = (lambda need, part=part: _accepted_golds(verifier, [part[i] for i in need], gold_column)) \
+                if gold_column else None
             _rows_from_samples(part, texts, scores, n, kto, pairs_per_prompt, rng, out, counts, golds)
             bar.update(s + len(part), f"{len(out)} rows")
     finally:
@@ -114,25 +115,29 @@ def _accepted_golds(verifier, rows: list[dict], column: str) -> list[str | None]
 
 def _rows_from_samples(rows: list[dict], texts: list[str], scores: list[float], n: int, kto: bool,
                        pairs_per_prompt: int, rng: random.Random, out: list[dict], counts: dict,
-                       golds: list[str | None] | None = None) -> None:
+                       golds: Callable[[list[int]], list[str | None]] | None = None) -> None:
     """Append the output rows of ``rows`` (n samples each, in order) to ``out``; update ``counts``.
-    ``golds``: per row, an accepted reference completion that stands in for a correct sample when the
-    row has none."""
-    for i, row in enumerate(rows):
+    ``golds``: given the indices of the rows with wrong samples and no correct one, their accepted
+    reference completions (or None), which stand in for a correct sample; asked once, for those rows only."""
+    split = []
+    for i in range(len(rows)):
         # NaN is a verifier's "does not apply": such samples are neither correct nor incorrect.
         # An empty completion (EOS first) is no training text in either format: it is counted only.
         samples = [(t, s) for t, s in zip(texts[i * n:(i + 1) * n], scores[i * n:(i + 1) * n]) if s == s]
         counts["empty"] += sum(not t.strip() for t, _ in samples)
         samples = [(t, s) for t, s in samples if t.strip()]
-        good = _distinct([t for t, s in samples if is_correct(s)])
-        bad = _distinct([t for t, s in samples if not is_correct(s)])
         counts["correct"] += sum(is_correct(s) for _, s in samples)
+        split.append((_distinct([t for t, s in samples if is_correct(s)]),
+                      _distinct([t for t, s in samples if not is_correct(s)])))
+    need = [i for i, (good, bad) in enumerate(split) if bad and not good] if golds else []
+    gold_of = dict(zip(need, golds(need))) if need else {}
+    for i, (row, (good, bad)) in enumerate(zip(rows, split)):
         if good and not bad:
             counts["all_correct"] += 1
         elif not good:  # all wrong, or nothing usable (all empty / not applicable)
             counts["all_wrong"] += 1
-            if golds and golds[i] is not None and bad:
-                good = [golds[i]]
+            if gold_of.get(i) is not None:
+                good = [gold_of[i]]
                 counts["gold_chosen"] += 1
         extra = {k: v for k, v in row.items() if k not in OWN_COLUMNS}
         prompt = row["prompt"]
