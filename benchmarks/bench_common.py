@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 
-
 def digit_reward(completions, **kwargs) -> list[float]:
     """Fraction of a completion's characters that are digits.
 

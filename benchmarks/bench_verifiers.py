@@ -3,7 +3,7 @@
 Math: checks/s over typical short answers (integers, fractions, a share of symbolic forms that need
 math-verify), the same through math-verify only (fast path off), and the timeout path: a pathological
 answer that must be killed while the pool keeps serving. Target: >= 300 checks/s on 2 cores.
-Code: `posttrain.verifiers.code.bench_code()` when that module provides it.
+Code: `posttrain.rewards.code.bench_code()` when that module provides it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import random
 import time
 from collections import Counter
 
-from posttrain.verifiers.math import MathVerifier
+from posttrain.rewards.math import MathVerifier
 
 TARGET_PER_S = 300.0
 FILLER = "Let me work through this step by step. First I simplify the expression, then I check the result. "
@@ -102,12 +102,12 @@ def bench_timeout(workers: int, timeout: float = 2.0) -> None:
 
 
 def bench_code_if_available() -> None:
-    if importlib.util.find_spec("posttrain.verifiers.code") is None:
-        print("code: posttrain.verifiers.code not present; skipped")
+    if importlib.util.find_spec("posttrain.rewards.code") is None:
+        print("code: posttrain.rewards.code not present; skipped")
         return
-    module = importlib.import_module("posttrain.verifiers.code")
+    module = importlib.import_module("posttrain.rewards.code")
     if not hasattr(module, "bench_code"):
-        print("code: posttrain.verifiers.code has no bench_code(); skipped")
+        print("code: posttrain.rewards.code has no bench_code(); skipped")
         return
     figures = module.bench_code()
     if figures is not None:

@@ -138,9 +138,8 @@ def check_logps(tok) -> None:
 def check_padding_free(tok) -> None:
     """The packed (padding-free) GRPO update equals the padded one on the GPU (float32, SDPA with a
     block-diagonal 4D mask), in loss and in the updated weights."""
-    from test_grpo import _cfg, _varied_groups
-
     from posttrain.recipes import grpo
+    from test_grpo import _cfg, _varied_groups
 
     base = peaked(tok, "qwen2", seed=1).to(DEV)
     with tempfile.TemporaryDirectory() as d:
@@ -164,7 +163,7 @@ def check_recipes() -> None:
     from posttrain.config import GRPOConfig, ModelConfig, SFTConfig, config_from_dict
     from posttrain.models.loading import load_model
     from posttrain.recipes import grpo, sft
-    from posttrain.tracking import read_metrics
+    from posttrain.runtime.tracking import read_metrics
 
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "grpo"

@@ -65,7 +65,7 @@ def parse_args(argv=None):
 def posttrain_round(a, model_dir: Path, run_dir: Path) -> tuple[list[float], dict]:
     """(wall seconds of each timed step, mean time/* split of the timed steps)."""
     from posttrain.recipes import grpo
-    from posttrain.tracking import read_metrics
+    from posttrain.runtime.tracking import read_metrics
 
     total = a.warmup + a.steps
     cfg = bc.grpo_bench_config(a, model_dir, run_dir)

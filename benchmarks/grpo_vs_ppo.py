@@ -20,7 +20,7 @@ max_completion_length, one micro-batch of P*G sequences, AdamW, lr, seed. The re
 a program (--reward; default the cheap digit fraction of bench_common, so every group varies and every
 step updates; `math` with a trained policy), PPO with the reward model -- the article's contrast.
 
-Measured per run (the recipes' own `memory/*` metrics, posttrain.memory): models held; exact bytes of
+Measured per run (the recipes' own `memory/*` metrics, posttrain.runtime.memory): models held; exact bytes of
 weights, gradients (one per trainable parameter) and optimizer state; the peak (CUDA max allocated, or
 CPU peak resident set) above the process's memory before the models were loaded, and the activations
 as that peak minus the rest; median step time after --warmup steps; held-out greedy accuracy at the end
@@ -107,7 +107,7 @@ def worker(a) -> None:
     import importlib
 
     import posttrain.recipes  # noqa: F401 -- the same imports before the run for every variant
-    from posttrain.tracking import read_metrics
+    from posttrain.runtime.tracking import read_metrics
 
     run_dir = Path(a.out).with_suffix("")
     cfg = variant_config(a, a.worker, run_dir)

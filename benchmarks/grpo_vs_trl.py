@@ -113,7 +113,7 @@ def _import_everything(a):
 
 def run_posttrain(a, run_dir: Path) -> dict:
     from posttrain.recipes import grpo
-    from posttrain.tracking import read_metrics
+    from posttrain.runtime.tracking import read_metrics
 
     cfg = bc.grpo_bench_config(a, a.model_dir, run_dir)
     if a.engine == "vllm":

@@ -24,7 +24,7 @@ PARTS = ("seeds", "counting", "evidence")
 
 
 def _demo(args: list[str]) -> None:
-    from posttrain.demo import main
+    from posttrain.commands.demo import main
 
     print("$ posttrain demo " + " ".join(args), flush=True)
     if main(args) != 0:
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
     if "evidence" in parts:
         _demo(["--seed", str(seeds[0]), "--evidence", "--output", str(arith / f"seed{seeds[0]}")])
 
-    from posttrain.evidence import evidence_lines
+    from posttrain.pipeline.evidence import evidence_lines
 
     md = []
     if (arith / "seeds.md").exists():

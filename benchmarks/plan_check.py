@@ -13,7 +13,7 @@ The worker records, without changing what the recipe does:
     recipe's forward entry point; the estimate is computed for the largest of them (the planner's own
     CLI assumes the worst case: every row at full length);
   * at every logged step: the exact bytes of the weights of every live model, of the gradients (one per
-    trainable parameter) and of the optimizer state (posttrain.memory's definitions), and the peak
+    trainable parameter) and of the optimizer state (posttrain.runtime.memory's definitions), and the peak
     resident set size.
 What "peak" means on CPU: the process's peak resident set size above its size just before `train`,
 minus the same growth of a "null" run: the same recipe, tokenizer, dtype and options on the tiny preset
@@ -108,11 +108,11 @@ def _status(field: str) -> int:
 
 
 def _snapshot(base: int) -> dict:
-    """posttrain.memory's split, over every live model and optimizer (found by the garbage collector,
+    """posttrain.runtime.memory's split, over every live model and optimizer (found by the garbage collector,
     so recipes that do not log memory metrics are measured the same way)."""
     import torch
 
-    from posttrain.memory import _bytes, optimizer_bytes
+    from posttrain.runtime.memory import _bytes, optimizer_bytes
 
     gc.collect()
     objs = gc.get_objects()
@@ -129,10 +129,10 @@ def worker(spec: dict, out: Path) -> None:
     import peft  # noqa: F401 -- imported by LoRA runs inside train(); every run imports it before the baseline
     import torch
 
-    from posttrain import memory
     from posttrain.config import RECIPE_CONFIGS, config_from_dict
     from posttrain.recipes import grpo, preference, reward_model, sft
-    from posttrain.tracking import Tracker
+    from posttrain.runtime import memory
+    from posttrain.runtime.tracking import Tracker
 
     shapes: list[tuple[int, int, int]] = []  # (B, T, K) of every forward that builds a graph
 
@@ -219,9 +219,9 @@ def run(name: str, recipe: str, preset: str, vocab: int, extra: tuple[str, ...],
 def planned(r: dict):
     """The planner's estimate for a measured run: its model directory read by ``posttrain plan``'s loader,
     its settings, the shape of its largest forward."""
-    from posttrain.config import config_from_dict, RECIPE_CONFIGS
-    from posttrain.plan_cli import load_shape
-    from posttrain.planning import PAIR_RECIPES, Plan, estimate
+    from posttrain.commands.plan import load_shape
+    from posttrain.config import RECIPE_CONFIGS, config_from_dict
+    from posttrain.planning.estimate import PAIR_RECIPES, Plan, estimate
 
     cfg = config_from_dict(RECIPE_CONFIGS["preference" if r["recipe"] == "dpo" else r["recipe"]], {}, r["overrides"])
     rl = r["recipe"] in ("grpo", "ppo")

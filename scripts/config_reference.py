@@ -10,7 +10,7 @@ import sys
 import typing
 from pathlib import Path
 
-import posttrain.pipeline  # noqa: F401 - registers the pipeline config
+import posttrain.pipeline.stages  # noqa: F401 - registers the pipeline config
 from posttrain.config import RECIPE_CONFIGS, field_help
 
 SHARED = ("model", "lora", "data", "optim", "train")

@@ -5,8 +5,8 @@ own counts instead of the global ones -- the mistake the N-ranks == 1-rank tests
 import os
 import sys
 
-from posttrain import distributed
-from posttrain.cli import main
+from posttrain.commands.main import main
+from posttrain.runtime import distributed
 
 if os.environ.get("POSTTRAIN_TEST_MUTATION") == "local_counts":
     distributed.Dist.sum = lambda self, x: x

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.cli import main
+from posttrain.commands.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SFT = ["model=tiny", "data.path=builtin:arithmetic", "data.num_examples=32", "data.max_length=48",
@@ -56,8 +56,7 @@ def test_an_invalid_config_creates_no_output_directory(tmp_path, capsys):
 def test_a_read_only_output_directory_is_named(tmp_path, monkeypatch, capsys):
     import errno
 
-    from posttrain import rundir
-
+    from posttrain.run import rundir
     def read_only(path, text):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
@@ -122,8 +121,8 @@ def test_maj_at_k_uses_a_user_functions_extractor_or_says_why_it_is_missing(mode
 
 
 def test_threads_are_chosen_logged_and_settable(tmp_path, monkeypatch, caplog):
-    from posttrain.loop import choose_threads
     from posttrain.recipes import sft
+    from posttrain.run.loop import choose_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("POSTTRAIN_THREADS", raising=False)
@@ -174,8 +173,7 @@ def test_command_line_counts_and_devices_are_checked(capsys):
 
 def test_the_preflight_resolves_a_verifier_class_without_building_it():
     from extracting_rewards import Costly
-
-    from posttrain.preflight import verifier_problem
+    from posttrain.run.preflight import verifier_problem
 
     assert verifier_problem("extracting_rewards:Costly", {"threshold": 0.9}) is None
     assert "unknown option(s) ['treshold']; its options are ['threshold']" in verifier_problem(
@@ -186,8 +184,7 @@ def test_the_preflight_resolves_a_verifier_class_without_building_it():
 def test_a_failed_atomic_write_names_the_file_not_its_temporary(tmp_path, monkeypatch, capsys):
     import errno
 
-    from posttrain import io_utils
-
+    from posttrain.runtime import files as io_utils
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')

@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.config import (RECIPE_CONFIGS, ConfigError, SFTConfig, config_from_dict, field_help, load_config,
-                              to_dict)
+from posttrain.config import RECIPE_CONFIGS, ConfigError, SFTConfig, config_from_dict, field_help, load_config, to_dict
 
 EXAMPLES = sorted(Path(__file__).resolve().parent.parent.joinpath("examples").glob("*.yaml"))
 
@@ -149,3 +148,69 @@ def test_a_key_given_twice_and_a_binary_config_file_are_config_errors(tmp_path):
         load_config(SFTConfig, b)
     with pytest.raises(ConfigError, match="is not a file"):
         load_config(SFTConfig, tmp_path)
+
+
+# --- the config rejects what its consumer rejects (issue 19's papercuts) -----------------------------------
+
+
+@pytest.mark.parametrize("recipe,override,field", [
+    ("grpo", "eps_low=1.5", "eps_low"),                    # losses/policy.py: eps_low in [0, 1); ran, exit 0
+    ("grpo", "eps_low=1.0", "eps_low"),
+    ("ppo", "eps_high=-0.1", "eps_high"),
+    ("grpo", "rollout_is_cap=0", "rollout_is_cap"),        # losses/importance.py: cap > 0
+    ("preference", "label_smoothing=0.5", "label_smoothing"),  # losses/preference.py: [0, 0.5)
+    ("ppo", "lam=1.5", "lam"),
+    ("ppo", "critic.value_clip=-0.1", "critic.value_clip"),
+    ("grpo", "diagnostics.collapse_share=1.5", "diagnostics.collapse_share"),  # a warning that could never fire
+    ("grpo", "diagnostics.entropy_ratio=1.5", "diagnostics.entropy_ratio"),
+    ("grpo", "diagnostics.collapse_steps=0", "diagnostics.collapse_steps"),
+    ("grpo", "vllm.gpu_memory_utilization=1.5", "vllm.gpu_memory_utilization"),
+])
+def test_a_value_its_consumer_rejects_fails_at_load_naming_the_field(recipe, override, field):
+    with pytest.raises(ConfigError, match=rf"override '{re.escape(override)}': {re.escape(field)}: must be"):
+        load_config(RECIPE_CONFIGS[recipe], None, [override])
+
+
+def test_eps_low_above_one_stops_the_command_before_anything_runs(tmp_path, capsys):
+    from posttrain.commands.main import main
+
+    out = tmp_path / "r"
+    assert main(["grpo", "model=tiny", "data.path=builtin:arithmetic", "eps_low=1.5", f"train.output_dir={out}"]) == 2
+    assert "eps_low: must be in [0, 1), got 1.5" in capsys.readouterr().err and not out.exists()
+
+
+def _numeric_fields(cls, prefix=""):
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            yield from _numeric_fields(type(default), f"{prefix}{f.name}.")
+        elif isinstance(default, tuple) and default and dataclasses.is_dataclass(default[0]):
+            yield from _numeric_fields(type(default[0]), f"{prefix}{f.name}[].")
+        elif not isinstance(default, bool) and (isinstance(default, (int, float)) or f.name == "beta"):
+            yield f"{prefix}{f.name}", f.name
+
+
+def test_every_numeric_field_of_every_recipe_has_a_range_or_a_reason():
+    """A new numeric field must say what values it takes (config/loading.py's ranges), or why any finite
+    value will do (UNBOUNDED), so the config never accepts what its consumer rejects."""
+    from posttrain.config import loading
+
+    declared = set(loading._RANGES) | loading._POSITIVE | loading._NON_NEGATIVE | set(loading.UNBOUNDED)
+    missing = sorted({path for cls in RECIPE_CONFIGS.values() for path, name in _numeric_fields(cls)
+                      if name not in declared})
+    assert missing == []
+
+
+@pytest.mark.parametrize("recipe,overrides,field", [
+    ("grpo", ["eval_every=100"], "eval_every"),  # held-out accuracy every 100 steps, on nothing
+    ("ppo", ["eval_every=10"], "eval_every"),
+    ("sft", ["train.eval_every=10", "data.eval_fraction=0"], "train.eval_every"),
+    ("preference", ["train.eval_every=10", "data.eval_fraction=0"], "train.eval_every"),
+    ("reward_model", ["train.eval_every=10", "data.eval_fraction=0"], "train.eval_every"),
+])
+def test_an_evaluation_asked_for_with_nothing_to_evaluate_on_is_a_config_error(recipe, overrides, field):
+    with pytest.raises(ConfigError, match=rf"{re.escape(field)}: \d+ asks for .* set (data.eval_path|one of them)"):
+        load_config(RECIPE_CONFIGS[recipe], None, overrides)
+    # with something to evaluate on, the same request loads
+    fix = "data.eval_path=builtin:arithmetic" if field == "eval_every" else "data.eval_fraction=0.1"
+    load_config(RECIPE_CONFIGS[recipe], None, [*overrides, fix])

@@ -7,14 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.config import DiagnosticsConfig, GRPOConfig, PPOConfig, config_from_dict, ConfigError
+from posttrain.config import ConfigError, DiagnosticsConfig, GRPOConfig, PPOConfig, config_from_dict
 from posttrain.evaluation import evaluate, majority_baseline
 from posttrain.recipes import grpo, ppo
-from posttrain.rl.diagnostics import Monitor, answer_diversity, rollout_diagnostics, zero_variance_split
 from posttrain.rl import rollouts
+from posttrain.rl.diagnostics import Monitor, answer_diversity, rollout_diagnostics, zero_variance_split
 from posttrain.rl.groups import Group
 from posttrain.rl.watch import read_warnings
-from posttrain.tracking import read_metrics
+from posttrain.runtime.tracking import read_metrics
 
 
 def test_answer_diversity_by_hand():
@@ -57,8 +57,8 @@ def _collapsing_groups(step, P=4, G=4):
 
 
 def _metrics_of(groups):
+    from posttrain.rewards import extract_answer, is_correct
     from posttrain.rl.diagnostics import canonical_answer
-    from posttrain.verifiers import extract_answer, is_correct
 
     return rollout_diagnostics(groups, canonical_answer(extract_answer), lambda i: str(i + 10), is_correct)
 
@@ -95,10 +95,49 @@ def test_no_collapse_warning_when_the_gold_answers_themselves_agree():
 
 
 def test_entropy_warning_relative_to_the_start():
-    mon = Monitor(DiagnosticsConfig(entropy_ratio=0.25, entropy_start_steps=2))
+    mon = Monitor(DiagnosticsConfig(entropy_ratio=0.25, entropy_start_steps=2, rearm_steps=1))
     seq = [1.0, 0.8, 0.5, 0.3, 0.2, 0.15, 0.5, 0.1]  # start 0.9; below 0.225 at steps 5, 6 and 8
     steps = [s for s, e in enumerate(seq, 1) for a in mon.observe(s, {"entropy": e}) if a.kind == "entropy"]
     assert steps == [5, 8]  # once per episode: it cleared at step 7 and fell again at step 8
+
+
+def test_entropy_hovering_at_its_threshold_warns_once():
+    """Entropy that hovers at the threshold (the run that warned 21 times in 250 steps): below it, then just
+    above it (not clearly back: within rearm_margin), over and over, is one episode and one warning."""
+    mon = Monitor(DiagnosticsConfig(entropy_ratio=0.25, entropy_start_steps=2))  # start 1.0: threshold 0.25
+    seq = [1.0, 1.0] + [0.24, 0.26, 0.27, 0.28] * 62  # 0.26..0.28 < 0.25 * 1.2: never clearly back
+    steps = [s for s, e in enumerate(seq, 1) for a in mon.observe(s, {"entropy": e}) if a.kind == "entropy"]
+    assert steps == [3]
+
+
+def test_entropy_warns_again_only_after_it_was_clearly_back_for_rearm_steps():
+    mon = Monitor(DiagnosticsConfig(entropy_ratio=0.25, entropy_start_steps=2, rearm_margin=0.2, rearm_steps=3))
+    # fires at 3; clearly back (0.4 >= 0.3) for 2 steps only, so 6 is the same episode; back 3 steps, 10 fires
+    seq = [1.0, 1.0, 0.2, 0.4, 0.4, 0.2, 0.4, 0.4, 0.4, 0.2]
+    steps = [s for s, e in enumerate(seq, 1) for a in mon.observe(s, {"entropy": e}) if a.kind == "entropy"]
+    assert steps == [3, 10]
+
+
+def test_a_flat_training_reward_warns_once_with_its_likely_causes():
+    """The run whose mean reward stayed at 0.22-0.28 for 600 steps raised nothing: now it is one warning."""
+    mon = Monitor(DiagnosticsConfig(flat_window=100, flat_min_rise=0.02))
+    alerts = []
+    for step in range(1, 601):
+        m = {"reward/mean": 0.25 + 0.03 * ((step * 7919) % 13 - 6) / 6, "zero_variance_frac": 0.6,
+             "zero_variance/all_correct": 0.05, "zero_variance/all_wrong": 0.55}
+        alerts += [a for a in mon.observe(step, m) if a.kind == "flat_reward"]
+    (alert,) = alerts
+    assert alert.step == 100 and "not learning from this reward" in alert.cause and "55% all wrong" in alert.cause
+    assert "too hard" in alert.suggestion and "optim.lr" in alert.suggestion and "audit-verifier" in alert.suggestion
+
+
+def test_a_rising_or_solved_training_reward_does_not_warn_flat():
+    rising, solved = Monitor(DiagnosticsConfig(flat_window=100)), Monitor(DiagnosticsConfig(flat_window=100))
+    for step in range(1, 601):
+        assert not rising.observe(step, {"reward/mean": 0.2 + 0.6 * step / 600})  # +0.05 per 100 steps
+        # flat at the top: most groups are all correct, which is the zero_variance warning's business
+        assert not [a for a in solved.observe(step, {"reward/mean": 0.97, "zero_variance/all_correct": 0.9})
+                    if a.kind == "flat_reward"]
 
 
 def test_zero_variance_warning_names_too_hard():
@@ -133,8 +172,21 @@ def test_majority_baseline_by_hand():
     assert majority_baseline([{"prompt": "x"}]) is None
 
 
+def test_versus_the_majority_baseline_says_not_significantly_above_when_the_interval_reaches_it():
+    from posttrain.evaluation import EvalSummary, format_summary, versus_baseline, wilson
+
+    # the printed case: 30.5% on 200 prompts (interval [24.5, 37.2]) against a 25.5% baseline
+    ci = wilson(61, 200)
+    assert ci[0] < 0.255 < 0.305
+    assert versus_baseline(0.305, ci, 0.255) == "not significantly above"
+    assert versus_baseline(0.20, wilson(40, 200), 0.255) == "below"
+    assert versus_baseline(0.50, wilson(100, 200), 0.255) == "above"
+    s = EvalSummary(n_prompts=200, greedy_accuracy=0.305, greedy_ci=ci, majority_baseline=0.255, majority_answer="3")
+    assert "NOT SIGNIFICANTLY ABOVE the majority baseline" in format_summary(s) and s.above_majority is False
+
+
 def test_evaluation_reports_the_majority_baseline_and_flags_a_model_below_it(tiny_model, char_tok):
-    from posttrain.verifiers import load
+    from posttrain.rewards import load
 
     rows = [{"prompt": f"{i}+0=", "answer": "1" if i < 6 else str(i)} for i in range(8)]
     s = evaluate(tiny_model, char_tok, rows, load("math"), max_new_tokens=4)
@@ -205,14 +257,14 @@ def test_held_out_metrics_closes_the_verifier_it_loads(monkeypatch):
     when the evaluation ends, not whenever the object is collected."""
     import types
 
-    from posttrain import evaluation, verifiers
+    from posttrain.rl import watch
     from posttrain.rl.watch import held_out_metrics
 
     closed = []
     check = types.SimpleNamespace(close=lambda: closed.append(1))
-    monkeypatch.setattr(verifiers, "load", lambda name, **options: check)
+    monkeypatch.setattr(watch, "load", lambda name, **options: check)
     summary = types.SimpleNamespace(greedy_accuracy=0.5, majority_baseline=None, pass_at_k=None)
-    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: summary)
+    monkeypatch.setattr(watch, "evaluate", lambda *a, **k: summary)
     cfg = config_from_dict(GRPOConfig, {})
     assert held_out_metrics(None, None, [{"prompt": "1+1=", "answer": "2"}], cfg) == {"eval_accuracy": 0.5}
     assert closed == [1]

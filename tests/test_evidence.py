@@ -5,11 +5,19 @@ import copy
 
 import pytest
 
+from posttrain.commands.demo import demo_config
 from posttrain.config import GRPOConfig, config_from_dict
-from posttrain.demo import demo_config
-from posttrain.evidence import (TASK_DATA, ablation_config, generated_tokens, parse_seeds, seed_row, seed_table,
-                                use_seed, use_task)
-from posttrain.pipeline import PipelineConfig, plan
+from posttrain.pipeline.evidence import (
+    TASK_DATA,
+    ablation_config,
+    generated_tokens,
+    parse_seeds,
+    seed_row,
+    seed_table,
+    use_seed,
+    use_task,
+)
+from posttrain.pipeline.stages import PipelineConfig, plan
 
 
 def _without_data_paths(data):
@@ -83,8 +91,8 @@ def test_generated_tokens_and_the_ablation_budget():
 def test_demo_seeds_runs_one_pipeline_per_seed_and_writes_the_table(tmp_path, monkeypatch, capsys):
     import json
 
-    import posttrain.pipeline as pipeline
-    from posttrain.demo import main
+    import posttrain.commands.demo as demo
+    from posttrain.commands.demo import main
 
     seen = []
 
@@ -96,7 +104,7 @@ def test_demo_seeds_runs_one_pipeline_per_seed_and_writes_the_table(tmp_path, mo
                             "eval": _ev(acc[s.recipe], acc[s.recipe] - 0.05, acc[s.recipe] + 0.05)}
                            for s in cfg.stages], "controls": []}
 
-    monkeypatch.setattr(pipeline, "run", fake_run)
+    monkeypatch.setattr(demo, "run", fake_run)
     assert main(["--fast", "--seeds", "0,2", "--task", "counting", "--output", str(tmp_path)]) == 0
     assert [c.output_dir for c in seen] == [str(tmp_path / "seed0"), str(tmp_path / "seed2")]
     assert [{s.config["train"]["seed"] for s in c.stages} for c in seen] == [{0}, {2}]

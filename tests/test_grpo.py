@@ -6,7 +6,7 @@ import torch
 from posttrain.config import GRPOConfig, config_from_dict
 from posttrain.recipes import grpo
 from posttrain.rl.groups import Group, collect_groups
-from posttrain.tracking import read_metrics
+from posttrain.runtime.tracking import read_metrics
 
 
 def _group(row, prompt, completions, rewards, truncated=None):

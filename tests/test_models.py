@@ -67,3 +67,19 @@ def test_lora_trains_adapters_only_and_merges_on_export(tmp_path, tiny_model, ch
         assert torch.allclose(plain(ids).logits, expected, atol=1e-5)
     with pytest.raises(ValueError, match="not found in the model"):
         apply_lora(build_tiny_model("tiny", char_tok), LoraConfig(r=2, target_modules=("c_attn",)))
+
+
+def test_loading_and_exporting_show_no_transformers_progress_bars(tmp_path, tiny_model, char_tok, capfd):
+    """transformers' "Loading weights" / "Writing model shards" bars interleaved with posttrain's own in the
+    demo's output: they are off while posttrain saves and loads, and on again after (a user's own code keeps
+    them)."""
+    from transformers.utils import logging as hf_logging
+
+    capfd.readouterr()
+    export_model(tmp_path, tiny_model, char_tok, name="m")
+    load_model(ModelConfig(path=str(tmp_path / "m")))
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err
+    assert hf_logging.is_progress_bar_enabled()
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))  # outside posttrain: transformers' bar as usual
+    assert "Loading weights" in capfd.readouterr().err

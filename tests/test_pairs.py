@@ -5,15 +5,15 @@ import json
 
 import pytest
 
-from posttrain.cli import main
+from posttrain.commands.main import main
 from posttrain.config import PreferenceConfig, config_from_dict
 from posttrain.data.formats import reward_columns
 from posttrain.models.tiny import build_tiny_model, build_tokenizer
-from posttrain.pairs import make_pairs
+from posttrain.pipeline.pairs import make_pairs
 from posttrain.recipes import preference
+from posttrain.rewards import load as load_verifier
+from posttrain.runtime.tracking import read_metrics
 from posttrain.tasks import get_task
-from posttrain.tracking import read_metrics
-from posttrain.verifiers import load as load_verifier
 
 VERIFIER = "toy_rewards:parity"  # deterministic, ~half of a random model's samples pass, reads `answer`
 

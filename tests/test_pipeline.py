@@ -2,9 +2,9 @@ import json
 
 import pytest
 
+from posttrain.commands.demo import check_targets, demo_config
 from posttrain.config import ConfigError, config_from_dict
-from posttrain.demo import check_targets, demo_config
-from posttrain.pipeline import PipelineConfig, plan, run
+from posttrain.pipeline.stages import PipelineConfig, plan, run
 
 
 def _tiny_pipeline(tmp_path, **extra):
@@ -107,7 +107,7 @@ def test_check_targets_flags_a_drop_and_the_grpo_gain():
 
 
 def test_demo_fast_runs_end_to_end(tmp_path):
-    from posttrain.demo import main
+    from posttrain.commands.demo import main
 
     assert main(["--fast", "--output", str(tmp_path / "demo")]) == 0
     summary = json.loads((tmp_path / "demo" / "pipeline.json").read_text())
@@ -148,7 +148,7 @@ def test_check_targets_compares_a_branch_with_the_stage_it_started_from():
 
 
 def test_rlhf_demo_fast_runs_both_branches_and_reports_them_side_by_side(tmp_path):
-    from posttrain.demo import main
+    from posttrain.commands.demo import main
 
     assert main(["--rlhf", "--fast", "--output", str(tmp_path / "demo")]) == 0
     summary = json.loads((tmp_path / "demo" / "pipeline.json").read_text())
@@ -164,7 +164,7 @@ def test_rlhf_demo_fast_runs_both_branches_and_reports_them_side_by_side(tmp_pat
 def test_every_problem_of_every_stage_is_reported_before_anything_runs(tmp_path, capsys):
     import yaml
 
-    from posttrain.cli import main
+    from posttrain.commands.main import main
 
     cfg = _tiny_pipeline(tmp_path)
     stages = [dict(s) for s in (to_plain(st) for st in cfg.stages)]
@@ -187,7 +187,7 @@ def test_every_problem_of_every_stage_is_reported_before_anything_runs(tmp_path,
 def test_a_reward_module_next_to_the_pipeline_config_is_found(tmp_path, monkeypatch):
     import yaml
 
-    from posttrain.cli import main
+    from posttrain.commands.main import main
 
     conf = tmp_path / "conf"
     conf.mkdir()
@@ -213,7 +213,7 @@ def test_a_complete_stage_whose_config_changed_is_not_silently_skipped(tmp_path)
     import yaml
 
     from posttrain.config import to_dict
-    from posttrain.preflight import pipeline_problems
+    from posttrain.run.preflight import pipeline_problems
 
     cfg = _tiny_pipeline(tmp_path)
     plans = plan(cfg)
@@ -232,9 +232,9 @@ def test_a_complete_stage_whose_config_changed_is_not_silently_skipped(tmp_path)
 
 
 def test_dynamic_sampling_ablation_spends_the_same_generation_per_step(tmp_path):
-    from posttrain.evidence import run_ablation
+    from posttrain.pipeline.evidence import run_ablation
     from posttrain.report import build_report
-    from posttrain.tracking import read_metrics
+    from posttrain.runtime.tracking import read_metrics
 
     cfg = config_from_dict(PipelineConfig, {
         "output_dir": str(tmp_path / "pipe"),

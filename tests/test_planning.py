@@ -10,15 +10,15 @@ import json
 import pytest
 import torch
 
-from posttrain import planning as pl
-from posttrain.config import LoraConfig, GRPOConfig, PPOConfig, config_from_dict
+from posttrain.commands.plan import load_shape, main, parse_gpus
+from posttrain.config import GRPOConfig, LoraConfig, PPOConfig, config_from_dict
 from posttrain.losses.logprobs import completion_logps, forward_logits, token_logps
-from posttrain.memory import MB, optimizer_bytes
 from posttrain.models.lora import apply_lora
 from posttrain.models.scalar import scalar_from_causal, token_values
 from posttrain.models.tiny import build_tiny_model, build_tokenizer
-from posttrain.plan_cli import load_shape, main, parse_gpus
-from posttrain.tracking import read_metrics
+from posttrain.planning import estimate as pl
+from posttrain.runtime.memory import MB, optimizer_bytes
+from posttrain.runtime.tracking import read_metrics
 
 TOK = build_tokenizer("char")
 

@@ -25,7 +25,7 @@ from posttrain.models.scalar import scalar_from_causal
 from posttrain.recipes import grpo, ppo
 from posttrain.recipes import reward_model as rm
 from posttrain.rl.groups import Group
-from posttrain.tracking import read_metrics
+from posttrain.runtime.tracking import read_metrics
 
 TESTS = Path(__file__).parent
 
@@ -237,7 +237,7 @@ def test_critic_with_another_tokenizer_is_refused_naming_the_field(tmp_path, cha
 
 
 def _cli(out_dir, steps):
-    return [sys.executable, "-m", "posttrain.cli", "ppo", *RL_COMMON, "rewards=[toy_rewards:ones]", "beta=0.05",
+    return [sys.executable, "-m", "posttrain.commands.main", "ppo", *RL_COMMON, "rewards=[toy_rewards:ones]", "beta=0.05",
             "prompts_per_step=2", "num_generations=2", "max_completion_length=8", "num_mini_batches=2", "ppo_epochs=2",
             "optim.lr=3e-3", "critic.lr=3e-3", f"train.steps={steps}", "train.save_every=3", "train.progress=false",
             f"train.output_dir={out_dir}"]

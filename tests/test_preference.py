@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.cli import main
+from posttrain.commands.main import main
 from posttrain.config import ConfigError, PreferenceConfig, config_from_dict
 from posttrain.data.io import DataError, Rows
 from posttrain.models.checkpoint import list_checkpoints
 from posttrain.recipes import preference
+from posttrain.runtime.tracking import read_metrics
 from posttrain.tasks import get_task
-from posttrain.tracking import read_metrics
 
 
 def toy_pairs(n: int, seed: int = 0) -> list[dict]:

@@ -8,9 +8,10 @@ from html import escape
 import pytest
 import yaml
 
-from posttrain.report import build_report, main
-from posttrain.report.svg import nice_ticks
+from posttrain.commands.report import main
+from posttrain.report import build_report
 from posttrain.report.load import ReportError
+from posttrain.report.svg import nice_ticks
 
 XSS = "<script>alert(1)</script>"
 
@@ -208,9 +209,9 @@ def test_rl_warnings_diversity_majority_baseline_and_preference_trend(tmp_path):
     assert not any(i.startswith("grpo: warning") for i in ids)  # the flags are the list above, not charts
     table = html[html.index("<table>"):html.index("</table>")]
     pre = table[table.index("<td>pretrain</td>"):]
-    assert "30.0% (7)" in pre[:pre.index("</tr>")] and "not above" in pre[:pre.index("</tr>")]
+    assert "30.0% (7)" in pre[:pre.index("</tr>")] and ">below</span>" in pre[:pre.index("</tr>")]
     grpo_row = table[table.index("<td>grpo</td>"):]
-    assert "30.0% (7)" in grpo_row[:grpo_row.index("</tr>")] and "not above" not in grpo_row[:grpo_row.index("</tr>")]
+    assert "30.0% (7)" in grpo_row[:grpo_row.index("</tr>")] and "badge bad" not in grpo_row[:grpo_row.index("</tr>")]
     assert "log-prob of the chosen completions -8.00, of the rejected -16.00" in html
     assert "the chosen answers became less likely too" in html
 
@@ -238,7 +239,7 @@ def test_missing_run_dir_raises(tmp_path):
 
 
 def test_a_directory_that_is_not_a_run_is_refused_and_left_alone(tmp_path, capsys):
-    from posttrain.cli import main
+    from posttrain.commands.main import main
 
     (tmp_path / "notes.txt").write_text("not a run")
     with pytest.raises(ReportError, match="is not a run directory"):

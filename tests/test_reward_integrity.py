@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from posttrain.config import GRPOConfig, config_from_dict
 from posttrain.recipes import grpo
-from posttrain.tracking import read_metrics
-from posttrain.verifiers import build_reward
-from posttrain.verifiers.composite import RewardFault
+from posttrain.rewards import build_reward
+from posttrain.rewards.composite import RewardFault
+from posttrain.runtime.tracking import read_metrics
 
 COMPLETIONS = ["a", "b", "c", "d"]
 

@@ -14,9 +14,9 @@ from posttrain.config import RewardModelConfig, config_from_dict
 from posttrain.data.io import DataError
 from posttrain.models.loading import load_tokenizer
 from posttrain.recipes import reward_model as rm
-from posttrain.tracking import read_metrics
-from posttrain.verifiers import build_reward, load
-from posttrain.verifiers.registry import VerifierLoadError
+from posttrain.rewards import build_reward, load
+from posttrain.rewards.registry import VerifierLoadError
+from posttrain.runtime.tracking import read_metrics
 
 
 def _pairs_file(path, n=120, seed=0, **extra):

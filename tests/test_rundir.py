@@ -6,12 +6,12 @@ import pytest
 import torch
 import yaml
 
-from posttrain.cli import main
+from posttrain.commands.main import main
 from posttrain.config import GRPOConfig, SFTConfig, config_from_dict, to_dict
 from posttrain.models import checkpoint as ck
 from posttrain.recipes import sft
-from posttrain.rundir import RunDirError, check_run_dir, config_diff, is_safe
-from posttrain.tracking import read_metrics
+from posttrain.run.rundir import RunDirError, check_run_dir, config_diff, is_safe
+from posttrain.runtime.tracking import read_metrics
 
 SFT = ["model=tiny", "data.path=builtin:arithmetic", "data.num_examples=64", "data.max_length=48",
        "optim.lr=3e-3", "train.micro_batch_size=8", "train.progress=false"]

@@ -17,8 +17,8 @@ import uuid
 
 import pytest
 
-from posttrain.verifiers.code import CodeVerifier
-from posttrain.verifiers.sandbox import Sandbox, SandboxLimits, processes_of_uid, read_capped
+from posttrain.rewards.code import CodeVerifier
+from posttrain.rewards.sandbox import Sandbox, SandboxLimits, processes_of_uid, read_capped
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (make system-deps)")
 

@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM
 from posttrain.config import SFTConfig, config_from_dict
 from posttrain.data.collate import collate_packed, collate_padded, pack
 from posttrain.data.tokenize import encode_prompt_completion
-from posttrain.loop import NonFiniteError
 from posttrain.models.checkpoint import latest_checkpoint, list_checkpoints
 from posttrain.recipes import sft
+from posttrain.run.loop import NonFiniteError
+from posttrain.runtime.tracking import TrackingError, read_metrics
 from posttrain.tasks import get_task
-from posttrain.tracking import TrackingError, read_metrics
 
 
 def _cfg(tmp_path, *overrides, name="run"):
@@ -98,7 +98,7 @@ def test_accumulation_invariance_end_to_end(tmp_path):
 
 
 def _cli(out_dir, steps):
-    return [sys.executable, "-m", "posttrain.cli", "sft", "model=tiny", "data.path=builtin:arithmetic",
+    return [sys.executable, "-m", "posttrain.commands.main", "sft", "model=tiny", "data.path=builtin:arithmetic",
             "data.num_examples=400", "data.max_length=48", "optim.lr=3e-3", "train.micro_batch_size=16",
             f"train.steps={steps}", "train.save_every=5", "train.progress=false", f"train.output_dir={out_dir}"]
 

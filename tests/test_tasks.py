@@ -3,8 +3,8 @@
 import pytest
 
 from posttrain.data.io import DataError, read_rows
+from posttrain.rewards import load
 from posttrain.tasks import get_task
-from posttrain.verifiers import load
 
 
 def test_counting_tally_and_answer_are_right():

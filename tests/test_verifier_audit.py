@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from posttrain.verifiers.audit import main, read_jsonl, run_audit
+from posttrain.commands.audit import main, read_jsonl
+from posttrain.rewards.audit import run_audit
 
 MATH_ROWS = [
     {"prompt": "1+1?", "answer": "2"},
@@ -84,10 +85,9 @@ def test_bad_data_line_is_named(tmp_path, capsys):
     assert "bad.jsonl:2" in capsys.readouterr().err
 
 
-def test_model_sampling_without_evaluation_module_is_a_clear_error(math_file, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "posttrain.evaluation", None)  # makes the import fail
-    assert main(["--verifier", "math", "--data", str(math_file), "--model", "some/dir"]) == 2
-    assert "sample_completions" in capsys.readouterr().err
+def test_model_sampling_from_a_missing_model_is_a_clear_error(math_file, tmp_path, capsys):
+    assert main(["--verifier", "math", "--data", str(math_file), "--model", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
 
 
 def test_a_misnamed_gold_column_is_an_error_not_a_clean_report(tmp_path):
@@ -99,8 +99,8 @@ def test_a_misnamed_gold_column_is_an_error_not_a_clean_report(tmp_path):
 
 
 def test_code_audit_probes_the_sandbox_tricks():
-    pytest.importorskip("posttrain.verifiers.code")
-    from posttrain.verifiers.sandbox import SandboxUnavailable
+    pytest.importorskip("posttrain.rewards.code")
+    from posttrain.rewards.sandbox import SandboxUnavailable
 
     rows = [{"tests": [{"input": "2\n", "output": "4\n"}, {"input": "5\n", "output": "10\n"}], "solution": "print(int(input()) * 2)\n"}]
     try:

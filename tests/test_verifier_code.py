@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from posttrain.verifiers.code import CodeVerifier, extract_program, parse_tests, values_match
-from posttrain.verifiers.sandbox import SandboxUnavailable
+from posttrain.rewards.code import CodeVerifier, extract_program, parse_tests, values_match
+from posttrain.rewards.sandbox import SandboxUnavailable
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (make system-deps)")
 
@@ -319,7 +319,7 @@ def test_missing_bwrap_says_how_to_install() -> None:
 
 
 def test_sandbox_none_is_loud_but_still_limited(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="posttrain.verifiers.sandbox"):
+    with caplog.at_level(logging.WARNING, logger="posttrain.rewards.sandbox"):
         verifier = CodeVerifier(sandbox="none", timeout=1.0)
     assert any("DISABLED" in r.getMessage() for r in caplog.records)
     assert verifier(fenced("def square(x):\n    return x * x"), tests=SQUARE_FN) == 1.0

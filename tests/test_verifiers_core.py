@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from posttrain.verifiers import (
+from posttrain.rewards import (
     Score,
     VerifierError,
     batch,
@@ -19,9 +19,9 @@ from posttrain.verifiers import (
     extract_answers,
     load,
 )
-from posttrain.verifiers.format import soft_overlong_penalty
-from posttrain.verifiers.math import MathVerifier
-from posttrain.verifiers.pool import WorkerPool, WorkerTaskError
+from posttrain.rewards.format import soft_overlong_penalty
+from posttrain.rewards.math import MathVerifier
+from posttrain.rewards.pool import WorkerPool, WorkerTaskError
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_a_worker_whose_parent_drops_the_pipe_ends_quietly(capfd):
     ends with status 0 and prints no traceback (seen in the demo's logs between two GRPO stages)."""
     import multiprocessing as mp
 
-    from posttrain.verifiers.pool import _worker_main
+    from posttrain.rewards.pool import _worker_main
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=True)
@@ -377,8 +377,8 @@ def test_load_errors_and_laziness():
     with pytest.raises(ImportError, match="no_such_module"):
         load("no_such_module:fn")
     code = (
-        "import sys, posttrain.verifiers as v; v.load('format'); "
-        "print('math_verify' in sys.modules, 'posttrain.verifiers.code' in sys.modules)"
+        "import sys, posttrain.rewards as v; v.load('format'); "
+        "print('math_verify' in sys.modules, 'posttrain.rewards.code' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert out.stdout.split() == ["False", "False"]
@@ -402,8 +402,8 @@ def test_score_is_a_float_with_details():
     ],
 )
 def test_fast_path_agrees_with_math_verify(gold, answer):
-    from posttrain.verifiers.extract import fast_equivalence
-    from posttrain.verifiers.math import check_equivalence
+    from posttrain.rewards.extract import fast_equivalence
+    from posttrain.rewards.math import check_equivalence
 
     fast = fast_equivalence(gold, answer, 1e-6)
     assert fast is not None, "this pair should be decided by the fast path"
@@ -412,7 +412,7 @@ def test_fast_path_agrees_with_math_verify(gold, answer):
 
 @pytest.mark.parametrize("text", ["\\boxed \n5", "\\boxed $5$", "so \\boxed \t\n", "\\boxed  $"])
 def test_a_box_without_an_argument_is_no_answer_not_a_crash(text):
-    from posttrain.verifiers.extract import find_boxed
+    from posttrain.rewards.extract import find_boxed
 
     assert all(content.strip() for _, content in find_boxed(text))  # found nothing bogus, raised nothing
     assert float(load("math", workers=1)(text, answer="5")) == 0.0
@@ -444,7 +444,7 @@ def test_math_trailing_reject_scores_text_after_the_final_answer(completion, mod
 
 
 def test_extraction_keeps_the_text_after_the_final_answer():
-    from posttrain.verifiers.extract import extract_answers
+    from posttrain.rewards.extract import extract_answers
 
     assert extract_answers("a \\boxed{1} b \\boxed{\\frac{1}{2}} tail").after == " tail"
     assert extract_answers("no claim here").after is None

@@ -145,7 +145,7 @@ def test_lora_policy_is_pushed_with_merged_adapters(char_tok):
 def _grpo(tmp_path, engine, *extra):
     from posttrain.config import GRPOConfig, config_from_dict
     from posttrain.recipes import grpo
-    from posttrain.tracking import read_metrics
+    from posttrain.runtime.tracking import read_metrics
 
     cfg = config_from_dict(GRPOConfig, {}, [
         f"train.output_dir={tmp_path / engine}", "train.progress=false", "model=small", "data.path=builtin:arithmetic",
@@ -189,8 +189,8 @@ def test_eval_and_make_pairs_run_on_the_vllm_engine(tmp_path, char_tok):
     make-pairs samples with it (every prompt's n samples scored, the counts add up)."""
     from posttrain.evaluation import evaluate_model_dir
     from posttrain.models.loading import load_tokenizer
-    from posttrain.pairs import make_pairs
-    from posttrain.verifiers import load
+    from posttrain.pipeline.pairs import make_pairs
+    from posttrain.rewards import load
 
     model = _model(char_tok, 0.3)
     model.save_pretrained(tmp_path / "m")
@@ -269,7 +269,7 @@ def test_ppo_with_vllm_pushes_every_update_and_learns_like_native(tmp_path):
     draw differently from the same seed: vLLM's sampler is its own.)"""
     from posttrain.config import PPOConfig, config_from_dict
     from posttrain.recipes import ppo
-    from posttrain.tracking import read_metrics
+    from posttrain.runtime.tracking import read_metrics
 
     runs = {}
     for engine in ("native", "vllm"):

@@ -11,10 +11,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from test_vllm import _engine, _max_diff, _model, _prompts, _teacher_forced  # noqa: E402
-
 from posttrain.models.tiny import build_tokenizer  # noqa: E402
 from posttrain.rollout.engine import SamplingParams  # noqa: E402
+from test_vllm import _engine, _max_diff, _model, _prompts, _teacher_forced  # noqa: E402
 
 
 def main() -> None:

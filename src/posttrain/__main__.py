@@ -2,7 +2,7 @@
 
 import sys
 
-from posttrain.cli import main
+from posttrain.commands.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from posttrain.runtime.files import atomic_write_text
+from posttrain.tasks import get_task
+
 
 class DataError(ValueError):
     """Bad input data; the message names the file, the row (line for jsonl/csv) and the column."""
@@ -89,8 +92,6 @@ def check_source(path: str, split: str = "train") -> str | None:
 
 
 def _builtin(path: str, split: str, n: int, seed: int) -> Rows:
-    from posttrain.tasks import get_task
-
     spec, _, query = path[len("builtin:"):].partition("?")
     name, _, kind = spec.partition("/")
     options = {}
@@ -170,8 +171,8 @@ def _json(p: Path) -> Rows:
 
 
 def _parquet(p: Path) -> Rows:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # noqa: PLC0415 - pyarrow loads for parquet files only
+    import pyarrow.parquet as pq  # noqa: PLC0415 - pyarrow loads for parquet files only
 
     try:
         rows = pq.read_table(p).to_pylist()
@@ -200,7 +201,7 @@ def _from_dataset(ds: Any, label: str) -> Rows:
 
 
 def _dataset_dir(p: Path, split: str) -> Rows:
-    import datasets
+    import datasets  # noqa: PLC0415 - datasets costs ~1 s to import; only dataset directories need it
 
     try:
         ds = datasets.load_from_disk(str(p))
@@ -216,7 +217,7 @@ def _dataset_dir(p: Path, split: str) -> Rows:
 
 
 def _hub(name: str, split: str) -> Rows:
-    import datasets
+    import datasets  # noqa: PLC0415 - datasets costs ~1 s to import; only dataset directories need it
 
     try:
         ds = datasets.load_dataset(name, split=split)
@@ -227,6 +228,4 @@ def _hub(name: str, split: str) -> Rows:
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Atomic: the file appears complete or not at all."""
-    from posttrain.io_utils import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

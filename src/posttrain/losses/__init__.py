@@ -1,5 +1,9 @@
-"""Pure loss functions over tensors (DESIGN principle 1): one function per named method, no
-model, config or torch.distributed inside. Per-token losses are reduced by ``aggregate``."""
+"""Pure loss functions over tensors (DESIGN principle 1): one function per named method, no model, config
+or torch.distributed inside. Per-token losses are reduced by ``aggregate``.
+
+May import: torch, and other losses only (an import-linter contract also keeps transformers, peft and vLLM
+out).
+"""
 
 from posttrain.losses.aggregation import (
     AGG_MODES,

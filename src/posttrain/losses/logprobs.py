@@ -97,12 +97,17 @@ class _HeadLogps(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(weight_VH.dtype), None, None, None, None
 
 
+# The attribute under which a model wrapped for data parallelism carries its FSDP entry point for
+# ``completion_logps_unwrapped`` (``run.loop.wrap`` registers it).
+COMPLETION_LOGPS_ENTRY = "_posttrain_completion_logps"
+
+
 def completion_logps(model, input_ids_BT, attention_mask, position_ids_BT, targets_BT, target_mask_BT,
                      temperature: float = 1.0, with_entropy: bool = False, chunk_tokens: int | None = None):
     """See ``completion_logps_unwrapped``. A model wrapped for data parallelism runs it through the entry
-    point ``posttrain.distributed`` registered with FSDP, which gathers the parameters the backbone and
+    point ``run.loop.wrap`` registered with FSDP, which gathers the parameters the backbone and
     the head use outside ``forward``."""
-    entry = getattr(model, "_posttrain_completion_logps", None)
+    entry = getattr(model, COMPLETION_LOGPS_ENTRY, None)
     fn = entry if entry is not None else (lambda *a, **k: completion_logps_unwrapped(model, *a, **k))
     return fn(input_ids_BT, attention_mask, position_ids_BT, targets_BT, target_mask_BT, temperature,
               with_entropy, chunk_tokens)

@@ -21,6 +21,7 @@ a `step-*` directory with its marker but not its files; the next prune deletes t
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
 import re
@@ -31,9 +32,20 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from posttrain.io_utils import WriteError, describe_write_error, fsync_dir
+from posttrain.models.loading import no_progress_bars
 from posttrain.models.lora import is_peft, merged
+from posttrain.runtime.distributed import Dist
+from posttrain.runtime.files import WriteError, describe_write_error, fsync_dir
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.pt"
@@ -66,10 +78,9 @@ def _write_model(model, tokenizer, directory: Path, *, merge: bool, full: dict |
         model = plain_copy(model, full)  # merging needs real (unsharded) modules
         full = None
     to_save = merged(model) if merge else model
-    to_save.save_pretrained(str(directory), safe_serialization=True, **({"state_dict": full} if full else {}))
+    with no_progress_bars():
+        to_save.save_pretrained(str(directory), safe_serialization=True, **({"state_dict": full} if full else {}))
     if is_peft(model) and not merge:
-        from safetensors.torch import save_file
-
         state = full if full is not None else model.state_dict()
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items() if k in trainable},
@@ -96,13 +107,11 @@ def plain_copy(model, full: dict):
     """An unwrapped CPU copy of a (sharded) model from its full state dict: built on the meta device, its
     parameters and persistent buffers taken from ``full``, the rest of its buffers (rotary frequencies)
     copied from ``model``, which keeps them whole on every rank."""
-    import copy
-
     base = model.get_base_model() if is_peft(model) else model
     with torch.device("meta"):
         plain = plain_class(base)(copy.deepcopy(base.config))
         if is_peft(model):
-            from peft import get_peft_model
+            from peft import get_peft_model  # noqa: PLC0415 - peft is optional (posttrain[peft])
 
             plain = get_peft_model(plain, copy.deepcopy(model.peft_config["default"]))
     missing = plain.load_state_dict(full, assign=True, strict=False).missing_keys
@@ -173,8 +182,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, *, optimiz
     """``extras``: other trained models of the run (PPO's critic) as {name: (model, optimizer)}, each saved
     in a subdirectory of its name. Every rank calls this (gathering the weights and writing the optimizer
     shards are collective); rank 0 writes the rest and publishes."""
-    from posttrain.distributed import Dist
-
     dist = dist or Dist()
     root = Path(run_dir) / "checkpoints"
     name = f"step-{step:08d}"
@@ -190,8 +197,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, *, optimiz
             torch.save({"step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None,
                         "rng": rng_state(), "train_state": train_state}, tmp / STATE_FILE)
         with _one_process_dcp():
-            import torch.distributed.checkpoint as dcp
-
             dcp.save(optims, checkpoint_id=str(tmp / OPTIM_DIR))
 
     final = root / name
@@ -208,8 +213,6 @@ def full_state_dict(model, dist) -> dict | None:
     out, as save_pretrained leaves them out of a model's own files."""
     if not dist.enabled:
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     for key in _tied_keys(model):
         full.pop(key, None)
@@ -219,8 +222,6 @@ def full_state_dict(model, dist) -> dict | None:
 def optimizer_state(model, optimizer) -> dict:
     """The optimizer's state keyed by parameter names (sharded tensors under FSDP): what DCP saves and
     reshards for another number of ranks."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
     return get_optimizer_state_dict(model, optimizer)
 
 
@@ -280,9 +281,6 @@ def load_checkpoint(path: str | Path, model, *, optimizer, scheduler, extras: di
     if "optimizer" in state:  # a checkpoint from before optimizer states went to DCP (one process)
         optimizer.load_state_dict(state["optimizer"])
     else:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
         optims = {f"{sub or 'model'}": (m, o) for sub, (m, o) in models.items() if o is not None}
         saved = {k: optimizer_state(m, o) for k, (m, o) in optims.items()}
         with _one_process_dcp():
@@ -300,20 +298,17 @@ def load_weights(model, directory: str | Path) -> None:
     is read on every rank and each rank keeps its shard (``set_model_state_dict``). A causal LM or a
     sequence classifier is read by its own class; a LoRA model reads ``trainable.safetensors`` (keyed by
     its own parameter names), or peft's adapter file from an older checkpoint."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     directory = Path(directory)
     if is_peft(model):
-        from safetensors.torch import load_file
-
         if not (directory / TRAINABLE_FILE).is_file():
-            from peft import set_peft_model_state_dict
+            from peft import set_peft_model_state_dict  # noqa: PLC0415 - peft is optional (posttrain[peft])
 
             set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
             return
         state, strict = load_file(str(directory / TRAINABLE_FILE)), False
     else:
-        state = plain_class(model).from_pretrained(str(directory), dtype=next(model.parameters()).dtype).state_dict()
+        with no_progress_bars():
+            state = plain_class(model).from_pretrained(str(directory), dtype=next(model.parameters()).dtype).state_dict()
         strict = True
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
@@ -321,8 +316,6 @@ def load_weights(model, directory: str | Path) -> None:
 def export_model(run_dir: str | Path, model, tokenizer, name: str = "final", dist=None) -> Path:
     """The deliverable: merged weights + tokenizer, loadable by transformers, vLLM and peft users. Every
     rank calls it; rank 0 writes one ordinary directory."""
-    from posttrain.distributed import Dist
-
     dist = dist or Dist()
     run_dir = Path(run_dir)
     final = run_dir / name

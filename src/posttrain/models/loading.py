@@ -2,35 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from posttrain.config import ModelConfig
 from posttrain.models import tiny
+from posttrain.runtime.distributed import resolve_device
+from posttrain.runtime.errors import ModelError
 
 log = logging.getLogger("posttrain")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(ValueError):
-    pass
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"model.device={spec!r} but CUDA is not available")
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off for the duration:
+    posttrain shows its own progress, and theirs interleaved with it in the demo's output."""
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
-        return torch.device(spec)
-    except RuntimeError:
-        raise ModelError(f"model.device={spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(path: str | Path):
@@ -72,7 +74,8 @@ def load_model(cfg: ModelConfig, *, corpus: Iterable[str] = (), seed: int = 0, d
             raise ModelError(f"model.path={cfg.path!r} is neither a tiny preset ({', '.join(tiny.PRESETS)}) "
                              f"nor a local model directory with a config.json")
         tok = load_tokenizer(cfg.tokenizer or path)
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        with no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     if cfg.gradient_checkpointing:

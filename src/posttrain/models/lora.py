@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+
 from posttrain.config import LoraConfig
+from posttrain.models.loading import ModelError
 
 
 def apply_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
@@ -11,15 +14,13 @@ def apply_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
     if cfg.r <= 0:
         return model
     try:
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
+        from peft import LoraConfig as PeftLoraConfig  # noqa: PLC0415 - peft is optional (posttrain[peft])
+        from peft import get_peft_model  # noqa: PLC0415 - peft is optional (posttrain[peft])
     except ImportError:
         raise ImportError("lora.r > 0 needs peft: pip install 'posttrain[peft]'") from None
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in cfg.target_modules if m not in present]
     if missing:
-        from posttrain.models.loading import ModelError
-
         raise ModelError(f"lora.target_modules: {missing} not found in the model (it has e.g. "
                          f"{sorted(n for n in present if n.endswith('proj'))[:8]})")
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
@@ -35,6 +36,4 @@ def merged(model):
     """A plain transformers model with adapters merged in (a copy when the model is a peft model)."""
     if not is_peft(model):
         return model
-    import copy
-
     return copy.deepcopy(model).merge_and_unload()

@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification
 
 from posttrain.config import ModelConfig
 from posttrain.models import tiny
-from posttrain.models.loading import DTYPES, ModelError, load_model, load_tokenizer
+from posttrain.models.loading import DTYPES, ModelError, load_model, load_tokenizer, no_progress_bars
 
 
 def architecture(path: str | Path) -> tuple[str, int | None]:
@@ -80,7 +80,8 @@ def load_scalar(cfg: ModelConfig, *, corpus: Iterable[str] = (), seed: int = 0, 
         arch, _ = architecture(cfg.path)
         if arch.endswith("ForSequenceClassification"):
             check_scalar_dir(cfg.path, field)
-            model = AutoModelForSequenceClassification.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype])
+            with no_progress_bars():
+                model = AutoModelForSequenceClassification.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype])
             tok = load_tokenizer(cfg.tokenizer or cfg.path)
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tok.pad_token_id
@@ -106,10 +107,15 @@ def sequence_scores(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+# The attribute under which a model wrapped for data parallelism carries its FSDP entry point for
+# ``token_values_unwrapped`` (``run.loop.wrap`` registers it).
+TOKEN_VALUES_ENTRY = "_posttrain_token_values"
+
+
 def token_values(model, input_ids_BT, attention_mask, position_ids_BT) -> torch.Tensor:
     """(B, T) critic values: the head at every position (``attention_mask`` may be a packed 4D mask). A
     model wrapped for data parallelism runs it through its registered FSDP entry point."""
-    entry = getattr(model, "_posttrain_token_values", None)
+    entry = getattr(model, TOKEN_VALUES_ENTRY, None)
     if entry is not None:
         return entry(input_ids_BT, attention_mask, position_ids_BT)
     return token_values_unwrapped(model, input_ids_BT, attention_mask, position_ids_BT)

@@ -23,9 +23,7 @@ from typing import Callable
 
 import torch
 
-from posttrain import loop
 from posttrain.config import GRPOConfig
-from posttrain.distributed import Dist
 from posttrain.data.collate import LMBatch, collate_packed, collate_padded, pack_indices
 from posttrain.data.tokenize import Example
 from posttrain.losses.aggregation import aggregate
@@ -33,13 +31,15 @@ from posttrain.losses.importance import mismatch_stats, rollout_is_weights
 from posttrain.losses.kl import kl_estimate
 from posttrain.losses.logprobs import completion_logps
 from posttrain.losses.policy import PolicyLossTerms, cispo_loss, gspo_loss, ppo_clip_loss
-from posttrain.memory import reward_models
 from posttrain.models.loading import load_frozen, load_model
 from posttrain.models.lora import apply_lora, is_peft
 from posttrain.rl.advantages import batch_normalize, group_advantages, rloo_advantages
 from posttrain.rl.groups import Group, collect_groups
 from posttrain.rl.rollouts import Rollouts, rollout_metrics, start_rl
 from posttrain.rl.watch import RunWatch
+from posttrain.run import loop
+from posttrain.runtime.distributed import Dist
+from posttrain.runtime.memory import reward_models
 
 log = logging.getLogger("posttrain")
 
@@ -209,7 +209,7 @@ def train(cfg: GRPOConfig) -> Path:
             rounds = itertools.count()
             t_step = time.time()
             # 1-2. rollout + reward (dynamic sampling may take several rounds)
-            groups, generated, stats = collect_groups(lambda: rollouts.round(model, dist, step, next(rounds), timing),
+            groups, generated, stats = collect_groups(lambda: rollouts.round(model, dist, step, next(rounds), timing),  # noqa: B023 - called within this iteration
                                                       cfg.prompts_per_step,
                                                       dynamic=cfg.dynamic_sampling, max_rounds=cfg.max_gen_batches,
                                                       gather=dist.gather, rank=dist.rank)

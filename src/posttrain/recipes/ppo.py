@@ -26,12 +26,11 @@ from pathlib import Path
 
 import torch
 
-from posttrain import loop
 from posttrain.config import PPOConfig
 from posttrain.losses.aggregation import aggregate
+from posttrain.losses.importance import rollout_is_weights
 from posttrain.losses.kl import kl_estimate
 from posttrain.losses.value import clipped_value_loss, explained_variance
-from posttrain.memory import reward_models
 from posttrain.models.loading import DTYPES, ModelError
 from posttrain.models.lora import apply_lora
 from posttrain.models.scalar import check_scalar_dir, load_scalar, same_vocabulary, scalar_from_causal, token_values
@@ -42,8 +41,9 @@ from posttrain.rl.advantages import batch_normalize, gae, per_token_rewards
 from posttrain.rl.groups import Group, collect_groups
 from posttrain.rl.rollouts import Rollouts, rollout_metrics, start_rl
 from posttrain.rl.watch import RunWatch
-from posttrain.distributed import Dist
-from posttrain.losses.importance import rollout_is_weights
+from posttrain.run import loop
+from posttrain.runtime.distributed import Dist
+from posttrain.runtime.memory import reward_models
 
 log = logging.getLogger("posttrain")
 
@@ -263,7 +263,7 @@ def minibatch_step(cfg: PPOConfig, model, critic, seqs, chunk: torch.Tensor, s: 
         val = aggregate(vt.loss_BT, m, "token_mean", num_tokens=num_tokens)
         # disjoint parameters: one backward fills the policy's and the critic's grads
         ((pol + val) * dist.loss_scale).backward()
-        frac = lambda x: (x * m).sum().item() / num_tokens  # noqa: E731
+        frac = lambda x: (x * m).sum().item() / num_tokens  # noqa: E731, B023 - called within this iteration
         sums["loss"] += pol.item()
         sums["value_loss"] += val.item()
         sums["clip_frac/low"] += frac(terms.clipped_low_BT)
@@ -310,7 +310,7 @@ def train(cfg: PPOConfig) -> Path:
         for step in range(start + 1, last + 1):
             timing = {"generate": 0.0, "reward": 0.0, "logps": 0.0, "update": 0.0}
             t_step = time.time()
-            groups, _, stats = collect_groups(lambda: rollouts.round(model, dist, step, 0, timing),
+            groups, _, stats = collect_groups(lambda: rollouts.round(model, dist, step, 0, timing),  # noqa: B023 - called within this iteration
                                               cfg.prompts_per_step, dynamic=False, max_rounds=1,
                                               gather=dist.gather, rank=dist.rank)
             timing["generate"] = time.time() - t_step - timing["reward"]

@@ -21,7 +21,6 @@ from typing import Callable
 
 import torch
 
-from posttrain import loop
 from posttrain.config import PreferenceConfig
 from posttrain.data.collate import EpochSampler, collate_padded
 from posttrain.data.formats import validate
@@ -32,6 +31,7 @@ from posttrain.losses.preference import dpo_loss, ipo_loss, kto_kl_estimate, kto
 from posttrain.models.loading import load_frozen, load_model
 from posttrain.models.lora import apply_lora, is_peft
 from posttrain.recipes.sft import corpus_of, split_rows
+from posttrain.run import loop
 
 log = logging.getLogger("posttrain")
 
@@ -480,7 +480,7 @@ def train(cfg: PreferenceConfig) -> Path:
             if "rewards/margin" in metrics:
                 info += f" margin {metrics['rewards/margin']:.3f}"
             loop.end_step(run, cfg, "preference", step, last, metrics, info, progress,
-                          lambda: loop.save(run, cfg, step, model, tok, optimizer, scheduler,
+                          lambda: loop.save(run, cfg, step, model, tok, optimizer, scheduler,  # noqa: B023 - called within this iteration
                                             {"sampler": sampler.state_dict()}))
     finally:
         progress.close()

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from posttrain import loop
 from posttrain.config import RewardModelConfig
 from posttrain.data.collate import EpochSampler, collate_padded
 from posttrain.data.formats import validate
@@ -32,6 +31,7 @@ from posttrain.models.lora import apply_lora
 from posttrain.models.scalar import load_scalar, sequence_scores
 from posttrain.recipes.preference import disable_dropout, encode_units
 from posttrain.recipes.sft import corpus_of, split_rows
+from posttrain.run import loop
 
 log = logging.getLogger("posttrain")
 
@@ -162,7 +162,7 @@ def train(cfg: RewardModelConfig) -> Path:
                 metrics.update(evaluate_pairs(model, eval_pairs, cfg, pad_id, device))
             loop.end_step(run, cfg, "reward_model", step, last, metrics,
                           f"loss {loss_sum:.4f} acc {metrics['accuracy']:.2f}", progress,
-                          lambda: loop.save(run, cfg, step, model, tok, optimizer, scheduler,
+                          lambda: loop.save(run, cfg, step, model, tok, optimizer, scheduler,  # noqa: B023 - called within this iteration
                                             {"sampler": sampler.state_dict()}))
     finally:
         progress.close()

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from posttrain import loop
 from posttrain.config import SFTConfig
 from posttrain.data.collate import EpochSampler, LMBatch, collate_packed, collate_padded, pack
 from posttrain.data.formats import validate
@@ -23,6 +22,7 @@ from posttrain.losses.logprobs import forward_logits, token_logps
 from posttrain.losses.sft import sft_loss
 from posttrain.models.loading import load_model
 from posttrain.models.lora import apply_lora
+from posttrain.run import loop
 
 log = logging.getLogger("posttrain")
 
@@ -130,7 +130,7 @@ def train(cfg: SFTConfig, kind: str = "sft", recipe: str = "sft") -> Path:
                 metrics["eval_loss"] = eval_loss(model, eval_units, tok.pad_token_id, cfg.packing,
                                                  cfg.train.micro_batch_size, device)
             loop.end_step(run, cfg, recipe, step, last, metrics, f"loss {loss_sum:.4f}", progress,
-                          lambda: loop.save(run, cfg, step, model, tok, optimizer, scheduler,
+                          lambda: loop.save(run, cfg, step, model, tok, optimizer, scheduler,  # noqa: B023 - called within this iteration
                                             {"sampler": sampler.state_dict()}))
     finally:
         progress.close()

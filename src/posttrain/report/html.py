@@ -14,8 +14,11 @@ from fnmatch import fnmatchcase
 from html import escape
 from typing import Any
 
+import yaml
+
 from posttrain.report import svg
 from posttrain.report.load import RunData, numeric
+from posttrain.rewards.composite import component_keys
 
 
 @dataclass(frozen=True)
@@ -333,10 +336,6 @@ def eval_comparison(before: dict | None, before_label: str, after: dict | None, 
 def reward_roles(config_text: str | None) -> tuple[list[str], list[str]]:
     """(metric keys of the reward components trained on, keys of the logged-only ones: weight 0), read
     from a run's config.yaml."""
-    import yaml
-
-    from posttrain.verifiers.composite import component_keys
-
     try:
         rewards = (yaml.safe_load(config_text or "") or {}).get("rewards") or []
         names = [str(r["name"]) for r in rewards]

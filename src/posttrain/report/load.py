@@ -14,10 +14,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
 
-class ReportError(ValueError):
-    """The directory is not a run (or pipeline) directory; nothing was written."""
-
+from posttrain.runtime.errors import ReportError
 
 # A recipe run writes config.yaml first; any of these marks a directory as a run's.
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "final")
@@ -87,8 +86,6 @@ def _mtime(*paths: Path) -> datetime | None:
 
 
 def _recipe_from_config(text: str) -> str | None:
-    import yaml
-
     try:
         cfg = yaml.safe_load(text)
     except yaml.YAMLError:

@@ -8,8 +8,21 @@ import json
 from html import escape
 from typing import Any
 
-from posttrain.report.html import (MEMORY_PARTS, RL_RECIPES, eval_comparison, fmt_pct, fmt_seconds, fmt_value,
-                                   meta_line, metric_series, page, run_body, svg, when_text)
+from posttrain.evaluation.stats import versus_baseline
+from posttrain.report.html import (
+    MEMORY_PARTS,
+    RL_RECIPES,
+    eval_comparison,
+    fmt_pct,
+    fmt_seconds,
+    fmt_value,
+    meta_line,
+    metric_series,
+    page,
+    run_body,
+    svg,
+    when_text,
+)
 from posttrain.report.load import PipelineData, StageData, numeric
 
 
@@ -61,15 +74,18 @@ def stage_table(p: PipelineData) -> str:
 
 def majority_cell(ev: dict | None) -> str:
     """The accuracy of always giving the most common gold answer, flagged when the stage's greedy accuracy
-    is not above it (its 95% interval reaches down to the baseline)."""
+    is not significantly above it (its 95% interval reaches down to the baseline) or below it."""
     base = numeric((ev or {}).get("majority_baseline"))
     if base is None:
         return "—"
     cell = f"{100 * base:.1f}% ({escape(str(ev.get('majority_answer')))})"
     ci = ev.get("greedy_ci")
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and numeric(ci[0]) is not None and ci[0] <= base:
-        cell += ' <span class="badge bad" title="greedy accuracy not above always giving the most common answer">' \
-                "not above</span>"
+    acc = numeric(ev.get("greedy_accuracy"))
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and numeric(ci[0]) is not None and acc is not None:
+        verdict = versus_baseline(acc, (ci[0], ci[1]), base)
+        if verdict != "above":
+            cell += (f' <span class="badge bad" title="greedy accuracy {verdict} always giving the most common '
+                     f'answer">{verdict}</span>')
     return cell
 
 

@@ -181,7 +181,7 @@ def line_chart(title: str, series: list[Series], *, chart_id: str | None = None,
         color = PALETTE[i % len(PALETTE)]
         if s.band:
             upper = " ".join(f"{f.px(x):.1f},{f.py(h):.1f}" for x, _, h in s.band)
-            lower = " ".join(f"{f.px(x):.1f},{f.py(l):.1f}" for x, l, _ in reversed(s.band))
+            lower = " ".join(f"{f.px(x):.1f},{f.py(lo):.1f}" for x, lo, _ in reversed(s.band))
             parts.append(f'<polygon points="{upper} {lower}" fill="{color}" fill-opacity="0.15" stroke="none">'
                          f'<title>{escape(s.label)} range</title></polygon>')
         pts = _downsample(list(s.points))

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Sequence
 
 from posttrain.config import ALERT_KINDS, DiagnosticsConfig
+from posttrain.rewards.extract import normalize_answer
 
 # ---------------------------------------------------------------------------------------------
 # Metrics: pure functions of one step's rollouts
@@ -85,8 +86,6 @@ def rollout_diagnostics(groups: Iterable, answer_of: Callable[[str], str | None]
 
 def canonical_answer(extract: Callable[[str], str | None]) -> Callable[[str], str | None]:
     """An answer reader that spells equal answers alike (`\\boxed{ 7 }` and `7.` count as one)."""
-    from posttrain.verifiers.extract import normalize_answer
-
     def read(text: str) -> str | None:
         a = extract(text)
         return None if a is None else normalize_answer(a)
@@ -116,22 +115,24 @@ class Monitor:
     """Feed it each step's metrics (``observe``); it returns the warnings that step raised.
 
     A warning fires once when its condition has held long enough (N steps or evaluations in a row) and
-    again only after the condition has been clear for as long (N in a row), so a run that stays collapsed,
-    or hovers at the threshold, is told once, not every few steps. The state is plain data
+    again only after its measure has been clearly back for as long (N in a row, at least ``rearm_steps``):
+    past the threshold by ``rearm_margin`` of it, not merely across it. So a run that stays collapsed, or
+    whose entropy hovers at the threshold, is told once, not every few steps. The state is plain data
     (``state_dict``), saved with checkpoints so a resumed run continues the same counts.
     """
 
-    def __init__(self, thresholds: DiagnosticsConfig = DiagnosticsConfig()):
-        self.t = thresholds
+    def __init__(self, thresholds: DiagnosticsConfig | None = None):
+        self.t = thresholds or DiagnosticsConfig()
         self.runs = {k: 0 for k in ALERT_KINDS}   # consecutive steps (or evaluations) the condition held
         self.active = {k: False for k in ALERT_KINDS}
         self.clear = {k: 0 for k in ALERT_KINDS}  # consecutive steps the condition did not hold
         self.entropy_start: list[float] = []
         self.last_eval: float | None = None
+        self.rewards: list[float] = []  # the last flat_window steps' mean training reward
 
     def state_dict(self) -> dict:
         return {"runs": dict(self.runs), "active": dict(self.active), "clear": dict(self.clear),
-                "entropy_start": list(self.entropy_start), "last_eval": self.last_eval}
+                "entropy_start": list(self.entropy_start), "last_eval": self.last_eval, "rewards": list(self.rewards)}
 
     def load_state_dict(self, state: dict) -> None:
         self.runs.update(state.get("runs", {}))
@@ -139,22 +140,25 @@ class Monitor:
         self.clear.update(state.get("clear", {}))
         self.entropy_start = list(state.get("entropy_start", []))
         self.last_eval = state.get("last_eval")
+        self.rewards = list(state.get("rewards", []))
 
     def observe(self, step: int, m: dict[str, float]) -> list[Alert]:
         alerts = [self._collapse(step, m), self._entropy(step, m), self._zero_variance(step, m),
-                  self._eval_decline(step, m)]
+                  self._eval_decline(step, m), self._flat_reward(step, m)]
         return [a for a in alerts if a is not None]
 
-    def _track(self, kind: str, holds: bool | None, needed: int) -> bool:
+    def _track(self, kind: str, holds: bool | None, needed: int, cleared: bool | None = None) -> bool:
         """Count consecutive holds; True exactly when the count first reaches ``needed`` while the warning
-        is not active. It becomes inactive after ``needed`` consecutive non-holds. ``holds`` None (not
-        measured this step) leaves the counts as they are."""
+        is not active. It becomes inactive after max(``needed``, rearm_steps) consecutive steps that are
+        ``cleared`` (the measure clearly back past the threshold; default: simply not holding); a step in
+        between (not holding, not clearly back) restarts that count. ``holds`` None (not measured this step)
+        leaves the counts as they are."""
         if holds is None:
             return False
         if not holds:
             self.runs[kind] = 0
-            self.clear[kind] += 1
-            if self.clear[kind] >= needed:
+            self.clear[kind] = self.clear[kind] + 1 if (cleared if cleared is not None else True) else 0
+            if self.clear[kind] >= max(needed, self.t.rearm_steps):
                 self.active[kind] = False
             return False
         self.clear[kind] = 0
@@ -169,11 +173,14 @@ class Monitor:
         if share is None:
             return None
         gold = m.get("diversity/gold_top_share", 0.0)
+
         # Prompts whose gold answers are mostly one value (a two-label task) agree for a good reason; and a
         # few answered samples among many unanswered ones say little about the policy's answers.
-        holds = (share >= self.t.collapse_share and gold < self.t.collapse_share
-                 and m.get("diversity/no_answer", 0.0) <= 0.5)
-        if not self._track("collapse", holds, self.t.collapse_steps):
+        def above(threshold: float) -> bool:
+            return share >= threshold and gold < self.t.collapse_share and m.get("diversity/no_answer", 0.0) <= 0.5
+
+        holds, cleared = above(self.t.collapse_share), not above(self.t.collapse_share * (1 - self.t.rearm_margin))
+        if not self._track("collapse", holds, self.t.collapse_steps, cleared):
             return None
         return Alert("collapse", step,
                      f"{100 * share:.0f}% of the answered samples give one and the same answer across prompts "
@@ -192,7 +199,8 @@ class Monitor:
             self.entropy_start.append(float(ent))
             return None
         start = sum(self.entropy_start) / len(self.entropy_start)
-        if start <= 0 or not self._track("entropy", ent < self.t.entropy_ratio * start, 1):
+        threshold = self.t.entropy_ratio * start
+        if start <= 0 or not self._track("entropy", ent < threshold, 1, ent >= threshold * (1 + self.t.rearm_margin)):
             return None
         return Alert("entropy", step,
                      f"token entropy {ent:.3f} is {100 * ent / start:.0f}% of its start value {start:.3f} "
@@ -205,7 +213,8 @@ class Monitor:
         frac = m.get("zero_variance_frac")
         if frac is None:
             return None
-        if not self._track("zero_variance", frac >= self.t.zero_variance_frac, self.t.zero_variance_steps):
+        cleared = frac < self.t.zero_variance_frac * (1 - self.t.rearm_margin)
+        if not self._track("zero_variance", frac >= self.t.zero_variance_frac, self.t.zero_variance_steps, cleared):
             return None
         easy, hard = m.get("zero_variance/all_correct", 0.0), m.get("zero_variance/all_wrong", 0.0)
         why = ("most are all correct: the prompts are too easy for the policy" if easy >= hard
@@ -231,3 +240,36 @@ class Monitor:
                      f"{100 * acc:.1f}%: the policy is over-optimizing the training reward or drifting.",
                      "keep_best: true exports the best evaluated model as best/; lower optim.lr, add a KL term "
                      "(beta > 0) or train fewer steps.")
+
+    def _flat_reward(self, step: int, m: dict) -> Alert | None:
+        """The training reward has not risen over the last ``flat_window`` steps (second half's mean against
+        the first half's). Steps where most groups are all correct are left out: the policy has learned
+        these prompts, and the zero_variance warning says so."""
+        reward = m.get("reward/mean")
+        if reward is None:
+            return None
+        w = self.t.flat_window
+        self.rewards = [*self.rewards, float(reward)][-w:]
+        if len(self.rewards) < w:
+            return None
+        half = w // 2
+        first, second = sum(self.rewards[:half]) / half, sum(self.rewards[-half:]) / half
+        rise, need = second - first, self.t.flat_min_rise
+        solved = m.get("zero_variance/all_correct", 0.0) >= 0.5
+        holds = None if solved else rise < need
+        if not self._track("flat_reward", holds, 1, rise >= need * (1 + self.t.rearm_margin)):
+            return None
+        zero = m.get("zero_variance_frac")
+        zero_text = "" if zero is None else (
+            f"; {100 * zero:.0f}% of this step's groups had identical rewards "
+            f"({100 * m.get('zero_variance/all_wrong', 0.0):.0f}% all wrong)")
+        return Alert("flat_reward", step,
+                     f"the mean training reward rose {rise:+.3f} over the last {w} steps ({first:.3f} in the first "
+                     f"half, {second:.3f} in the second; flat_min_rise {need}){zero_text}: RL is not learning "
+                     f"from this reward.",
+                     "likely causes, most common first: the prompts are too hard for the policy (groups all "
+                     "wrong give no signal: a stronger SFT start, easier prompts or a curriculum, more "
+                     "num_generations, dynamic_sampling: true); the learning rate is too low or the KL term too "
+                     "strong (optim.lr, beta); the reward cannot be earned by what the policy writes (read "
+                     "samples.jsonl, run posttrain audit-verifier); or the policy has reached what this reward "
+                     "can teach it (compare held-out accuracy with the start).")

@@ -17,20 +17,20 @@ from pathlib import Path
 
 import torch
 
-from posttrain import loop
 from posttrain.config import ConfigError, RLConfig
 from posttrain.data.collate import EpochSampler
 from posttrain.data.formats import reward_columns, validate
 from posttrain.data.io import DataError, read_rows
 from posttrain.data.tokenize import prompt_ids as encode_prompt
-from posttrain.io_utils import keep_steps_upto
 from posttrain.models.loading import load_model
+from posttrain.rewards import build_reward, is_correct
+from posttrain.rewards.composite import RewardFault
 from posttrain.rl.groups import Group
 from posttrain.rl.watch import RunWatch, held_out_metrics
 from posttrain.rollout import make_engine
 from posttrain.rollout.engine import SamplingParams, row_seeds
-from posttrain.verifiers import build_reward, is_correct
-from posttrain.verifiers.composite import RewardFault
+from posttrain.run import loop
+from posttrain.runtime.files import keep_steps_upto
 
 log = logging.getLogger("posttrain")
 

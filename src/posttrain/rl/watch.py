@@ -18,20 +18,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from posttrain.evaluation import evaluate
+from posttrain.rewards import extract_answer, is_correct, load
+from posttrain.rewards.extract import gold_answer
 from posttrain.rl.diagnostics import Alert, Monitor, canonical_answer, rollout_diagnostics
+from posttrain.runtime.files import atomic_write_json, keep_steps_upto
 
 log = logging.getLogger("posttrain")
-
-
-def gold_answer(row: dict) -> str | None:
-    """The row's gold answer as a comparable string (the `answer` column, else `label`), or None."""
-    for col in ("answer", "label"):
-        v = row.get(col)
-        if v is not None and not isinstance(v, (list, dict)):
-            from posttrain.verifiers.extract import normalize_answer
-
-            return normalize_answer(str(v))
-    return None
 
 
 class RunWatch:
@@ -43,8 +36,6 @@ class RunWatch:
                  writes: bool = True):
         """``writes``: this process writes warnings.jsonl and best/ (under torchrun, rank 0; every rank
         watches the same gathered metrics, so all take the same decisions)."""
-        from posttrain.verifiers import extract_answer, is_correct
-
         self.dir, self.cfg, self.rows, self.writes = Path(run_dir), cfg, rows, writes
         self.monitor = Monitor(cfg.diagnostics)
         self.best: dict | None = None
@@ -56,8 +47,6 @@ class RunWatch:
         if not writes:
             return
         if start:  # resumed: the steps after the checkpoint run again and warn again
-            from posttrain.io_utils import keep_steps_upto
-
             keep_steps_upto(self.dir / "warnings.jsonl", start)
         else:
             (self.dir / "warnings.jsonl").unlink(missing_ok=True)
@@ -88,8 +77,6 @@ class RunWatch:
         rank calls it, rank 0 writes) when its held-out accuracy beats every earlier one."""
         if not self.cfg.keep_best or (self.best is not None and accuracy <= self.best["eval_accuracy"]):
             return
-        from posttrain.io_utils import atomic_write_json
-
         export("best")
         self.best = {"step": step, "eval_accuracy": accuracy}
         if not self.writes:
@@ -102,9 +89,6 @@ class RunWatch:
 def held_out_metrics(model, tokenizer, rows: list[dict], cfg: Any, engine=None) -> dict[str, float]:
     """Greedy accuracy on the held-out rows and, with ``eval_k``, pass@k at the sampling temperature:
     a pass@k that falls to the greedy figure means the policy no longer explores (the gap is logged)."""
-    from posttrain.evaluation import evaluate
-    from posttrain.verifiers import load
-
     first = cfg.rewards[0]
     check = load(first.name, **first.options)
     try:

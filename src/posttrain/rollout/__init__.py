@@ -1,6 +1,12 @@
-"""Generation engines behind one small interface. Nothing downstream depends on which made a rollout."""
+"""Generation engines behind one small interface (``RolloutEngine``): the native KV-cache engine
+(``engine``) and a colocated vLLM (``vllm_engine``). Nothing downstream depends on which made a rollout.
 
+May import: models, data, config, runtime; never rewards, evaluation, run or above.
+"""
+
+from posttrain.config import VLLMConfig
 from posttrain.rollout.engine import Generation, HFEngine, KVCacheEngine, RolloutEngine, SamplingParams
+from posttrain.rollout.vllm_engine import VLLMEngine
 
 ENGINES = ("native", "vllm")
 
@@ -13,9 +19,6 @@ def make_engine(kind: str, model, tokenizer, *, max_batch: int = 256, decode: st
     if kind == "native":
         return KVCacheEngine(model, tokenizer, max_batch=max_batch, decode=decode, eos_token_id=eos_token_id)
     if kind == "vllm":
-        from posttrain.config import VLLMConfig
-        from posttrain.rollout.vllm_engine import VLLMEngine
-
         v = vllm or VLLMConfig()
         if max_model_len <= 0:
             raise ValueError("the vllm engine needs max_model_len (longest prompt + completion)")

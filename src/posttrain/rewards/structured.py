@@ -1,0 +1,293 @@
+"""`json` (structured extraction against a schema and a gold object) and `label` (classification)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from .base import Example, Score
+from .extract import DEFAULT_MAX_CHARS, ExtractMode, cap_text, extract_answers
+
+_FENCE_RE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n(.*?)```", re.DOTALL)
+_THINK_CLOSE = "</think>"
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # `{"city": "wrong", "city": "right"}` would otherwise hedge: json.loads silently keeps the last value.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+
+
+def _decode(text: str) -> Any:
+    """Strict JSON: no duplicate keys, no NaN/Infinity. Raises ValueError (JSONDecodeError is one)."""
+    return _DECODER.decode(text.strip())
+
+
+def _top_level_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every top-level balanced `{...}`; braces inside JSON strings do not count.
+
+    Quotes only open a string inside an object: prose around the JSON is full of apostrophes. An object
+    that never closes (a truncated completion) yields no span.
+    """
+    spans = []
+    depth, start, in_string, escaped = 0, -1, False, False
+    for i, ch in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"' and depth > 0:
+            in_string = True
+        elif ch == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == "}" and depth > 0:
+            depth -= 1
+            if depth == 0:
+                spans.append((start, i + 1))
+    return spans
+
+
+def find_json_objects(text: str) -> list[Any]:
+    """The JSON values a completion offers as its answer.
+
+    Fenced blocks (```json ... ``` or bare ```) win when present: every block is a claim, and a block that
+    does not parse is the claim `_INVALID`. Otherwise every top-level balanced `{...}` that parses is a
+    claim; one that does not parse (prose like "the set {1, 2}", or an object with a duplicate key) is
+    skipped *without* looking inside it, so a valid object nested in a broken one is never taken as the
+    answer. Only text after the last `</think>` is searched.
+    """
+    cut = text.rfind(_THINK_CLOSE)
+    body = text if cut < 0 else text[cut + len(_THINK_CLOSE) :]
+    fences = _FENCE_RE.findall(body)
+    claims: list[Any] = []
+    if fences:
+        for block in fences:
+            try:
+                claims.append(_decode(block))
+            except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+                claims.append(_INVALID)
+        return claims
+    for start, end in _top_level_spans(body):
+        try:
+            claims.append(_decode(body[start:end]))
+        except (ValueError, RecursionError):
+            continue
+    return claims
+
+
+_INVALID = object()
+
+
+def _normalize_text(value: str) -> str:
+    return " ".join(value.casefold().split())
+
+
+def values_match(gold: Any, pred: Any, *, tolerance: float, normalize_strings: bool) -> bool:
+    """Recursive equality with JSON semantics: bools are not numbers, ints and floats compare by value
+    (relative `tolerance`), strings optionally case/whitespace-folded, lists in order, objects by keys."""
+    if isinstance(gold, bool) or isinstance(pred, bool):
+        return isinstance(gold, bool) and isinstance(pred, bool) and gold == pred
+    if isinstance(gold, (int, float)) and isinstance(pred, (int, float)):
+        if gold == pred:
+            return True
+        return tolerance > 0 and math.isclose(gold, pred, rel_tol=tolerance, abs_tol=0.0)
+    if isinstance(gold, str) and isinstance(pred, str):
+        return _normalize_text(gold) == _normalize_text(pred) if normalize_strings else gold == pred
+    if isinstance(gold, list) and isinstance(pred, list):
+        return len(gold) == len(pred) and all(
+            values_match(g, p, tolerance=tolerance, normalize_strings=normalize_strings) for g, p in zip(gold, pred)
+        )
+    if isinstance(gold, dict) and isinstance(pred, dict):
+        return gold.keys() == pred.keys() and all(
+            values_match(gold[k], pred[k], tolerance=tolerance, normalize_strings=normalize_strings) for k in gold
+        )
+    return gold is None and pred is None
+
+
+def _load_schema(schema: Mapping[str, Any] | str | Path | None) -> dict[str, Any] | None:
+    if schema is None:
+        return None
+    if isinstance(schema, Mapping):
+        return dict(schema)
+    path = Path(schema)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read JSON schema from {path}: {exc}") from exc
+
+
+class JsonVerifier:
+    """Score a JSON answer: 0 unless exactly one JSON object is offered, it parses strictly and it validates
+    against `schema`; then the weighted fraction of gold fields it matches (1.0 when there is no gold).
+
+    Options: `schema` (dict or path to a JSON Schema file), `answer_column` (gold object, a dict or a JSON
+    string; default "answer"), `fields` (which top-level gold fields to score; default all of them),
+    `field_weights` (dict field -> weight, default 1 each), `normalize_strings` (case/whitespace-fold
+    strings, default True), `tolerance` (relative, for numbers), `max_chars` (completion cap, keeps the tail).
+    """
+
+    name = "json"
+
+    def __init__(
+        self,
+        *,
+        schema: Mapping[str, Any] | str | Path | None = None,
+        answer_column: str = "answer",
+        fields: Sequence[str] | None = None,
+        field_weights: Mapping[str, float] | None = None,
+        normalize_strings: bool = True,
+        tolerance: float = 1e-6,
+        max_chars: int = 20_000,
+    ) -> None:
+        self.schema = _load_schema(schema)
+        self._validator = None
+        if self.schema is not None:
+            cls = jsonschema.validators.validator_for(self.schema)
+            cls.check_schema(self.schema)  # a broken schema is a config error, raised now
+            self._validator = cls(self.schema)
+        self.answer_column = answer_column
+        self.fields = tuple(fields) if fields is not None else None
+        self.field_weights = dict(field_weights or {})
+        if any(w < 0 for w in self.field_weights.values()):
+            raise ValueError("field weights must be >= 0")
+        self.normalize_strings = normalize_strings
+        self.tolerance = float(tolerance)
+        self.max_chars = int(max_chars)
+
+    def gold(self, example: Example) -> dict[str, Any] | None:
+        if self.answer_column not in example or example[self.answer_column] is None:
+            if self.schema is None:
+                raise KeyError(f"json verifier needs a schema or the gold column {self.answer_column!r}")
+            return None
+        gold = example[self.answer_column]
+        if isinstance(gold, str):
+            gold = json.loads(gold)
+        if not isinstance(gold, dict):
+            raise TypeError(f"gold column {self.answer_column!r} must hold a JSON object, got {type(gold).__name__}")
+        return gold
+
+    def __call__(self, completion: str, **example: Any) -> Score:
+        gold = self.gold(example)
+        claims = find_json_objects(cap_text(completion, self.max_chars))
+        if not claims:
+            return Score(0.0, "no_json")
+        if any(c is _INVALID for c in claims):
+            return Score(0.0, "invalid_json")
+        if any(c != claims[0] for c in claims[1:]):
+            return Score(0.0, "hedged")
+        pred = claims[-1]
+        if not isinstance(pred, dict):
+            return Score(0.0, "not_an_object")
+        if self._validator is not None and not self._validator.is_valid(pred):
+            return Score(0.0, "schema_violation")
+        if gold is None:
+            return Score(1.0, "valid")
+        fields = self.fields if self.fields is not None else tuple(gold)
+        weights = {f: float(self.field_weights.get(f, 1.0)) for f in fields}
+        total = sum(weights.values())
+        if total <= 0:
+            raise ValueError("json verifier: the scored fields have zero total weight")
+        got = sum(
+            w
+            for f, w in weights.items()
+            if f in pred and f in gold
+            and values_match(gold[f], pred[f], tolerance=self.tolerance, normalize_strings=self.normalize_strings)
+        )
+        return Score(got / total, "fields")
+
+
+# --- label -------------------------------------------------------------------------------------------
+
+
+def normalize_label(text: str) -> str:
+    """Case-folded, punctuation (Unicode category P*) and symbols (S*) removed, whitespace collapsed."""
+    kept = "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in unicodedata.normalize("NFKC", text))
+    return " ".join(kept.casefold().split())
+
+
+class LabelVerifier:
+    """Classification: 1 when the extracted answer equals the gold label after `normalize_label`.
+
+    Options: `answer_column` (default: "label" if the row has it, else "answer"; an integer gold indexes
+    `labels`), `labels` (the allowed label set; an answer outside it scores 0), `extract` / `pattern` (as
+    for math), `allow_bare` (when no answer tag or box is present, the whole completion is the answer;
+    default True, since classifiers often answer with the label alone), `max_chars`.
+    """
+
+    name = "label"
+
+    def __init__(
+        self,
+        *,
+        answer_column: str | None = None,
+        labels: Sequence[str] | None = None,
+        extract: ExtractMode = "auto",
+        pattern: str | None = None,
+        allow_bare: bool = True,
+        max_chars: int = DEFAULT_MAX_CHARS,
+    ) -> None:
+        self.answer_column = answer_column
+        self.labels = tuple(labels) if labels is not None else None
+        self._allowed = None if labels is None else {normalize_label(label) for label in labels}
+        self.extract = extract
+        self.pattern = pattern
+        self.allow_bare = allow_bare
+        self.max_chars = int(max_chars)
+        extract_answers("", mode=extract, pattern=pattern, max_chars=self.max_chars)
+
+    def gold(self, example: Example) -> str:
+        column = self.answer_column
+        if column is None:
+            column = "label" if "label" in example else "answer"
+        if column not in example or example[column] is None:
+            raise KeyError(f"label verifier needs the gold column {column!r}; the row has {sorted(example)}")
+        gold = example[column]
+        if isinstance(gold, int) and not isinstance(gold, bool):
+            if self.labels is None:
+                raise ValueError(f"gold label {gold} is an index; pass `labels` to name the classes")
+            return self.labels[gold]
+        return str(gold)
+
+    def __call__(self, completion: str, **example: Any) -> Score:
+        gold = normalize_label(self.gold(example))
+        found = extract_answers(completion, mode=self.extract, pattern=self.pattern, max_chars=self.max_chars)
+        if found.hedged:
+            return Score(0.0, "hedged")
+        answer = found.answer
+        if answer is None:
+            if not (self.allow_bare and self.pattern is None):
+                return Score(0.0, "no_answer")
+            answer = cap_text(completion, self.max_chars)
+        normalized = normalize_label(answer)
+        if not normalized:
+            return Score(0.0, "no_answer", answer)
+        if self._allowed is not None and normalized not in self._allowed:
+            return Score(0.0, "not_a_label", answer)
+        return Score(1.0 if normalized == gold else 0.0, "match" if normalized == gold else "mismatch", answer)
