@@ -90,11 +90,20 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
-            return {"peak_bytes": peak, "base_bytes": self.base, "delta_bytes": peak - self.base,
-                    "kind": "cuda max_memory_allocated"}
+            return {
+                "peak_bytes": peak,
+                "base_bytes": self.base,
+                "delta_bytes": peak - self.base,
+                "kind": "cuda max_memory_allocated",
+            }
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"peak_bytes": peak, "base_bytes": self.base, "delta_bytes": peak - self.base,
-                "import_peak_bytes": self.base_peak, "kind": "cpu peak RSS (ru_maxrss) - RSS after imports"}
+        return {
+            "peak_bytes": peak,
+            "base_bytes": self.base,
+            "delta_bytes": peak - self.base,
+            "import_peak_bytes": self.base_peak,
+            "kind": "cpu peak RSS (ru_maxrss) - RSS after imports",
+        }
 
 
 def sync(device: str) -> None:
@@ -126,8 +135,10 @@ def machine() -> str:
     import torch
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {dev}; python "
-            f"{sys.version.split()[0]}, torch {torch.__version__}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {dev}; python "
+        f"{sys.version.split()[0]}, torch {torch.__version__}"
+    )
 
 
 def grpo_bench_config(a, model_dir, run_dir):
@@ -137,13 +148,42 @@ def grpo_bench_config(a, model_dir, run_dir):
     from posttrain.config import GRPOConfig, config_from_dict
 
     total = a.warmup + a.steps
-    return config_from_dict(GRPOConfig, {}, [
-        f"model.path={model_dir}", f"model.device={a.device}", f"model.dtype={a.dtype}",
-        "data.path=builtin:arithmetic", f"data.num_examples={a.prompts * total}", "data.shuffle=false",
-        "rewards=[bench_common:digit_reward]", f"prompts_per_step={a.prompts}", f"num_generations={a.generations}",
-        f"max_completion_length={a.max_completion_length}", "temperature=1.0", "top_p=1.0",
-        "loss=ppo_clip", "aggregation=token_mean", "eps_low=0.2", "eps_high=0.28", "beta=0", "num_iterations=1",
-        "scale=std", "advantage=grpo", f"optim.lr={a.lr}", "optim.schedule=constant", "optim.weight_decay=0",
-        "optim.max_grad_norm=1.0", f"train.micro_batch_size={a.prompts * a.generations}", f"train.steps={total}",
-        f"train.seed={a.seed}", f"train.output_dir={run_dir}", "train.progress=false", "train.log_every=1000000",
-        "samples_every=0", "train.resume=never", *(getattr(a, "set", None) or [])])
+    return config_from_dict(
+        GRPOConfig,
+        {},
+        [
+            f"model.path={model_dir}",
+            f"model.device={a.device}",
+            f"model.dtype={a.dtype}",
+            "data.path=builtin:arithmetic",
+            f"data.num_examples={a.prompts * total}",
+            "data.shuffle=false",
+            "rewards=[bench_common:digit_reward]",
+            f"prompts_per_step={a.prompts}",
+            f"num_generations={a.generations}",
+            f"max_completion_length={a.max_completion_length}",
+            "temperature=1.0",
+            "top_p=1.0",
+            "loss=ppo_clip",
+            "aggregation=token_mean",
+            "eps_low=0.2",
+            "eps_high=0.28",
+            "beta=0",
+            "num_iterations=1",
+            "scale=std",
+            "advantage=grpo",
+            f"optim.lr={a.lr}",
+            "optim.schedule=constant",
+            "optim.weight_decay=0",
+            "optim.max_grad_norm=1.0",
+            f"train.micro_batch_size={a.prompts * a.generations}",
+            f"train.steps={total}",
+            f"train.seed={a.seed}",
+            f"train.output_dir={run_dir}",
+            "train.progress=false",
+            "train.log_every=1000000",
+            "samples_every=0",
+            "train.resume=never",
+            *(getattr(a, "set", None) or []),
+        ],
+    )

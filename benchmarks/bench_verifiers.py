@@ -67,8 +67,10 @@ def bench_math(n: int, workers: int) -> None:
     rate = n / elapsed
     reasons = Counter(s.reason for s in scores)
     fast = sum(reasons[r] for r in ("exact", "mismatch"))
-    print(f"math, typical short answers: {n} checks in {elapsed:.2f} s with {workers} workers = {rate:,.0f} checks/s "
-          f"({rate / TARGET_PER_S:.1f}x the {TARGET_PER_S:.0f}/s target); pool start {startup:.2f} s")
+    print(
+        f"math, typical short answers: {n} checks in {elapsed:.2f} s with {workers} workers = {rate:,.0f} checks/s "
+        f"({rate / TARGET_PER_S:.1f}x the {TARGET_PER_S:.0f}/s target); pool start {startup:.2f} s"
+    )
     print(f"  decided by the fast path: {fast}/{n}; reasons: {dict(reasons)}; mean reward {sum(scores) / n:.3f}")
 
     m = min(n, 600)
@@ -79,8 +81,10 @@ def bench_math(n: int, workers: int) -> None:
         elapsed = time.perf_counter() - t0
     agree = sum(float(a) == float(b) for a, b in zip(scores[:m], slow_scores))
     rate = m / elapsed
-    print(f"math, every check through math-verify (fast path off): {m} checks in {elapsed:.2f} s = {rate:,.0f} checks/s "
-          f"({rate / TARGET_PER_S:.1f}x target); verdicts agree with the fast path on {agree}/{m}")
+    print(
+        f"math, every check through math-verify (fast path off): {m} checks in {elapsed:.2f} s = {rate:,.0f} checks/s "
+        f"({rate / TARGET_PER_S:.1f}x target); verdicts agree with the fast path on {agree}/{m}"
+    )
 
 
 def bench_timeout(workers: int, timeout: float = 2.0) -> None:
@@ -96,8 +100,10 @@ def bench_timeout(workers: int, timeout: float = 2.0) -> None:
         t0 = time.perf_counter()
         after = v.score_batch([r"\boxed{2\sqrt{2}}"] * 20, [{"answer": r"\sqrt{8}"}] * 20)
         after_s = time.perf_counter() - t0
-    print(f"timeout path: pathological answer -> score {float(scores[0])} ({scores[0].reason}); batch of {len(completions)} "
-          f"took {elapsed:.2f} s with timeout {timeout} s; workers killed and replaced: {restarts}")
+    print(
+        f"timeout path: pathological answer -> score {float(scores[0])} ({scores[0].reason}); batch of {len(completions)} "
+        f"took {elapsed:.2f} s with timeout {timeout} s; workers killed and replaced: {restarts}"
+    )
     print(f"  after the kill: 20 symbolic checks in {after_s:.2f} s, all correct: {all(s == 1.0 for s in after)}")
 
 
@@ -111,7 +117,9 @@ def bench_code_if_available() -> None:
         return
     figures = module.bench_code()
     if figures is not None:
-        print("code:", ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in dict(figures).items()))
+        print(
+            "code:", ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in dict(figures).items())
+        )
 
 
 def main() -> None:

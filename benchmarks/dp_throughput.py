@@ -28,21 +28,51 @@ import bench_common as bc  # noqa: E402
 COMMON = ["train.progress=false", "optim.lr=1e-4", "optim.schedule=constant", "train.resume=never"]
 RECIPES = {
     # global batch: micro_batch_size x grad_accum x world = 32 sequences
-    "sft": lambda world, steps: ["sft", *COMMON, "data.path=builtin:arithmetic", "data.num_examples=2000",
-                                 "data.max_length=64", "train.micro_batch_size=16", f"train.grad_accum={2 // world}",
-                                 f"train.steps={steps}", "data.eval_fraction=0"],
+    "sft": lambda world, steps: [
+        "sft",
+        *COMMON,
+        "data.path=builtin:arithmetic",
+        "data.num_examples=2000",
+        "data.max_length=64",
+        "train.micro_batch_size=16",
+        f"train.grad_accum={2 // world}",
+        f"train.steps={steps}",
+        "data.eval_fraction=0",
+    ],
     # P x G = 8 x 8 per step, whole groups split over the ranks
-    "grpo": lambda world, steps: ["grpo", *COMMON, "data.path=builtin:arithmetic", "data.num_examples=2000",
-                                  "data.max_length=96", "rewards=[bench_common:digit_reward]", "prompts_per_step=8",
-                                  "num_generations=8", "max_completion_length=32", "train.micro_batch_size=64",
-                                  "samples_every=0", f"train.steps={steps}"],
+    "grpo": lambda world, steps: [
+        "grpo",
+        *COMMON,
+        "data.path=builtin:arithmetic",
+        "data.num_examples=2000",
+        "data.max_length=96",
+        "rewards=[bench_common:digit_reward]",
+        "prompts_per_step=8",
+        "num_generations=8",
+        "max_completion_length=32",
+        "train.micro_batch_size=64",
+        "samples_every=0",
+        f"train.steps={steps}",
+    ],
 }
 
 
 def run(recipe: str, nproc: int, steps: int, preset: str, out: Path, threads: int) -> dict:
     args = [*RECIPES[recipe](nproc, steps), f"model={preset}", f"train.output_dir={out}", f"train.threads={threads}"]
-    cmd = [sys.executable, "-m", "posttrain", *args] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "posttrain", *args]
+    cmd = (
+        [sys.executable, "-m", "posttrain", *args]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "posttrain",
+            *args,
+        ]
+    )
     t0 = time.time()
     proc = subprocess.run(cmd, env=bc.child_env(), capture_output=True, text=True)
     if proc.returncode:
@@ -71,8 +101,10 @@ def main(argv=None) -> int:
     print(f"| recipe | 1 process s/step | {a.nproc} processes s/step | speed-up |")
     print("|---|---|---|---|")
     for recipe, one, many in rows:
-        print(f"| {recipe} | {one['step_time_s']:.3f} | {many['step_time_s']:.3f} | "
-              f"x{one['step_time_s'] / many['step_time_s']:.2f} |")
+        print(
+            f"| {recipe} | {one['step_time_s']:.3f} | {many['step_time_s']:.3f} | "
+            f"x{one['step_time_s'] / many['step_time_s']:.2f} |"
+        )
     if a.json:
         bc.write_json(a.json, {"rows": [{"one": o, "many": m} for _, o, m in rows], "machine": bc.machine()})
     return 0

@@ -57,8 +57,13 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (see grpo_vs_trl.py --help)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra posttrain GRPO config override (repeatable), e.g. padding_free=false")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra posttrain GRPO config override (repeatable), e.g. padding_free=false",
+    )
     return ap.parse_args(argv)
 
 
@@ -72,8 +77,8 @@ def posttrain_round(a, model_dir: Path, run_dir: Path) -> tuple[list[float], dic
     grpo.train(cfg)
     m = read_metrics(run_dir)
     walls = [m[i]["wall_time"] - m[i - 1]["wall_time"] for i in range(a.warmup, total)]
-    split = {k: bc.median([r[f"time/{k}"] for r in m[a.warmup:]]) for k in ("generate", "reward", "logps", "update")}
-    split["tokens"] = bc.median([r["completion_len/mean"] * a.prompts * a.generations for r in m[a.warmup:]])
+    split = {k: bc.median([r[f"time/{k}"] for r in m[a.warmup :]]) for k in ("generate", "reward", "logps", "update")}
+    split["tokens"] = bc.median([r["completion_len/mean"] * a.prompts * a.generations for r in m[a.warmup :]])
     return walls, split
 
 
@@ -102,16 +107,17 @@ class Floor:
         ids = torch.full((B, L), pad, dtype=torch.long)
         attn = torch.zeros((B, L), dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, L - len(p):] = torch.tensor(p)
-            attn[i, L - len(p):] = 1
+            ids[i, L - len(p) :] = torch.tensor(p)
+            attn[i, L - len(p) :] = 1
         ids, attn = ids.to(a.device), attn.to(a.device)
         pos = (attn.cumsum(1) - 1).clamp(min=0)
         m.eval()
         out_tokens = []
         with torch.no_grad():
             cache = DynamicCache(config=m.config)
-            logits = m(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                       **{self.cache_arg: cache}).logits[:, -1]
+            logits = m(
+                input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **{self.cache_arg: cache}
+            ).logits[:, -1]
             pos = pos[:, -1:] + 1
             done = torch.zeros(B, dtype=torch.bool, device=a.device)
             for t in range(a.max_completion_length):
@@ -121,12 +127,13 @@ class Floor:
                 if bool(done.all()) or t == a.max_completion_length - 1:
                     break
                 attn = torch.cat([attn, attn.new_ones((B, 1))], 1)
-                logits = m(input_ids=nxt, attention_mask=attn, position_ids=pos, use_cache=True,
-                           **{self.cache_arg: cache}).logits[:, -1]
+                logits = m(
+                    input_ids=nxt, attention_mask=attn, position_ids=pos, use_cache=True, **{self.cache_arg: cache}
+                ).logits[:, -1]
                 pos = pos + 1
         m.train()
         rows = torch.cat(out_tokens, 1).tolist()
-        return [r[:r.index(eos) + 1] if eos in r else r for r in rows]
+        return [r[: r.index(eos) + 1] if eos in r else r for r in rows]
 
     def update(self, prompts: list[list[int]], completions: list[list[int]]) -> None:
         torch, m, a = self.torch, self.model, self.a
@@ -136,9 +143,9 @@ class Floor:
         attn = torch.zeros((B, T), dtype=torch.long)
         loss_mask = torch.zeros((B, T))
         for i, (p, s) in enumerate(zip(prompts, seqs)):
-            ids[i, :len(s)] = torch.tensor(s)
-            attn[i, :len(s)] = 1
-            loss_mask[i, len(p) - 1:len(s) - 1] = 1  # positions that predict a completion token
+            ids[i, : len(s)] = torch.tensor(s)
+            attn[i, : len(s)] = 1
+            loss_mask[i, len(p) - 1 : len(s) - 1] = 1  # positions that predict a completion token
         ids, attn, loss_mask = ids.to(a.device), attn.to(a.device), loss_mask.to(a.device)
         adv = torch.randn(B, 1, device=a.device)
         logits = m(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
@@ -183,9 +190,11 @@ def main(argv=None) -> None:
     from posttrain.tasks import get_task
 
     print(f"machine: {bc.machine()}; load average {bc.load_average()}")
-    print(f"preset={a.preset} arch={a.arch} vocab={a.vocab_size or 'char'} device={a.device} dtype={a.dtype} "
-          f"P={a.prompts} G={a.generations} max_completion_length={a.max_completion_length} steps={a.steps} "
-          f"(+{a.warmup} warmup) rounds={a.rounds} threads={torch.get_num_threads()}")
+    print(
+        f"preset={a.preset} arch={a.arch} vocab={a.vocab_size or 'char'} device={a.device} dtype={a.dtype} "
+        f"P={a.prompts} G={a.generations} max_completion_length={a.max_completion_length} steps={a.steps} "
+        f"(+{a.warmup} warmup) rounds={a.rounds} threads={torch.get_num_threads()}"
+    )
     total = a.warmup + a.steps
     pt_walls, pt_splits, fl_walls, fl_splits = [], [], [], []
     with tempfile.TemporaryDirectory() as d:
@@ -193,7 +202,7 @@ def main(argv=None) -> None:
         tok = load_tokenizer(model_dir)
         rows = get_task("arithmetic").rows(a.prompts * total)
         ids = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
-        prompts_by_step = [ids[s * a.prompts:(s + 1) * a.prompts] for s in range(total)]
+        prompts_by_step = [ids[s * a.prompts : (s + 1) * a.prompts] for s in range(total)]
         for r in range(a.rounds):
             torch.manual_seed(a.seed + r)
             floor = Floor(a, model_dir)  # fresh weights and optimizer each round, as the recipe has
@@ -204,20 +213,29 @@ def main(argv=None) -> None:
             w, s = posttrain_round(a, model_dir, Path(d) / f"run{r}")
             pt_walls += w
             pt_splits.append(s)
-            print(f"  round {r + 1}: posttrain {bc.median(w):.3f} s/step, floor {bc.median(fl_walls[-a.steps:]):.3f} "
-                  f"s/step", flush=True)
+            print(
+                f"  round {r + 1}: posttrain {bc.median(w):.3f} s/step, floor {bc.median(fl_walls[-a.steps :]):.3f} "
+                f"s/step",
+                flush=True,
+            )
     pt, fl = bc.median(pt_walls), bc.median(fl_walls)
     fl_gen, fl_upd = bc.median([s["generate"] for s in fl_splits]), bc.median([s["update"] for s in fl_splits])
     split = {k: bc.median([s[k] for s in pt_splits]) for k in pt_splits[0]}
     print(f"\nmedians over {len(pt_walls)} timed steps each (load average now {bc.load_average()}):")
-    print(f"  floor    : {fl:.3f} s/step = generate {fl_gen:.3f} + forward/backward/AdamW {fl_upd:.3f} "
-          f"({bc.median([s['tokens'] for s in fl_splits]):.0f} completion tokens/step)")
-    print(f"  posttrain: {pt:.3f} s/step = generate {split['generate']:.3f} + reward {split['reward']:.3f} + "
-          f"logps {split['logps']:.3f} + update {split['update']:.3f} + other "
-          f"{pt - sum(split[k] for k in ('generate', 'reward', 'logps', 'update')):.3f} "
-          f"({split['tokens']:.0f} completion tokens/step)")
-    print(f"  posttrain / floor: x{pt / fl:.2f} (target <= {TARGET_RATIO}); generate x{split['generate'] / fl_gen:.2f}, "
-          f"update x{split['update'] / fl_upd:.2f}")
+    print(
+        f"  floor    : {fl:.3f} s/step = generate {fl_gen:.3f} + forward/backward/AdamW {fl_upd:.3f} "
+        f"({bc.median([s['tokens'] for s in fl_splits]):.0f} completion tokens/step)"
+    )
+    print(
+        f"  posttrain: {pt:.3f} s/step = generate {split['generate']:.3f} + reward {split['reward']:.3f} + "
+        f"logps {split['logps']:.3f} + update {split['update']:.3f} + other "
+        f"{pt - sum(split[k] for k in ('generate', 'reward', 'logps', 'update')):.3f} "
+        f"({split['tokens']:.0f} completion tokens/step)"
+    )
+    print(
+        f"  posttrain / floor: x{pt / fl:.2f} (target <= {TARGET_RATIO}); generate x{split['generate'] / fl_gen:.2f}, "
+        f"update x{split['update'] / fl_upd:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,11 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="base", help="posttrain.models.tiny preset for a random policy")
     ap.add_argument("--policy", default="", help="a trained policy directory instead of a random preset")
-    ap.add_argument("--reward-model", default="",
-                    help="a trained reward model directory (default: the policy's backbone with a random head)")
+    ap.add_argument(
+        "--reward-model",
+        default="",
+        help="a trained reward model directory (default: the policy's backbone with a random head)",
+    )
     ap.add_argument("--reward", default="bench_common:digit_reward", help="GRPO's programmatic reward")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -78,14 +81,29 @@ def parse_args(argv=None):
 def variant_config(a, variant: str, run_dir: Path):
     from posttrain.config import GRPOConfig, PPOConfig, config_from_dict
 
-    common = [f"model.path={a.policy_dir}", f"model.device={a.device}", f"model.dtype={a.dtype}",
-              "data.path=builtin:arithmetic?max_terms=5", f"data.num_examples={a.prompts * a.steps}",
-              f"data.max_length={32 + a.max_completion_length}",
-              "data.shuffle=false", f"prompts_per_step={a.prompts}", f"num_generations={a.generations}",
-              f"max_completion_length={a.max_completion_length}", f"optim.lr={a.lr}", "optim.schedule=constant",
-              f"train.micro_batch_size={a.prompts * a.generations}", f"train.steps={a.steps}", f"train.seed={a.seed}",
-              f"train.output_dir={run_dir}", "train.progress=false", "train.log_every=1000000", "samples_every=0",
-              "train.resume=never", "mask_truncated_completions=false"]
+    common = [
+        f"model.path={a.policy_dir}",
+        f"model.device={a.device}",
+        f"model.dtype={a.dtype}",
+        "data.path=builtin:arithmetic?max_terms=5",
+        f"data.num_examples={a.prompts * a.steps}",
+        f"data.max_length={32 + a.max_completion_length}",
+        "data.shuffle=false",
+        f"prompts_per_step={a.prompts}",
+        f"num_generations={a.generations}",
+        f"max_completion_length={a.max_completion_length}",
+        f"optim.lr={a.lr}",
+        "optim.schedule=constant",
+        f"train.micro_batch_size={a.prompts * a.generations}",
+        f"train.steps={a.steps}",
+        f"train.seed={a.seed}",
+        f"train.output_dir={run_dir}",
+        "train.progress=false",
+        "train.log_every=1000000",
+        "samples_every=0",
+        "train.resume=never",
+        "mask_truncated_completions=false",
+    ]
     if a.eval:
         common += ["data.eval_path=builtin:arithmetic?max_terms=5", f"eval_examples={a.eval}"]
     program = f"{{name: '{a.reward}'}}"
@@ -93,13 +111,36 @@ def variant_config(a, variant: str, run_dir: Path):
         rewards = f"[{{name: reward_model, options: {{path: '{a.rm_dir}', device: {a.device}, dtype: {a.dtype}}}}}]"
         if a.eval:  # the gold check first (it defines accuracy), logged only
             rewards = f"[{{name: math, weight: 0}}, {rewards[1:-1]}]"
-        return config_from_dict(PPOConfig, {}, [*common, f"rewards={rewards}", "critic.init=reward_model",
-                                                f"critic.lr={a.lr}", f"critic.dtype={a.dtype}", "beta=0.05",
-                                                "kl_estimator=k1", "ppo_epochs=1", "num_mini_batches=1"])
+        return config_from_dict(
+            PPOConfig,
+            {},
+            [
+                *common,
+                f"rewards={rewards}",
+                "critic.init=reward_model",
+                f"critic.lr={a.lr}",
+                f"critic.dtype={a.dtype}",
+                "beta=0.05",
+                "kl_estimator=k1",
+                "ppo_epochs=1",
+                "num_mini_batches=1",
+            ],
+        )
     beta = "0.04" if variant == "grpo_kl" else "0"
-    return config_from_dict(GRPOConfig, {}, [*common, f"rewards=[{program}]", f"beta={beta}", "kl_estimator=k3",
-                                             "aggregation=token_mean", "eps_low=0.2", "eps_high=0.28",
-                                             "num_iterations=1"])
+    return config_from_dict(
+        GRPOConfig,
+        {},
+        [
+            *common,
+            f"rewards=[{program}]",
+            f"beta={beta}",
+            "kl_estimator=k3",
+            "aggregation=token_mean",
+            "eps_low=0.2",
+            "eps_high=0.28",
+            "num_iterations=1",
+        ],
+    )
 
 
 def worker(a) -> None:
@@ -114,14 +155,22 @@ def worker(a) -> None:
     importlib.import_module(f"posttrain.recipes.{'ppo' if a.worker == 'ppo' else 'grpo'}").train(cfg)
     m = read_metrics(run_dir)
     last = m[-1]
-    times = [r["step_time"] for r in m[a.warmup:]] or [r["step_time"] for r in m]
+    times = [r["step_time"] for r in m[a.warmup :]] or [r["step_time"] for r in m]
     peak = max(r["memory/peak_mb"] for r in m)
-    out = {"variant": a.worker, "models_held": last["memory/models_held"], "peak_mb": peak,
-           "peak_above_baseline_mb": peak - last["memory/baseline_mb"], "baseline_mb": last["memory/baseline_mb"],
-           **{f"{k}_mb": last[f"memory/{k}_mb"] for k in PARTS}, "step_time_s": bc.median(times),
-           "steps": len(m), "generated_tokens": sum(r["tokens_per_s"] * r["step_time"] for r in m),
-           "eval_accuracy": last.get("eval_accuracy"), "reward_mean_last": last["reward/mean"],
-           "skipped_updates": sum(r.get("skipped_update", 0) for r in m)}
+    out = {
+        "variant": a.worker,
+        "models_held": last["memory/models_held"],
+        "peak_mb": peak,
+        "peak_above_baseline_mb": peak - last["memory/baseline_mb"],
+        "baseline_mb": last["memory/baseline_mb"],
+        **{f"{k}_mb": last[f"memory/{k}_mb"] for k in PARTS},
+        "step_time_s": bc.median(times),
+        "steps": len(m),
+        "generated_tokens": sum(r["tokens_per_s"] * r["step_time"] for r in m),
+        "eval_accuracy": last.get("eval_accuracy"),
+        "reward_mean_last": last["reward/mean"],
+        "skipped_updates": sum(r.get("skipped_update", 0) for r in m),
+    }
     bc.write_json(a.out, out)
 
 
@@ -143,11 +192,42 @@ def build_models(a, tmp: Path) -> None:
 
 def run_variant(a, variant: str, tmp: Path) -> dict:
     out = tmp / f"{variant}.json"
-    cmd = [sys.executable, __file__, "--worker", variant, "--policy-dir", a.policy, "--rm-dir", a.reward_model,
-           "--out", str(out), "--reward", a.reward, "--device", a.device, "--dtype", a.dtype,
-           "--prompts", str(a.prompts), "--generations", str(a.generations), "--max-completion-length",
-           str(a.max_completion_length), "--steps", str(a.steps), "--warmup", str(a.warmup), "--lr", str(a.lr),
-           "--eval", str(a.eval), "--threads", str(a.threads), "--seed", str(a.seed)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--policy-dir",
+        a.policy,
+        "--rm-dir",
+        a.reward_model,
+        "--out",
+        str(out),
+        "--reward",
+        a.reward,
+        "--device",
+        a.device,
+        "--dtype",
+        a.dtype,
+        "--prompts",
+        str(a.prompts),
+        "--generations",
+        str(a.generations),
+        "--max-completion-length",
+        str(a.max_completion_length),
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+        "--lr",
+        str(a.lr),
+        "--eval",
+        str(a.eval),
+        "--threads",
+        str(a.threads),
+        "--seed",
+        str(a.seed),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=bc.child_env())
     if proc.returncode != 0:
         raise SystemExit(f"{variant} failed:\n{proc.stderr[-4000:]}")
@@ -161,9 +241,21 @@ def table(runs: list[dict]) -> str:
     for r in runs:
         ratio = f"{r['peak_above_baseline_mb'] / ppo['peak_above_baseline_mb']:.2f}" if ppo else "-"
         acc = "-" if r["eval_accuracy"] is None else f"{100 * r['eval_accuracy']:.1f}%"
-        lines.append("| " + " | ".join([r["variant"], f"{r['models_held']:.0f}",
-                                        *(f"{r[f'{k}_mb']:.0f}" for k in PARTS), f"{r['peak_above_baseline_mb']:.0f}",
-                                        ratio, f"{r['step_time_s']:.2f}", acc]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["variant"],
+                    f"{r['models_held']:.0f}",
+                    *(f"{r[f'{k}_mb']:.0f}" for k in PARTS),
+                    f"{r['peak_above_baseline_mb']:.0f}",
+                    ratio,
+                    f"{r['step_time_s']:.2f}",
+                    acc,
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -179,10 +271,15 @@ def main(argv=None) -> int:
         runs = []
         for v in variants:
             runs.append(run_variant(a, v, tmp))
-            print(f"{v}: peak {runs[-1]['peak_above_baseline_mb']:.0f} MB above baseline, "
-                  f"{runs[-1]['step_time_s']:.2f} s/step", flush=True)
-    print(f"\n{bc.machine()}; load {bc.load_average()}; policy {a.policy or a.preset}; P={a.prompts} G={a.generations} "
-          f"max_completion_length={a.max_completion_length}; {a.steps} steps; {a.device} {a.dtype}; threads {a.threads}")
+            print(
+                f"{v}: peak {runs[-1]['peak_above_baseline_mb']:.0f} MB above baseline, "
+                f"{runs[-1]['step_time_s']:.2f} s/step",
+                flush=True,
+            )
+    print(
+        f"\n{bc.machine()}; load {bc.load_average()}; policy {a.policy or a.preset}; P={a.prompts} G={a.generations} "
+        f"max_completion_length={a.max_completion_length}; {a.steps} steps; {a.device} {a.dtype}; threads {a.threads}"
+    )
     print("peak MB = the run's peak above the process's memory before the models were loaded\n")
     print(table(runs))
     grpo, ppo = (next((r for r in runs if r["variant"] == v), None) for v in ("grpo", "ppo"))
@@ -190,11 +287,20 @@ def main(argv=None) -> int:
     if grpo and ppo:
         ratio = grpo["peak_above_baseline_mb"] / ppo["peak_above_baseline_mb"]
         summary = {"grpo_over_ppo_peak": ratio, "target": TARGET_RATIO, "met": ratio <= TARGET_RATIO}
-        print(f"\nGRPO (beta=0) peak / PPO peak = {ratio:.2f} (target <= {TARGET_RATIO}: "
-              f"{'met' if ratio <= TARGET_RATIO else 'NOT met'})")
+        print(
+            f"\nGRPO (beta=0) peak / PPO peak = {ratio:.2f} (target <= {TARGET_RATIO}: "
+            f"{'met' if ratio <= TARGET_RATIO else 'NOT met'})"
+        )
     if a.json:
-        bc.write_json(a.json, {"args": {k: v for k, v in vars(a).items() if k != "worker"}, "runs": runs,
-                               "summary": summary, "machine": bc.machine()})
+        bc.write_json(
+            a.json,
+            {
+                "args": {k: v for k, v in vars(a).items() if k != "worker"},
+                "runs": runs,
+                "summary": summary,
+                "machine": bc.machine(),
+            },
+        )
     return 0
 
 

@@ -60,8 +60,12 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="small", help="posttrain.models.tiny preset (tiny|small|medium|qwen2-0.5b)")
     ap.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
-    ap.add_argument("--vocab-size", type=int, default=0,
-                    help="pad the char tokenizer's vocab to this size (0: ~105 tokens; Qwen2 has 151936)")
+    ap.add_argument(
+        "--vocab-size",
+        type=int,
+        default=0,
+        help="pad the char tokenizer's vocab to this size (0: ~105 tokens; Qwen2 has 151936)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--prompts", "-P", type=int, default=8, help="P: prompts per step")
@@ -71,17 +75,32 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run")
     ap.add_argument("--rounds", type=int, default=5, help="runs per trainer (alternating)")
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads, the same for both (0: torch's default). 1 by default: on a shared 2-core "
-                         "machine two spinning OpenMP threads per process made steps 5-50x slower and erratic")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads, the same for both (0: torch's default). 1 by default: on a shared 2-core "
+        "machine two spinning OpenMP threads per process made steps 5-50x slower and erratic",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra posttrain GRPO config override (repeatable), e.g. padding_free=false")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra posttrain GRPO config override (repeatable), e.g. padding_free=false",
+    )
     ap.add_argument("--only", choices=["posttrain", "trl"], help="run one side only")
-    ap.add_argument("--engine", default="native",
-                    help="posttrain's rollout engine(s), comma-separated: native, vllm (each a side of its own)")
-    ap.add_argument("--trl-engine", default="generate",
-                    help="TRL's generation, comma-separated: generate (transformers), vllm (use_vllm colocate)")
+    ap.add_argument(
+        "--engine",
+        default="native",
+        help="posttrain's rollout engine(s), comma-separated: native, vllm (each a side of its own)",
+    )
+    ap.add_argument(
+        "--trl-engine",
+        default="generate",
+        help="TRL's generation, comma-separated: generate (transformers), vllm (use_vllm colocate)",
+    )
     ap.add_argument("--json", help="write all runs and the summary here")
     ap.add_argument("--worker", choices=["posttrain", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -122,13 +141,17 @@ def run_posttrain(a, run_dir: Path) -> dict:
         cfg = replace(cfg, rollout_engine="vllm")
     grpo.train(cfg)
     m = read_metrics(run_dir)
-    timed = m[a.warmup:]
+    timed = m[a.warmup :]
     seconds = m[-1]["wall_time"] - m[a.warmup - 1]["wall_time"] if a.warmup else m[-1]["wall_time"]
     seqs = a.prompts * a.generations
     tokens = sum(r["completion_len/mean"] * seqs for r in timed)
     split = {k: sum(r[f"time/{k}"] for r in timed) / len(timed) for k in ("generate", "reward", "logps", "update")}
-    return {"seconds": seconds, "tokens": tokens, "split": split,
-            "reward": sum(r["reward/mean"] for r in timed) / len(timed)}
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "split": split,
+        "reward": sum(r["reward/mean"] for r in timed) / len(timed),
+    }
 
 
 def run_trl(a, run_dir: Path) -> dict:
@@ -162,26 +185,63 @@ def run_trl(a, run_dir: Path) -> dict:
     cuda = a.device.startswith("cuda")
     bf16 = a.dtype == "bfloat16"
     args = GRPOConfig(
-        output_dir=str(run_dir), max_steps=total, per_device_train_batch_size=a.prompts * a.generations,
-        gradient_accumulation_steps=1, steps_per_generation=1, num_generations=a.generations,
-        max_completion_length=a.max_completion_length, temperature=1.0, top_p=1.0, top_k=0,
-        loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0, num_iterations=1, scale_rewards="group",
-        learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch",
-        gradient_checkpointing=False, bf16=bf16, fp16=False, use_cpu=not cuda, seed=a.seed,
-        shuffle_dataset=False, dataloader_num_workers=0, report_to="none", save_strategy="no",
-        logging_steps=1_000_000, disable_tqdm=True, log_completions=False,
+        output_dir=str(run_dir),
+        max_steps=total,
+        per_device_train_batch_size=a.prompts * a.generations,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_generations=a.generations,
+        max_completion_length=a.max_completion_length,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        loss_type="dapo",
+        epsilon=0.2,
+        epsilon_high=0.28,
+        beta=0.0,
+        num_iterations=1,
+        scale_rewards="group",
+        learning_rate=a.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        optim="adamw_torch",
+        gradient_checkpointing=False,
+        bf16=bf16,
+        fp16=False,
+        use_cpu=not cuda,
+        seed=a.seed,
+        shuffle_dataset=False,
+        dataloader_num_workers=0,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1_000_000,
+        disable_tqdm=True,
+        log_completions=False,
         model_init_kwargs={"dtype": getattr(torch, a.dtype)},
         **({"use_vllm": True, "vllm_mode": "colocate"} if a.trl_engine == "vllm" else {"use_vllm": False}),
     )
     clock = StepClock()
-    trainer = GRPOTrainer(model=a.model_dir, reward_funcs=digit_reward, args=args, train_dataset=data,
-                          processing_class=load_tokenizer(a.model_dir), callbacks=[clock])
+    trainer = GRPOTrainer(
+        model=a.model_dir,
+        reward_funcs=digit_reward,
+        args=args,
+        train_dataset=data,
+        processing_class=load_tokenizer(a.model_dir),
+        callbacks=[clock],
+    )
     trainer.train()
     ends = clock.ends
     seconds = ends[-1] - ends[a.warmup - 1] if a.warmup else None
-    return {"seconds": seconds, "tokens": sum(counted["tokens"][a.warmup:]),
-            "reward": sum(counted["rewards"][a.warmup:]) / a.steps}
+    return {
+        "seconds": seconds,
+        "tokens": sum(counted["tokens"][a.warmup :]),
+        "reward": sum(counted["rewards"][a.warmup :]) / a.steps,
+    }
 
 
 def worker(a) -> None:
@@ -201,9 +261,13 @@ def worker(a) -> None:
         res = (run_posttrain if a.worker == "posttrain" else run_trl)(a, Path(d) / "run")
     import posttrain
 
-    res.update(mem.stop(), total_seconds=time.perf_counter() - t0, trainer=a.worker,
-               side=_label(a.worker, a.engine if a.worker == "posttrain" else a.trl_engine),
-               posttrain_src=str(Path(posttrain.__file__).parent))
+    res.update(
+        mem.stop(),
+        total_seconds=time.perf_counter() - t0,
+        trainer=a.worker,
+        side=_label(a.worker, a.engine if a.worker == "posttrain" else a.trl_engine),
+        posttrain_src=str(Path(posttrain.__file__).parent),
+    )
     bc.write_json(a.out, res)
 
 
@@ -226,11 +290,34 @@ def sides_of(a) -> list[tuple[str, str]]:
 
 def spawn(a, side: tuple[str, str], model_dir: Path, out: Path) -> dict:
     which, engine = side
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", which, "--model-dir", str(model_dir),
-           "--out", str(out), "--engine", engine if which == "posttrain" else a.engine,
-           "--trl-engine", engine if which == "trl" else a.trl_engine]
-    for k in ("preset", "arch", "device", "dtype", "prompts", "generations", "max_completion_length", "steps",
-              "warmup", "lr", "threads", "seed"):
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        which,
+        "--model-dir",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--engine",
+        engine if which == "posttrain" else a.engine,
+        "--trl-engine",
+        engine if which == "trl" else a.trl_engine,
+    ]
+    for k in (
+        "preset",
+        "arch",
+        "device",
+        "dtype",
+        "prompts",
+        "generations",
+        "max_completion_length",
+        "steps",
+        "warmup",
+        "lr",
+        "threads",
+        "seed",
+    ):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     for kv in a.set:
         cmd += ["--set", kv]
@@ -260,12 +347,18 @@ def summarize(a, runs: list[dict]) -> dict:
         if rs[0]["trainer"] == "posttrain":
             out[which]["split_s"] = {k: bc.median([r["split"][k] for r in rs]) for k in rs[0]["split"]}
     # posttrain vs TRL with the same kind of generation; and each side's vLLM against its own default.
-    for p, t, key in (("posttrain", "trl", "ratios"), ("posttrain+vllm", "trl+vllm", "ratios_vllm"),
-                      ("posttrain+vllm", "posttrain", "vllm_vs_native"), ("trl+vllm", "trl", "trl_vllm_vs_generate")):
+    for p, t, key in (
+        ("posttrain", "trl", "ratios"),
+        ("posttrain+vllm", "trl+vllm", "ratios_vllm"),
+        ("posttrain+vllm", "posttrain", "vllm_vs_native"),
+        ("trl+vllm", "trl", "trl_vllm_vs_generate"),
+    ):
         if p in out and t in out:
-            out[key] = {"steps_per_s": out[p]["steps_per_s"] / out[t]["steps_per_s"],
-                        "tokens_per_s": out[p]["tokens_per_s"] / out[t]["tokens_per_s"],
-                        "peak_mem": out[p]["peak_mem_mb"] / out[t]["peak_mem_mb"]}
+            out[key] = {
+                "steps_per_s": out[p]["steps_per_s"] / out[t]["steps_per_s"],
+                "tokens_per_s": out[p]["tokens_per_s"] / out[t]["tokens_per_s"],
+                "peak_mem": out[p]["peak_mem_mb"] / out[t]["peak_mem_mb"],
+            }
     return out
 
 
@@ -277,11 +370,13 @@ def main(argv=None) -> None:
         raise SystemExit("--warmup must be >= 1 (the first step pays one-off costs on both sides)")
     sides = sides_of(a)
     print(f"machine: {bc.machine()}; load average {bc.load_average()}")
-    print(f"preset={a.preset} arch={a.arch} vocab={a.vocab_size or 'char'} device={a.device} dtype={a.dtype} "
-          f"P={a.prompts} G={a.generations} max_completion_length={a.max_completion_length} "
-          f"steps={a.steps} (+{a.warmup} warmup) rounds={a.rounds} threads={a.threads or 'default'}"
-          + (f" posttrain overrides: {' '.join(a.set)}" if a.set else "")
-          + f" sides: {', '.join(_label(*s) for s in sides)}")
+    print(
+        f"preset={a.preset} arch={a.arch} vocab={a.vocab_size or 'char'} device={a.device} dtype={a.dtype} "
+        f"P={a.prompts} G={a.generations} max_completion_length={a.max_completion_length} "
+        f"steps={a.steps} (+{a.warmup} warmup) rounds={a.rounds} threads={a.threads or 'default'}"
+        + (f" posttrain overrides: {' '.join(a.set)}" if a.set else "")
+        + f" sides: {', '.join(_label(*s) for s in sides)}"
+    )
     runs = []
     with tempfile.TemporaryDirectory() as d:
         model_dir = bc.build_model_dir(Path(d) / "model", a.preset, a.arch, a.vocab_size, a.seed)
@@ -290,24 +385,35 @@ def main(argv=None) -> None:
             for side in order:
                 res = spawn(a, side, model_dir, Path(d) / f"{_label(*side)}-{r}.json")
                 runs.append(res)
-                print(f"  round {r + 1} {res['side']:14s}: {a.steps / res['seconds']:.3f} steps/s, "
-                      f"{res['tokens'] / res['seconds']:.0f} tok/s, peak +{res['delta_bytes'] / 2**20:.0f} MiB, "
-                      f"run {res['total_seconds']:.1f}s", flush=True)
+                print(
+                    f"  round {r + 1} {res['side']:14s}: {a.steps / res['seconds']:.3f} steps/s, "
+                    f"{res['tokens'] / res['seconds']:.0f} tok/s, peak +{res['delta_bytes'] / 2**20:.0f} MiB, "
+                    f"run {res['total_seconds']:.1f}s",
+                    flush=True,
+                )
     s = summarize(a, runs)
     print(f"\nmedians over {a.rounds} runs each (load average now {bc.load_average()}):")
     for which in (_label(*side) for side in sides):
         x = s[which]
-        print(f"  {which:14s}: {x['steps_per_s']:.3f} steps/s  {x['tokens_per_s']:.0f} generated tok/s  "
-              f"peak memory +{x['peak_mem_mb']:.0f} MiB  (mean completion {x['mean_completion_len']:.1f} tokens)")
+        print(
+            f"  {which:14s}: {x['steps_per_s']:.3f} steps/s  {x['tokens_per_s']:.0f} generated tok/s  "
+            f"peak memory +{x['peak_mem_mb']:.0f} MiB  (mean completion {x['mean_completion_len']:.1f} tokens)"
+        )
         if "split_s" in x:
             print(f"  {which} step split (s): " + ", ".join(f"{k} {v:.3f}" for k, v in x["split_s"].items()))
-    for key, title in (("ratios", "posttrain / TRL"), ("ratios_vllm", "posttrain+vllm / TRL+vllm"),
-                       ("vllm_vs_native", "posttrain+vllm / posttrain"), ("trl_vllm_vs_generate", "TRL+vllm / TRL")):
+    for key, title in (
+        ("ratios", "posttrain / TRL"),
+        ("ratios_vllm", "posttrain+vllm / TRL+vllm"),
+        ("vllm_vs_native", "posttrain+vllm / posttrain"),
+        ("trl_vllm_vs_generate", "TRL+vllm / TRL"),
+    ):
         if key in s:
             r = s[key]
             targets = f" (target >= {TARGET_SPEEDUP})" if key == "ratios" else ""
-            print(f"  {title}: steps/s x{r['steps_per_s']:.2f}{targets}, tokens/s x{r['tokens_per_s']:.2f}, "
-                  f"peak memory x{r['peak_mem']:.2f}" + (f" (target <= {TARGET_MEMORY})" if key == "ratios" else ""))
+            print(
+                f"  {title}: steps/s x{r['steps_per_s']:.2f}{targets}, tokens/s x{r['tokens_per_s']:.2f}, "
+                f"peak memory x{r['peak_mem']:.2f}" + (f" (target <= {TARGET_MEMORY})" if key == "ratios" else "")
+            )
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "runs": runs, "summary": s}, indent=2))
 

@@ -37,17 +37,21 @@ def _pct(ev: dict) -> str:
 
 
 def dpo_table(root: Path, seeds: list[int]) -> str:
-    out = ["| seed | SFT | DPO | change | chosen log-prob (first -> last step) | rejected log-prob |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        "| seed | SFT | DPO | change | chosen log-prob (first -> last step) | rejected log-prob |",
+        "|---|---|---|---|---|---|",
+    ]
     for seed in seeds:
         summary = json.loads((root / f"seed{seed}" / "pipeline.json").read_text())
         stages = {e["recipe"]: e for e in summary["stages"]}
         sft, dpo = stages["sft"], stages["preference"]
         m = [json.loads(x) for x in (root / f"seed{seed}" / dpo["dir"] / "metrics.jsonl").read_text().splitlines()]
-        out.append(f"| {seed} | {_pct(sft['eval'])} | {_pct(dpo['eval'])} | "
-                   f"{100 * (dpo['eval']['greedy_accuracy'] - sft['eval']['greedy_accuracy']):+.1f} | "
-                   f"{m[0]['logps/chosen']:.2f} -> {m[-1]['logps/chosen']:.2f} | "
-                   f"{m[0]['logps/rejected']:.2f} -> {m[-1]['logps/rejected']:.2f} |")
+        out.append(
+            f"| {seed} | {_pct(sft['eval'])} | {_pct(dpo['eval'])} | "
+            f"{100 * (dpo['eval']['greedy_accuracy'] - sft['eval']['greedy_accuracy']):+.1f} | "
+            f"{m[0]['logps/chosen']:.2f} -> {m[-1]['logps/chosen']:.2f} | "
+            f"{m[0]['logps/rejected']:.2f} -> {m[-1]['logps/rejected']:.2f} |"
+        )
     return "\n".join(out)
 
 
@@ -57,8 +61,10 @@ def stage_table(pipeline_dir: Path) -> str:
     for e in summary["stages"] + summary.get("controls", []):
         ev = e["eval"]
         base = ev.get("majority_baseline")
-        out.append(f"| {e['name']} | {_pct(ev)} | {100 * ev['pass_at_k']:.1f} | "
-                   f"{'—' if base is None else f'{100 * base:.1f}'} | {e['seconds']:.0f} s |")
+        out.append(
+            f"| {e['name']} | {_pct(ev)} | {100 * ev['pass_at_k']:.1f} | "
+            f"{'—' if base is None else f'{100 * base:.1f}'} | {e['seconds']:.0f} s |"
+        )
     return "\n".join(out)
 
 
@@ -88,13 +94,23 @@ def main(argv: list[str]) -> int:
 
     md = []
     if (arith / "seeds.md").exists():
-        md += [f"### Arithmetic, seeds {a.seeds} (`posttrain demo --seeds {a.seeds}`)", "",
-               (arith / "seeds.md").read_text().strip(), "",
-               "DPO before/after (chosen and rejected log-probs of the training pairs, mean over a step):", "",
-               dpo_table(arith, seeds), ""]
+        md += [
+            f"### Arithmetic, seeds {a.seeds} (`posttrain demo --seeds {a.seeds}`)",
+            "",
+            (arith / "seeds.md").read_text().strip(),
+            "",
+            "DPO before/after (chosen and rejected log-probs of the training pairs, mean over a step):",
+            "",
+            dpo_table(arith, seeds),
+            "",
+        ]
     if (count / "seeds.md").exists():
-        md += [f"### Counting, seeds {a.counting_seeds} (`posttrain demo --task counting --seeds {a.counting_seeds}`)",
-               "", (count / "seeds.md").read_text().strip(), ""]
+        md += [
+            f"### Counting, seeds {a.counting_seeds} (`posttrain demo --task counting --seeds {a.counting_seeds}`)",
+            "",
+            (count / "seeds.md").read_text().strip(),
+            "",
+        ]
         for s in a.counting_seeds.split(","):
             md += [f"seed {s}, every stage:", "", stage_table(count / f"seed{s}"), ""]
     ev_dir = arith / f"seed{seeds[0]}"

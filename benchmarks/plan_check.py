@@ -72,17 +72,46 @@ ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"
 
 
 def overrides(recipe: str, model_dir: str, rm_dir: str, out: Path) -> list[str]:
-    common = [f"model.path={model_dir}", "model.device=cpu", f"train.steps={STEPS}", f"train.output_dir={out}",
-              "train.progress=false", "train.resume=never", "train.log_every=1000000", "optim.schedule=constant"]
+    common = [
+        f"model.path={model_dir}",
+        "model.device=cpu",
+        f"train.steps={STEPS}",
+        f"train.output_dir={out}",
+        "train.progress=false",
+        "train.resume=never",
+        "train.log_every=1000000",
+        "optim.schedule=constant",
+    ]
     if recipe == "sft":
-        return common + ["data.path=builtin:arithmetic", "data.num_examples=200", "data.max_length=64",
-                         "data.eval_fraction=0.0", "train.micro_batch_size=16"]
+        return common + [
+            "data.path=builtin:arithmetic",
+            "data.num_examples=200",
+            "data.max_length=64",
+            "data.eval_fraction=0.0",
+            "train.micro_batch_size=16",
+        ]
     if recipe in ("dpo", "reward_model"):
-        return common + [f"data.path={out.parent / 'pairs.jsonl'}", "data.max_length=64", "data.eval_fraction=0.0",
-                         "train.micro_batch_size=8"] + (["loss=dpo"] if recipe == "dpo" else [])
-    rl = common + ["data.path=builtin:arithmetic?max_terms=5", "data.num_examples=64", "data.shuffle=false",
-                   "prompts_per_step=8", "num_generations=4", "max_completion_length=32", "train.micro_batch_size=32",
-                   "samples_every=0", "mask_truncated_completions=false"]
+        return (
+            common
+            + [
+                f"data.path={out.parent / 'pairs.jsonl'}",
+                "data.max_length=64",
+                "data.eval_fraction=0.0",
+                "train.micro_batch_size=8",
+            ]
+            + (["loss=dpo"] if recipe == "dpo" else [])
+        )
+    rl = common + [
+        "data.path=builtin:arithmetic?max_terms=5",
+        "data.num_examples=64",
+        "data.shuffle=false",
+        "prompts_per_step=8",
+        "num_generations=4",
+        "max_completion_length=32",
+        "train.micro_batch_size=32",
+        "samples_every=0",
+        "mask_truncated_completions=false",
+    ]
     if recipe == "grpo":
         return rl + ["rewards=[{name: 'bench_common:digit_reward'}]"]
     rm = f"{{name: reward_model, options: {{path: '{rm_dir}', device: cpu}}}}"
@@ -118,8 +147,12 @@ def _snapshot(base: int) -> dict:
     objs = gc.get_objects()
     params = [p for o in objs if isinstance(o, torch.nn.Module) for p in o.parameters(recurse=False)]
     opts = [o for o in objs if isinstance(o, torch.optim.Optimizer)]
-    return {"weights": _bytes(params), "grads": _bytes(p for p in params if p.requires_grad),
-            "optimizer": sum(optimizer_bytes(o) for o in opts), "peak_growth": _status("VmHWM") - base}
+    return {
+        "weights": _bytes(params),
+        "grads": _bytes(p for p in params if p.requires_grad),
+        "optimizer": sum(optimizer_bytes(o) for o in opts),
+        "peak_growth": _status("VmHWM") - base,
+    }
 
 
 def worker(spec: dict, out: Path) -> None:
@@ -142,6 +175,7 @@ def worker(spec: dict, out: Path) -> None:
                 ids = args[1] if len(args) > 1 else kwargs["input_ids_BT"]
                 shapes.append((ids.shape[0], ids.shape[1], loss_positions(args, kwargs)))
             return fn(*args, **kwargs)
+
         return wrapper
 
     grpo.completion_logps = recorded(grpo.completion_logps, lambda a, k: int((a[5] > 0).sum()))
@@ -152,7 +186,9 @@ def worker(spec: dict, out: Path) -> None:
     log = Tracker.log
 
     def logged(self, step, metrics):
-        snaps.append({**_snapshot(base), "recipe_metrics": {k: v for k, v in metrics.items() if k.startswith("memory/")}})
+        snaps.append(
+            {**_snapshot(base), "recipe_metrics": {k: v for k, v in metrics.items() if k.startswith("memory/")}}
+        )
         return log(self, step, metrics)
 
     Tracker.log = logged
@@ -166,10 +202,20 @@ def worker(spec: dict, out: Path) -> None:
     module.train(cfg)
     last = snaps[-1]
     B, T, K = max(shapes, key=lambda s: (s[0] * s[1], s[2]))
-    out.write_text(json.dumps({**spec, "peak_growth": max(s["peak_growth"] for s in snaps),
-                               **{k: last[k] for k in ("weights", "grads", "optimizer")},
-                               "recipe_metrics": last["recipe_metrics"], "B": B, "T": T, "K": K,
-                               "forwards_per_step": len(shapes) // STEPS}))
+    out.write_text(
+        json.dumps(
+            {
+                **spec,
+                "peak_growth": max(s["peak_growth"] for s in snaps),
+                **{k: last[k] for k in ("weights", "grads", "optimizer")},
+                "recipe_metrics": last["recipe_metrics"],
+                "B": B,
+                "T": T,
+                "K": K,
+                "forwards_per_step": len(shapes) // STEPS,
+            }
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,16 +247,38 @@ def write_pairs(path: Path, n: int = 64) -> None:
             fh.write(json.dumps({"prompt": r["prompt"], "chosen": r["completion"], "rejected": wrong}) + "\n")
 
 
-def run(name: str, recipe: str, preset: str, vocab: int, extra: tuple[str, ...], tmp: Path, null: bool = False,
-        plain: bool = False) -> dict:
+def run(
+    name: str,
+    recipe: str,
+    preset: str,
+    vocab: int,
+    extra: tuple[str, ...],
+    tmp: Path,
+    null: bool = False,
+    plain: bool = False,
+) -> dict:
     model_dir, rm_dir = build(tmp, preset, vocab)
     out_dir = tmp / name
-    spec = {"name": name, "recipe": recipe, "preset": preset, "vocab": vocab, "model_dir": model_dir,
-            "overrides": [*overrides(recipe, model_dir, rm_dir, out_dir), *extra, *(null_overrides(recipe) if null else [])]}
+    spec = {
+        "name": name,
+        "recipe": recipe,
+        "preset": preset,
+        "vocab": vocab,
+        "model_dir": model_dir,
+        "overrides": [
+            *overrides(recipe, model_dir, rm_dir, out_dir),
+            *extra,
+            *(null_overrides(recipe) if null else []),
+        ],
+    }
     result = tmp / f"{name}.json"
     env = {**bc.child_env(), **({} if plain else ENV), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec), "--out", str(result)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec), "--out", str(result)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
     return json.loads(result.read_text())
@@ -225,43 +293,87 @@ def planned(r: dict):
 
     cfg = config_from_dict(RECIPE_CONFIGS["preference" if r["recipe"] == "dpo" else r["recipe"]], {}, r["overrides"])
     rl = r["recipe"] in ("grpo", "ppo")
-    plan = Plan(recipe=r["recipe"], dtype=cfg.model.dtype, lora_r=cfg.lora.r,
-                gradient_checkpointing=cfg.model.gradient_checkpointing, lora_targets=tuple(cfg.lora.target_modules),
-                micro_batch=r["B"] // (2 if r["recipe"] in (*PAIR_RECIPES, "reward_model") else 1), seq_len=r["T"],
-                completion_len=cfg.max_completion_length if rl else r["T"], loss_tokens=r["K"],
-                grad_accum=max(1, r["forwards_per_step"]) if not rl else 1,
-                prompts_per_step=cfg.prompts_per_step if rl else 8, num_generations=cfg.num_generations if rl else 8,
-                beta=cfg.beta if rl else 0.0, precompute_ref=getattr(cfg, "precompute_ref", True), device="cpu")
+    plan = Plan(
+        recipe=r["recipe"],
+        dtype=cfg.model.dtype,
+        lora_r=cfg.lora.r,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        lora_targets=tuple(cfg.lora.target_modules),
+        micro_batch=r["B"] // (2 if r["recipe"] in (*PAIR_RECIPES, "reward_model") else 1),
+        seq_len=r["T"],
+        completion_len=cfg.max_completion_length if rl else r["T"],
+        loss_tokens=r["K"],
+        grad_accum=max(1, r["forwards_per_step"]) if not rl else 1,
+        prompts_per_step=cfg.prompts_per_step if rl else 8,
+        num_generations=cfg.num_generations if rl else 8,
+        beta=cfg.beta if rl else 0.0,
+        precompute_ref=getattr(cfg, "precompute_ref", True),
+        device="cpu",
+    )
     return estimate(load_shape(r["model_dir"]), plan)
 
 
 def compare(r: dict, overhead: float) -> dict:
     e = planned(r)
-    est = {"weights": sum(p.bytes for p in e.parts if p.name.endswith("weights")),
-           "grads": e.get("gradients") + e.get("critic gradients"),
-           "optimizer": e.get("optimizer state") + e.get("critic optimizer state"), "peak": e.peak}
+    est = {
+        "weights": sum(p.bytes for p in e.parts if p.name.endswith("weights")),
+        "grads": e.get("gradients") + e.get("critic gradients"),
+        "optimizer": e.get("optimizer state") + e.get("critic optimizer state"),
+        "peak": e.peak,
+    }
     measured_peak = r["peak_growth"] - overhead
     static_est = est["weights"] + est["grads"] + est["optimizer"]
     static = r["weights"] + r["grads"] + r["optimizer"]
-    return {"name": r["name"], "shape": f"{r['B']}x{r['T']} K={r['K']}", "est": est, "phase": e.peak_phase,
-            "measured": {"weights": r["weights"], "grads": r["grads"], "optimizer": r["optimizer"],
-                         "peak": measured_peak, "activations": measured_peak - static},
-            "est_activations": est["peak"] - static_est, "growth": r["peak_growth"], "overhead": overhead,
-            "ratio": {k: est[k] / r[k] if r[k] else float("nan") for k in ("weights", "grads", "optimizer")}
-            | {"peak": est["peak"] / measured_peak, "activations": (est["peak"] - static_est) / (measured_peak - static)}}
+    return {
+        "name": r["name"],
+        "shape": f"{r['B']}x{r['T']} K={r['K']}",
+        "est": est,
+        "phase": e.peak_phase,
+        "measured": {
+            "weights": r["weights"],
+            "grads": r["grads"],
+            "optimizer": r["optimizer"],
+            "peak": measured_peak,
+            "activations": measured_peak - static,
+        },
+        "est_activations": est["peak"] - static_est,
+        "growth": r["peak_growth"],
+        "overhead": overhead,
+        "ratio": {k: est[k] / r[k] if r[k] else float("nan") for k in ("weights", "grads", "optimizer")}
+        | {"peak": est["peak"] / measured_peak, "activations": (est["peak"] - static_est) / (measured_peak - static)},
+    }
 
 
 def table(rows: list[dict]) -> str:
-    head = ["run", "B x T (K)", "weights MB", "grads MB", "optimizer MB", "activations MB est / meas", "peak MB est / meas",
-            "peak ratio", "phase"]
+    head = [
+        "run",
+        "B x T (K)",
+        "weights MB",
+        "grads MB",
+        "optimizer MB",
+        "activations MB est / meas",
+        "peak MB est / meas",
+        "peak ratio",
+        "phase",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in rows:
         e, m = c["est"], c["measured"]
-        lines.append("| " + " | ".join([
-            c["name"], c["shape"],
-            *(f"{e[k] / MB:.1f} / {m[k] / MB:.1f}" for k in ("weights", "grads", "optimizer")),
-            f"{c['est_activations'] / MB:.0f} / {m['activations'] / MB:.0f}", f"{e['peak'] / MB:.0f} / {m['peak'] / MB:.0f}",
-            f"{c['ratio']['peak']:.3f}", c["phase"]]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    c["name"],
+                    c["shape"],
+                    *(f"{e[k] / MB:.1f} / {m[k] / MB:.1f}" for k in ("weights", "grads", "optimizer")),
+                    f"{c['est_activations'] / MB:.0f} / {m['activations'] / MB:.0f}",
+                    f"{e['peak'] / MB:.0f} / {m['peak'] / MB:.0f}",
+                    f"{c['ratio']['peak']:.3f}",
+                    c["phase"],
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -269,8 +381,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", action="append", choices=list(RUNS), help="run these only (repeatable)")
     ap.add_argument("--json", help="write every run and comparison here")
-    ap.add_argument("--plain-env", action="store_true", help="run without ENV: glibc's and oneDNN's defaults (the "
-                    "resident set then also holds freed pages and cached kernels)")
+    ap.add_argument(
+        "--plain-env",
+        action="store_true",
+        help="run without ENV: glibc's and oneDNN's defaults (the "
+        "resident set then also holds freed pages and cached kernels)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -296,17 +412,27 @@ def main(argv=None) -> int:
                 overheads[key] = null["peak_growth"] - planned(null).peak
             r = run(n, recipe, preset, vocab, extra, tmp, plain=a.plain_env)
             rows.append(compare(r, overheads[key]))
-            print(f"{n}: peak est {rows[-1]['est']['peak'] / MB:.0f} MB / measured {rows[-1]['measured']['peak'] / MB:.0f} "
-                  f"MB = {rows[-1]['ratio']['peak']:.3f} (overhead {overheads[key] / MB:.0f} MB)", flush=True)
-    print(f"\n{bc.machine()}; {STEPS} steps per run; float32 unless named; 1 thread; "
-          + ("glibc and oneDNN defaults" if a.plain_env else " ".join(f"{k}={v}" for k, v in ENV.items())))
-    print("est / measured; measured peak = peak RSS growth - the run's null-run overhead ("
-          + ", ".join(f"{c['overhead'] / MB:.0f}" for c in rows) + " MB)\n")
+            print(
+                f"{n}: peak est {rows[-1]['est']['peak'] / MB:.0f} MB / measured {rows[-1]['measured']['peak'] / MB:.0f} "
+                f"MB = {rows[-1]['ratio']['peak']:.3f} (overhead {overheads[key] / MB:.0f} MB)",
+                flush=True,
+            )
+    print(
+        f"\n{bc.machine()}; {STEPS} steps per run; float32 unless named; 1 thread; "
+        + ("glibc and oneDNN defaults" if a.plain_env else " ".join(f"{k}={v}" for k, v in ENV.items()))
+    )
+    print(
+        "est / measured; measured peak = peak RSS growth - the run's null-run overhead ("
+        + ", ".join(f"{c['overhead'] / MB:.0f}" for c in rows)
+        + " MB)\n"
+    )
     print(table(rows))
     worst = max(abs(c["ratio"]["peak"] - 1) for c in rows)
     static_ok = all(abs(c["ratio"][k] - 1) < 1e-9 for c in rows for k in ("weights", "grads", "optimizer"))
-    print(f"\nweights, gradients, optimizer state exact: {static_ok}; worst peak ratio off by {100 * worst:.1f}% "
-          f"(target <= {100 * THRESHOLD:.0f}%: {'met' if worst <= THRESHOLD else 'NOT met'})")
+    print(
+        f"\nweights, gradients, optimizer state exact: {static_ok}; worst peak ratio off by {100 * worst:.1f}% "
+        f"(target <= {100 * THRESHOLD:.0f}%: {'met' if worst <= THRESHOLD else 'NOT met'})"
+    )
     if a.json:
         bc.write_json(a.json, {"runs": rows, "machine": bc.machine()})
     return 0 if worst <= THRESHOLD and static_ok else 1

@@ -1,4 +1,5 @@
 """`python scripts/_posttrain_main.py ARGS` = `posttrain ARGS` for whichever posttrain is first on PYTHONPATH."""
+
 import sys
 
 from posttrain.commands.main import main

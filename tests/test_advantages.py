@@ -56,8 +56,7 @@ def _loop_group(rewards, scale, eps):
 def _loop_rloo(rewards):
     out = []
     for row in rewards:
-        out.append([row[i] - sum(row[j] for j in range(len(row)) if j != i) / (len(row) - 1)
-                    for i in range(len(row))])
+        out.append([row[i] - sum(row[j] for j in range(len(row)) if j != i) / (len(row) - 1) for i in range(len(row))])
     return out
 
 
@@ -90,13 +89,15 @@ def test_rloo_hand_values_and_loop():
     torch.testing.assert_close(adv, expected, atol=1e-12, rtol=0)
     gen = torch.Generator().manual_seed(1)
     rewards = torch.randn(5, 3, generator=gen, dtype=F64)
-    torch.testing.assert_close(rloo_advantages(rewards),
-                               torch.tensor(_loop_rloo(rewards.tolist()), dtype=F64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        rloo_advantages(rewards), torch.tensor(_loop_rloo(rewards.tolist()), dtype=F64), atol=1e-12, rtol=0
+    )
 
 
 def test_integer_rewards_and_group_size_checks():
-    torch.testing.assert_close(group_advantages(REWARDS.long(), scale="none"),
-                               group_advantages(REWARDS, scale="none").float())
+    torch.testing.assert_close(
+        group_advantages(REWARDS.long(), scale="none"), group_advantages(REWARDS, scale="none").float()
+    )
     with pytest.raises(ValueError, match="G >= 2"):
         group_advantages(torch.ones(3, 1))
     with pytest.raises(ValueError, match="G >= 2"):

@@ -34,8 +34,7 @@ def test_hand_values_every_mode():
     """
     loss = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 0.0, 0.0], [NAN] * 4])
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
-    expected = {"token_mean": 4.0, "seq_mean_token_mean": 6.0, "seq_sum_const": 2.0,
-                "seq_mean_token_sum": 8.0}
+    expected = {"token_mean": 4.0, "seq_mean_token_mean": 6.0, "seq_sum_const": 2.0, "seq_mean_token_sum": 8.0}
     for mode, value in expected.items():
         got = aggregate(loss, mask, mode, **_kwargs(mode, const_len=4))
         assert got.item() == pytest.approx(value, abs=1e-6), mode
@@ -105,13 +104,11 @@ def test_accumulation_1x8_equals_8x1(mode):
     full = aggregate(_per_token_loss(x, w_full), mask, mode, **kw)
     full.backward()
 
-    global_counts = ({"num_tokens": token_count(mask)} if mode == "token_mean"
-                     else {"num_seqs": sequence_count(mask)})
+    global_counts = {"num_tokens": token_count(mask)} if mode == "token_mean" else {"num_seqs": sequence_count(mask)}
     w_acc = w0.clone().requires_grad_(True)
     acc = torch.zeros((), dtype=torch.float64)
     for i in range(8):
-        micro = aggregate(_per_token_loss(x[i:i + 1], w_acc), mask[i:i + 1], mode,
-                          **global_counts, **kw)
+        micro = aggregate(_per_token_loss(x[i : i + 1], w_acc), mask[i : i + 1], mode, **global_counts, **kw)
         micro.backward()  # gradients accumulate in w_acc.grad, as in a real accumulation loop
         acc = acc + micro.detach()
 
@@ -125,8 +122,7 @@ def test_local_counts_break_accumulation(mode):
     a different value on this data, so the invariance test above is not vacuous."""
     x, mask, w = _batch()
     full = aggregate(_per_token_loss(x, w), mask, mode).item()
-    halves = [aggregate(_per_token_loss(x[s], w), mask[s], mode).item()
-              for s in (slice(0, 2), slice(2, 8))]
+    halves = [aggregate(_per_token_loss(x[s], w), mask[s], mode).item() for s in (slice(0, 2), slice(2, 8))]
     assert abs(sum(halves) / 2 - full) > 1e-3
 
 
@@ -145,8 +141,10 @@ def test_padding_amount_and_side_do_not_matter(mode):
     base_val, base_grad = run(x, mask)
     junk = torch.full((8, 3, 3), 1e3, dtype=torch.float64)
     no_mask = torch.zeros(8, 3, dtype=torch.bool)
-    for x_pad, m_pad in [(torch.cat([x, junk], 1), torch.cat([mask, no_mask], 1)),
-                         (torch.cat([junk, x], 1), torch.cat([no_mask, mask], 1))]:
+    for x_pad, m_pad in [
+        (torch.cat([x, junk], 1), torch.cat([mask, no_mask], 1)),
+        (torch.cat([junk, x], 1), torch.cat([no_mask, mask], 1)),
+    ]:
         val, grad = run(x_pad, m_pad)
         assert val == pytest.approx(base_val, abs=1e-12)
         torch.testing.assert_close(grad, base_grad, atol=1e-12, rtol=0)

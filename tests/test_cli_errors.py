@@ -12,8 +12,15 @@ import torch
 from posttrain.commands.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
-SFT = ["model=tiny", "data.path=builtin:arithmetic", "data.num_examples=32", "data.max_length=48",
-       "train.micro_batch_size=8", "train.progress=false", "train.steps=1"]
+SFT = [
+    "model=tiny",
+    "data.path=builtin:arithmetic",
+    "data.num_examples=32",
+    "data.max_length=48",
+    "train.micro_batch_size=8",
+    "train.progress=false",
+    "train.steps=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +54,9 @@ def test_an_unexpected_exception_is_a_message_and_debug_shows_the_traceback(tmp_
 
 def test_an_invalid_config_creates_no_output_directory(tmp_path, capsys):
     out = tmp_path / "never"
-    assert main(["grpo", "model=tiny", "data.path=builtin:arithmetic", "rewards=[mathh]", f"train.output_dir={out}"]) == 2
+    assert (
+        main(["grpo", "model=tiny", "data.path=builtin:arithmetic", "rewards=[mathh]", f"train.output_dir={out}"]) == 2
+    )
     err = capsys.readouterr().err
     assert "rewards[0].name='mathh': unknown verifier 'mathh'; did you mean 'math'?" in err
     assert not out.exists()
@@ -57,6 +66,7 @@ def test_a_read_only_output_directory_is_named(tmp_path, monkeypatch, capsys):
     import errno
 
     from posttrain.run import rundir
+
     def read_only(path, text):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
@@ -84,11 +94,26 @@ def test_the_readme_reward_example_runs_as_written_from_the_working_directory(tm
     # the installed console script, as a user runs it: unlike `python -m`, it does not put the working
     # directory on sys.path
     script = Path(sys.executable).parent / "posttrain"
-    out = subprocess.run([str(script), "grpo", "model=tiny", "data.path=builtin:arithmetic",
-                          "data.num_examples=16", "prompts_per_step=2", "num_generations=2", "max_completion_length=4",
-                          "train.micro_batch_size=4", "train.steps=1", "train.progress=false",
-                          "rewards=[{name: 'my_rewards:has_units'}]", "train.output_dir=run"],
-                         capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": ""})
+    out = subprocess.run(
+        [
+            str(script),
+            "grpo",
+            "model=tiny",
+            "data.path=builtin:arithmetic",
+            "data.num_examples=16",
+            "prompts_per_step=2",
+            "num_generations=2",
+            "max_completion_length=4",
+            "train.micro_batch_size=4",
+            "train.steps=1",
+            "train.progress=false",
+            "rewards=[{name: 'my_rewards:has_units'}]",
+            "train.output_dir=run",
+        ],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": ""},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "reward/has_units/mean" in (tmp_path / "run" / "metrics.jsonl").read_text()
 
@@ -177,7 +202,8 @@ def test_the_preflight_resolves_a_verifier_class_without_building_it():
 
     assert verifier_problem("extracting_rewards:Costly", {"threshold": 0.9}) is None
     assert "unknown option(s) ['treshold']; its options are ['threshold']" in verifier_problem(
-        "extracting_rewards:Costly", {"treshold": 0.9})
+        "extracting_rewards:Costly", {"treshold": 0.9}
+    )
     assert Costly.built == 0
 
 
@@ -185,6 +211,7 @@ def test_a_failed_atomic_write_names_the_file_not_its_temporary(tmp_path, monkey
     import errno
 
     from posttrain.runtime import files as io_utils
+
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')

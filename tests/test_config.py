@@ -92,23 +92,34 @@ def test_every_example_config_loads(path):
 def test_an_override_under_a_shorthand_record_keeps_the_shorthand_value():
     from posttrain.config import PPOConfig
 
-    cfg = config_from_dict(PPOConfig, {"critic": "reward_model", "rewards": [{"name": "reward_model"}]},
-                           ["critic.lr=3e-4", "model=tiny", "model.dtype=bfloat16"])
-    assert (cfg.critic.init, cfg.critic.lr, cfg.model.path, cfg.model.dtype) == ("reward_model", 3e-4, "tiny", "bfloat16")
+    cfg = config_from_dict(
+        PPOConfig,
+        {"critic": "reward_model", "rewards": [{"name": "reward_model"}]},
+        ["critic.lr=3e-4", "model=tiny", "model.dtype=bfloat16"],
+    )
+    assert (cfg.critic.init, cfg.critic.lr, cfg.model.path, cfg.model.dtype) == (
+        "reward_model",
+        3e-4,
+        "tiny",
+        "bfloat16",
+    )
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.eval_fraction=3", r"data.eval_fraction: must be in \[0, 1\), got 3.0"),
-    ("train.keep_checkpoints=-1", "train.keep_checkpoints: must be >= 0, got -1"),
-    ("train.seed=-1", r"train.seed: must be in \[0, 4294967295\], got -1"),
-    ("optim.betas=[0.9, 1.5]", r"optim.betas\[1\]: must be in \[0, 1\), got 1.5"),
-    ("optim.lr=.inf", "optim.lr: must be a finite number, got inf"),
-    ("optim.eps=0", "optim.eps: must be > 0"),
-    ("lora.dropout=1", r"lora.dropout: must be in \[0, 1\)"),
-    ("train.report_to=[tensorbord]", r"train.report_to\[0\]: unknown sink 'tensorbord'"),
-    ("data.split=validation", "data.split: 'validation' cannot apply to the file 'train.jsonl'"),
-    ("train.output_dir=", "train.output_dir: empty"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.eval_fraction=3", r"data.eval_fraction: must be in \[0, 1\), got 3.0"),
+        ("train.keep_checkpoints=-1", "train.keep_checkpoints: must be >= 0, got -1"),
+        ("train.seed=-1", r"train.seed: must be in \[0, 4294967295\], got -1"),
+        ("optim.betas=[0.9, 1.5]", r"optim.betas\[1\]: must be in \[0, 1\), got 1.5"),
+        ("optim.lr=.inf", "optim.lr: must be a finite number, got inf"),
+        ("optim.eps=0", "optim.eps: must be > 0"),
+        ("lora.dropout=1", r"lora.dropout: must be in \[0, 1\)"),
+        ("train.report_to=[tensorbord]", r"train.report_to\[0\]: unknown sink 'tensorbord'"),
+        ("data.split=validation", "data.split: 'validation' cannot apply to the file 'train.jsonl'"),
+        ("train.output_dir=", "train.output_dir: empty"),
+    ],
+)
 def test_every_range_is_checked_at_load_time_naming_the_override(override, message):
     with pytest.raises(ConfigError, match=f"override '{re.escape(override)}': {message}"):
         load_config(SFTConfig, None, ["data.path=train.jsonl", override])
@@ -117,9 +128,11 @@ def test_every_range_is_checked_at_load_time_naming_the_override(override, messa
 def test_grpo_ranges_and_the_reward_list_are_checked_at_load_time():
     from posttrain.config import GRPOConfig
 
-    for override, message in [("top_p=2", r"top_p: must be in \(0, 1\]"),
-                              ("rewards=[{name: math, weight: .nan}]", r"rewards\[0\].weight: must be a finite"),
-                              ("max_completion_length=300", "data.max_length: 256 leaves no room for a prompt")]:
+    for override, message in [
+        ("top_p=2", r"top_p: must be in \(0, 1\]"),
+        ("rewards=[{name: math, weight: .nan}]", r"rewards\[0\].weight: must be a finite"),
+        ("max_completion_length=300", "data.max_length: 256 leaves no room for a prompt"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             config_from_dict(GRPOConfig, {}, [override])
 
@@ -153,19 +166,22 @@ def test_a_key_given_twice_and_a_binary_config_file_are_config_errors(tmp_path):
 # --- the config rejects what its consumer rejects (issue 19's papercuts) -----------------------------------
 
 
-@pytest.mark.parametrize("recipe,override,field", [
-    ("grpo", "eps_low=1.5", "eps_low"),                    # losses/policy.py: eps_low in [0, 1); ran, exit 0
-    ("grpo", "eps_low=1.0", "eps_low"),
-    ("ppo", "eps_high=-0.1", "eps_high"),
-    ("grpo", "rollout_is_cap=0", "rollout_is_cap"),        # losses/importance.py: cap > 0
-    ("preference", "label_smoothing=0.5", "label_smoothing"),  # losses/preference.py: [0, 0.5)
-    ("ppo", "lam=1.5", "lam"),
-    ("ppo", "critic.value_clip=-0.1", "critic.value_clip"),
-    ("grpo", "diagnostics.collapse_share=1.5", "diagnostics.collapse_share"),  # a warning that could never fire
-    ("grpo", "diagnostics.entropy_ratio=1.5", "diagnostics.entropy_ratio"),
-    ("grpo", "diagnostics.collapse_steps=0", "diagnostics.collapse_steps"),
-    ("grpo", "vllm.gpu_memory_utilization=1.5", "vllm.gpu_memory_utilization"),
-])
+@pytest.mark.parametrize(
+    "recipe,override,field",
+    [
+        ("grpo", "eps_low=1.5", "eps_low"),  # losses/policy.py: eps_low in [0, 1); ran, exit 0
+        ("grpo", "eps_low=1.0", "eps_low"),
+        ("ppo", "eps_high=-0.1", "eps_high"),
+        ("grpo", "rollout_is_cap=0", "rollout_is_cap"),  # losses/importance.py: cap > 0
+        ("preference", "label_smoothing=0.5", "label_smoothing"),  # losses/preference.py: [0, 0.5)
+        ("ppo", "lam=1.5", "lam"),
+        ("ppo", "critic.value_clip=-0.1", "critic.value_clip"),
+        ("grpo", "diagnostics.collapse_share=1.5", "diagnostics.collapse_share"),  # a warning that could never fire
+        ("grpo", "diagnostics.entropy_ratio=1.5", "diagnostics.entropy_ratio"),
+        ("grpo", "diagnostics.collapse_steps=0", "diagnostics.collapse_steps"),
+        ("grpo", "vllm.gpu_memory_utilization=1.5", "vllm.gpu_memory_utilization"),
+    ],
+)
 def test_a_value_its_consumer_rejects_fails_at_load_naming_the_field(recipe, override, field):
     with pytest.raises(ConfigError, match=rf"override '{re.escape(override)}': {re.escape(field)}: must be"):
         load_config(RECIPE_CONFIGS[recipe], None, [override])
@@ -196,18 +212,22 @@ def test_every_numeric_field_of_every_recipe_has_a_range_or_a_reason():
     from posttrain.config import loading
 
     declared = set(loading._RANGES) | loading._POSITIVE | loading._NON_NEGATIVE | set(loading.UNBOUNDED)
-    missing = sorted({path for cls in RECIPE_CONFIGS.values() for path, name in _numeric_fields(cls)
-                      if name not in declared})
+    missing = sorted(
+        {path for cls in RECIPE_CONFIGS.values() for path, name in _numeric_fields(cls) if name not in declared}
+    )
     assert missing == []
 
 
-@pytest.mark.parametrize("recipe,overrides,field", [
-    ("grpo", ["eval_every=100"], "eval_every"),  # held-out accuracy every 100 steps, on nothing
-    ("ppo", ["eval_every=10"], "eval_every"),
-    ("sft", ["train.eval_every=10", "data.eval_fraction=0"], "train.eval_every"),
-    ("preference", ["train.eval_every=10", "data.eval_fraction=0"], "train.eval_every"),
-    ("reward_model", ["train.eval_every=10", "data.eval_fraction=0"], "train.eval_every"),
-])
+@pytest.mark.parametrize(
+    "recipe,overrides,field",
+    [
+        ("grpo", ["eval_every=100"], "eval_every"),  # held-out accuracy every 100 steps, on nothing
+        ("ppo", ["eval_every=10"], "eval_every"),
+        ("sft", ["train.eval_every=10", "data.eval_fraction=0"], "train.eval_every"),
+        ("preference", ["train.eval_every=10", "data.eval_fraction=0"], "train.eval_every"),
+        ("reward_model", ["train.eval_every=10", "data.eval_fraction=0"], "train.eval_every"),
+    ],
+)
 def test_an_evaluation_asked_for_with_nothing_to_evaluate_on_is_a_config_error(recipe, overrides, field):
     with pytest.raises(ConfigError, match=rf"{re.escape(field)}: \d+ asks for .* set (data.eval_path|one of them)"):
         load_config(RECIPE_CONFIGS[recipe], None, overrides)

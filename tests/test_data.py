@@ -68,7 +68,9 @@ def test_jsonl_errors_name_file_line_and_column(tmp_path):
 
 
 def test_messages_validation_names_message(tmp_path):
-    p = _jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}])
+    p = _jsonl(
+        tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}]
+    )
     with pytest.raises(DataError, match=r"m.jsonl:1: column 'messages', message 1: unknown role 'bot'"):
         validate(read_rows(str(p)), "sft")
     p = _jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
@@ -84,8 +86,12 @@ def test_completion_only_mask(char_tok):
 
 
 def test_assistant_only_mask_covers_exactly_assistant_turns(char_tok):
-    msgs = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "XY"},
-            {"role": "user", "content": "cd"}, {"role": "assistant", "content": "ZW"}]
+    msgs = [
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": "XY"},
+        {"role": "user", "content": "cd"},
+        {"role": "assistant", "content": "ZW"},
+    ]
     ex = encode_messages(char_tok, msgs)
     trained = char_tok.decode([i for i, m in zip(ex.input_ids, ex.loss_mask) if m], skip_special_tokens=False)
     # The assistant contents and their end-of-turn markers train; user turns and role headers don't.

@@ -22,8 +22,8 @@ def test_answer_diversity_by_hand():
     answers = [["7", "7", "8", None], ["1", "1", "1", "1"], ["1", "2", None, None]]
     m = answer_diversity(answers, ["7", "1", "2"])
     assert m["diversity/group_distinct"] == pytest.approx((2 + 1 + 2) / 3)
-    assert m["diversity/batch_distinct"] == pytest.approx(4 / 3)         # {7, 8, 1, 2} over 3 prompts
-    assert m["diversity/top_share"] == pytest.approx(5 / 9)              # "1": 5 of the 9 answered samples
+    assert m["diversity/batch_distinct"] == pytest.approx(4 / 3)  # {7, 8, 1, 2} over 3 prompts
+    assert m["diversity/top_share"] == pytest.approx(5 / 9)  # "1": 5 of the 9 answered samples
     assert m["diversity/no_answer"] == pytest.approx(3 / 12)
     assert m["diversity/gold_top_share"] == pytest.approx(1 / 3)
     assert answer_diversity([[None, None]])["diversity/top_share"] == 0.0
@@ -38,8 +38,9 @@ def test_zero_variance_split_separates_too_easy_from_too_hard():
 
 def _group(row, texts, rewards):
     G = len(texts)
-    return Group(row, (5,), tuple((6,) for _ in texts), tuple(texts), (False,) * G, tuple(rewards),
-                 {"math": tuple(rewards)})
+    return Group(
+        row, (5,), tuple((6,) for _ in texts), tuple(texts), (False,) * G, tuple(rewards), {"math": tuple(rewards)}
+    )
 
 
 def _collapsing_groups(step, P=4, G=4):
@@ -88,8 +89,9 @@ def test_a_warning_hovering_at_its_threshold_fires_once_until_it_has_cleared_as_
 def test_no_collapse_warning_when_the_gold_answers_themselves_agree():
     # A two-label task where every prompt's gold answer is "1": answering 1 everywhere is right, not collapse.
     mon = Monitor(DiagnosticsConfig(collapse_steps=1))
-    m = rollout_diagnostics([_group(p, ["\\boxed{1}"] * 4, [1.0] * 4) for p in range(4)],
-                            lambda t: "1", lambda i: "1", lambda s: s >= 1)
+    m = rollout_diagnostics(
+        [_group(p, ["\\boxed{1}"] * 4, [1.0] * 4) for p in range(4)], lambda t: "1", lambda i: "1", lambda s: s >= 1
+    )
     assert m["diversity/top_share"] == 1.0 and m["diversity/gold_top_share"] == 1.0
     assert mon.observe(1, m) == []
 
@@ -123,8 +125,12 @@ def test_a_flat_training_reward_warns_once_with_its_likely_causes():
     mon = Monitor(DiagnosticsConfig(flat_window=100, flat_min_rise=0.02))
     alerts = []
     for step in range(1, 601):
-        m = {"reward/mean": 0.25 + 0.03 * ((step * 7919) % 13 - 6) / 6, "zero_variance_frac": 0.6,
-             "zero_variance/all_correct": 0.05, "zero_variance/all_wrong": 0.55}
+        m = {
+            "reward/mean": 0.25 + 0.03 * ((step * 7919) % 13 - 6) / 6,
+            "zero_variance_frac": 0.6,
+            "zero_variance/all_correct": 0.05,
+            "zero_variance/all_wrong": 0.55,
+        }
         alerts += [a for a in mon.observe(step, m) if a.kind == "flat_reward"]
     (alert,) = alerts
     assert alert.step == 100 and "not learning from this reward" in alert.cause and "55% all wrong" in alert.cause
@@ -136,8 +142,11 @@ def test_a_rising_or_solved_training_reward_does_not_warn_flat():
     for step in range(1, 601):
         assert not rising.observe(step, {"reward/mean": 0.2 + 0.6 * step / 600})  # +0.05 per 100 steps
         # flat at the top: most groups are all correct, which is the zero_variance warning's business
-        assert not [a for a in solved.observe(step, {"reward/mean": 0.97, "zero_variance/all_correct": 0.9})
-                    if a.kind == "flat_reward"]
+        assert not [
+            a
+            for a in solved.observe(step, {"reward/mean": 0.97, "zero_variance/all_correct": 0.9})
+            if a.kind == "flat_reward"
+        ]
 
 
 def test_zero_variance_warning_names_too_hard():
@@ -163,12 +172,17 @@ def test_eval_decline_needs_consecutive_drops():
 
 
 def test_majority_baseline_by_hand():
-    rows = [{"prompt": "a", "answer": "3"}, {"prompt": "b", "answer": "3.0"}, {"prompt": "c", "answer": "5"},
-            {"prompt": "d", "answer": "3"}]
+    rows = [
+        {"prompt": "a", "answer": "3"},
+        {"prompt": "b", "answer": "3.0"},
+        {"prompt": "c", "answer": "5"},
+        {"prompt": "d", "answer": "3"},
+    ]
     # "3.0" is not normalized into "3": gold answers are compared as the dataset spells them.
     assert majority_baseline(rows) == (0.5, "3")
-    assert majority_baseline([{"prompt": "x", "label": "pos"}, {"prompt": "y", "label": "pos"},
-                              {"prompt": "z", "label": "neg"}]) == (pytest.approx(2 / 3), "pos")
+    assert majority_baseline(
+        [{"prompt": "x", "label": "pos"}, {"prompt": "y", "label": "pos"}, {"prompt": "z", "label": "neg"}]
+    ) == (pytest.approx(2 / 3), "pos")
     assert majority_baseline([{"prompt": "x"}]) is None
 
 
@@ -196,11 +210,28 @@ def test_evaluation_reports_the_majority_baseline_and_flags_a_model_below_it(tin
 
 
 def _cfg(tmp_path, *extra, recipe=GRPOConfig):
-    return config_from_dict(recipe, {}, [
-        "model=tiny", "data.path=builtin:arithmetic?max_terms=2", "data.num_examples=40", "data.max_length=16",
-        "data.eval_path=builtin:arithmetic?max_terms=3", "eval_examples=8", "eval_k=0", "rewards=[math]",
-        "prompts_per_step=4", "num_generations=4", "max_completion_length=6", "train.micro_batch_size=16",
-        f"train.output_dir={tmp_path}", "train.progress=false", "samples_every=0", *extra])
+    return config_from_dict(
+        recipe,
+        {},
+        [
+            "model=tiny",
+            "data.path=builtin:arithmetic?max_terms=2",
+            "data.num_examples=40",
+            "data.max_length=16",
+            "data.eval_path=builtin:arithmetic?max_terms=3",
+            "eval_examples=8",
+            "eval_k=0",
+            "rewards=[math]",
+            "prompts_per_step=4",
+            "num_generations=4",
+            "max_completion_length=6",
+            "train.micro_batch_size=16",
+            f"train.output_dir={tmp_path}",
+            "train.progress=false",
+            "samples_every=0",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.parametrize("recipe", ["grpo", "ppo"])
@@ -231,8 +262,16 @@ def test_rl_run_stops_on_collapse_and_says_why(tmp_path, monkeypatch, recipe):
 def test_keep_best_exports_the_best_evaluated_model(tmp_path, monkeypatch):
     accs = iter([0.25, 0.5, 0.375, 0.125])
     monkeypatch.setattr(rollouts, "held_out_metrics", lambda *a, **k: {"eval_accuracy": next(accs)})
-    cfg = _cfg(tmp_path, "train.steps=4", "eval_every=1", "keep_best=true", "train.save_every=1",
-                    "train.keep_checkpoints=4", "optim.lr=1e-2", "rewards=[toy_rewards:parity]")
+    cfg = _cfg(
+        tmp_path,
+        "train.steps=4",
+        "eval_every=1",
+        "keep_best=true",
+        "train.save_every=1",
+        "train.keep_checkpoints=4",
+        "optim.lr=1e-2",
+        "rewards=[toy_rewards:parity]",
+    )
     grpo.train(cfg)
     best = json.loads((tmp_path / "best.json").read_text())
     assert best == {"step": 2, "eval_accuracy": 0.5}

@@ -34,8 +34,12 @@ def _port() -> int:
 
 
 def _env(**extra) -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1", **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
 
 
 def _torchrun_cmd(args, nproc=2, node=None):
@@ -48,8 +52,7 @@ def _torchrun_cmd(args, nproc=2, node=None):
 
 
 def torchrun(args, nproc=2, timeout=300, **env):
-    proc = subprocess.run(_torchrun_cmd(args, nproc), env=_env(**env), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(_torchrun_cmd(args, nproc), env=_env(**env), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -65,10 +68,21 @@ def _max_diff(a: Path, b: Path, name="final") -> float:
 
 
 TINY = ["model=tiny", "train.progress=false", "optim.lr=3e-3", "optim.warmup_steps=0", "train.steps=3"]
-RL = ["data.path=builtin:arithmetic", "data.num_examples=100", "data.max_length=40", "rewards=[toy_rewards:parity]",
-      "prompts_per_step=4", "num_generations=4", "max_completion_length=8", "optim.schedule=constant",
-      "train.micro_batch_size=4", "samples_every=0", "beta=0.1", "data.eval_path=builtin:arithmetic",
-      "eval_examples=8"]
+RL = [
+    "data.path=builtin:arithmetic",
+    "data.num_examples=100",
+    "data.max_length=40",
+    "rewards=[toy_rewards:parity]",
+    "prompts_per_step=4",
+    "num_generations=4",
+    "max_completion_length=8",
+    "optim.schedule=constant",
+    "train.micro_batch_size=4",
+    "samples_every=0",
+    "beta=0.1",
+    "data.eval_path=builtin:arithmetic",
+    "eval_examples=8",
+]
 
 
 def recipes(pairs: Path, world: int) -> dict[str, list[str]]:
@@ -114,8 +128,17 @@ def test_every_recipe_on_two_ranks_equals_one_rank(single, tmp_path):
         assert _max_diff(root / name, tmp_path / name) <= TOL, name
         one, two = read_metrics(root / name), read_metrics(tmp_path / name)
         assert [r["step"] for r in two] == [1, 2, 3], name
-        for key in ("loss", "num_tokens", "reward/mean", "gen_rounds", "kl", "eval_loss", "eval_accuracy",
-                    "value_loss", "accuracy"):
+        for key in (
+            "loss",
+            "num_tokens",
+            "reward/mean",
+            "gen_rounds",
+            "kl",
+            "eval_loss",
+            "eval_accuracy",
+            "value_loss",
+            "accuracy",
+        ):
             if key in one[-1]:
                 assert [r.get(key) for r in two] == pytest.approx([r.get(key) for r in one], abs=TOL), (name, key)
     assert _max_diff(root / "ppo", tmp_path / "ppo", "critic") <= TOL
@@ -130,8 +153,9 @@ def test_every_recipe_on_two_ranks_equals_one_rank(single, tmp_path):
     got = read_metrics(tmp_path / "sft")[-1]
     for part, key in (("policy weights", "weights"), ("gradients", "grads"), ("optimizer state", "optimizer")):
         assert got[f"memory/{key}_mb"] == pytest.approx(est.get(part) / 2**20, rel=0.02), part
-        assert got[f"memory/{key}_mb"] == pytest.approx(read_metrics(root / "sft")[-1][f"memory/{key}_mb"] / 2,
-                                                        rel=0.02), part
+        assert got[f"memory/{key}_mb"] == pytest.approx(
+            read_metrics(root / "sft")[-1][f"memory/{key}_mb"] / 2, rel=0.02
+        ), part
     saved = json.loads((tmp_path / "grpo" / "final" / "config.json").read_text())
     assert saved["architectures"] == ["LlamaForCausalLM"]
 
@@ -140,8 +164,16 @@ def test_local_counts_break_the_equality(single, tmp_path):
     """The mutation check: if each rank divided by its own token / sequence counts, the runs would differ."""
     root, pairs = single
     runs = recipes(pairs, 2)
-    torchrun([*runs["sft"], f"train.output_dir={tmp_path / 'sft'}", "::",
-              *runs["grpo"], f"train.output_dir={tmp_path / 'grpo'}"], POSTTRAIN_TEST_MUTATION="local_counts")
+    torchrun(
+        [
+            *runs["sft"],
+            f"train.output_dir={tmp_path / 'sft'}",
+            "::",
+            *runs["grpo"],
+            f"train.output_dir={tmp_path / 'grpo'}",
+        ],
+        POSTTRAIN_TEST_MUTATION="local_counts",
+    )
     assert _max_diff(root / "sft", tmp_path / "sft") > 100 * TOL
     assert _max_diff(root / "grpo", tmp_path / "grpo") > 100 * TOL
 
@@ -150,17 +182,36 @@ def test_two_nodes_on_one_machine_equal_one_rank(single, tmp_path):
     root, pairs = single
     port = _port()
     args = [*recipes(pairs, 2)["grpo"], f"train.output_dir={tmp_path / 'grpo'}"]
-    nodes = [subprocess.Popen(_torchrun_cmd(args, nproc=1, node=(k, port)), env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            _torchrun_cmd(args, nproc=1, node=(k, port)),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in (0, 1)
+    ]
     for p in nodes:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
     assert _max_diff(root / "grpo", tmp_path / "grpo") <= TOL
 
 
-SFT_RESUME = ["sft", "model=tiny", "train.progress=false", "optim.lr=3e-3", "optim.warmup_steps=0",
-              "optim.schedule=constant", "data.path=builtin:arithmetic", "data.num_examples=400", "data.max_length=48",
-              "train.micro_batch_size=4", "train.save_every=2", "data.eval_fraction=0"]
+SFT_RESUME = [
+    "sft",
+    "model=tiny",
+    "train.progress=false",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=0",
+    "optim.schedule=constant",
+    "data.path=builtin:arithmetic",
+    "data.num_examples=400",
+    "data.max_length=48",
+    "train.micro_batch_size=4",
+    "train.save_every=2",
+    "data.eval_fraction=0",
+]
 
 
 def _sft(out: Path, steps: int, world: int) -> list[str]:
@@ -204,8 +255,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             pass
     proc.wait()
     deadline = time.time() + 30
-    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() and
-                                         "Z" not in _state(pid) for pid in pids[1:]):
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids[1:]):
         time.sleep(0.05)
 
 
@@ -220,8 +270,13 @@ def test_sigkill_of_two_ranks_then_resume_matches_the_uninterrupted_run(tmp_path
     steps = 40  # the kill lands at step >= 6, before the end
     assert main(_sft(tmp_path / "ref", steps, 1)) == 0
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_torchrun_cmd(_sft(killed, steps, 2)), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _torchrun_cmd(_sft(killed, steps, 2)),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 180
     while time.time() < deadline and not ((killed / "metrics.jsonl").exists() and len(read_metrics(killed)) >= 6):
         time.sleep(0.05)
@@ -235,9 +290,15 @@ def test_sigkill_of_two_ranks_then_resume_matches_the_uninterrupted_run(tmp_path
 
 def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
     t0 = time.time()
-    proc = subprocess.run(_torchrun_cmd(["grpo", *TINY, *RL, "rewards=[toy_rewards:fails_on_rank_1]",
-                                         f"train.output_dir={tmp_path / 'run'}"]),
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _torchrun_cmd(
+            ["grpo", *TINY, *RL, "rewards=[toy_rewards:fails_on_rank_1]", f"train.output_dir={tmp_path / 'run'}"]
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "boom on rank 1" in proc.stderr and "posttrain grpo: error:" in proc.stderr
     assert time.time() - t0 < 120  # no rank left waiting on a collective
@@ -245,7 +306,9 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
 
 def _group(row, rewards):
     G = len(rewards)
-    return Group(row, (5,), tuple((6,) for _ in range(G)), ("x",) * G, (False,) * G, tuple(rewards), {"r": tuple(rewards)})
+    return Group(
+        row, (5,), tuple((6,) for _ in range(G)), ("x",) * G, (False,) * G, tuple(rewards), {"r": tuple(rewards)}
+    )
 
 
 def test_dynamic_sampling_over_ranks_keeps_what_one_process_keeps():
@@ -258,8 +321,9 @@ def test_dynamic_sampling_over_ranks_keeps_what_one_process_keeps():
     ]
     whole = iter([a + b for a, b in zip(*halves)])
     kept1, gen1, stats1 = collect_groups(lambda: next(whole), 3, dynamic=True, max_rounds=5)
-    counts = [[(sum(g.has_variance for g in r), len(r), sum(not g.has_variance for g in r)) for r in rank]
-              for rank in halves]
+    counts = [
+        [(sum(g.has_variance for g in r), len(r), sum(not g.has_variance for g in r)) for r in rank] for rank in halves
+    ]
     kept2 = []
     for rank in (0, 1):
         rounds, step = iter(halves[rank]), iter(range(5))

@@ -32,8 +32,10 @@ def pairs_file(tmp_path_factory):
     with out.open("w") as fh:
         for r in rows:
             wrong = r["completion"].replace(f"{{{r['answer']}}}", f"{{{int(r['answer']) + 1}}}")
-            fh.write(json.dumps({"prompt": r["prompt"], "chosen": r["completion"], "rejected": wrong,
-                                 "answer": r["answer"]}) + "\n")
+            fh.write(
+                json.dumps({"prompt": r["prompt"], "chosen": r["completion"], "rejected": wrong, "answer": r["answer"]})
+                + "\n"
+            )
     return out
 
 
@@ -62,11 +64,20 @@ def test_example_runs_at_tiny_scale(path, tmp_path, tiny_model_dir, pairs_file, 
         if data.get("loss") == "kto":
             overrides.append("data.eval_fraction=0.1")
     if recipe in ("grpo", "ppo"):
-        overrides += ["data.num_examples=50", "prompts_per_step=2", "num_generations=2", "max_completion_length=8",
-                      "eval_examples=4"] + (["max_gen_batches=1"] if recipe == "grpo" else [])
+        overrides += [
+            "data.num_examples=50",
+            "prompts_per_step=2",
+            "num_generations=2",
+            "max_completion_length=8",
+            "eval_examples=4",
+        ] + (["max_gen_batches=1"] if recipe == "grpo" else [])
     if recipe == "ppo":  # the example's reward model is the documented upstream run's
-        rewards = [dict(r, options={**r.get("options", {}), "path": str(reward_model_dir)}) if r["name"] == "reward_model"
-                   else r for r in data["rewards"]]
+        rewards = [
+            dict(r, options={**r.get("options", {}), "path": str(reward_model_dir)})
+            if r["name"] == "reward_model"
+            else r
+            for r in data["rewards"]
+        ]
         data["rewards"] = rewards
     if recipe in ("pretrain", "sft"):
         overrides += ["data.num_examples=64"]

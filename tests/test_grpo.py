@@ -11,14 +11,25 @@ from posttrain.runtime.tracking import read_metrics
 
 def _group(row, prompt, completions, rewards, truncated=None):
     G = len(completions)
-    return Group(row, tuple(prompt), tuple(tuple(c) for c in completions), tuple("x" * len(c) for c in completions),
-                 tuple(truncated or [False] * G), tuple(rewards), {"r": tuple(rewards)})
+    return Group(
+        row,
+        tuple(prompt),
+        tuple(tuple(c) for c in completions),
+        tuple("x" * len(c) for c in completions),
+        tuple(truncated or [False] * G),
+        tuple(rewards),
+        {"r": tuple(rewards)},
+    )
 
 
 def test_dynamic_sampling_keeps_only_varied_groups():
-    rounds = iter([[_group(0, [5], [[6], [7]], [1, 1]), _group(1, [5], [[6], [7]], [0, 1])],
-                   [_group(2, [5], [[6], [7]], [0, 0]), _group(3, [5], [[6], [7]], [1, 0])],
-                   [_group(4, [5], [[6], [7]], [0, 1])]])
+    rounds = iter(
+        [
+            [_group(0, [5], [[6], [7]], [1, 1]), _group(1, [5], [[6], [7]], [0, 1])],
+            [_group(2, [5], [[6], [7]], [0, 0]), _group(3, [5], [[6], [7]], [1, 0])],
+            [_group(4, [5], [[6], [7]], [0, 1])],
+        ]
+    )
     kept, generated, stats = collect_groups(lambda: next(rounds), 2, dynamic=True, max_rounds=5)
     assert [g.row for g in kept] == [1, 3] and all(g.has_variance for g in kept)
     assert (stats.rounds, stats.generated_groups, stats.zero_variance_groups) == (2, 4, 2)
@@ -41,8 +52,7 @@ def test_dynamic_sampling_survives_all_uniform_groups():
 
 
 def _cfg(tmp_path, *overrides):
-    return config_from_dict(GRPOConfig, {}, [f"train.output_dir={tmp_path}", "train.progress=false",
-                                             *overrides])
+    return config_from_dict(GRPOConfig, {}, [f"train.output_dir={tmp_path}", "train.progress=false", *overrides])
 
 
 def _groups():
@@ -78,8 +88,10 @@ def test_micro_batch_1x8_equals_8x1_for_the_whole_update(tmp_path, tiny_model, m
 
 def test_truncated_completions_add_no_loss_when_masked(tmp_path, tiny_model):
     # The only completions with a non-zero advantage are truncated: masked, the update is exactly zero.
-    groups = [_group(0, [10, 11, 12], [[20, 21], [22, 23, 24]], [1.0, 0.0], truncated=[True, True]),
-              _group(1, [13, 14], [[25], [26, 27]], [0.5, 0.5])]
+    groups = [
+        _group(0, [10, 11, 12], [[20, 21], [22, 23, 24]], [1.0, 0.0], truncated=[True, True]),
+        _group(1, [13, 14], [[25], [26, 27]], [0.5, 0.5]),
+    ]
     on = _cfg(tmp_path, "mask_truncated_completions=true", "train.micro_batch_size=4")
     off = _cfg(tmp_path, "mask_truncated_completions=false", "train.micro_batch_size=4")
     a, m = _update(tiny_model, on, groups)
@@ -109,18 +121,43 @@ def test_beta_zero_loads_no_reference_model(tmp_path, tiny_model):
 
 
 def test_grpo_reward_rises_on_a_toy_verifiable_task(tmp_path):
-    cfg = _cfg(tmp_path, "model=tiny", "data.path=builtin:arithmetic", "data.num_examples=200",
-               "rewards=[toy_rewards:ones]", "prompts_per_step=4", "num_generations=8",
-               "max_completion_length=12", "optim.lr=3e-3", "optim.schedule=constant", "train.steps=30",
-               "train.micro_batch_size=32", "samples_every=0")
+    cfg = _cfg(
+        tmp_path,
+        "model=tiny",
+        "data.path=builtin:arithmetic",
+        "data.num_examples=200",
+        "rewards=[toy_rewards:ones]",
+        "prompts_per_step=4",
+        "num_generations=8",
+        "max_completion_length=12",
+        "optim.lr=3e-3",
+        "optim.schedule=constant",
+        "train.steps=30",
+        "train.micro_batch_size=32",
+        "samples_every=0",
+    )
     grpo.train(cfg)
     m = read_metrics(tmp_path)
     first = sum(r["reward/mean"] for r in m[:5]) / 5
     last = sum(r["reward/mean"] for r in m[-5:]) / 5
     assert last > first + 0.3, (first, last)
-    for key in ("reward/ones/mean", "accuracy", "zero_variance_frac", "completion_len/max", "truncation_rate",
-                "entropy", "clip_frac/low", "clip_frac/high", "grad_norm", "lr", "time/generate",
-                "time/reward", "time/logps", "time/update", "tokens_per_s"):
+    for key in (
+        "reward/ones/mean",
+        "accuracy",
+        "zero_variance_frac",
+        "completion_len/max",
+        "truncation_rate",
+        "entropy",
+        "clip_frac/low",
+        "clip_frac/high",
+        "grad_norm",
+        "lr",
+        "time/generate",
+        "time/reward",
+        "time/logps",
+        "time/update",
+        "tokens_per_s",
+    ):
         assert key in m[-1], key
     assert (tmp_path / "final" / "model.safetensors").exists()
 
@@ -128,9 +165,20 @@ def test_grpo_reward_rises_on_a_toy_verifiable_task(tmp_path):
 def test_grpo_resume_is_exact(tmp_path):
     from safetensors.torch import load_file
 
-    common = ["model=tiny", "data.path=builtin:arithmetic", "data.num_examples=100", "rewards=[toy_rewards:ones]",
-              "prompts_per_step=2", "num_generations=4", "max_completion_length=8", "optim.lr=3e-3",
-              "optim.schedule=constant", "train.micro_batch_size=8", "samples_every=0", "num_iterations=2"]
+    common = [
+        "model=tiny",
+        "data.path=builtin:arithmetic",
+        "data.num_examples=100",
+        "rewards=[toy_rewards:ones]",
+        "prompts_per_step=2",
+        "num_generations=4",
+        "max_completion_length=8",
+        "optim.lr=3e-3",
+        "optim.schedule=constant",
+        "train.micro_batch_size=8",
+        "samples_every=0",
+        "num_iterations=2",
+    ]
     full = _cfg(tmp_path / "full", *common, "train.steps=4")
     grpo.train(full)
     grpo.train(_cfg(tmp_path / "split", *common, "train.steps=2"))
@@ -145,10 +193,24 @@ def test_grpo_resume_is_exact(tmp_path):
 
 
 def test_grpo_with_lora_and_kl_uses_adapters_off_as_reference(tmp_path):
-    cfg = _cfg(tmp_path, "model=tiny", "data.path=builtin:arithmetic", "data.num_examples=50", "lora.r=4",
-               "beta=0.1", "kl_estimator=k3", "rewards=[toy_rewards:parity]", "prompts_per_step=2",
-               "num_generations=4", "max_completion_length=8", "optim.lr=1e-2", "train.steps=3",
-               "train.micro_batch_size=8", "samples_every=0", "num_iterations=2")
+    cfg = _cfg(
+        tmp_path,
+        "model=tiny",
+        "data.path=builtin:arithmetic",
+        "data.num_examples=50",
+        "lora.r=4",
+        "beta=0.1",
+        "kl_estimator=k3",
+        "rewards=[toy_rewards:parity]",
+        "prompts_per_step=2",
+        "num_generations=4",
+        "max_completion_length=8",
+        "optim.lr=1e-2",
+        "train.steps=3",
+        "train.micro_batch_size=8",
+        "samples_every=0",
+        "num_iterations=2",
+    )
     grpo.train(cfg)
     m = read_metrics(tmp_path)
     assert m[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts equal to its reference
@@ -188,8 +250,12 @@ def test_kl_in_reward_subtracts_the_summed_sequence_kl_before_the_baseline(tmp_p
     for i, (ex, _) in enumerate(seqs):
         b = collate_padded([ex], 0)
         with torch.no_grad():
-            lp = token_logps(forward_logits(tiny_model, b.input_ids_BT, b.attention_mask, b.position_ids_BT), b.targets_BT)
-            rp = token_logps(forward_logits(ref_other, b.input_ids_BT, b.attention_mask, b.position_ids_BT), b.targets_BT)
+            lp = token_logps(
+                forward_logits(tiny_model, b.input_ids_BT, b.attention_mask, b.position_ids_BT), b.targets_BT
+            )
+            rp = token_logps(
+                forward_logits(ref_other, b.input_ids_BT, b.attention_mask, b.position_ids_BT), b.targets_BT
+            )
         expected = ((lp - rp) * b.target_mask_BT).sum().item()
         assert kl.flatten()[i].item() == pytest.approx(expected, abs=1e-4)
 
@@ -204,8 +270,15 @@ def _varied_groups():
     for p in range(3):
         lens = [1, 2, 3, 30]
         comps = [torch.randint(5, 60, (n,), generator=g).tolist() for n in lens]
-        out.append(_group(p, torch.randint(5, 60, (2 + 2 * p,), generator=g).tolist(), comps,
-                          torch.rand(4, generator=g).tolist(), truncated=[False, False, False, p == 1]))
+        out.append(
+            _group(
+                p,
+                torch.randint(5, 60, (2 + 2 * p,), generator=g).tolist(),
+                comps,
+                torch.rand(4, generator=g).tolist(),
+                truncated=[False, False, False, p == 1],
+            )
+        )
     return out
 
 
@@ -241,13 +314,16 @@ def test_packing_falls_back_to_padded_rows_when_it_saves_nothing():
     assert all(m.src is None and m.inputs.attention_mask.dim() == 2 for m, _ in mbs)
 
 
-@pytest.mark.parametrize("overrides", [
-    ("loss=ppo_clip", "aggregation=token_mean"),
-    ("loss=ppo_clip", "aggregation=seq_mean_token_mean", "num_iterations=2"),
-    ("loss=gspo", "aggregation=seq_mean_token_mean"),
-    ("loss=cispo", "aggregation=seq_sum_const"),
-    ("loss=ppo_clip", "aggregation=seq_mean_token_sum", "beta=0.1"),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("loss=ppo_clip", "aggregation=token_mean"),
+        ("loss=ppo_clip", "aggregation=seq_mean_token_mean", "num_iterations=2"),
+        ("loss=gspo", "aggregation=seq_mean_token_mean"),
+        ("loss=cispo", "aggregation=seq_sum_const"),
+        ("loss=ppo_clip", "aggregation=seq_mean_token_sum", "beta=0.1"),
+    ],
+)
 def test_padding_free_update_equals_padded_update(tmp_path, tiny_model, overrides):
     model = copy.deepcopy(tiny_model).double()
     ref = None
@@ -258,13 +334,30 @@ def test_padding_free_update_equals_padded_update(tmp_path, tiny_model, override
                 p.add_(0.05 * torch.randn_like(p))
     results = []
     for packed in (False, True):
-        cfg = _cfg(tmp_path, *overrides, f"padding_free={str(packed).lower()}", "train.micro_batch_size=2",
-                   "mask_truncated_completions=true", "optim.max_grad_norm=0")
+        cfg = _cfg(
+            tmp_path,
+            *overrides,
+            f"padding_free={str(packed).lower()}",
+            "train.micro_batch_size=2",
+            "mask_truncated_completions=true",
+            "optim.max_grad_norm=0",
+        )
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.parameters(), lr=1.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        metrics = grpo.update_policy(cfg, m, ref, _varied_groups(), opt, sched, grpo.make_policy_loss(cfg), 0, "cpu",
-                                     {"logps": 0.0, "update": 0.0}, 1)
+        metrics = grpo.update_policy(
+            cfg,
+            m,
+            ref,
+            _varied_groups(),
+            opt,
+            sched,
+            grpo.make_policy_loss(cfg),
+            0,
+            "cpu",
+            {"logps": 0.0, "update": 0.0},
+            1,
+        )
         results.append((m, metrics))
     # the packed run really packed: 3 micro-batches of 2 packed rows instead of 6 padded ones
     mbs = grpo.micro_batches(grpo.sequences(_varied_groups(), True), 2, 0, "cpu", packed=True)
@@ -282,9 +375,17 @@ def test_padding_free_update_equals_padded_update(tmp_path, tiny_model, override
 def test_resume_drops_samples_and_metrics_written_after_the_checkpoint(tmp_path):
     import json
 
-    common = ["model=tiny", "data.path=builtin:arithmetic", "data.num_examples=50", "rewards=[toy_rewards:ones]",
-              "prompts_per_step=2", "num_generations=2", "max_completion_length=4", "train.micro_batch_size=4",
-              "samples_every=1"]
+    common = [
+        "model=tiny",
+        "data.path=builtin:arithmetic",
+        "data.num_examples=50",
+        "rewards=[toy_rewards:ones]",
+        "prompts_per_step=2",
+        "num_generations=2",
+        "max_completion_length=4",
+        "train.micro_batch_size=4",
+        "samples_every=1",
+    ]
     grpo.train(_cfg(tmp_path, *common, "train.steps=2"))
     # A run killed during step 3, after its samples and metrics were written but before a checkpoint:
     for name in ("samples.jsonl", "metrics.jsonl"):

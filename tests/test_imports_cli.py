@@ -100,8 +100,10 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
 def test_the_cli_entry_and_the_configs_import_no_torch():
     """`posttrain --help`, a config error and `posttrain RECIPE --help` answer without importing torch (the
     import-linter contract checks the static graph; this checks what really loads)."""
-    code = ("import sys; from posttrain.commands.main import main; import posttrain.config; "
-            "main(['--help']); main(['sft', '--help']); main(['sft', 'optim.lrr=1']); "
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys; from posttrain.commands.main import main; import posttrain.config; "
+        "main(['--help']); main(['sft', '--help']); main(['sft', 'optim.lrr=1']); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:] + out.stderr[-2000:]

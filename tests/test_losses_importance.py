@@ -28,30 +28,30 @@ def _close(a, b):
 
 def test_token_truncate():
     w = rollout_is_weights(OLD, ROLL, MASK, mode="truncate", level="token", cap=2.0)
-    _close(w.ratio_BT, [[E ** 0.5, E ** -1, 1.0, 0.0], [E, E ** 0.5, 0.0, 0.0]])
-    _close(w.weights_BT, [[E ** 0.5, E ** -1, 1.0, 0.0], [2.0, E ** 0.5, 0.0, 0.0]])
+    _close(w.ratio_BT, [[E**0.5, E**-1, 1.0, 0.0], [E, E**0.5, 0.0, 0.0]])
+    _close(w.weights_BT, [[E**0.5, E**-1, 1.0, 0.0], [2.0, E**0.5, 0.0, 0.0]])
     _close(w.clipped_BT, [[0, 0, 0, 0], [1, 0, 0, 0]])
     # A smaller cap truncates row 0's first token as well.
     w = rollout_is_weights(OLD, ROLL, MASK, cap=1.5)
-    _close(w.weights_BT, [[1.5, E ** -1, 1.0, 0.0], [1.5, 1.5, 0.0, 0.0]])
+    _close(w.weights_BT, [[1.5, E**-1, 1.0, 0.0], [1.5, 1.5, 0.0, 0.0]])
 
 
 def test_token_mask():
     w = rollout_is_weights(OLD, ROLL, MASK, mode="mask", level="token", cap=2.0, cap_low=0.5)
     # Kept tokens keep their ratio (IcePop); tokens outside [0.5, 2] get weight 0.
-    _close(w.weights_BT, [[E ** 0.5, 0.0, 1.0, 0.0], [0.0, E ** 0.5, 0.0, 0.0]])
+    _close(w.weights_BT, [[E**0.5, 0.0, 1.0, 0.0], [0.0, E**0.5, 0.0, 0.0]])
     _close(w.clipped_BT, [[0, 1, 0, 0], [1, 0, 0, 0]])
 
 
 def test_sequence_truncate_and_mask():
     w = rollout_is_weights(OLD, ROLL, MASK, mode="truncate", level="sequence", cap=2.0)
-    s0 = E ** -0.5
-    _close(w.ratio_BT, [[s0, s0, s0, 0.0], [E ** 1.5, E ** 1.5, 0.0, 0.0]])
+    s0 = E**-0.5
+    _close(w.ratio_BT, [[s0, s0, s0, 0.0], [E**1.5, E**1.5, 0.0, 0.0]])
     _close(w.weights_BT, [[s0, s0, s0, 0.0], [2.0, 2.0, 0.0, 0.0]])
     _close(w.clipped_BT, [[0, 0, 0, 0], [1, 1, 0, 0]])
     w = rollout_is_weights(OLD, ROLL, MASK, mode="mask", level="sequence", cap=5.0, cap_low=0.7)
     # Row 0's product 0.607 < 0.7: the whole sequence is masked; row 1's 4.48 is kept as is.
-    _close(w.weights_BT, [[0.0, 0.0, 0.0, 0.0], [E ** 1.5, E ** 1.5, 0.0, 0.0]])
+    _close(w.weights_BT, [[0.0, 0.0, 0.0, 0.0], [E**1.5, E**1.5, 0.0, 0.0]])
     _close(w.clipped_BT, [[1, 1, 1, 0], [0, 0, 0, 0]])
 
 
@@ -84,8 +84,9 @@ def test_equal_logprobs_give_weight_one():
 
 
 def test_huge_log_ratio_stays_finite():
-    w = rollout_is_weights(torch.tensor([[0.0, 0.0]]), torch.tensor([[-80.0, -80.0]]), torch.ones(1, 2),
-                           level="sequence", cap=3.0)
+    w = rollout_is_weights(
+        torch.tensor([[0.0, 0.0]]), torch.tensor([[-80.0, -80.0]]), torch.ones(1, 2), level="sequence", cap=3.0
+    )
     _close(w.weights_BT, [[3.0, 3.0]])
     assert torch.isfinite(w.ratio_BT).all()
 
@@ -104,5 +105,5 @@ def test_mismatch_stats():
     # d = [0.5, -1, 0]: mean |d| 0.5, max 1, k3 = mean(e^d - 1 - d) = (0.148721 + 0.367879 + 0) / 3
     assert s["abs_diff_mean"] == pytest.approx(0.5)
     assert s["abs_diff_max"] == pytest.approx(1.0)
-    assert s["k3"] == pytest.approx((E ** 0.5 - 1.5 + E ** -1) / 3, abs=1e-7)
+    assert s["k3"] == pytest.approx((E**0.5 - 1.5 + E**-1) / 3, abs=1e-7)
     assert mismatch_stats(OLD, ROLL, torch.zeros_like(MASK)) == {"abs_diff_mean": 0.0, "abs_diff_max": 0.0, "k3": 0.0}

@@ -99,8 +99,7 @@ def test_ppo_matches_scalar_reference(dual_clip):
     terms = ppo_clip_loss(logps, torch.zeros_like(logps), adv, dual_clip=dual_clip)
     for i in range(4):
         for t in range(16):
-            want = _ppo_scalar_reference(math.exp(logps[i, t].item()), adv[i, 0].item(), 0.2, 0.28,
-                                         dual_clip)
+            want = _ppo_scalar_reference(math.exp(logps[i, t].item()), adv[i, 0].item(), 0.2, 0.28, dual_clip)
             assert terms.loss_BT[i, t].item() == pytest.approx(want, abs=1e-12)
 
 
@@ -189,8 +188,7 @@ def test_gspo_hand_values_paper_eps_clip_both():
     logps, old, mask = _gspo_inputs()
     terms = gspo_loss(logps, old, torch.tensor([1.0, -1.0], dtype=F64), mask)
     terms.loss_BT.sum().backward()
-    torch.testing.assert_close(
-        terms.loss_BT, torch.tensor([[-1.0004] * 3, [0.9997, 0.9997, 0.0]], dtype=F64))
+    torch.testing.assert_close(terms.loss_BT, torch.tensor([[-1.0004] * 3, [0.9997, 0.9997, 0.0]], dtype=F64))
     torch.testing.assert_close(logps.grad, torch.zeros_like(logps))
     assert terms.clipped_high_BT.tolist() == [[1, 1, 1], [0, 0, 0]]
     assert terms.clipped_low_BT.tolist() == [[0, 0, 0], [1, 1, 0]]
@@ -210,8 +208,9 @@ def test_gspo_token_form_equals_sequence_form_with_seq_mean_token_mean():
     eps_low, eps_high = 0.01, 0.012  # some sequences clipped, some not
 
     lp_token = base.clone().requires_grad_(True)
-    token_form = aggregate(gspo_loss(lp_token, old, adv, mask, eps_low=eps_low, eps_high=eps_high).loss_BT,
-                           mask, "seq_mean_token_mean")
+    token_form = aggregate(
+        gspo_loss(lp_token, old, adv, mask, eps_low=eps_low, eps_high=eps_high).loss_BT, mask, "seq_mean_token_mean"
+    )
     token_form.backward()
 
     lp_seq = base.clone().requires_grad_(True)

@@ -88,8 +88,9 @@ def test_rpo_with_alpha_zero_is_dpo_and_the_nll_is_per_pair():
     gen = torch.Generator().manual_seed(1)
     pc, pr, rc, rr = (torch.randn(2, generator=gen, dtype=F64) * 3 - 10 for _ in range(4))
     lens = _t(2.0, 8.0)
-    torch.testing.assert_close(rpo_loss(pc, pr, rc, rr, lens, beta=0.2, alpha=0.0).loss_B,
-                               dpo_loss(pc, pr, rc, rr, beta=0.2).loss_B)
+    torch.testing.assert_close(
+        rpo_loss(pc, pr, rc, rr, lens, beta=0.2, alpha=0.0).loss_B, dpo_loss(pc, pr, rc, rr, beta=0.2).loss_B
+    )
     pc.requires_grad_(True)
     rpo_loss(pc, pr, rc, rr, lens, beta=0.2, alpha=1.0).loss_B.sum().backward()
     dpo_grad = -0.2 * torch.sigmoid(-0.2 * ((pc - rc) - (pr - rr))).detach()
@@ -149,7 +150,8 @@ def test_simpo_hand_values_gamma_is_the_margin_itself():
     assert terms.loss_B.item() == pytest.approx(math.log(2.0), abs=1e-12)
     assert ac.grad.item() == pytest.approx(-1.0, abs=1e-12)
     assert simpo_loss(_t(-0.5), _t(-1.0), beta=2.0, gamma=0.5).loss_B.item() == pytest.approx(
-        _softplus(-0.5), abs=1e-12)
+        _softplus(-0.5), abs=1e-12
+    )
     assert terms.chosen_rewards_B.item() == pytest.approx(-1.0)
     assert terms.rejected_rewards_B.item() == pytest.approx(-2.0)
 
@@ -164,8 +166,15 @@ def test_kto_hand_values_both_labels_and_weights():
     With lambda_D = 2, lambda_U = 0.5: [0.9251404, 0.2687149].
     dL/dpi (desirable) = -lambda_D beta sigma(0.15) sigma(-0.15)."""
     pol = _t(-10.0, -10.0, grad=True)
-    terms = kto_loss(pol, _t(-12.0, -12.0), torch.tensor([True, False]), torch.tensor(0.5),
-                     beta=0.1, desirable_weight=2.0, undesirable_weight=0.5)
+    terms = kto_loss(
+        pol,
+        _t(-12.0, -12.0),
+        torch.tensor([True, False]),
+        torch.tensor(0.5),
+        beta=0.1,
+        desirable_weight=2.0,
+        undesirable_weight=0.5,
+    )
     terms.loss_B.sum().backward()
     torch.testing.assert_close(terms.loss_B, _t(2 * _sigmoid(-0.15), 0.5 * _sigmoid(0.15)))
     s = _sigmoid(0.15) * _sigmoid(-0.15)
@@ -228,10 +237,14 @@ def test_orpo_finite_near_zero_and_very_negative(dtype):
         assert torch.isfinite(terms.loss_B).all() and torch.isfinite(ac.grad).all() and torch.isfinite(ar.grad).all()
         assert terms.loss_B.dtype in (torch.float32, torch.float64)
     if dtype != torch.bfloat16:  # bf16 cannot represent -1e-8 next to ln 0.5 precisely enough
-        terms = orpo_loss(torch.tensor([-1e-8], dtype=dtype), torch.tensor([math.log(0.5)], dtype=dtype),
-                          torch.tensor([0.0], dtype=dtype))
+        terms = orpo_loss(
+            torch.tensor([-1e-8], dtype=dtype),
+            torch.tensor([math.log(0.5)], dtype=dtype),
+            torch.tensor([0.0], dtype=dtype),
+        )
         assert terms.log_odds_ratio_B.item() == pytest.approx(-1e-8 - math.log(1e-8), rel=1e-5)
-        terms = orpo_loss(torch.tensor([-1.0], dtype=dtype), torch.tensor([-1e4], dtype=dtype),
-                          torch.tensor([0.0], dtype=dtype))
+        terms = orpo_loss(
+            torch.tensor([-1.0], dtype=dtype), torch.tensor([-1e4], dtype=dtype), torch.tensor([0.0], dtype=dtype)
+        )
         want = (-1.0 - math.log(-math.expm1(-1.0))) - (-1e4)
         assert terms.log_odds_ratio_B.item() == pytest.approx(want, rel=1e-6)

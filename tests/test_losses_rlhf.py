@@ -52,10 +52,10 @@ def test_bradley_terry_is_finite_far_out():
 
 def test_clipped_value_loss_by_hand():
     """eps_v = 0.2, V_old = 0.5 so the clip range is [0.3, 0.7].
-       V    G    (V-G)^2  clip(V)  (clip-G)^2  loss = max/2  dL/dV        clipped binds
-       1.0  1.2  0.04     0.7      0.25        0.125         0 (clipped)   yes
-       0.0  1.0  1.00     0.3      0.49        0.5           V-G = -1      no
-       2.0  0.0  4.00     0.7      0.49        2.0           V-G = 2       no"""
+    V    G    (V-G)^2  clip(V)  (clip-G)^2  loss = max/2  dL/dV        clipped binds
+    1.0  1.2  0.04     0.7      0.25        0.125         0 (clipped)   yes
+    0.0  1.0  1.00     0.3      0.49        0.5           V-G = -1      no
+    2.0  0.0  4.00     0.7      0.49        2.0           V-G = 2       no"""
     v = torch.tensor([[1.0, 0.0, 2.0]], dtype=F64, requires_grad=True)
     old = torch.full((1, 3), 0.5, dtype=F64)
     ret = torch.tensor([[1.2, 1.0, 0.0]], dtype=F64)
@@ -81,10 +81,10 @@ def test_per_token_rewards_by_hand():
 
 def test_gae_by_hand():
     """r = [0, 0, 1], V = [0.5, 0.2, 0.4], gamma = 1, lam = 0.5:
-       t=2: delta = 1 - 0.4 = 0.6                      A = 0.6
-       t=1: delta = 0 + 0.4 - 0.2 = 0.2                A = 0.2 + 0.5 * 0.6 = 0.5
-       t=0: delta = 0 + 0.2 - 0.5 = -0.3               A = -0.3 + 0.5 * 0.5 = -0.05
-       returns = A + V = [0.45, 0.7, 1.0]. The padded 4th position gets 0 and does not bootstrap."""
+    t=2: delta = 1 - 0.4 = 0.6                      A = 0.6
+    t=1: delta = 0 + 0.4 - 0.2 = 0.2                A = 0.2 + 0.5 * 0.6 = 0.5
+    t=0: delta = 0 + 0.2 - 0.5 = -0.3               A = -0.3 + 0.5 * 0.5 = -0.05
+    returns = A + V = [0.45, 0.7, 1.0]. The padded 4th position gets 0 and does not bootstrap."""
     r = torch.tensor([[0.0, 0.0, 1.0, 5.0]], dtype=F64)
     v = torch.tensor([[0.5, 0.2, 0.4, 7.0]], dtype=F64)
     mask = torch.tensor([[1, 1, 1, 0]])

@@ -69,8 +69,10 @@ def test_pairs_per_prompt_gives_distinct_pairs(model_and_tok):
 
 def test_conversational_prompts_get_assistant_messages(model_and_tok):
     model, tok = model_and_tok
-    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
-            for r in get_task("arithmetic").rows(6)]
+    rows = [
+        {"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+        for r in get_task("arithmetic").rows(6)
+    ]
     out, _ = make_pairs(model, tok, rows, load_verifier(VERIFIER), 6, max_new_tokens=6)
     assert out
     for r in out:
@@ -79,8 +81,26 @@ def test_conversational_prompts_get_assistant_messages(model_and_tok):
 
 def test_cli_kto_rows_labelled_by_the_verifier(tmp_path, model_dir, capsys):
     out = tmp_path / "kto.jsonl"
-    code = main(["make-pairs", "--model", str(model_dir), "--data", "builtin:arithmetic", "--num-examples", "10",
-                 "--verifier", VERIFIER, "-n", "4", "--max-new-tokens", "6", "--kto", "--out", str(out)])
+    code = main(
+        [
+            "make-pairs",
+            "--model",
+            str(model_dir),
+            "--data",
+            "builtin:arithmetic",
+            "--num-examples",
+            "10",
+            "--verifier",
+            VERIFIER,
+            "-n",
+            "4",
+            "--max-new-tokens",
+            "6",
+            "--kto",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "prompts: 10" in printed and "kto rows:" in printed
@@ -95,15 +115,45 @@ def test_cli_kto_rows_labelled_by_the_verifier(tmp_path, model_dir, capsys):
 
 def test_cli_pairs_train_the_preference_recipe(tmp_path, model_dir, capsys):
     out = tmp_path / "pairs.jsonl"
-    code = main(["make-pairs", "--model", str(model_dir), "--data", "builtin:arithmetic", "--num-examples", "16",
-                 "--verifier", VERIFIER, "-n", "4", "--max-new-tokens", "6", "--out", str(out), "--seed", "1"])
+    code = main(
+        [
+            "make-pairs",
+            "--model",
+            str(model_dir),
+            "--data",
+            "builtin:arithmetic",
+            "--num-examples",
+            "16",
+            "--verifier",
+            VERIFIER,
+            "-n",
+            "4",
+            "--max-new-tokens",
+            "6",
+            "--out",
+            str(out),
+            "--seed",
+            "1",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     n_pairs = len(out.read_text().splitlines())
     assert f"pairs: {n_pairs}" in printed and "every sample wrong" in printed
-    cfg = config_from_dict(PreferenceConfig, {}, [
-        f"model={model_dir}", f"data.path={out}", "data.eval_fraction=0", "train.micro_batch_size=4",
-        "train.steps=2", "optim.lr=1e-3", "train.progress=false", f"train.output_dir={tmp_path / 'run'}"])
+    cfg = config_from_dict(
+        PreferenceConfig,
+        {},
+        [
+            f"model={model_dir}",
+            f"data.path={out}",
+            "data.eval_fraction=0",
+            "train.micro_batch_size=4",
+            "train.steps=2",
+            "optim.lr=1e-3",
+            "train.progress=false",
+            f"train.output_dir={tmp_path / 'run'}",
+        ],
+    )
     preference.train(cfg)
     m = read_metrics(tmp_path / "run")
     assert len(m) == 2 and m[0]["rewards/margin"] == 0.0 and m[1]["rewards/margin"] != 0.0
@@ -119,8 +169,9 @@ def test_gold_column_pairs_the_reference_solution_with_the_model_s_wrong_samples
     try:
         plain, plain_stats = make_pairs(model, tok, rows, verifier, 4, max_new_tokens=6, seed=0)
         assert plain == [] and plain_stats.skipped_all_wrong == 8 and plain_stats.gold_chosen == 0
-        out, stats = make_pairs(model, tok, rows, verifier, 4, max_new_tokens=6, seed=0, pairs_per_prompt=2,
-                                gold_column="completion")
+        out, stats = make_pairs(
+            model, tok, rows, verifier, 4, max_new_tokens=6, seed=0, pairs_per_prompt=2, gold_column="completion"
+        )
     finally:
         verifier.close()
     assert stats.gold_chosen == 7 and stats.skipped_all_wrong == 8  # the counts describe the samples

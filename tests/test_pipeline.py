@@ -12,13 +12,29 @@ def _tiny_pipeline(tmp_path, **extra):
         "output_dir": str(tmp_path / "pipe"),
         "eval": {"data": "builtin:arithmetic?max_terms=2", "examples": 16, "k": 2, "max_new_tokens": 16},
         "stages": [
-            {"name": "sft", "recipe": "sft", "config": {
-                "model": "tiny", "data": {"path": "builtin:arithmetic?max_terms=2", "num_examples": 120, "max_length": 32},
-                "optim": {"lr": 3e-3}, "train": {"steps": 6, "micro_batch_size": 16, "progress": False}}},
-            {"name": "grpo", "recipe": "grpo", "config": {
-                "data": {"path": "builtin:arithmetic?max_terms=2", "num_examples": 50, "max_length": 28},
-                "prompts_per_step": 2, "num_generations": 4, "max_completion_length": 12, "beta": 0.05,
-                "ref_model": "sft", "train": {"steps": 2, "micro_batch_size": 8, "progress": False}}},
+            {
+                "name": "sft",
+                "recipe": "sft",
+                "config": {
+                    "model": "tiny",
+                    "data": {"path": "builtin:arithmetic?max_terms=2", "num_examples": 120, "max_length": 32},
+                    "optim": {"lr": 3e-3},
+                    "train": {"steps": 6, "micro_batch_size": 16, "progress": False},
+                },
+            },
+            {
+                "name": "grpo",
+                "recipe": "grpo",
+                "config": {
+                    "data": {"path": "builtin:arithmetic?max_terms=2", "num_examples": 50, "max_length": 28},
+                    "prompts_per_step": 2,
+                    "num_generations": 4,
+                    "max_completion_length": 12,
+                    "beta": 0.05,
+                    "ref_model": "sft",
+                    "train": {"steps": 2, "micro_batch_size": 8, "progress": False},
+                },
+            },
         ],
     }
     data.update(extra)
@@ -35,11 +51,22 @@ def test_stages_chain_and_name_their_reference(tmp_path):
 
 def test_a_control_does_not_check_held_out_accuracy_with_its_spurious_reward(tmp_path):
     cfg = _tiny_pipeline(tmp_path, controls=["random_reward"])
-    grpo = cfg.stages[1].config | {"data": {**cfg.stages[1].config["data"], "eval_path": "builtin:arithmetic"},
-                                   "keep_best": True, "stop_on": ["eval_decline", "collapse"]}
-    cfg = config_from_dict(PipelineConfig, {"output_dir": cfg.output_dir, "controls": ["random_reward"], "stages": [
-        {"name": "sft", "recipe": "sft", "config": cfg.stages[0].config},
-        {"name": "grpo", "recipe": "grpo", "config": grpo}]})
+    grpo = cfg.stages[1].config | {
+        "data": {**cfg.stages[1].config["data"], "eval_path": "builtin:arithmetic"},
+        "keep_best": True,
+        "stop_on": ["eval_decline", "collapse"],
+    }
+    cfg = config_from_dict(
+        PipelineConfig,
+        {
+            "output_dir": cfg.output_dir,
+            "controls": ["random_reward"],
+            "stages": [
+                {"name": "sft", "recipe": "sft", "config": cfg.stages[0].config},
+                {"name": "grpo", "recipe": "grpo", "config": grpo},
+            ],
+        },
+    )
     real, control = plan(cfg)[1:]
     assert real.cfg.data.eval_path and real.cfg.keep_best
     assert control.cfg.rewards[0].name == "random"
@@ -49,9 +76,13 @@ def test_a_control_does_not_check_held_out_accuracy_with_its_spurious_reward(tmp
 def test_a_typo_in_a_later_stage_fails_before_anything_runs(tmp_path):
     cfg = _tiny_pipeline(tmp_path)
     bad = cfg.stages[1].config | {"prompts_per_stepp": 3}
-    data = {"output_dir": str(tmp_path / "p"), "stages": [
-        {"name": "sft", "recipe": "sft", "config": cfg.stages[0].config},
-        {"name": "grpo", "recipe": "grpo", "config": bad}]}
+    data = {
+        "output_dir": str(tmp_path / "p"),
+        "stages": [
+            {"name": "sft", "recipe": "sft", "config": cfg.stages[0].config},
+            {"name": "grpo", "recipe": "grpo", "config": bad},
+        ],
+    }
     with pytest.raises(ConfigError, match=r"stages\[1\] \(grpo\): unknown config key 'prompts_per_stepp'"):
         plan(config_from_dict(PipelineConfig, data))
     assert not (tmp_path / "p" / "stages").exists()
@@ -96,10 +127,14 @@ def test_demo_config_is_a_valid_pipeline_and_fast_mode_shrinks_it():
 
 
 def test_check_targets_flags_a_drop_and_the_grpo_gain():
-    s = {"stages": [{"name": "sft", "recipe": "sft", "eval": {"greedy_accuracy": 0.4, "greedy_ci": [0.37, 0.43]}},
-                    {"name": "dpo", "recipe": "preference", "eval": {"greedy_accuracy": 0.35, "greedy_ci": [0.3, 0.4]}},
-                    {"name": "grpo", "recipe": "grpo", "eval": {"greedy_accuracy": 0.345, "greedy_ci": [0.3, 0.4]}},
-                    {"name": "grpo2", "recipe": "grpo", "eval": {"greedy_accuracy": 0.6, "greedy_ci": [0.55, 0.65]}}]}
+    s = {
+        "stages": [
+            {"name": "sft", "recipe": "sft", "eval": {"greedy_accuracy": 0.4, "greedy_ci": [0.37, 0.43]}},
+            {"name": "dpo", "recipe": "preference", "eval": {"greedy_accuracy": 0.35, "greedy_ci": [0.3, 0.4]}},
+            {"name": "grpo", "recipe": "grpo", "eval": {"greedy_accuracy": 0.345, "greedy_ci": [0.3, 0.4]}},
+            {"name": "grpo2", "recipe": "grpo", "eval": {"greedy_accuracy": 0.6, "greedy_ci": [0.55, 0.65]}},
+        ]
+    }
     lines = check_targets(s)
     assert "dpo: 40.0% -> 35.0% (-5.0 points, LOWER)" in lines
     assert "grpo: 35.0% -> 34.5% (-0.5 points, within noise)" in lines
@@ -128,20 +163,31 @@ def test_a_branching_pipeline_resolves_stage_names_wherever_a_model_is_named(tmp
     assert [r.options.get("path") for r in ppo.cfg.rewards] == [None, rm]  # `path: rm` -> the rm stage's model
     assert [r.weight for r in ppo.cfg.rewards] == [0.0, 1.0]
     assert plans["grpo"].start_model == sft and plans["grpo"].start_stage == "sft"
-    critic_dir = dict(data, stages=[*data["stages"][:2], {**data["stages"][3], "config": {
-        **data["stages"][3]["config"], "critic": {"init": "sft"}}}])
+    critic_dir = dict(
+        data,
+        stages=[
+            *data["stages"][:2],
+            {**data["stages"][3], "config": {**data["stages"][3]["config"], "critic": {"init": "sft"}}},
+        ],
+    )
     assert plan(config_from_dict(PipelineConfig, critic_dir))[2].cfg.critic.init == sft
     with pytest.raises(ConfigError, match=r"make_pairs only applies to preference and reward_model stages"):
-        bad = dict(data, stages=[*data["stages"][:4], {**data["stages"][4], "make_pairs": {"data": "builtin:arithmetic"}}])
+        bad = dict(
+            data, stages=[*data["stages"][:4], {**data["stages"][4], "make_pairs": {"data": "builtin:arithmetic"}}]
+        )
         plan(config_from_dict(PipelineConfig, bad))
 
 
 def test_check_targets_compares_a_branch_with_the_stage_it_started_from():
     ev = lambda a: {"greedy_accuracy": a, "greedy_ci": [a - 0.05, a + 0.05]}  # noqa: E731
-    s = {"stages": [{"name": "sft", "recipe": "sft", "eval": ev(0.4)},
-                    {"name": "rm", "recipe": "reward_model", "eval": {"kind": "pairs", "pair_accuracy": 0.8}},
-                    {"name": "ppo", "recipe": "ppo", "eval": ev(0.3), "start_stage": "sft"},
-                    {"name": "grpo", "recipe": "grpo", "eval": ev(0.7), "start_stage": "sft"}]}
+    s = {
+        "stages": [
+            {"name": "sft", "recipe": "sft", "eval": ev(0.4)},
+            {"name": "rm", "recipe": "reward_model", "eval": {"kind": "pairs", "pair_accuracy": 0.8}},
+            {"name": "ppo", "recipe": "ppo", "eval": ev(0.3), "start_stage": "sft"},
+            {"name": "grpo", "recipe": "grpo", "eval": ev(0.7), "start_stage": "sft"},
+        ]
+    }
     lines = check_targets(s)
     assert "PPO (critic + reward model) gain over sft: -10.0 points" in lines
     assert "GRPO gain over sft: +30.0 points (target >= 15: met)" in lines
@@ -170,8 +216,11 @@ def test_every_problem_of_every_stage_is_reported_before_anything_runs(tmp_path,
     stages = [dict(s) for s in (to_plain(st) for st in cfg.stages)]
     stages[0]["config"]["data"]["path"] = str(tmp_path / "missing.jsonl")
     stages[1]["config"]["rewards"] = [{"name": "mathh"}, {"name": "no_such_module:fn"}]
-    data = {"output_dir": str(tmp_path / "pipe"), "stages": stages,
-            "eval": {"data": "builtin:arithmetic", "verifier": "math", "verifier_options": {"timout": 3}}}
+    data = {
+        "output_dir": str(tmp_path / "pipe"),
+        "stages": stages,
+        "eval": {"data": "builtin:arithmetic", "verifier": "math", "verifier_options": {"timout": 3}},
+    }
     path = tmp_path / "pipe.yaml"
     path.write_text(yaml.safe_dump(data))
     assert main(["pipeline", str(path)]) == 2
@@ -191,13 +240,21 @@ def test_a_reward_module_next_to_the_pipeline_config_is_found(tmp_path, monkeypa
 
     conf = tmp_path / "conf"
     conf.mkdir()
-    (conf / "pipe_local_rewards.py").write_text("def short(completions, **kw):\n    return [1.0 / (1 + len(c)) for c in completions]\n")
+    (conf / "pipe_local_rewards.py").write_text(
+        "def short(completions, **kw):\n    return [1.0 / (1 + len(c)) for c in completions]\n"
+    )
     cfg = _tiny_pipeline(tmp_path)
     stages = [to_plain(st) for st in cfg.stages]
     stages[1]["config"]["rewards"] = [{"name": "pipe_local_rewards:short"}]
-    (conf / "p.yaml").write_text(yaml.safe_dump({"output_dir": str(tmp_path / "pipe"), "stages": stages,
-                                                 "eval": {"data": "builtin:arithmetic?max_terms=2", "examples": 4,
-                                                          "k": 0, "max_new_tokens": 8}}))
+    (conf / "p.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(tmp_path / "pipe"),
+                "stages": stages,
+                "eval": {"data": "builtin:arithmetic?max_terms=2", "examples": 4, "k": 0, "max_new_tokens": 8},
+            }
+        )
+    )
     monkeypatch.chdir(tmp_path)  # neither the working directory nor sys.path holds the module
     assert main(["pipeline", str(conf / "p.yaml")]) == 0
     assert (tmp_path / "pipe" / "stages" / "02_grpo" / "final" / "COMPLETE").exists()
@@ -227,8 +284,10 @@ def test_a_complete_stage_whose_config_changed_is_not_silently_skipped(tmp_path)
     assert problem.startswith("stages[0] (sft): ") and "is complete, but with another config" in problem
     assert "optim.lr: 0.5 -> 0.003" in problem
     with pytest.raises(ConfigError, match="eval.split: 'dev' cannot apply to the file 'held_out.jsonl'"):
-        config_from_dict(PipelineConfig, {"eval": {"data": "held_out.jsonl", "split": "dev"}, "stages": [
-            {"name": "s", "recipe": "sft"}]})
+        config_from_dict(
+            PipelineConfig,
+            {"eval": {"data": "held_out.jsonl", "split": "dev"}, "stages": [{"name": "s", "recipe": "sft"}]},
+        )
 
 
 def test_dynamic_sampling_ablation_spends_the_same_generation_per_step(tmp_path):
@@ -236,14 +295,30 @@ def test_dynamic_sampling_ablation_spends_the_same_generation_per_step(tmp_path)
     from posttrain.report import build_report
     from posttrain.runtime.tracking import read_metrics
 
-    cfg = config_from_dict(PipelineConfig, {
-        "output_dir": str(tmp_path / "pipe"),
-        "eval": {"data": "builtin:arithmetic?max_terms=2", "examples": 8, "k": 0, "max_new_tokens": 8},
-        "stages": [{"name": "grpo", "recipe": "grpo", "config": {
-            "model": "tiny", "data": {"path": "builtin:arithmetic?max_terms=2", "num_examples": 40, "max_length": 16},
-            "rewards": ["toy_rewards:parity"], "prompts_per_step": 2, "num_generations": 4,
-            "max_completion_length": 6, "dynamic_sampling": True, "max_gen_batches": 3,
-            "train": {"steps": 2, "micro_batch_size": 16, "progress": False}}}]})
+    cfg = config_from_dict(
+        PipelineConfig,
+        {
+            "output_dir": str(tmp_path / "pipe"),
+            "eval": {"data": "builtin:arithmetic?max_terms=2", "examples": 8, "k": 0, "max_new_tokens": 8},
+            "stages": [
+                {
+                    "name": "grpo",
+                    "recipe": "grpo",
+                    "config": {
+                        "model": "tiny",
+                        "data": {"path": "builtin:arithmetic?max_terms=2", "num_examples": 40, "max_length": 16},
+                        "rewards": ["toy_rewards:parity"],
+                        "prompts_per_step": 2,
+                        "num_generations": 4,
+                        "max_completion_length": 6,
+                        "dynamic_sampling": True,
+                        "max_gen_batches": 3,
+                        "train": {"steps": 2, "micro_batch_size": 16, "progress": False},
+                    },
+                }
+            ],
+        },
+    )
     run(cfg)
     root = tmp_path / "pipe"
     result = run_ablation(root, cfg)

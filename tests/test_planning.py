@@ -48,8 +48,17 @@ def test_qwen25_7b_shape_matches_the_published_checkpoint():
     # weights = 7,615,616,512 parameters.
     shape = load_shape("qwen2.5-7b")
     assert pl.causal_params(shape) * 2 == 15231233024
-    assert (shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate, shape.vocab,
-            shape.tied, shape.qkv_bias) == (3584, 28, 28, 4, 128, 18944, 152064, False, True)
+    assert (
+        shape.hidden,
+        shape.layers,
+        shape.heads,
+        shape.kv_heads,
+        shape.head_dim,
+        shape.intermediate,
+        shape.vocab,
+        shape.tied,
+        shape.qkv_bias,
+    ) == (3584, 28, 28, 4, 128, 18944, 152064, False, True)
 
 
 def test_a_model_directory_is_read_from_its_config_alone(tmp_path, capsys):
@@ -110,7 +119,7 @@ def _batch(B=3, T=20, masked=True):
     ids = torch.randint(10, 90, (B, T))
     attn = torch.ones(B, T, dtype=torch.long)
     if masked:
-        attn[0, T // 2:] = 0
+        attn[0, T // 2 :] = 0
     return ids, attn, torch.arange(T).expand(B, T)
 
 
@@ -122,8 +131,9 @@ def test_saved_activations_are_counted_byte_for_byte(dtype, lora, masked):
     base = model.get_base_model() if lora else model
     ids, attn, pos = _batch(masked=masked)
     got = _saved_bytes(lambda: base.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False), model)
-    act = pl.Act(b=dtype.itemsize, full=not lora, targets=LoraConfig().target_modules if lora else (), lora_r=lora,
-                 masked=masked)
+    act = pl.Act(
+        b=dtype.itemsize, full=not lora, targets=LoraConfig().target_modules if lora else (), lora_r=lora, masked=masked
+    )
     assert pl.model_saved(load_shape("small"), *ids.shape, act, checkpointing=False) == got
 
 
@@ -131,7 +141,9 @@ def test_saved_activations_with_gradient_checkpointing():
     model = _model("small")
     model.gradient_checkpointing_enable()
     ids, attn, pos = _batch()
-    got = _saved_bytes(lambda: model.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False), model)
+    got = _saved_bytes(
+        lambda: model.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False), model
+    )
     s, act = load_shape("small"), pl.Act(b=4, full=True)
     B, T = ids.shape
     # Checkpointed: each layer's input, the final norm, the ids. The planner also counts one layer
@@ -171,19 +183,33 @@ def _run(recipe, tmp_path, *overrides):
     from posttrain.recipes import grpo, ppo
 
     cls, mod = (GRPOConfig, grpo) if recipe == "grpo" else (PPOConfig, ppo)
-    common = ["model.path=tiny", "model.device=cpu", "data.path=builtin:arithmetic", "data.num_examples=16",
-              "prompts_per_step=2", "num_generations=2", "max_completion_length=4", "train.micro_batch_size=4",
-              "train.steps=2", f"train.output_dir={tmp_path}", "train.progress=false", "samples_every=0"]
+    common = [
+        "model.path=tiny",
+        "model.device=cpu",
+        "data.path=builtin:arithmetic",
+        "data.num_examples=16",
+        "prompts_per_step=2",
+        "num_generations=2",
+        "max_completion_length=4",
+        "train.micro_batch_size=4",
+        "train.steps=2",
+        f"train.output_dir={tmp_path}",
+        "train.progress=false",
+        "samples_every=0",
+    ]
     cfg = config_from_dict(cls, {}, [*common, *overrides])
     mod.train(cfg)
     return cfg, read_metrics(tmp_path)[-1]
 
 
-@pytest.mark.parametrize("recipe,overrides", [
-    ("grpo", ("rewards=[toy_rewards:parity]", "beta=0.04")),
-    ("grpo", ("rewards=[toy_rewards:parity]", "lora.r=4", "beta=0.04")),
-    ("ppo", ("rewards=[{name: math}]", "beta=0.05", "ppo_epochs=1")),
-])
+@pytest.mark.parametrize(
+    "recipe,overrides",
+    [
+        ("grpo", ("rewards=[toy_rewards:parity]", "beta=0.04")),
+        ("grpo", ("rewards=[toy_rewards:parity]", "lora.r=4", "beta=0.04")),
+        ("ppo", ("rewards=[{name: math}]", "beta=0.05", "ppo_epochs=1")),
+    ],
+)
 def test_static_memory_of_real_runs_is_exact(tmp_path, recipe, overrides):
     cfg, m = _run(recipe, tmp_path, *overrides)
     plan = pl.Plan(recipe=recipe, lora_r=cfg.lora.r, beta=cfg.beta, device="cpu")
@@ -198,7 +224,11 @@ def test_static_memory_of_real_runs_is_exact(tmp_path, recipe, overrides):
 
 
 def test_models_held_per_recipe():
-    assert pl.held_models(pl.Plan(recipe="grpo", beta=0)) == {"reference": False, "critic": False, "reward model": False}
+    assert pl.held_models(pl.Plan(recipe="grpo", beta=0)) == {
+        "reference": False,
+        "critic": False,
+        "reward model": False,
+    }
     assert pl.held_models(pl.Plan(recipe="grpo", beta=0.04))["reference"]
     assert not pl.held_models(pl.Plan(recipe="grpo", beta=0.04, lora_r=16))["reference"]  # adapters off
     assert pl.held_models(pl.Plan(recipe="ppo", beta=0.05)) == {"reference": True, "critic": True, "reward model": True}
@@ -216,14 +246,23 @@ def test_parse_gpus():
 
 def test_search_ranks_fitting_full_fine_tuning_first_then_by_cost():
     shape = load_shape("qwen2.5-0.5b")
-    plan = pl.Plan(recipe="grpo", gpus=2, strategy="fsdp", mixed_precision="bf16", micro_batch=8, seq_len=1280,
-                   completion_len=1024, prompts_per_step=8, num_generations=8)
+    plan = pl.Plan(
+        recipe="grpo",
+        gpus=2,
+        strategy="fsdp",
+        mixed_precision="bf16",
+        micro_batch=8,
+        seq_len=1280,
+        completion_len=1024,
+        prompts_per_step=8,
+        num_generations=8,
+    )
     options = pl.search(shape, plan, capacity=24 << 30)
     fits = [o for o in options if o.fits]
     assert fits and all(o.estimate.peak <= 24 << 30 for o in fits)
     assert fits[0].plan.lora_r == 0  # a 0.5B full fine-tune fits in 24 GiB
     assert [o.cost for o in fits if o.plan.lora_r == 0] == sorted(o.cost for o in fits if o.plan.lora_r == 0)
-    assert not any(o.fits for o in options[len(fits):])
+    assert not any(o.fits for o in options[len(fits) :])
     # Halving the micro-batch never raises the peak of the train phase.
     small = dataclasses.replace(plan, micro_batch=4)
     assert pl.estimate(shape, small).phases["train"] < pl.estimate(shape, plan).phases["train"]
@@ -233,8 +272,24 @@ def test_7b_on_two_24gb_gpus_grpo_fits_ppo_does_not(capsys):
     """The README's worked example: on a machine with 64 GiB of RAM (no room to offload a 7B full fine-tune's
     state) GRPO fits with LoRA; PPO fits in no searched configuration, LoRA or not: its frozen reward model
     and the unsharded policy for the rollout alone fill a 24 GiB GPU."""
-    common = ["--model", "qwen2.5-7b", "--gpus", "2x24GB", "--prompt-length", "256", "--max-completion-length", "1024",
-              "--prompts-per-step", "8", "--num-generations", "8", "--micro-batch", "4", "--cpu-memory", "64"]
+    common = [
+        "--model",
+        "qwen2.5-7b",
+        "--gpus",
+        "2x24GB",
+        "--prompt-length",
+        "256",
+        "--max-completion-length",
+        "1024",
+        "--prompts-per-step",
+        "8",
+        "--num-generations",
+        "8",
+        "--micro-batch",
+        "4",
+        "--cpu-memory",
+        "64",
+    ]
     assert main([*common, "--recipe", "grpo"]) == 0
     out = capsys.readouterr().out
     assert "full fine-tuning: nothing fits" in out and "with LoRA r=16 instead" in out
@@ -242,8 +297,10 @@ def test_7b_on_two_24gb_gpus_grpo_fits_ppo_does_not(capsys):
     out = capsys.readouterr().out
     assert "full fine-tuning: nothing fits" in out and "with LoRA r=16: nothing fits either" in out
     # With the RAM for it, a full GRPO fine-tune fits by offloading to the CPU.
-    assert main([*common[:-2], "--recipe", "grpo", "--no-search", "--offload", "--strategy", "fsdp",
-                 "--micro-batch", "1"]) == 0
+    assert (
+        main([*common[:-2], "--recipe", "grpo", "--no-search", "--offload", "--strategy", "fsdp", "--micro-batch", "1"])
+        == 0
+    )
     assert "usable: fits" in capsys.readouterr().out
 
 

@@ -36,8 +36,15 @@ def _cfg(tmp_path, *overrides):
 
 def _group(row, prompt, completions, rewards, truncated=None):
     G = len(completions)
-    return Group(row, tuple(prompt), tuple(tuple(c) for c in completions), tuple("x" * len(c) for c in completions),
-                 tuple(truncated or [False] * G), tuple(rewards), {"r": tuple(rewards)})
+    return Group(
+        row,
+        tuple(prompt),
+        tuple(tuple(c) for c in completions),
+        tuple("x" * len(c) for c in completions),
+        tuple(truncated or [False] * G),
+        tuple(rewards),
+        {"r": tuple(rewards)},
+    )
 
 
 def _varied_groups():
@@ -45,8 +52,15 @@ def _varied_groups():
     out = []
     for p in range(3):
         comps = [torch.randint(5, 60, (n,), generator=g).tolist() for n in (1, 2, 3, 30)]
-        out.append(_group(p, torch.randint(5, 60, (2 + 2 * p,), generator=g).tolist(), comps,
-                          torch.rand(4, generator=g).tolist(), truncated=[False, False, False, p == 1]))
+        out.append(
+            _group(
+                p,
+                torch.randint(5, 60, (2 + 2 * p,), generator=g).tolist(),
+                comps,
+                torch.rand(4, generator=g).tolist(),
+                truncated=[False, False, False, p == 1],
+            )
+        )
     return out
 
 
@@ -54,8 +68,9 @@ def _varied_groups():
 def test_row_layout_round_trips_to_completion_layout(packed):
     seqs = grpo.sequences(_varied_groups(), mask_truncated=True)
     mask = ppo.completion_mask(seqs)
-    assert mask.sum(1).tolist() == [float(len(e) - len([t for t in e.loss_mask if t == 0])) if k else 0.0
-                                    for e, k in seqs] + [0.0]  # + the empty slot of padding micro-batches
+    assert mask.sum(1).tolist() == [
+        float(len(e) - len([t for t in e.loss_mask if t == 0])) if k else 0.0 for e, k in seqs
+    ] + [0.0]  # + the empty slot of padding micro-batches
     x = torch.randn(mask.shape) * mask
     back = torch.zeros_like(x)
     for batch, idx in grpo.micro_batches(seqs, 2, 0, "cpu", packed=packed):
@@ -99,23 +114,39 @@ def _update(model, critic, cfg, groups, lr=0.5):
     return model, critic, metrics
 
 
-@pytest.mark.parametrize("overrides", [("aggregation=token_mean",), ("aggregation=seq_mean_token_mean", "ppo_epochs=2"),
-                                       ("num_mini_batches=2", "ppo_epochs=2", "eps_high=0.28", "dual_clip=3")])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("aggregation=token_mean",),
+        ("aggregation=seq_mean_token_mean", "ppo_epochs=2"),
+        ("num_mini_batches=2", "ppo_epochs=2", "eps_high=0.28", "dual_clip=3"),
+    ],
+)
 def test_update_is_the_same_packed_padded_and_in_any_micro_batch_size(tmp_path, tiny_model, char_tok, overrides):
     model = copy.deepcopy(tiny_model).double()
     critic = scalar_from_causal(model, char_tok, seed=1)
     groups = _varied_groups()
     results = []
     for packed, mbs in ((False, 12), (False, 1), (True, 2)):
-        cfg = _cfg(tmp_path, *overrides, f"padding_free={str(packed).lower()}", f"train.micro_batch_size={mbs}",
-                   "mask_truncated_completions=true", "optim.max_grad_norm=0", "critic.max_grad_norm=0", "beta=0")
+        cfg = _cfg(
+            tmp_path,
+            *overrides,
+            f"padding_free={str(packed).lower()}",
+            f"train.micro_batch_size={mbs}",
+            "mask_truncated_completions=true",
+            "optim.max_grad_norm=0",
+            "critic.max_grad_norm=0",
+            "beta=0",
+        )
         results.append(_update(model, critic, cfg, groups))
     (a, ca, ma) = results[0]
     for b, cb, mb in results[1:]:
         for k in ("loss", "value_loss", "explained_variance", "approx_kl", "entropy", "clip_frac/high", "num_tokens"):
             assert ma[k] == pytest.approx(mb[k], rel=1e-9, abs=1e-12), k
-        for (n, pa), (_, pb) in zip(list(a.named_parameters()) + list(ca.named_parameters()),
-                                    list(b.named_parameters()) + list(cb.named_parameters())):
+        for (n, pa), (_, pb) in zip(
+            list(a.named_parameters()) + list(ca.named_parameters()),
+            list(b.named_parameters()) + list(cb.named_parameters()),
+        ):
             assert torch.allclose(pa, pb, rtol=0, atol=1e-10), n
     assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), model.parameters()))
     assert any(not torch.equal(p, q) for p, q in zip(ca.parameters(), critic.parameters()))
@@ -128,15 +159,24 @@ def test_first_update_is_the_gae_advantage_policy_gradient(tmp_path, tiny_model,
     model = copy.deepcopy(tiny_model).double()
     critic = scalar_from_causal(model, char_tok, zero_head=True)
     groups = _varied_groups()
-    cfg = _cfg(tmp_path, "ppo_epochs=1", "gamma=1", "lam=1", "whiten_advantages=false", "beta=0",
-               "optim.max_grad_norm=0", "critic.max_grad_norm=0", "train.micro_batch_size=12")
+    cfg = _cfg(
+        tmp_path,
+        "ppo_epochs=1",
+        "gamma=1",
+        "lam=1",
+        "whiten_advantages=false",
+        "beta=0",
+        "optim.max_grad_norm=0",
+        "critic.max_grad_norm=0",
+        "train.micro_batch_size=12",
+    )
     a, _, m = _update(model, critic, cfg, groups, lr=1.0)
     assert m["values/mean"] == 0 and m["explained_variance"] == 0
     # the same step by hand
     b = copy.deepcopy(model)
     seqs = grpo.sequences(groups, False)
     scores = [r for g in groups for r in g.rewards]
-    (batch, idx), = grpo.micro_batches(seqs, 12, 0, "cpu")
+    ((batch, idx),) = grpo.micro_batches(seqs, 12, 0, "cpu")
     lp, _ = grpo.policy_logps(b, batch, 1.0)
     adv = torch.tensor(scores, dtype=torch.float64)[idx][:, None] * batch.target_mask_BT
     (-(adv * lp).sum() / batch.target_mask_BT.sum()).backward()
@@ -156,15 +196,19 @@ def _count_pairs(path, rows, seed=0):
     rng = random.Random(seed)
 
     def sample(f):
-        return "".join("1" if rng.random() < f else rng.choice(string.printable[:94]) for _ in range(rng.randint(4, 12)))
+        return "".join(
+            "1" if rng.random() < f else rng.choice(string.printable[:94]) for _ in range(rng.randint(4, 12))
+        )
 
     with open(path, "w") as fh:
         for r in rows * 8:
             a, b = sample(rng.random()), sample(rng.random())
             fa, fb = a.count("1") / len(a), b.count("1") / len(b)
             if fa != fb:
-                fh.write(json.dumps({"prompt": r["prompt"], "chosen": a if fa > fb else b,
-                                     "rejected": b if fa > fb else a}) + "\n")
+                fh.write(
+                    json.dumps({"prompt": r["prompt"], "chosen": a if fa > fb else b, "rejected": b if fa > fb else a})
+                    + "\n"
+                )
     return path
 
 
@@ -174,24 +218,50 @@ def ones_reward_model(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("rm")
     data = _count_pairs(tmp / "pairs.jsonl", read_rows("builtin:arithmetic", num_examples=80).rows)
-    cfg = config_from_dict(RewardModelConfig, {}, [f"train.output_dir={tmp / 'rm'}", "train.progress=false", "model=tiny",
-                                                   f"data.path={data}", "optim.lr=5e-3", "optim.schedule=constant",
-                                                   "train.steps=80", "train.micro_batch_size=32",
-                                                   "data.eval_fraction=0.2"])
+    cfg = config_from_dict(
+        RewardModelConfig,
+        {},
+        [
+            f"train.output_dir={tmp / 'rm'}",
+            "train.progress=false",
+            "model=tiny",
+            f"data.path={data}",
+            "optim.lr=5e-3",
+            "optim.schedule=constant",
+            "train.steps=80",
+            "train.micro_batch_size=32",
+            "data.eval_fraction=0.2",
+        ],
+    )
     out = rm.train(cfg)
     assert read_metrics(tmp / "rm")[-1]["eval_accuracy"] > 0.85
     return out
 
 
-RL_COMMON = ["model=tiny", "data.path=builtin:arithmetic", "data.num_examples=200", "prompts_per_step=4",
-             "num_generations=4", "max_completion_length=12", "optim.schedule=constant", "train.micro_batch_size=32",
-             "samples_every=0"]
+RL_COMMON = [
+    "model=tiny",
+    "data.path=builtin:arithmetic",
+    "data.num_examples=200",
+    "prompts_per_step=4",
+    "num_generations=4",
+    "max_completion_length=12",
+    "optim.schedule=constant",
+    "train.micro_batch_size=32",
+    "samples_every=0",
+]
 
 
 def test_ppo_raises_the_reward_model_score(tmp_path, ones_reward_model):
-    cfg = _cfg(tmp_path, *RL_COMMON, f"rewards=[{{name: toy_rewards:ones, weight: 0}}, "
-                                     f"{{name: reward_model, options: {{path: '{ones_reward_model}'}}}}]",
-               "optim.lr=6e-3", "critic.lr=6e-3", "train.steps=25", "critic=reward_model")
+    cfg = _cfg(
+        tmp_path,
+        *RL_COMMON,
+        f"rewards=[{{name: toy_rewards:ones, weight: 0}}, "
+        f"{{name: reward_model, options: {{path: '{ones_reward_model}'}}}}]",
+        "optim.lr=6e-3",
+        "critic.lr=6e-3",
+        "train.steps=25",
+        "critic=reward_model",
+    )
     ppo.train(cfg)
     m = read_metrics(tmp_path)
     first = sum(r["reward/reward_model/mean"] for r in m[:5]) / 5
@@ -202,17 +272,42 @@ def test_ppo_raises_the_reward_model_score(tmp_path, ones_reward_model):
     # The gold it stands for is logged each step. (It need not rise: on this seed the policy learns to write
     # ';', which this small reward model scores high -- reward-model over-optimization, in miniature.)
     assert all(0.0 <= r["reward/ones/mean"] <= 1.0 for r in m)
-    for key in ("value_loss", "explained_variance", "value_clip_frac", "kl", "approx_kl", "clip_frac/low",
-                "clip_frac/high", "returns/mean", "advantages/mean", "entropy", "grad_norm", "critic/grad_norm",
-                "critic/lr", "accuracy", "truncation_rate", "time/update"):
+    for key in (
+        "value_loss",
+        "explained_variance",
+        "value_clip_frac",
+        "kl",
+        "approx_kl",
+        "clip_frac/low",
+        "clip_frac/high",
+        "returns/mean",
+        "advantages/mean",
+        "entropy",
+        "grad_norm",
+        "critic/grad_norm",
+        "critic/lr",
+        "accuracy",
+        "truncation_rate",
+        "time/update",
+    ):
         assert key in m[-1], key
     assert (tmp_path / "final" / "model.safetensors").exists() and (tmp_path / "critic" / "config.json").exists()
 
 
 def test_reward_model_reward_trains_grpo(tmp_path, ones_reward_model):
-    cfg = config_from_dict(GRPOConfig, {}, [f"train.output_dir={tmp_path}", "train.progress=false", *RL_COMMON,
-                                            "num_generations=8", "optim.lr=6e-3", "train.steps=20",
-                                            f"rewards=[{{name: reward_model, options: {{path: '{ones_reward_model}'}}}}]"])
+    cfg = config_from_dict(
+        GRPOConfig,
+        {},
+        [
+            f"train.output_dir={tmp_path}",
+            "train.progress=false",
+            *RL_COMMON,
+            "num_generations=8",
+            "optim.lr=6e-3",
+            "train.steps=20",
+            f"rewards=[{{name: reward_model, options: {{path: '{ones_reward_model}'}}}}]",
+        ],
+    )
     grpo.train(cfg)
     m = read_metrics(tmp_path)
     first = sum(r["reward/mean"] for r in m[:5]) / 5
@@ -237,10 +332,26 @@ def test_critic_with_another_tokenizer_is_refused_naming_the_field(tmp_path, cha
 
 
 def _cli(out_dir, steps):
-    return [sys.executable, "-m", "posttrain.commands.main", "ppo", *RL_COMMON, "rewards=[toy_rewards:ones]", "beta=0.05",
-            "prompts_per_step=2", "num_generations=2", "max_completion_length=8", "num_mini_batches=2", "ppo_epochs=2",
-            "optim.lr=3e-3", "critic.lr=3e-3", f"train.steps={steps}", "train.save_every=3", "train.progress=false",
-            f"train.output_dir={out_dir}"]
+    return [
+        sys.executable,
+        "-m",
+        "posttrain.commands.main",
+        "ppo",
+        *RL_COMMON,
+        "rewards=[toy_rewards:ones]",
+        "beta=0.05",
+        "prompts_per_step=2",
+        "num_generations=2",
+        "max_completion_length=8",
+        "num_mini_batches=2",
+        "ppo_epochs=2",
+        "optim.lr=3e-3",
+        "critic.lr=3e-3",
+        f"train.steps={steps}",
+        "train.save_every=3",
+        "train.progress=false",
+        f"train.output_dir={out_dir}",
+    ]
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
@@ -272,8 +383,16 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_ppo_with_lora_uses_adapters_off_as_reference_and_a_full_critic(tmp_path):
-    cfg = _cfg(tmp_path, *RL_COMMON, "rewards=[toy_rewards:ones]", "lora.r=4", "beta=0.1", "optim.lr=1e-2",
-               "train.steps=3", "ppo_epochs=2")
+    cfg = _cfg(
+        tmp_path,
+        *RL_COMMON,
+        "rewards=[toy_rewards:ones]",
+        "lora.r=4",
+        "beta=0.1",
+        "optim.lr=1e-2",
+        "train.steps=3",
+        "ppo_epochs=2",
+    )
     ppo.train(cfg)
     m = read_metrics(tmp_path)
     assert m[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts equal to its reference

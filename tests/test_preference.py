@@ -26,8 +26,14 @@ def toy_pairs(n: int, seed: int = 0) -> list[dict]:
     for r in get_task("arithmetic").rows(n, seed=seed):
         v = int(r["answer"])
         w = v + rng.randint(1, 9)
-        out.append({"prompt": r["prompt"], "chosen": r["completion"],
-                    "rejected": r["completion"].replace(f"\\boxed{{{v}}}", f"= {w}"), "answer": r["answer"]})
+        out.append(
+            {
+                "prompt": r["prompt"],
+                "chosen": r["completion"],
+                "rejected": r["completion"].replace(f"\\boxed{{{v}}}", f"= {w}"),
+                "answer": r["answer"],
+            }
+        )
     return out
 
 
@@ -51,9 +57,19 @@ def unpaired_file(tmp_path_factory):
 
 
 def _cfg(tmp_path, data, *overrides, name="run"):
-    base = ["model=tiny", f"data.path={data}", "data.max_length=64", "data.eval_fraction=0",
-            "optim.lr=1e-3", "optim.warmup_steps=0", "train.micro_batch_size=8", "train.steps=3",
-            "train.progress=false", "train.resume=never", f"train.output_dir={tmp_path / name}"]
+    base = [
+        "model=tiny",
+        f"data.path={data}",
+        "data.max_length=64",
+        "data.eval_fraction=0",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=0",
+        "train.micro_batch_size=8",
+        "train.steps=3",
+        "train.progress=false",
+        "train.resume=never",
+        f"train.output_dir={tmp_path / name}",
+    ]
     return config_from_dict(PreferenceConfig, {}, base + list(overrides))
 
 
@@ -65,8 +81,9 @@ def _weights(final):
 
 
 def test_dpo_accuracy_and_margin_rise(tmp_path, pairs_file):
-    preference.train(_cfg(tmp_path, pairs_file, "loss=dpo", "train.steps=20", "data.eval_fraction=0.2",
-                          "train.eval_every=10"))
+    preference.train(
+        _cfg(tmp_path, pairs_file, "loss=dpo", "train.steps=20", "data.eval_fraction=0.2", "train.eval_every=10")
+    )
     m = read_metrics(tmp_path / "run")
     # Step 1 scores the untouched policy against itself: an exact tie.
     assert m[0]["rewards/margin"] == 0.0 and m[0]["rewards/accuracy"] == 0.0
@@ -82,8 +99,16 @@ def test_dpo_accuracy_and_margin_rise(tmp_path, pairs_file):
     assert [r["step"] for r in evals] == [10, 20]
     assert evals[-1]["eval_rewards/accuracy"] >= 0.9
     assert evals[-1]["eval_rewards/margin"] > evals[0]["eval_rewards/margin"] > 0
-    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm", "lr",
-                "tokens_per_s", "wall_time"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "logps/chosen",
+        "logps/rejected",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+        "wall_time",
+    ):
         assert key in m[-1], key
 
 
@@ -118,8 +143,9 @@ def test_rpo_keeps_the_chosen_answers_likelier_than_dpo_does(tmp_path, pairs_fil
 # ------------------------------------------------------------------ the reference
 
 
-@pytest.mark.parametrize("loss,extra", [("dpo", ()), ("kto", ()), ("ipo", ("lora.r=4",))],
-                         ids=["dpo", "kto-from-pairs", "ipo-lora"])
+@pytest.mark.parametrize(
+    "loss,extra", [("dpo", ()), ("kto", ()), ("ipo", ("lora.r=4",))], ids=["dpo", "kto-from-pairs", "ipo-lora"]
+)
 def test_cached_reference_equals_live_reference(tmp_path, pairs_file, loss, extra):
     if extra:
         pytest.importorskip("peft")
@@ -163,10 +189,14 @@ def test_reference_free_losses_load_and_score_no_reference(tmp_path, pairs_file,
 def test_dpo_precomputes_once_then_one_forward_per_micro_batch(tmp_path, pairs_file, monkeypatch):
     forwards = []
     real = preference.forward_logits
-    monkeypatch.setattr(preference, "forward_logits",
-                        lambda model, ids, *a, **k: forwards.append(ids.shape[0]) or real(model, ids, *a, **k))
-    preference.train(_cfg(tmp_path, pairs_file, "loss=dpo", "train.steps=2", "train.micro_batch_size=4",
-                          "train.grad_accum=2"))
+    monkeypatch.setattr(
+        preference,
+        "forward_logits",
+        lambda model, ids, *a, **k: forwards.append(ids.shape[0]) or real(model, ids, *a, **k),
+    )
+    preference.train(
+        _cfg(tmp_path, pairs_file, "loss=dpo", "train.steps=2", "train.micro_batch_size=4", "train.grad_accum=2")
+    )
     n_pre = -(-160 // 4)  # ceil(160 items / micro-batch 4), both sequences in each forward
     assert len(forwards) == n_pre + 4 and forwards[n_pre:] == [8, 8, 8, 8]
 
@@ -218,14 +248,20 @@ def test_resume_recomputes_the_same_reference_and_continues_exactly(tmp_path, pa
 
 
 def test_bad_rows_name_file_line_and_column(tmp_path, capsys):
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "3"},
-                                               {"prompt": "2+2=", "chosen": "4"}])
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "2+2=", "chosen": "4"}]
+    )
     out = tmp_path / "r"
     assert main(["dpo", f"data.path={bad}", f"train.output_dir={out}", "train.progress=false"]) == 1
     assert "bad.jsonl:2: missing column 'rejected'" in capsys.readouterr().err
-    kto = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "a", "completion": "b", "label": True},
-                                               {"prompt": "a", "completion": "c", "label": False},
-                                               {"prompt": "a", "completion": "d", "label": "yes"}])
+    kto = write_jsonl(
+        tmp_path / "kto.jsonl",
+        [
+            {"prompt": "a", "completion": "b", "label": True},
+            {"prompt": "a", "completion": "c", "label": False},
+            {"prompt": "a", "completion": "d", "label": "yes"},
+        ],
+    )
     assert main(["kto", f"data.path={kto}", f"train.output_dir={out}", "train.progress=false"]) == 1
     assert "kto.jsonl:3: column 'label' must be true or false" in capsys.readouterr().err
     # Unpaired rows cannot train a paired loss: the error names the missing column.
@@ -234,10 +270,15 @@ def test_bad_rows_name_file_line_and_column(tmp_path, capsys):
 
 
 def test_prompt_tokenized_once_only_completions_count_and_overlong_policy(char_tok):
-    rows = Rows([{"prompt": "12+3=", "chosen": "15", "rejected": "16"},
-                 {"prompt": "1+1=", "chosen": "2" * 30, "rejected": "2" * 29 + "3"},
-                 {"prompt": "9+9=", "chosen": "18" + "x" * 30, "rejected": "19" + "x" * 30}],
-                ["f:1", "f:2", "f:3"], "f")
+    rows = Rows(
+        [
+            {"prompt": "12+3=", "chosen": "15", "rejected": "16"},
+            {"prompt": "1+1=", "chosen": "2" * 30, "rejected": "2" * 29 + "3"},
+            {"prompt": "9+9=", "chosen": "18" + "x" * 30, "rejected": "19" + "x" * 30},
+        ],
+        ["f:1", "f:2", "f:3"],
+        "f",
+    )
     kw = dict(paired=True, split_pairs=False, max_length=16)
     kept = preference.encode_units(char_tok, rows, overlong="drop", **kw)
     assert [u.where for u in kept] == ["f:1"]
@@ -266,27 +307,30 @@ def test_kto_accepts_paired_rows(char_tok):
     for i, it in enumerate(items):
         own, mismatched = it.seqs
         prompt = char_tok(rows.rows[i // 2]["prompt"], add_special_tokens=False)["input_ids"]
-        assert list(own.input_ids[:len(prompt)]) == list(mismatched.input_ids[:len(prompt)]) == prompt
+        assert list(own.input_ids[: len(prompt)]) == list(mismatched.input_ids[: len(prompt)]) == prompt
         # The mismatched completion belongs to a row with another prompt.
-        other = char_tok.decode(mismatched.input_ids[len(prompt):], skip_special_tokens=True)
+        other = char_tok.decode(mismatched.input_ids[len(prompt) :], skip_special_tokens=True)
         assert other in [r[c] for j, r in enumerate(rows.rows) if j != i // 2 for c in ("chosen", "rejected")]
 
 
 # ------------------------------------------------------------------ config and CLI
 
 
-@pytest.mark.parametrize("override,field", [
-    (["loss=ipo", "label_smoothing=0.1"], "label_smoothing"),
-    (["loss=dpo", "label_smoothing=0.5"], "label_smoothing"),
-    (["loss=orpo", "beta=0.1"], "beta"),
-    (["loss=dpo", "kto_desirable_weight=2"], "kto_desirable_weight"),
-    (["loss=dpo", "simpo_gamma=0.5"], "simpo_gamma"),
-    (["loss=simpo", "precompute_ref=false"], "precompute_ref"),
-    (["loss=kto", "kto_undesirable_weight=0"], "kto_undesirable_weight"),
-    (["loss=dpo", "beta=0"], "beta"),
-    (["loss=ipo", "rpo_alpha=1"], "rpo_alpha"),
-    (["loss=dpo", "rpo_alpha=-1"], "rpo_alpha"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        (["loss=ipo", "label_smoothing=0.1"], "label_smoothing"),
+        (["loss=dpo", "label_smoothing=0.5"], "label_smoothing"),
+        (["loss=orpo", "beta=0.1"], "beta"),
+        (["loss=dpo", "kto_desirable_weight=2"], "kto_desirable_weight"),
+        (["loss=dpo", "simpo_gamma=0.5"], "simpo_gamma"),
+        (["loss=simpo", "precompute_ref=false"], "precompute_ref"),
+        (["loss=kto", "kto_undesirable_weight=0"], "kto_undesirable_weight"),
+        (["loss=dpo", "beta=0"], "beta"),
+        (["loss=ipo", "rpo_alpha=1"], "rpo_alpha"),
+        (["loss=dpo", "rpo_alpha=-1"], "rpo_alpha"),
+    ],
+)
 def test_config_combinations_are_checked(override, field):
     with pytest.raises(ConfigError, match=field):
         config_from_dict(PreferenceConfig, {}, override)

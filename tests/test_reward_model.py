@@ -31,19 +31,39 @@ def _pairs_file(path, n=120, seed=0, **extra):
 
 
 def _cfg(tmp_path, data, *overrides):
-    return config_from_dict(RewardModelConfig, {}, [f"train.output_dir={tmp_path / 'rm'}", "train.progress=false",
-                                                    f"data.path={data}", "model=tiny", *overrides])
+    return config_from_dict(
+        RewardModelConfig,
+        {},
+        [f"train.output_dir={tmp_path / 'rm'}", "train.progress=false", f"data.path={data}", "model=tiny", *overrides],
+    )
 
 
 def test_reward_model_learns_a_preference_and_exports_a_standard_classifier(tmp_path):
     data = _pairs_file(tmp_path / "pairs.jsonl")
-    out = rm.train(_cfg(tmp_path, data, "optim.lr=3e-3", "train.steps=40", "train.micro_batch_size=16",
-                        "data.eval_fraction=0.2", "train.eval_every=20"))
+    out = rm.train(
+        _cfg(
+            tmp_path,
+            data,
+            "optim.lr=3e-3",
+            "train.steps=40",
+            "train.micro_batch_size=16",
+            "data.eval_fraction=0.2",
+            "train.eval_every=20",
+        )
+    )
     m = read_metrics(tmp_path / "rm")
     assert m[-1]["eval_accuracy"] >= 0.9 and m[-1]["accuracy"] >= 0.9, m[-1]
     assert m[-1]["eval_rewards/margin"] > m[0]["rewards/margin"]
-    for key in ("loss", "rewards/margin", "reward/mean", "reward/std", "rewards/chosen", "rewards/rejected",
-                "eval_loss", "grad_norm"):
+    for key in (
+        "loss",
+        "rewards/margin",
+        "reward/mean",
+        "reward/std",
+        "rewards/chosen",
+        "rewards/rejected",
+        "eval_loss",
+        "grad_norm",
+    ):
         assert key in m[-1], key
     # The export is a plain one-label sequence classifier; transformers scores exactly like posttrain.
     cfg = json.loads((out / "config.json").read_text())
@@ -65,8 +85,17 @@ def test_reward_model_learns_a_preference_and_exports_a_standard_classifier(tmp_
 
 def test_lora_reward_model_trains_the_head_and_merges_on_export(tmp_path):
     data = _pairs_file(tmp_path / "pairs.jsonl", n=40)
-    out = rm.train(_cfg(tmp_path, data, "lora.r=4", "optim.lr=1e-2", "train.steps=15", "train.micro_batch_size=8",
-                        "data.eval_fraction=0"))
+    out = rm.train(
+        _cfg(
+            tmp_path,
+            data,
+            "lora.r=4",
+            "optim.lr=1e-2",
+            "train.steps=15",
+            "train.micro_batch_size=8",
+            "data.eval_fraction=0",
+        )
+    )
     plain = AutoModelForSequenceClassification.from_pretrained(out)
     assert not any("lora" in n for n, _ in plain.named_parameters())
     scorer = load("reward_model", path=str(out))
@@ -85,8 +114,7 @@ def test_margin_column_enters_the_loss(tmp_path, char_tok):
     model = scalar_from_causal(build_tiny_model("tiny", char_tok), char_tok)
     with torch.no_grad():
         loss, (c, r) = rm.micro_loss(model, pairs, len(pairs), cfg, char_tok.pad_token_id, "cpu")
-        plain, _ = rm.micro_loss(model, pairs, len(pairs), replace(cfg, use_margin=False),
-                                 char_tok.pad_token_id, "cpu")
+        plain, _ = rm.micro_loss(model, pairs, len(pairs), replace(cfg, use_margin=False), char_tok.pad_token_id, "cpu")
     assert loss.item() == pytest.approx(torch.nn.functional.softplus(-(c - r - 2.0)).mean().item(), abs=1e-6)
     assert plain.item() == pytest.approx(torch.nn.functional.softplus(-(c - r)).mean().item(), abs=1e-6)
     bad = tmp_path / "bad.jsonl"
@@ -97,8 +125,12 @@ def test_margin_column_enters_the_loss(tmp_path, char_tok):
 
 def test_identical_chosen_and_rejected_is_a_data_error_naming_the_row(tmp_path):
     data = tmp_path / "pairs.jsonl"
-    data.write_text(json.dumps({"prompt": "p", "chosen": "x", "rejected": "y"}) + "\n"
-                    + json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}) + "\n")
+    data.write_text(
+        json.dumps({"prompt": "p", "chosen": "x", "rejected": "y"})
+        + "\n"
+        + json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"})
+        + "\n"
+    )
     with pytest.raises(DataError, match=r"pairs.jsonl:2: columns 'chosen' and 'rejected' are the same"):
         rm.train(_cfg(tmp_path, data, "train.steps=1", "data.eval_fraction=0"))
     assert not (tmp_path / "rm" / "final").exists()
@@ -107,7 +139,9 @@ def test_identical_chosen_and_rejected_is_a_data_error_naming_the_row(tmp_path):
 def test_reward_model_reward_rejects_a_causal_lm_directory(tmp_path, tiny_model, char_tok):
     tiny_model.save_pretrained(tmp_path / "lm")
     char_tok.save_pretrained(tmp_path / "lm")
-    with pytest.raises(VerifierLoadError, match=r"reward_model option path=.*LlamaForCausalLM directory, not a reward model"):
+    with pytest.raises(
+        VerifierLoadError, match=r"reward_model option path=.*LlamaForCausalLM directory, not a reward model"
+    ):
         build_reward([("reward_model", 1.0, {"path": str(tmp_path / "lm")})])
     with pytest.raises(VerifierLoadError, match="no readable config.json"):
         build_reward([("reward_model", 1.0, {"path": str(tmp_path / "nothing")})])

@@ -27,9 +27,15 @@ def _prompts(tok):
 def _hf_greedy(model, tok, prompts, n, max_new, eos):
     ids, attn = _left_pad([p for p in prompts for _ in range(n)], tok.pad_token_id, "cpu")
     model.eval()
-    out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new, do_sample=False,
-                         eos_token_id=eos, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:].tolist()
-    return [r[:r.index(eos) + 1] if eos in r else r for r in out]
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=attn,
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=tok.pad_token_id,
+    )[:, ids.shape[1] :].tolist()
+    return [r[: r.index(eos) + 1] if eos in r else r for r in out]
 
 
 def _eos_with_spread(completions):
@@ -59,7 +65,8 @@ def test_greedy_output_equals_transformers_generate(char_tok, arch, decode):
     assert gen.truncated == [eos not in c for c in ref]
     # Small max_batch: several chunks, same result.
     small = KVCacheEngine(model, char_tok, max_batch=3, eos_token_id=eos, decode=decode).generate(
-        prompts, 2, SamplingParams(24, temperature=0))
+        prompts, 2, SamplingParams(24, temperature=0)
+    )
     assert small.completion_ids == ref
     # And the same as the HFEngine the other recipes use.
     assert HFEngine(model, char_tok).generate(prompts, 2, SamplingParams(24, temperature=0)).completion_ids == free
@@ -86,7 +93,8 @@ def test_sampling_draws_from_the_tempered_nucleus(char_tok, temperature, top_p):
     n = 6000
     torch.manual_seed(0)
     gen = KVCacheEngine(model, char_tok, max_batch=2000).generate(
-        [prompt], n, SamplingParams(1, temperature=temperature, top_p=top_p, return_logps=True))
+        [prompt], n, SamplingParams(1, temperature=temperature, top_p=top_p, return_logps=True)
+    )
     first = torch.tensor([c[0] for c in gen.completion_ids])
     freq = torch.bincount(first, minlength=len(probs)).float() / n
     assert (freq[probs == 0] == 0).all()  # nothing outside the nucleus
@@ -116,7 +124,8 @@ def test_samples_of_one_prompt_differ_and_stop_at_eos(char_tok, decode):
     eos = _eos_with_spread(free)
     torch.manual_seed(0)
     gen = KVCacheEngine(model, char_tok, eos_token_id=eos, decode=decode).generate(
-        prompts, 4, SamplingParams(16, temperature=1.0))
+        prompts, 4, SamplingParams(16, temperature=1.0)
+    )
     assert len(gen.completion_ids) == 12 and gen.prompt_ids == [list(p) for p in prompts]
     for c, trunc in zip(gen.completion_ids, gen.truncated):
         assert eos not in c[:-1]  # nothing after the first EOS
@@ -138,13 +147,24 @@ def test_completion_logps_match_full_logits_with_gradients(char_tok, temperature
     from posttrain.losses.logprobs import completion_logps, entropy_from_logits, forward_logits
 
     model = _peaked_model(char_tok, "qwen2", seed=7).double()
-    exs = [Example(p + c, (0,) * len(p) + (1,) * len(c))
-           for p, c in [([5, 6, 7], [8, 9]), ([10, 11], [12, 13, 14, 15]), ([16], [17])]]
+    exs = [
+        Example(p + c, (0,) * len(p) + (1,) * len(c))
+        for p, c in [([5, 6, 7], [8, 9]), ([10, 11], [12, 13, 14, 15]), ([16], [17])]
+    ]
     b = collate_padded(exs, char_tok.pad_token_id)
     m = b.target_mask_BT.double()
     a, ref = copy.deepcopy(model), copy.deepcopy(model)
-    lp, ent = completion_logps(a, b.input_ids_BT, b.attention_mask, b.position_ids_BT, b.targets_BT, m,
-                               temperature, with_entropy=True, chunk_tokens=chunk)
+    lp, ent = completion_logps(
+        a,
+        b.input_ids_BT,
+        b.attention_mask,
+        b.position_ids_BT,
+        b.targets_BT,
+        m,
+        temperature,
+        with_entropy=True,
+        chunk_tokens=chunk,
+    )
     logits = forward_logits(ref, b.input_ids_BT, b.attention_mask, b.position_ids_BT)
     lp_ref = (logits / temperature).log_softmax(-1).gather(-1, b.targets_BT[..., None])[..., 0]
     assert torch.allclose(lp, lp_ref * m, rtol=0, atol=1e-10)
@@ -168,19 +188,21 @@ def test_sampling_logps_equal_a_teacher_forced_forward(char_tok, arch, decode):
 
     model = _peaked_model(char_tok, arch, seed=2)
     prompts = _prompts(char_tok)
-    eos = _eos_with_spread(KVCacheEngine(model, char_tok).generate(prompts, 1, SamplingParams(12, temperature=0))
-                           .completion_ids)
+    eos = _eos_with_spread(
+        KVCacheEngine(model, char_tok).generate(prompts, 1, SamplingParams(12, temperature=0)).completion_ids
+    )
     torch.manual_seed(1)
     gen = KVCacheEngine(model, char_tok, eos_token_id=eos, decode=decode).generate(
-        prompts, 3, SamplingParams(12, temperature=0.8, top_p=1.0, return_logps=True))
+        prompts, 3, SamplingParams(12, temperature=0.8, top_p=1.0, return_logps=True)
+    )
     assert len({len(c) for c in gen.completion_ids}) > 1
-    seqs = [(p, c) for p in prompts for c in gen.completion_ids[3 * prompts.index(p):3 * prompts.index(p) + 3]]
+    seqs = [(p, c) for p in prompts for c in gen.completion_ids[3 * prompts.index(p) : 3 * prompts.index(p) + 3]]
     b = collate_padded([Example(p + c, (0,) * len(p) + (1,) * len(c)) for p, c in seqs], char_tok.pad_token_id)
     model.eval()
     with torch.no_grad():
         lp = token_logps(forward_logits(model, b.input_ids_BT, b.attention_mask, b.position_ids_BT), b.targets_BT, 0.8)
     for i, (p, c) in enumerate(seqs):
-        ref = lp[i, len(p) - 1:len(p) - 1 + len(c)]
+        ref = lp[i, len(p) - 1 : len(p) - 1 + len(c)]
         assert torch.allclose(torch.tensor(gen.logps[i]), ref, atol=1e-4), i
 
 

@@ -20,8 +20,17 @@ def _groups():
     for p in range(3):
         comps = [torch.randint(5, 60, (int(n),)).tolist() for n in torch.randint(1, 9, (4,))]
         rewards = torch.rand(4).tolist()
-        out.append(Group(p, tuple(torch.randint(5, 60, (3 + p,)).tolist()), tuple(tuple(c) for c in comps),
-                         tuple("x" * len(c) for c in comps), (False,) * 4, tuple(rewards), {"r": tuple(rewards)}))
+        out.append(
+            Group(
+                p,
+                tuple(torch.randint(5, 60, (3 + p,)).tolist()),
+                tuple(tuple(c) for c in comps),
+                tuple("x" * len(c) for c in comps),
+                (False,) * 4,
+                tuple(rewards),
+                {"r": tuple(rewards)},
+            )
+        )
     return out
 
 
@@ -35,7 +44,7 @@ def _with_rollout_logps(model, groups, shift: float):
             for c in g.completion_ids:
                 logits = model(input_ids=torch.tensor([list(g.prompt_ids) + list(c)])).logits[0].float()
                 P = len(g.prompt_ids)
-                lp = logits.log_softmax(-1)[P - 1:-1].gather(-1, torch.tensor(c)[:, None])[:, 0]
+                lp = logits.log_softmax(-1)[P - 1 : -1].gather(-1, torch.tensor(c)[:, None])[:, 0]
                 lps.append(tuple((lp + shift).tolist()))
             out.append(dataclasses.replace(g, logps=tuple(lps)))
     model.train()
@@ -45,14 +54,18 @@ def _with_rollout_logps(model, groups, shift: float):
 def _update(model, groups, tmp_path, *overrides):
     import copy
 
-    cfg = config_from_dict(GRPOConfig, {}, [f"train.output_dir={tmp_path}", "optim.max_grad_norm=0",
-                                             "train.micro_batch_size=4", *overrides])
+    cfg = config_from_dict(
+        GRPOConfig,
+        {},
+        [f"train.output_dir={tmp_path}", "optim.max_grad_norm=0", "train.micro_batch_size=4", *overrides],
+    )
     model = copy.deepcopy(model)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    m = grpo.update_policy(cfg, model, None, groups, opt, sched, grpo.make_policy_loss(cfg), 0, "cpu",
-                           {"logps": 0.0, "update": 0.0}, 1)
+    m = grpo.update_policy(
+        cfg, model, None, groups, opt, sched, grpo.make_policy_loss(cfg), 0, "cpu", {"logps": 0.0, "update": 0.0}, 1
+    )
     return [p.detach() - b for p, b in zip(model.parameters(), before)], m
 
 

@@ -13,8 +13,15 @@ from posttrain.recipes import sft
 from posttrain.run.rundir import RunDirError, check_run_dir, config_diff, is_safe
 from posttrain.runtime.tracking import read_metrics
 
-SFT = ["model=tiny", "data.path=builtin:arithmetic", "data.num_examples=64", "data.max_length=48",
-       "optim.lr=3e-3", "train.micro_batch_size=8", "train.progress=false"]
+SFT = [
+    "model=tiny",
+    "data.path=builtin:arithmetic",
+    "data.num_examples=64",
+    "data.max_length=48",
+    "optim.lr=3e-3",
+    "train.micro_batch_size=8",
+    "train.progress=false",
+]
 
 
 def _sft(run, *overrides):
@@ -58,8 +65,11 @@ def test_safe_changes_resume_and_are_recorded(tmp_path):
     sft.train(_sft(run, "train.steps=4", "train.log_every=3", "train.keep_checkpoints=3"))  # resumes at step 2
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
     (record,) = [json.loads(x) for x in (run / "resumes.jsonl").read_text().splitlines()]
-    assert record["step"] == 2 and record["changed"] == {"train.steps": [2, 4], "train.log_every": [1, 3],
-                                                         "train.keep_checkpoints": [2, 3]}
+    assert record["step"] == 2 and record["changed"] == {
+        "train.steps": [2, 4],
+        "train.log_every": [1, 3],
+        "train.keep_checkpoints": [2, 3],
+    }
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["steps"] == 4 and saved["train"]["log_every"] == 3
 
@@ -73,17 +83,22 @@ def test_field_safety_is_by_name_for_every_recipe():
     del saved["reward_workers"]  # a config.yaml written before a field existed: its default applies
     assert config_diff(saved, a) == {}
     b = config_from_dict(GRPOConfig, {}, ["rewards=[math, format]"])
-    assert config_diff(saved, b) == {"rewards[1].name": ("(absent)", "format"),
-                                     "rewards[1].options": ("(absent)", {}),
-                                     "rewards[1].weight": ("(absent)", 1.0)}
+    assert config_diff(saved, b) == {
+        "rewards[1].name": ("(absent)", "format"),
+        "rewards[1].options": ("(absent)", {}),
+        "rewards[1].weight": ("(absent)", 1.0),
+    }
 
 
 def test_resume_never_refuses_a_directory_that_holds_a_run(tmp_path):
     run = tmp_path / "run"
     _fake_run(run, _sft(run, "train.steps=4"))
     before = _snapshot(run)
-    with pytest.raises(RunDirError, match=r"train.resume=never, but .* already holds a run \(config.yaml, "
-                                          r"metrics.jsonl, checkpoints\).*Nothing was changed"):
+    with pytest.raises(
+        RunDirError,
+        match=r"train.resume=never, but .* already holds a run \(config.yaml, "
+        r"metrics.jsonl, checkpoints\).*Nothing was changed",
+    ):
         sft.train(_sft(run, "train.steps=2", "train.resume=never"))
     assert _snapshot(run) == before
     # an empty directory (made by the user beforehand) is fine
@@ -95,7 +110,9 @@ def test_another_recipes_directory_is_refused_before_anything_is_written(tmp_pat
     run = tmp_path / "run"
     _fake_run(run, _sft(run, "train.steps=4"))
     before = _snapshot(run)
-    grpo = config_from_dict(GRPOConfig, {}, [f"train.output_dir={run}", "train.steps=1", "data.path=builtin:arithmetic"])
+    grpo = config_from_dict(
+        GRPOConfig, {}, [f"train.output_dir={run}", "train.steps=1", "data.path=builtin:arithmetic"]
+    )
     from posttrain.recipes import grpo as grpo_recipe
 
     with pytest.raises(RunDirError, match=r"holds a run of recipe .sft. .* a grpo run needs a directory of its own"):
@@ -155,8 +172,10 @@ def test_a_full_disk_during_a_checkpoint_is_named_and_leaves_no_partial_director
     run = tmp_path / "run"
 
     def full(*a, **k):
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
-                           "data/0: file write failed; No space left on device")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+            "data/0: file write failed; No space left on device"
+        )
 
     monkeypatch.setattr(torch, "save", full)
     assert main(["sft", *SFT, f"train.output_dir={run}", "train.steps=1"]) == 1

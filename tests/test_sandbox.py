@@ -206,7 +206,10 @@ def test_fork_bomb_is_contained_and_cleaned_up(verifier: CodeVerifier) -> None:
     uid = verifier.sandbox.uid
     baseline = set(processes_of_uid(uid))
     host_procs_before = len([p for p in os.listdir("/proc") if p.isdigit()])
-    bomb = "import os\ndef square(x):\n    while True:\n        try:\n            os.fork()\n" "        except OSError:\n            pass"
+    bomb = (
+        "import os\ndef square(x):\n    while True:\n        try:\n            os.fork()\n"
+        "        except OSError:\n            pass"
+    )
     start = time.monotonic()
     score = verifier(f"```python\n{bomb}\n```", tests=["assert square(2) == 4"])
     elapsed = time.monotonic() - start
@@ -265,7 +268,9 @@ def test_host_reader_caps_a_flooding_process() -> None:
         [sys.executable, "-c", "import sys\nwhile True: sys.stdout.buffer.write(b'y' * 65536)"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
-    out, err, how = read_capped(proc, b"", out_cap=100_000, err_cap=1000, deadline=time.monotonic() + 10, kill=proc.kill)
+    out, err, how = read_capped(
+        proc, b"", out_cap=100_000, err_cap=1000, deadline=time.monotonic() + 10, kill=proc.kill
+    )
     proc.wait()
     assert how == "output_limit" and len(out) <= 100_000
 

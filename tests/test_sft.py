@@ -19,9 +19,18 @@ from posttrain.tasks import get_task
 
 
 def _cfg(tmp_path, *overrides, name="run"):
-    base = ["model=tiny", "data.path=builtin:arithmetic", "data.num_examples=400", "data.max_length=48",
-            "optim.lr=3e-3", "optim.warmup_steps=2", "train.micro_batch_size=8", "train.steps=40",
-            "train.progress=false", f"train.output_dir={tmp_path / name}"]
+    base = [
+        "model=tiny",
+        "data.path=builtin:arithmetic",
+        "data.num_examples=400",
+        "data.max_length=48",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        "train.micro_batch_size=8",
+        "train.steps=40",
+        "train.progress=false",
+        f"train.output_dir={tmp_path / name}",
+    ]
     return config_from_dict(SFTConfig, {}, base + list(overrides))
 
 
@@ -39,7 +48,7 @@ def test_sft_loss_falls_and_checkpoint_generates(tmp_path):
     tok = load_tokenizer(final)
     ids = tok("12+7=", return_tensors="pt")["input_ids"]
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
-    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     # It generates, and only from the task's alphabet (a random model picks any of ~100 symbols).
     assert text and set(text) <= set("0123456789+-=, \\boxed{}"), text
 
@@ -98,9 +107,22 @@ def test_accumulation_invariance_end_to_end(tmp_path):
 
 
 def _cli(out_dir, steps):
-    return [sys.executable, "-m", "posttrain.commands.main", "sft", "model=tiny", "data.path=builtin:arithmetic",
-            "data.num_examples=400", "data.max_length=48", "optim.lr=3e-3", "train.micro_batch_size=16",
-            f"train.steps={steps}", "train.save_every=5", "train.progress=false", f"train.output_dir={out_dir}"]
+    return [
+        sys.executable,
+        "-m",
+        "posttrain.commands.main",
+        "sft",
+        "model=tiny",
+        "data.path=builtin:arithmetic",
+        "data.num_examples=400",
+        "data.max_length=48",
+        "optim.lr=3e-3",
+        "train.micro_batch_size=16",
+        f"train.steps={steps}",
+        "train.save_every=5",
+        "train.progress=false",
+        f"train.output_dir={out_dir}",
+    ]
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
@@ -170,6 +192,7 @@ def test_missing_tracking_sink_is_a_clear_error(tmp_path):
     pytest.importorskip("torch")
     try:
         import wandb  # noqa: F401
+
         pytest.skip("wandb is installed here")
     except ImportError:
         pass

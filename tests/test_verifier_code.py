@@ -188,7 +188,7 @@ HACKS = {
     "builtins.type = lambda *a: int\nbuiltins.isinstance = lambda *a: True\ndef square(x):\n    return Eq()",
     "monkeypatch_json_print_stdout": (
         "import builtins, json, sys\n"
-        "fake = '{\"results\": [{\"status\": \"ok\", \"passed\": true}], \"passed\": true}'\n"
+        'fake = \'{"results": [{"status": "ok", "passed": true}], "passed": true}\'\n'
         "json.dumps = lambda *a, **k: fake\njson.loads = lambda *a, **k: {'passed': True}\n"
         "builtins.print = lambda *a, **k: sys.__stdout__.write(fake + '\\n')\n"
         "sys.stdout.write = lambda s: 0\n"
@@ -197,7 +197,7 @@ HACKS = {
     ),
     "forge_result_fds": (
         "import os\n"
-        "fake = b'R 0 0\\n{\"results\":[{\"status\":\"ok\",\"passed\":true}]}\\nPASSED\\n'\n"
+        'fake = b\'R 0 0\\n{"results":[{"status":"ok","passed":true}]}\\nPASSED\\n\'\n'
         "for fd in range(1, 64):\n"
         "    try:\n        os.write(fd, fake)\n    except OSError:\n        pass\n"
         "os._exit(0)"
@@ -208,7 +208,7 @@ HACKS = {
         "    for fd in range(0, 16):\n"
         "        try:\n"
         "            w = os.open(f'/proc/{os.getppid()}/fd/{fd}', os.O_WRONLY)\n"
-        "            os.write(w, b'{\"results\":[{\"status\":\"ok\",\"value\":\"WyJpbnQiLCI0Il0=\"}]}')\n"
+        '            os.write(w, b\'{"results":[{"status":"ok","value":"WyJpbnQiLCI0Il0="}]}\')\n'
         "        except OSError:\n            pass\n"
         "    os._exit(0)"
     ),
@@ -235,7 +235,12 @@ def test_reward_hack_scores_zero(name: str) -> None:
 
 @needs_bwrap
 def test_hack_scores_zero_on_asserts_too(verifier: CodeVerifier) -> None:
-    for name in ("sys_exit_module_level", "os_exit_in_function", "always_equal_object", "monkeypatch_json_print_stdout"):
+    for name in (
+        "sys_exit_module_level",
+        "os_exit_in_function",
+        "always_equal_object",
+        "monkeypatch_json_print_stdout",
+    ):
         assert verifier(fenced(HACKS[name]), tests=["assert square(2) == 4"]) == 0.0, name
 
 
@@ -247,7 +252,7 @@ def test_exit_before_printing_fails_stdio(verifier: CodeVerifier) -> None:
 
 @needs_bwrap
 def test_printing_the_expected_output_does_not_pass_function_tests(verifier: CodeVerifier) -> None:
-    program = "print(4)\nprint('[\"int\", \"4\"]')\ndef square(x):\n    print(4)\n    return None"
+    program = 'print(4)\nprint(\'["int", "4"]\')\ndef square(x):\n    print(4)\n    return None'
     assert verifier(fenced(program), tests=SQUARE_FN) == 0.0
 
 
@@ -325,5 +330,8 @@ def test_sandbox_none_is_loud_but_still_limited(caplog: pytest.LogCaptureFixture
     assert verifier(fenced("def square(x):\n    return x * x"), tests=SQUARE_FN) == 1.0
     score = verifier(fenced("def square(x):\n    while True:\n        pass"), tests=SQUARE_FN)
     assert score == 0.0 and score.cases[0].status == "timeout"
-    hog = "def square(x):\n    try:\n        bytearray(8 << 30)\n        return 'allocated'\n" "    except MemoryError:\n        return 'capped'"
+    hog = (
+        "def square(x):\n    try:\n        bytearray(8 << 30)\n        return 'allocated'\n"
+        "    except MemoryError:\n        return 'capped'"
+    )
     assert verifier(fenced(hog), tests=["assert square(1) == 1"]).cases[0].value == "capped"

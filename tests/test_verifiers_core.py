@@ -361,13 +361,20 @@ def test_user_function_exceptions_propagate_with_context():
     with pytest.raises(VerifierError, match="broken.*ZeroDivisionError"):
         reward(["x"], ["p"], {})
     with pytest.raises(VerifierError, match="row 1"):
-        build_reward([("reward_fns_example:contains_keyword", 1.0, {})])(["a", "b"], ["p", "q"], {"other": [1, 2], "keyword": ["a", None]})
+        build_reward([("reward_fns_example:contains_keyword", 1.0, {})])(
+            ["a", "b"], ["p", "q"], {"other": [1, 2], "keyword": ["a", None]}
+        )
 
 
 def test_batch_adapter_has_the_trl_signature():
     fn = batch(load("label"))
     assert fn.__name__ == "label"
-    scores = fn(["<answer>cat</answer>", [{"role": "assistant", "content": "dog"}]], prompts=["p", "q"], label=["cat", "cat"], trainer_state=object())
+    scores = fn(
+        ["<answer>cat</answer>", [{"role": "assistant", "content": "dog"}]],
+        prompts=["p", "q"],
+        label=["cat", "cat"],
+        trainer_state=object(),
+    )
     assert scores == [1.0, 0.0]
 
 
@@ -380,7 +387,13 @@ def test_load_errors_and_laziness():
         "import sys, posttrain.rewards as v; v.load('format'); "
         "print('math_verify' in sys.modules, 'posttrain.rewards.code' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert out.stdout.split() == ["False", "False"]
 
 
@@ -396,9 +409,18 @@ def test_score_is_a_float_with_details():
 @pytest.mark.parametrize(
     "gold, answer",
     [
-        ("7", "7.0"), ("7", "8"), (r"\frac{3}{7}", r"\frac{6}{14}"), (r"\frac{3}{7}", "0.4285714286"),
-        ("7", "x=7"), ("7", "x=8"), ("x=7", "7"), (r"\{7,8\}", r"\{8,7\}"), (r"\{7,8\}", r"\{7,9\}"),
-        (r"\{7,8\}", r"\{7,8,9\}"), ("-2", r"-\frac{4}{2}"), ("0.5", r"\frac12"),
+        ("7", "7.0"),
+        ("7", "8"),
+        (r"\frac{3}{7}", r"\frac{6}{14}"),
+        (r"\frac{3}{7}", "0.4285714286"),
+        ("7", "x=7"),
+        ("7", "x=8"),
+        ("x=7", "7"),
+        (r"\{7,8\}", r"\{8,7\}"),
+        (r"\{7,8\}", r"\{7,9\}"),
+        (r"\{7,8\}", r"\{7,8,9\}"),
+        ("-2", r"-\frac{4}{2}"),
+        ("0.5", r"\frac12"),
     ],
 )
 def test_fast_path_agrees_with_math_verify(gold, answer):
@@ -418,18 +440,21 @@ def test_a_box_without_an_argument_is_no_answer_not_a_crash(text):
     assert float(load("math", workers=1)(text, answer="5")) == 0.0
 
 
-@pytest.mark.parametrize("completion,mode,expected", [
-    ("5-0=5,5+3=8 \\boxed{8}", "auto", 1.0),
-    ("so $\\boxed{8}$.", "auto", 1.0),
-    ("\\[ \\boxed{8} \\]", "auto", 1.0),
-    ("<answer>\\boxed{8}</answer>", "auto", 1.0),
-    ("<think>maybe \\boxed{3}</think><answer>8</answer>\n", "auto", 1.0),
-    ("8+0=8 \\boxed{8} 0}0},4}0}7}", "auto", 0.0),    # what the demo's GRPO policy learned to do
-    ("\\boxed{8} and that is final", "auto", 0.0),
-    ("<answer>8</answer> trailing", "answer_tag", 0.0),
-    ("The answer is 8. Done", "pattern", 0.0),
-    ("The answer is 8.", "pattern", 1.0),
-])
+@pytest.mark.parametrize(
+    "completion,mode,expected",
+    [
+        ("5-0=5,5+3=8 \\boxed{8}", "auto", 1.0),
+        ("so $\\boxed{8}$.", "auto", 1.0),
+        ("\\[ \\boxed{8} \\]", "auto", 1.0),
+        ("<answer>\\boxed{8}</answer>", "auto", 1.0),
+        ("<think>maybe \\boxed{3}</think><answer>8</answer>\n", "auto", 1.0),
+        ("8+0=8 \\boxed{8} 0}0},4}0}7}", "auto", 0.0),  # what the demo's GRPO policy learned to do
+        ("\\boxed{8} and that is final", "auto", 0.0),
+        ("<answer>8</answer> trailing", "answer_tag", 0.0),
+        ("The answer is 8. Done", "pattern", 0.0),
+        ("The answer is 8.", "pattern", 1.0),
+    ],
+)
 def test_math_trailing_reject_scores_text_after_the_final_answer(completion, mode, expected):
     opts = {"pattern": r"answer is (\d+)"} if mode == "pattern" else {"extract": mode}
     strict = MathVerifier(trailing="reject", workers=1, **opts)

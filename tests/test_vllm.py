@@ -56,7 +56,7 @@ def _teacher_forced(model, prompts, n, completions, temperature):
         for k, c in enumerate(completions):
             p = prompts[k // n]
             logits = model(input_ids=torch.tensor([p + c])).logits[0].float() / temperature
-            out.append(logits.log_softmax(-1)[len(p) - 1:-1].gather(-1, torch.tensor(c)[:, None])[:, 0])
+            out.append(logits.log_softmax(-1)[len(p) - 1 : -1].gather(-1, torch.tensor(c)[:, None])[:, 0])
     return out
 
 
@@ -147,11 +147,28 @@ def _grpo(tmp_path, engine, *extra):
     from posttrain.recipes import grpo
     from posttrain.runtime.tracking import read_metrics
 
-    cfg = config_from_dict(GRPOConfig, {}, [
-        f"train.output_dir={tmp_path / engine}", "train.progress=false", "model=small", "data.path=builtin:arithmetic",
-        "data.num_examples=200", "rewards=[toy_rewards:ones]", "prompts_per_step=4", "num_generations=8",
-        "max_completion_length=12", "optim.lr=3e-3", "optim.schedule=constant", "train.steps=24",
-        "train.micro_batch_size=32", "samples_every=0", f"rollout_engine={engine}", *extra])
+    cfg = config_from_dict(
+        GRPOConfig,
+        {},
+        [
+            f"train.output_dir={tmp_path / engine}",
+            "train.progress=false",
+            "model=small",
+            "data.path=builtin:arithmetic",
+            "data.num_examples=200",
+            "rewards=[toy_rewards:ones]",
+            "prompts_per_step=4",
+            "num_generations=8",
+            "max_completion_length=12",
+            "optim.lr=3e-3",
+            "optim.schedule=constant",
+            "train.steps=24",
+            "train.micro_batch_size=32",
+            "samples_every=0",
+            f"rollout_engine={engine}",
+            *extra,
+        ],
+    )
     grpo.train(cfg)
     return read_metrics(tmp_path / engine)
 
@@ -201,8 +218,17 @@ def test_eval_and_make_pairs_run_on_the_vllm_engine(tmp_path, char_tok):
     assert [s["completion"] for s in vllm.samples] == [s["completion"] for s in native.samples]
     assert vllm.greedy_accuracy == native.greedy_accuracy
     rows = [{"prompt": t, "answer": "1"} for t in TEXTS]
-    out, stats = make_pairs(model, load_tokenizer(tmp_path / "m"), rows, load("math"), 4, max_new_tokens=8,
-                            kto=True, engine="vllm", batch_size=64)
+    out, stats = make_pairs(
+        model,
+        load_tokenizer(tmp_path / "m"),
+        rows,
+        load("math"),
+        4,
+        max_new_tokens=8,
+        kto=True,
+        engine="vllm",
+        batch_size=64,
+    )
     assert stats.completions == 24 and stats.desirable + stats.undesirable == len(out)
 
 
@@ -224,8 +250,21 @@ def test_each_torchrun_rank_drives_its_own_engine(tmp_path):
     from pathlib import Path
 
     worker = Path(__file__).with_name("vllm_torchrun_worker.py")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(worker), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(worker),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in res] == [0, 1]
@@ -273,13 +312,32 @@ def test_ppo_with_vllm_pushes_every_update_and_learns_like_native(tmp_path):
 
     runs = {}
     for engine in ("native", "vllm"):
-        cfg = config_from_dict(PPOConfig, {}, [
-            f"train.output_dir={tmp_path / engine}", "train.progress=false", "model=small",
-            "data.path=builtin:arithmetic", "data.num_examples=200", "rewards=[toy_rewards:ones]",
-            "prompts_per_step=4", "num_generations=4", "max_completion_length=12", "optim.lr=3e-3",
-            "critic.lr=3e-3", "optim.schedule=constant", "train.steps=12", "train.micro_batch_size=32",
-            "samples_every=0", "beta=0", "ppo_epochs=1", f"rollout_engine={engine}", "rollout_is=tis",
-            "vllm.kv_cache_gb=0.05"])
+        cfg = config_from_dict(
+            PPOConfig,
+            {},
+            [
+                f"train.output_dir={tmp_path / engine}",
+                "train.progress=false",
+                "model=small",
+                "data.path=builtin:arithmetic",
+                "data.num_examples=200",
+                "rewards=[toy_rewards:ones]",
+                "prompts_per_step=4",
+                "num_generations=4",
+                "max_completion_length=12",
+                "optim.lr=3e-3",
+                "critic.lr=3e-3",
+                "optim.schedule=constant",
+                "train.steps=12",
+                "train.micro_batch_size=32",
+                "samples_every=0",
+                "beta=0",
+                "ppo_epochs=1",
+                f"rollout_engine={engine}",
+                "rollout_is=tis",
+                "vllm.kv_cache_gb=0.05",
+            ],
+        )
         ppo.train(cfg)
         runs[engine] = read_metrics(tmp_path / engine)
     assert max(x["mismatch/abs_diff_max"] for x in runs["vllm"]) < 1e-4

@@ -36,8 +36,9 @@ def main() -> None:
     total = torch.tensor([rank + 1])
     dist.all_reduce(total)  # the job's process group outlives the engine
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as fh:
-        json.dump({"rank": rank, "samples": gen.completion_ids, "before": before, "after": after, "sum": int(total)},
-                  fh)
+        json.dump(
+            {"rank": rank, "samples": gen.completion_ids, "before": before, "after": after, "sum": int(total)}, fh
+        )
     dist.destroy_process_group()
 
 

@@ -57,7 +57,9 @@ def _sample(args: argparse.Namespace, rows: Sequence[Mapping[str, Any]]) -> list
     for i, row in enumerate(rows):
         prompt = row.get(args.prompt_column)
         if not isinstance(prompt, str):
-            raise ValueError(f"row {i}: column {args.prompt_column!r} must be a string prompt to sample from, got {type(prompt).__name__}")
+            raise ValueError(
+                f"row {i}: column {args.prompt_column!r} must be a string prompt to sample from, got {type(prompt).__name__}"
+            )
         prompts.append(prompt)
     return sample_completions(args.model, prompts, args.n, args.max_new_tokens, args.temperature)
 
@@ -65,10 +67,15 @@ def _sample(args: argparse.Namespace, rows: Sequence[Mapping[str, Any]]) -> list
 def _print_report(report: AuditReport) -> None:
     console = Console()
     n_gold_ok = len(report.gold) - len(report.gold_failures)
-    console.print(f"[bold]audit of verifier {report.verifier!r}[/] (probe family {report.family}, {report.n_rows} rows, {report.seconds:.1f} s)")
+    console.print(
+        f"[bold]audit of verifier {report.verifier!r}[/] (probe family {report.family}, {report.n_rows} rows, {report.seconds:.1f} s)"
+    )
     shown = report.gold_template.replace("\n", "\\n")  # one line, backslashes as typed in a shell
-    console.print(f"gold answers scoring 1: {n_gold_ok}/{len(report.gold)}, written as '{shown}' "
-                  f"(change with --gold-template '...{{answer}}...')", markup=False)
+    console.print(
+        f"gold answers scoring 1: {n_gold_ok}/{len(report.gold)}, written as '{shown}' "
+        f"(change with --gold-template '...{{answer}}...')",
+        markup=False,
+    )
     if report.gold_failures:
         table = Table(title="gold answers that fail")
         for col in ("row", "got", "reason"):
@@ -102,10 +109,18 @@ def _print_report(report: AuditReport) -> None:
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="posttrain audit-verifier", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--verifier", required=True, help="built-in name (math, code, json, label, format, regex, ...) or pkg.module:function")
+    parser.add_argument(
+        "--verifier",
+        required=True,
+        help="built-in name (math, code, json, label, format, regex, ...) or pkg.module:function",
+    )
     parser.add_argument("--data", required=True, help="a .jsonl file of rows with the gold column")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="verifier option (JSON values parsed)")
-    parser.add_argument("--family", choices=("math", "label", "json", "code", "format"), help="probe family (default: from --verifier)")
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="verifier option (JSON values parsed)"
+    )
+    parser.add_argument(
+        "--family", choices=("math", "label", "json", "code", "format"), help="probe family (default: from --verifier)"
+    )
     parser.add_argument("--gold-template", help="how to write a gold answer as a completion, with {answer}")
     parser.add_argument("--probe-rows", type=at_least(0), default=3, help="rows that get the adversarial probes")
     parser.add_argument("--limit", type=at_least(1), help="audit only the first N rows")
@@ -123,8 +138,13 @@ def main(argv: Sequence[str]) -> int:
             rows = rows[: args.limit]
         sampled = _sample(args, rows) if args.model else None
         report = run_audit(
-            args.verifier, options, rows, sampled,
-            family=args.family, probe_rows=args.probe_rows, gold_template=args.gold_template,
+            args.verifier,
+            options,
+            rows,
+            sampled,
+            family=args.family,
+            probe_rows=args.probe_rows,
+            gold_template=args.gold_template,
         )
     except (OSError, ValueError, RuntimeError, ImportError, KeyError, TypeError) as exc:
         # Reported, with the cause, as a usage/data error (exit 2), not a verdict.

@@ -105,19 +105,25 @@ def check_targets(summary: dict) -> list[str]:
         if prev is not None:
             lo = prev[2][0]
             verdict = "ok" if acc >= prev[1] - 1e-9 else ("within noise" if acc >= lo else "LOWER")
-            lines.append(f"{e['name']}: {100 * prev[1]:.1f}% -> {100 * acc:.1f}% "
-                         f"({100 * (acc - prev[1]):+.1f} points, {verdict})")
+            lines.append(
+                f"{e['name']}: {100 * prev[1]:.1f}% -> {100 * acc:.1f}% "
+                f"({100 * (acc - prev[1]):+.1f} points, {verdict})"
+            )
             target = {"grpo": ("GRPO", 15), "preference": ("DPO", 3)}.get(e["recipe"])
             if target:
                 gain = 100 * (acc - prev[1])
-                lines.append(f"{target[0]} gain over {prev[0]}: {gain:+.1f} points (target >= {target[1]}: "
-                             f"{'met' if gain >= target[1] - 1e-9 else 'NOT met'})")
+                lines.append(
+                    f"{target[0]} gain over {prev[0]}: {gain:+.1f} points (target >= {target[1]}: "
+                    f"{'met' if gain >= target[1] - 1e-9 else 'NOT met'})"
+                )
             if e["recipe"] == "ppo":
                 lines.append(f"PPO (critic + reward model) gain over {prev[0]}: {100 * (acc - prev[1]):+.1f} points")
         verdict = versus_majority(e["eval"])
         if verdict not in (None, "above"):
-            lines.append(f"{e['name']}: {verdict.upper()} the majority baseline (always "
-                         f"{e['eval'].get('majority_answer')!r}: {100 * e['eval']['majority_baseline']:.1f}%)")
+            lines.append(
+                f"{e['name']}: {verdict.upper()} the majority baseline (always "
+                f"{e['eval'].get('majority_answer')!r}: {100 * e['eval']['majority_baseline']:.1f}%)"
+            )
         prev = (e["name"], acc, e["eval"].get("greedy_ci", (0.0, 1.0)))
     return lines
 
@@ -125,17 +131,30 @@ def check_targets(summary: dict) -> list[str]:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="posttrain demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--fast", action="store_true", help="a seconds-long version (used by the test suite)")
-    p.add_argument("--rlhf", action="store_true",
-                   help="the RLHF branch: a reward model from the SFT model's samples, PPO with a critic against it "
-                        "(the math verifier logged, not trained on), beside GRPO against the verifier")
-    p.add_argument("--output", default=None, help="pipeline directory (re-running resumes it; default runs/demo, "
-                                                  "runs/demo-<task> for another task, runs/demo-rlhf with --rlhf)")
+    p.add_argument(
+        "--rlhf",
+        action="store_true",
+        help="the RLHF branch: a reward model from the SFT model's samples, PPO with a critic against it "
+        "(the math verifier logged, not trained on), beside GRPO against the verifier",
+    )
+    p.add_argument(
+        "--output",
+        default=None,
+        help="pipeline directory (re-running resumes it; default runs/demo, "
+        "runs/demo-<task> for another task, runs/demo-rlhf with --rlhf)",
+    )
     p.add_argument("--seed", type=int, default=None, help="train.seed of every stage (default: the config's)")
-    p.add_argument("--seeds", default="", help="comma-separated seeds (e.g. 0,1,2): one pipeline each in "
-                                               "OUTPUT/seed<N>, then the per-seed table")
+    p.add_argument(
+        "--seeds",
+        default="",
+        help="comma-separated seeds (e.g. 0,1,2): one pipeline each in OUTPUT/seed<N>, then the per-seed table",
+    )
     p.add_argument("--task", default="arithmetic", choices=list(TASK_DATA), help="built-in task (only the data change)")
-    p.add_argument("--evidence", action="store_true", help="also a random-reward control and a dynamic-sampling "
-                                                           "ablation of the GRPO stage")
+    p.add_argument(
+        "--evidence",
+        action="store_true",
+        help="also a random-reward control and a dynamic-sampling ablation of the GRPO stage",
+    )
     a = p.parse_args(argv)
     default = "runs/demo" + ("-rlhf" if a.rlhf else "") + ("" if a.task == "arithmetic" else f"-{a.task}")
     out = Path(a.output or default)

@@ -15,8 +15,11 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="posttrain eval", description=main.__doc__)
     p.add_argument("--model", required=True, help="local model directory")
     p.add_argument("--data", required=True, help="prompt rows with the verifier's columns (e.g. answer)")
-    p.add_argument("--split", default=None, help="split of a dataset directory / hub dataset / builtin task "
-                   "(default: test); a single file has none")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="split of a dataset directory / hub dataset / builtin task (default: test); a single file has none",
+    )
     p.add_argument("--verifier", default="math")
     p.add_argument("-k", type=at_least(0), default=0, help="samples per prompt for pass@k / maj@k / mean@k")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -27,8 +30,17 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.split is not None and is_data_file(a.data):
         p.error(f"--split {a.split!r} cannot apply to the file {a.data!r}: a single file has no splits")
-    s = evaluate_model_dir(a.model, a.data, split=a.split or "test", limit=a.limit, verifier=a.verifier, k=a.k,
-                           temperature=a.temperature, max_new_tokens=a.max_new_tokens, engine=a.engine)
+    s = evaluate_model_dir(
+        a.model,
+        a.data,
+        split=a.split or "test",
+        limit=a.limit,
+        verifier=a.verifier,
+        k=a.k,
+        temperature=a.temperature,
+        max_new_tokens=a.max_new_tokens,
+        engine=a.engine,
+    )
     print(format_summary(s))
     if a.json:
         atomic_write_json(Path(a.json), s.to_json())

@@ -44,15 +44,23 @@ ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("posttrain.commands.demo:main", "run the built-in demo end to end on a tiny model"),
     "eval": ("posttrain.commands.eval:main", "greedy accuracy, pass@k, maj@k, mean@k of a model with a verifier"),
-    "pipeline": ("posttrain.commands.pipeline:main",
-                 "run stages (pretrain -> sft -> dpo -> grpo) with evaluation between them"),
-    "report": ("posttrain.commands.report:main",
-               "write RUN_DIR/report.html: curves, per-stage accuracy, samples, configs"),
+    "pipeline": (
+        "posttrain.commands.pipeline:main",
+        "run stages (pretrain -> sft -> dpo -> grpo) with evaluation between them",
+    ),
+    "report": (
+        "posttrain.commands.report:main",
+        "write RUN_DIR/report.html: curves, per-stage accuracy, samples, configs",
+    ),
     "audit-verifier": ("posttrain.commands.audit:main", "probe a verifier with gold and adversarial completions"),
-    "make-pairs": ("posttrain.commands.make_pairs:main",
-                   "sample completions, score them with a verifier, write preference pairs"),
-    "plan": ("posttrain.commands.plan:main",
-             "will it fit? per-GPU memory by component and the cheapest configuration that fits"),
+    "make-pairs": (
+        "posttrain.commands.make_pairs:main",
+        "sample completions, score them with a verifier, write preference pairs",
+    ),
+    "plan": (
+        "posttrain.commands.plan:main",
+        "will it fit? per-GPU memory by component and the cheapest configuration that fits",
+    ),
 }
 
 
@@ -61,8 +69,17 @@ DEBUG_ENV = "POSTTRAIN_DEBUG"
 
 def _expected_errors() -> tuple[type, ...]:
     """Failures whose message says all a user needs (what, where, what to do)."""
-    return (DataError, ModelError, NonFiniteError, TrackingError, RunDirError, VerifierError, VerifierLoadError,
-            ReportError, FileNotFoundError)
+    return (
+        DataError,
+        ModelError,
+        NonFiniteError,
+        TrackingError,
+        RunDirError,
+        VerifierError,
+        VerifierLoadError,
+        ReportError,
+        FileNotFoundError,
+    )
 
 
 def guarded(command: str, fn: Callable[[], int], where: str | None = None, debug: bool = False) -> int:
@@ -77,8 +94,11 @@ def guarded(command: str, fn: Callable[[], int], where: str | None = None, debug
         print(f"posttrain {command}: config error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"posttrain {command}: interrupted (rerunning a recipe with train.resume=auto continues from its newest "
-              f"checkpoint)", file=sys.stderr)
+        print(
+            f"posttrain {command}: interrupted (rerunning a recipe with train.resume=auto continues from its newest "
+            f"checkpoint)",
+            file=sys.stderr,
+        )
         return 130
     except _expected_errors() as e:
         print(f"posttrain {command}: error: {e}", file=sys.stderr)
@@ -90,8 +110,11 @@ def guarded(command: str, fn: Callable[[], int], where: str | None = None, debug
         elif isinstance(e, OSError):
             print(f"posttrain {command}: error: {e}", file=sys.stderr)
         else:
-            print(f"posttrain {command}: error: {type(e).__name__}: {e}\n(unexpected: rerun with --debug or "
-                  f"{DEBUG_ENV}=1 for the traceback, and report it if it looks like a bug)", file=sys.stderr)
+            print(
+                f"posttrain {command}: error: {type(e).__name__}: {e}\n(unexpected: rerun with --debug or "
+                f"{DEBUG_ENV}=1 for the traceback, and report it if it looks like a bug)",
+                file=sys.stderr,
+            )
         return 1
 
 

@@ -19,7 +19,9 @@ def main(argv: list[str]) -> int:
     """posttrain make-pairs --model DIR --data FILE --verifier NAME -n 8 --out pairs.jsonl [--kto]"""
     p = argparse.ArgumentParser(prog="posttrain make-pairs", description=main.__doc__)
     p.add_argument("--model", required=True, help="local model directory to sample from")
-    p.add_argument("--data", required=True, help="prompt rows with the verifier columns (answer, ...) or builtin:<task>")
+    p.add_argument(
+        "--data", required=True, help="prompt rows with the verifier columns (answer, ...) or builtin:<task>"
+    )
     p.add_argument("--split", default="train")
     p.add_argument("--verifier", default="math", help="built-in verifier name or pkg.module:function")
     p.add_argument("-n", type=at_least(2), default=8, help="samples per prompt")
@@ -36,16 +38,33 @@ def main(argv: list[str]) -> int:
     p.add_argument("--stats", default="", help="also write the counts as json here")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--engine", default="native", choices=["native", "vllm"], help="rollout engine")
-    p.add_argument("--gold-column", default="", help="column with a reference solution: a prompt with no correct "
-                                                     "sample takes it as chosen (if the verifier accepts it)")
+    p.add_argument(
+        "--gold-column",
+        default="",
+        help="column with a reference solution: a prompt with no correct "
+        "sample takes it as chosen (if the verifier accepts it)",
+    )
     a = p.parse_args(argv)
     rows = read_rows(a.data, a.split, num_examples=a.num_examples, seed=a.seed)
     validate(rows, "prompt")
     data = rows.rows[: a.limit] if a.limit else rows.rows
     model, tok = load_model(ModelConfig(path=a.model, device=a.device))
-    out, stats = make_pairs(model, tok, data, load_verifier(a.verifier), a.n, max_new_tokens=a.max_new_tokens,
-                            temperature=a.temperature, top_p=a.top_p, pairs_per_prompt=a.pairs_per_prompt,
-                            kto=a.kto, seed=a.seed, progress=a.progress, engine=a.engine, gold_column=a.gold_column)
+    out, stats = make_pairs(
+        model,
+        tok,
+        data,
+        load_verifier(a.verifier),
+        a.n,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        pairs_per_prompt=a.pairs_per_prompt,
+        kto=a.kto,
+        seed=a.seed,
+        progress=a.progress,
+        engine=a.engine,
+        gold_column=a.gold_column,
+    )
     write_jsonl(a.out, out)
     print(format_stats(stats, a.kto))
     print(f"wrote {len(out)} rows to {a.out}")

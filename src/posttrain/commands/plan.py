@@ -29,14 +29,42 @@ from posttrain.planning.estimate import (
 # Public config.json numbers of Qwen2.5 models (Qwen/Qwen2.5-*-Instruct on the Hugging Face hub): hidden,
 # layers, heads, kv heads, MLP size, vocabulary, tied embeddings. All have q/k/v biases (Qwen2 architecture).
 BUILTIN: dict[str, dict] = {
-    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                         intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                       intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
-    "qwen2.5-14b": dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
-                        intermediate_size=13824, vocab_size=152064, tie_word_embeddings=False),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-7b": dict(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+    "qwen2.5-14b": dict(
+        hidden_size=5120,
+        num_hidden_layers=48,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        intermediate_size=13824,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
 }
 SUPPORTED = ("llama", "qwen2", "mistral")  # decoder layers the activation formulas describe
 
@@ -52,8 +80,10 @@ def _config(spec: str, arch: str, vocab: int):
         return Qwen2Config(**{**BUILTIN[spec], **({"vocab_size": vocab} if vocab else {})})
     path = Path(spec)
     if not (path / "config.json").is_file():
-        raise PlanError(f"--model {spec!r}: not a tiny preset ({', '.join(tiny.PRESETS)}), a built-in shape "
-                        f"({', '.join(BUILTIN)}) or a model directory with a config.json")
+        raise PlanError(
+            f"--model {spec!r}: not a tiny preset ({', '.join(tiny.PRESETS)}), a built-in shape "
+            f"({', '.join(BUILTIN)}) or a model directory with a config.json"
+        )
     return AutoConfig.from_pretrained(str(path))
 
 
@@ -62,21 +92,31 @@ def load_shape(spec: str, arch: str = "llama", vocab: int = 0) -> ModelShape:
     device (no memory, no weights): a model whose parameters the formulas miss is refused, not guessed."""
     cfg = _config(spec, arch, vocab)
     if cfg.model_type not in SUPPORTED:
-        raise PlanError(f"--model {spec!r}: model_type {cfg.model_type!r}; the planner's formulas describe "
-                        f"{', '.join(SUPPORTED)} decoders")
+        raise PlanError(
+            f"--model {spec!r}: model_type {cfg.model_type!r}; the planner's formulas describe "
+            f"{', '.join(SUPPORTED)} decoders"
+        )
     heads = cfg.num_attention_heads
-    shape = ModelShape(name=Path(spec).name if Path(spec).is_dir() else spec, vocab=cfg.vocab_size,
-                       hidden=cfg.hidden_size, layers=cfg.num_hidden_layers, heads=heads,
-                       kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-                       head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-                       intermediate=cfg.intermediate_size, tied=bool(cfg.tie_word_embeddings),
-                       qkv_bias=cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False)))
+    shape = ModelShape(
+        name=Path(spec).name if Path(spec).is_dir() else spec,
+        vocab=cfg.vocab_size,
+        hidden=cfg.hidden_size,
+        layers=cfg.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        intermediate=cfg.intermediate_size,
+        tied=bool(cfg.tie_word_embeddings),
+        qkv_bias=cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
+    )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     counted = sum(p.numel() for p in model.parameters())
     if counted != causal_params(shape):
-        raise PlanError(f"--model {spec!r}: the architecture has {counted:,} parameters, the planner's formulas "
-                        f"{causal_params(shape):,}; it has parts the planner does not model")
+        raise PlanError(
+            f"--model {spec!r}: the architecture has {counted:,} parameters, the planner's formulas "
+            f"{causal_params(shape):,}; it has parts the planner does not model"
+        )
     return shape
 
 
@@ -94,9 +134,11 @@ def gib(n: float) -> str:
 
 def describe(p: Plan) -> str:
     lora = f"LoRA r={p.lora_r} on {','.join(p.lora_targets)}" if p.lora_r else "full fine-tuning"
-    return (f"{p.strategy}{' + CPU offload' if p.offload else ''}, {lora}, dtype {p.dtype}, mixed precision "
-            f"{p.mixed_precision}, gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}, "
-            f"micro-batch {p.micro_batch} x {p.seq_len} tokens")
+    return (
+        f"{p.strategy}{' + CPU offload' if p.offload else ''}, {lora}, dtype {p.dtype}, mixed precision "
+        f"{p.mixed_precision}, gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}, "
+        f"micro-batch {p.micro_batch} x {p.seq_len} tokens"
+    )
 
 
 def flags(p: Plan) -> str:
@@ -123,27 +165,47 @@ def why_not(options, capacity: int, cpu: int) -> str:
     """Why the closest option does not fit: the GPUs, or the CPU memory its offloaded state needs."""
     smallest = min(options, key=lambda o: o.estimate.peak)
     if smallest.estimate.peak <= capacity:
-        return (f"{describe(smallest.plan)} fits the GPUs ({smallest.estimate.peak / GiB:.2f} GiB) but its offloaded "
-                f"state needs {smallest.estimate.host_bytes * smallest.plan.gpus / GiB:.0f} GiB of CPU memory "
-                f"(--cpu-memory {cpu / GiB:g}).")
-    return f"the smallest configuration searched needs {smallest.estimate.peak / GiB:.2f} GiB per GPU " \
-           f"({describe(smallest.plan)})."
+        return (
+            f"{describe(smallest.plan)} fits the GPUs ({smallest.estimate.peak / GiB:.2f} GiB) but its offloaded "
+            f"state needs {smallest.estimate.host_bytes * smallest.plan.gpus / GiB:.0f} GiB of CPU memory "
+            f"(--cpu-memory {cpu / GiB:g})."
+        )
+    return (
+        f"the smallest configuration searched needs {smallest.estimate.peak / GiB:.2f} GiB per GPU "
+        f"({describe(smallest.plan)})."
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="posttrain plan", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="local HF model directory (config.json only), a tiny preset, or "
-                    "a built-in shape: " + ", ".join(BUILTIN))
+    ap.add_argument(
+        "--model",
+        required=True,
+        help="local HF model directory (config.json only), a tiny preset, or a built-in shape: " + ", ".join(BUILTIN),
+    )
     ap.add_argument("--recipe", required=True, choices=RECIPES)
     ap.add_argument("--gpus", default="1x24GB", help="N x memory per GPU, e.g. 2x24GB (GB read as GiB)")
-    ap.add_argument("--reserve", type=float, default=1.5, help="GiB per GPU kept free for the CUDA context, NCCL and "
-                    "allocator fragmentation, which the estimate does not count (an assumption, not measured here)")
-    ap.add_argument("--strategy", choices=("replicate", "fsdp"), default=None,
-                    help="train.strategy (default: replicate with LoRA, else fsdp on >1 GPU)")
+    ap.add_argument(
+        "--reserve",
+        type=float,
+        default=1.5,
+        help="GiB per GPU kept free for the CUDA context, NCCL and "
+        "allocator fragmentation, which the estimate does not count (an assumption, not measured here)",
+    )
+    ap.add_argument(
+        "--strategy",
+        choices=("replicate", "fsdp"),
+        default=None,
+        help="train.strategy (default: replicate with LoRA, else fsdp on >1 GPU)",
+    )
     ap.add_argument("--mixed-precision", choices=("none", "bf16"), default="bf16")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                    help="model.dtype: how weights are stored (default: bfloat16 with LoRA -- a frozen base needs no "
-                         "fp32 master -- else float32, the fp32 master of bf16 mixed precision)")
+    ap.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="model.dtype: how weights are stored (default: bfloat16 with LoRA -- a frozen base needs no "
+        "fp32 master -- else float32, the fp32 master of bf16 mixed precision)",
+    )
     ap.add_argument("--offload", action="store_true", help="FSDP2 CPU offload of parameters, gradients, AdamW state")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
@@ -156,15 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-generations", type=int, default=8, help="RL: G completions per prompt")
     ap.add_argument("--beta", type=float, default=None, help="RL KL coefficient (default: grpo 0, ppo 0.05)")
     ap.add_argument("--no-precompute-ref", action="store_true", help="dpo/ipo/kto: hold a frozen reference model")
-    ap.add_argument("--grad-accum", type=int, default=0, help="micro-batches per optimizer step (0: RL derives it "
-                    "from P x G / (GPUs x micro-batch), else 1)")
+    ap.add_argument(
+        "--grad-accum",
+        type=int,
+        default=0,
+        help="micro-batches per optimizer step (0: RL derives it from P x G / (GPUs x micro-batch), else 1)",
+    )
     ap.add_argument("--reward-model", default="", help="ppo: the reward model's shape (default: the policy's)")
     ap.add_argument("--arch", choices=("llama", "qwen2"), default="llama", help="architecture of a tiny preset")
     ap.add_argument("--vocab", type=int, default=0, help="override the vocabulary size")
-    ap.add_argument("--cpu-memory", type=float, default=0, help="GiB of CPU memory on the machine (for offload; "
-                    "0: not checked, only reported)")
-    ap.add_argument("--search-lora-r", type=int, default=16, help="LoRA rank of the alternative shown beside a full "
-                    "fine-tune")
+    ap.add_argument(
+        "--cpu-memory",
+        type=float,
+        default=0,
+        help="GiB of CPU memory on the machine (for offload; 0: not checked, only reported)",
+    )
+    ap.add_argument(
+        "--search-lora-r", type=int, default=16, help="LoRA rank of the alternative shown beside a full fine-tune"
+    )
     ap.add_argument("--no-search", action="store_true", help="only the configuration asked for")
     ap.add_argument("--json", action="store_true", help="print the estimate (and the best option) as JSON")
     return ap
@@ -173,15 +244,25 @@ def build_parser() -> argparse.ArgumentParser:
 def plan_from_args(a, gpus: int) -> Plan:
     rl = a.recipe in ("grpo", "ppo")
     strategy = a.strategy or ("fsdp" if gpus > 1 and not a.lora_r else "replicate")
-    return Plan(recipe=a.recipe, gpus=gpus, strategy=strategy, mixed_precision=a.mixed_precision,
-                dtype=a.dtype or ("bfloat16" if a.lora_r else "float32"), offload=a.offload,
-                gradient_checkpointing=a.gradient_checkpointing, lora_r=a.lora_r,
-                lora_targets=tuple(t.strip() for t in a.lora_targets.split(",") if t.strip()),
-                micro_batch=a.micro_batch, seq_len=a.prompt_length + a.max_completion_length if rl else a.max_length,
-                completion_len=a.max_completion_length, grad_accum=a.grad_accum, prompts_per_step=a.prompts_per_step,
-                num_generations=a.num_generations,
-                beta=a.beta if a.beta is not None else (0.05 if a.recipe == "ppo" else 0.0),
-                precompute_ref=not a.no_precompute_ref)
+    return Plan(
+        recipe=a.recipe,
+        gpus=gpus,
+        strategy=strategy,
+        mixed_precision=a.mixed_precision,
+        dtype=a.dtype or ("bfloat16" if a.lora_r else "float32"),
+        offload=a.offload,
+        gradient_checkpointing=a.gradient_checkpointing,
+        lora_r=a.lora_r,
+        lora_targets=tuple(t.strip() for t in a.lora_targets.split(",") if t.strip()),
+        micro_batch=a.micro_batch,
+        seq_len=a.prompt_length + a.max_completion_length if rl else a.max_length,
+        completion_len=a.max_completion_length,
+        grad_accum=a.grad_accum,
+        prompts_per_step=a.prompts_per_step,
+        num_generations=a.num_generations,
+        beta=a.beta if a.beta is not None else (0.05 if a.recipe == "ppo" else 0.0),
+        precompute_ref=not a.no_precompute_ref,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,30 +279,59 @@ def main(argv: list[str] | None = None) -> int:
         asked = estimate(shape, plan, reward)
         cpu = int(a.cpu_memory * GiB)
         options = [] if a.no_search else search(shape, plan, capacity, reward, cpu)
-        lora = [] if a.no_search or plan.lora_r else search(
-            shape, replace(plan, lora_r=a.search_lora_r, dtype=a.dtype or "bfloat16",
-                           strategy="replicate" if not a.strategy else plan.strategy), capacity, reward, cpu)
+        lora = (
+            []
+            if a.no_search or plan.lora_r
+            else search(
+                shape,
+                replace(
+                    plan,
+                    lora_r=a.search_lora_r,
+                    dtype=a.dtype or "bfloat16",
+                    strategy="replicate" if not a.strategy else plan.strategy,
+                ),
+                capacity,
+                reward,
+                cpu,
+            )
+        )
     except PlanError as e:
         print(f"posttrain plan: error: {e}")
         return 2
     best = next((o for o in options if o.fits), None)
     best_lora = next((o for o in lora if o.fits), None)
     if a.json:
-        out = {"model": asdict(shape), "plan": asdict(plan), "capacity_bytes": capacity,
-               "estimate": {"parts": [asdict(p) for p in asked.parts], "phases": asked.phases,
-                            "peak": asked.peak, "host_bytes": asked.host_bytes}}
+        out = {
+            "model": asdict(shape),
+            "plan": asdict(plan),
+            "capacity_bytes": capacity,
+            "estimate": {
+                "parts": [asdict(p) for p in asked.parts],
+                "phases": asked.phases,
+                "peak": asked.peak,
+                "host_bytes": asked.host_bytes,
+            },
+        }
         for key, o in (("best", best), ("best_lora", best_lora)):
             if o:
-                out[key] = {"plan": asdict(o.plan), "peak": o.estimate.peak, "cost": o.cost,
-                            "host_bytes": o.estimate.host_bytes}
+                out[key] = {
+                    "plan": asdict(o.plan),
+                    "peak": o.estimate.peak,
+                    "cost": o.cost,
+                    "host_bytes": o.estimate.host_bytes,
+                }
         print(json.dumps(out, indent=1))
         return 0
-    print(f"posttrain plan: {shape.name} ({causal_params(shape) / 1e9:.3g}B parameters: {shape.layers} layers, hidden "
-          f"{shape.hidden}, {shape.heads}/{shape.kv_heads} heads, MLP {shape.intermediate}, vocab {shape.vocab}), "
-          f"recipe {plan.recipe}, {n} x {per_gpu / GiB:.0f} GiB ({a.reserve:g} GiB kept free per GPU)")
+    print(
+        f"posttrain plan: {shape.name} ({causal_params(shape) / 1e9:.3g}B parameters: {shape.layers} layers, hidden "
+        f"{shape.hidden}, {shape.heads}/{shape.kv_heads} heads, MLP {shape.intermediate}, vocab {shape.vocab}), "
+        f"recipe {plan.recipe}, {n} x {per_gpu / GiB:.0f} GiB ({a.reserve:g} GiB kept free per GPU)"
+    )
     if plan.recipe in ("grpo", "ppo"):
-        print(f"rollout: P x G = {plan.prompts_per_step} x {plan.num_generations}, prompt {a.prompt_length} + "
-              f"completion {a.max_completion_length} tokens, beta {plan.beta:g}")
+        print(
+            f"rollout: P x G = {plan.prompts_per_step} x {plan.num_generations}, prompt {a.prompt_length} + "
+            f"completion {a.max_completion_length} tokens, beta {plan.beta:g}"
+        )
     print(f"\nasked: {describe(plan)}\n{table(asked, capacity)}")
     if a.no_search:
         return 0
@@ -231,18 +341,24 @@ def main(argv: list[str] | None = None) -> int:
     elif best.plan == plan:
         print(f"\n{kind}: the configuration asked is the cheapest that fits.")
     else:
-        print(f"\n{kind}, cheapest that fits (x{best.cost:.2f} step time against no sharding, checkpointing or "
-              f"offload at micro-batch {plan.micro_batch}): {describe(best.plan)}\n  flags: {flags(best.plan)}\n"
-              f"{table(best.estimate, capacity)}")
+        print(
+            f"\n{kind}, cheapest that fits (x{best.cost:.2f} step time against no sharding, checkpointing or "
+            f"offload at micro-batch {plan.micro_batch}): {describe(best.plan)}\n  flags: {flags(best.plan)}\n"
+            f"{table(best.estimate, capacity)}"
+        )
         runners = [o for o in options if o.fits and o is not best][:3]
         if runners:
-            print("  next: " + "; ".join(f"x{o.cost:.2f} {flags(o.plan)} (peak {o.estimate.peak / GiB:.1f} GiB)"
-                                         for o in runners))
+            print(
+                "  next: "
+                + "; ".join(f"x{o.cost:.2f} {flags(o.plan)} (peak {o.estimate.peak / GiB:.1f} GiB)" for o in runners)
+            )
     if lora:
         if best_lora is None:
             print(f"\nwith LoRA r={a.search_lora_r}: nothing fits either; {why_not(lora, capacity, cpu)}")
         else:
-            print(f"\nwith LoRA r={a.search_lora_r} instead (a low-rank update, not the same training), cheapest that "
-                  f"fits (x{best_lora.cost:.2f}): {describe(best_lora.plan)}\n  flags: {flags(best_lora.plan)} "
-                  f"--dtype {best_lora.plan.dtype}\n{table(best_lora.estimate, capacity)}")
+            print(
+                f"\nwith LoRA r={a.search_lora_r} instead (a low-rank update, not the same training), cheapest that "
+                f"fits (x{best_lora.cost:.2f}): {describe(best_lora.plan)}\n  flags: {flags(best_lora.plan)} "
+                f"--dtype {best_lora.plan.dtype}\n{table(best_lora.estimate, capacity)}"
+            )
     return 0 if best or best_lora else 1

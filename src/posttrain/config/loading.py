@@ -247,8 +247,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist" if not p.exists() else
-                          f"config file {str(p)!r} is not a file")
+        raise ConfigError(
+            f"config file {str(p)!r} does not exist" if not p.exists() else f"config file {str(p)!r} is not a file"
+        )
     try:
         data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
@@ -271,8 +272,11 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     data = read_yaml(path) if path else {}
     if recipe is not None and isinstance(data, dict) and "recipe" in data:
         if data["recipe"] != recipe:
-            raise ConfigError(f"{path}: this is the config of a {data['recipe']!r} run (its `recipe:` key); "
-                              f"run it with `posttrain {data['recipe']}`", "recipe")
+            raise ConfigError(
+                f"{path}: this is the config of a {data['recipe']!r} run (its `recipe:` key); "
+                f"run it with `posttrain {data['recipe']}`",
+                "recipe",
+            )
         data = {k: v for k, v in data.items() if k not in RUN_RECORD_KEYS}
     try:
         return config_from_dict(cls, data, overrides)
@@ -306,33 +310,57 @@ def locate_error(e: ConfigError, path: str | Path | None, overrides: Sequence[st
 # checked without code of its own): (low, low inclusive, high, high inclusive), None = unbounded. Values
 # a recipe would reject (or silently misuse) later fail at load time, naming the field.
 _RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
-    "alpha": (0, False, None, False), "dropout": (0, True, 1, False), "eval_fraction": (0, True, 1, False),
-    "num_examples": (0, True, None, False), "betas": (0, True, 1, False), "eps": (0, False, None, False),
-    "min_lr_ratio": (0, True, 1, True), "max_grad_norm": (0, True, None, False),
-    "seed": (0, True, 2**32 - 1, True), "keep_checkpoints": (0, True, None, False),
-    "log_every": (0, True, None, False), "threads": (0, True, None, False),
-    "reward_workers": (0, True, None, False), "top_p": (0, False, 1, True), "temperature": (0, True, None, False),
-    "eval_examples": (1, True, None, False), "samples_every": (0, True, None, False),
-    "examples": (0, True, None, False), "k": (0, True, None, False), "max_new_tokens": (1, True, None, False),
+    "alpha": (0, False, None, False),
+    "dropout": (0, True, 1, False),
+    "eval_fraction": (0, True, 1, False),
+    "num_examples": (0, True, None, False),
+    "betas": (0, True, 1, False),
+    "eps": (0, False, None, False),
+    "min_lr_ratio": (0, True, 1, True),
+    "max_grad_norm": (0, True, None, False),
+    "seed": (0, True, 2**32 - 1, True),
+    "keep_checkpoints": (0, True, None, False),
+    "log_every": (0, True, None, False),
+    "threads": (0, True, None, False),
+    "reward_workers": (0, True, None, False),
+    "top_p": (0, False, 1, True),
+    "temperature": (0, True, None, False),
+    "eval_examples": (1, True, None, False),
+    "samples_every": (0, True, None, False),
+    "examples": (0, True, None, False),
+    "k": (0, True, None, False),
+    "max_new_tokens": (1, True, None, False),
     "eval_k": (0, True, None, False),
-    "limit": (0, True, None, False), "pairs_per_prompt": (1, True, None, False), "n": (2, True, None, False),
+    "limit": (0, True, None, False),
+    "pairs_per_prompt": (1, True, None, False),
+    "n": (2, True, None, False),
     # the clipped policy losses (losses/policy.py: eps_low in [0, 1), eps_high >= 0)
-    "eps_low": (0, True, 1, False), "eps_high": (0, True, None, False),
+    "eps_low": (0, True, 1, False),
+    "eps_high": (0, True, None, False),
     # importance weights (losses/importance.py: cap > 0; cap_low < cap is the record's own check)
-    "rollout_is_cap": (0, False, None, False), "rollout_is_cap_low": (0, True, None, False),
+    "rollout_is_cap": (0, False, None, False),
+    "rollout_is_cap_low": (0, True, None, False),
     # preference losses (losses/preference.py: cDPO's flip rate in [0, 0.5); the term weights >= 0 or > 0)
-    "label_smoothing": (0, True, 0.5, False), "rpo_alpha": (0, True, None, False),
-    "simpo_gamma": (0, True, None, False), "orpo_lambda": (0, True, None, False),
-    "kto_desirable_weight": (0, False, None, False), "kto_undesirable_weight": (0, False, None, False),
+    "label_smoothing": (0, True, 0.5, False),
+    "rpo_alpha": (0, True, None, False),
+    "simpo_gamma": (0, True, None, False),
+    "orpo_lambda": (0, True, None, False),
+    "kto_desirable_weight": (0, False, None, False),
+    "kto_undesirable_weight": (0, False, None, False),
     "center_rewards_coefficient": (0, True, None, False),
     # PPO: GAE's discount and lambda, the critic's value clip
-    "gamma": (0, True, 1, True), "lam": (0, True, 1, True), "value_clip": (0, True, None, False),
+    "gamma": (0, True, 1, True),
+    "lam": (0, True, 1, True),
+    "value_clip": (0, True, None, False),
     # the diagnostics' thresholds are shares and ratios: outside (0, 1] a warning could never fire
-    "collapse_share": (0, False, 1, True), "entropy_ratio": (0, False, 1, False),
-    "zero_variance_frac": (0, False, 1, True), "rearm_margin": (0, True, 1, False),
+    "collapse_share": (0, False, 1, True),
+    "entropy_ratio": (0, False, 1, False),
+    "zero_variance_frac": (0, False, 1, True),
+    "rearm_margin": (0, True, 1, False),
     "flat_min_rise": (0, True, None, False),
     # vLLM: a share of the GPU's memory, a size
-    "gpu_memory_utilization": (0, False, 1, True), "kv_cache_gb": (0, True, None, False),
+    "gpu_memory_utilization": (0, False, 1, True),
+    "kv_cache_gb": (0, True, None, False),
 }
 # Numeric fields that take any finite value, with the reason; every other numeric field of every recipe has a
 # range above (tests/test_config.py checks that no field is left out).
@@ -341,10 +369,25 @@ UNBOUNDED = {
     "dual_clip": "0 (off) or > 1: the record's own check",
     "beta": "preference beta: None or > 0, the record's own check; RL beta: in _NON_NEGATIVE",
 }
-_POSITIVE = {"steps", "micro_batch_size", "grad_accum", "max_length", "num_generations",
-             "prompts_per_step", "max_completion_length", "num_iterations", "max_gen_batches", "ppo_epochs",
-             "num_mini_batches", "collapse_steps", "entropy_start_steps", "zero_variance_steps", "eval_drops",
-             "rearm_steps", "flat_window"}
+_POSITIVE = {
+    "steps",
+    "micro_batch_size",
+    "grad_accum",
+    "max_length",
+    "num_generations",
+    "prompts_per_step",
+    "max_completion_length",
+    "num_iterations",
+    "max_gen_batches",
+    "ppo_epochs",
+    "num_mini_batches",
+    "collapse_steps",
+    "entropy_start_steps",
+    "zero_variance_steps",
+    "eval_drops",
+    "rearm_steps",
+    "flat_window",
+}
 _NON_NEGATIVE = {"lr", "weight_decay", "warmup_steps", "save_every", "eval_every", "beta", "r"}
 
 
@@ -427,7 +470,7 @@ def field_help(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
         if dataclasses.is_dataclass(tp):
             sub = field_help(tp, name + ".")
             # Use this record's own default values for nested fields.
-            sub = [(n, t, repr(to_dict(_dig(value, n[len(name) + 1:]))), d) for n, t, _, d in sub]
+            sub = [(n, t, repr(to_dict(_dig(value, n[len(name) + 1 :]))), d) for n, t, _, d in sub]
             rows.extend(sub)
         else:
             rows.append((name, _type_name(tp), repr(to_dict(value)), f.metadata.get("doc", "")))

@@ -30,8 +30,18 @@ class LMBatch:
         return int(self.target_mask_BT.sum().item())
 
     def to(self, device) -> "LMBatch":
-        return LMBatch(*(t.to(device) for t in (self.input_ids_BT, self.attention_mask, self.position_ids_BT,
-                                                  self.targets_BT, self.target_mask_BT)))
+        return LMBatch(
+            *(
+                t.to(device)
+                for t in (
+                    self.input_ids_BT,
+                    self.attention_mask,
+                    self.position_ids_BT,
+                    self.targets_BT,
+                    self.target_mask_BT,
+                )
+            )
+        )
 
 
 def _targets(ids_BT: torch.Tensor, loss_mask_BT: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,10 +108,10 @@ def collate_packed(rows: list[list[Example]], pad_id: int) -> LMBatch:
         s = 0
         for d, e in enumerate(docs):
             n = len(e)
-            ids[i, s:s + n] = torch.tensor(e.input_ids)
-            loss[i, s:s + n] = torch.tensor(e.loss_mask)
-            pos[i, s:s + n] = torch.arange(n)
-            doc[i, s:s + n] = d
+            ids[i, s : s + n] = torch.tensor(e.input_ids)
+            loss[i, s : s + n] = torch.tensor(e.loss_mask)
+            pos[i, s : s + n] = torch.arange(n)
+            doc[i, s : s + n] = d
             s += n
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     same_doc = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)

@@ -49,7 +49,9 @@ def read_rows(path: str, split: str = "train", *, num_examples: int = 0, seed: i
         suffix = p.suffix.lower()
         reader = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet, ".csv": _csv}.get(suffix)
         if reader is None:
-            raise DataError(f"{p}: unsupported file type {suffix!r} (jsonl, json, parquet, csv, or a dataset directory)")
+            raise DataError(
+                f"{p}: unsupported file type {suffix!r} (jsonl, json, parquet, csv, or a dataset directory)"
+            )
         rows = reader(p)
     elif "/" in path and not path.startswith((".", "/")) and not p.suffix:
         rows = _hub(path, split)
@@ -92,7 +94,7 @@ def check_source(path: str, split: str = "train") -> str | None:
 
 
 def _builtin(path: str, split: str, n: int, seed: int) -> Rows:
-    spec, _, query = path[len("builtin:"):].partition("?")
+    spec, _, query = path[len("builtin:") :].partition("?")
     name, _, kind = spec.partition("/")
     options = {}
     for item in filter(None, query.split("&")):
@@ -116,8 +118,10 @@ def _builtin(path: str, split: str, n: int, seed: int) -> Rows:
     except ValueError as e:
         raise DataError(f"{path}: {e}") from None
     if rows is None:
-        raise DataError(f"{path}: unknown builtin view {kind!r} (use builtin:{name} or builtin:{name}/pretrain, "
-                        f"options as builtin:{name}?max_terms=3)")
+        raise DataError(
+            f"{path}: unknown builtin view {kind!r} (use builtin:{name} or builtin:{name}/pretrain, "
+            f"options as builtin:{name}?max_terms=3)"
+        )
     return Rows(rows, [f"{path}[{i}]" for i in range(len(rows))], path)
 
 
@@ -136,8 +140,10 @@ def _text(p: Path) -> str:
     except UnicodeDecodeError as e:
         byte = skip + e.start
         line = data.count(b"\n", 0, byte) + 1
-        raise DataError(f"{p}:{line}: not valid UTF-8 (byte {byte} of the file: {data[byte:byte + 4]!r}); posttrain "
-                        f"reads text data as UTF-8: re-save the file as UTF-8") from None
+        raise DataError(
+            f"{p}:{line}: not valid UTF-8 (byte {byte} of the file: {data[byte : byte + 4]!r}); posttrain "
+            f"reads text data as UTF-8: re-save the file as UTF-8"
+        ) from None
 
 
 def _jsonl(p: Path) -> Rows:
@@ -166,7 +172,7 @@ def _json(p: Path) -> Rows:
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise DataError(f"{p}: expected a list of objects (or {{\"data\": [...]}})")
+        raise DataError(f'{p}: expected a list of objects (or {{"data": [...]}})')
     return Rows(list(data), [f"{p}[{i}]" for i in range(len(data))], str(p))
 
 

@@ -57,7 +57,7 @@ def _completion_text(tokenizer, prompt: Any, completion: Any) -> str:
     full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
     if not full.startswith(prompt_text):
         raise DataError("the chat template does not render the prompt as a prefix of prompt + completion")
-    return full[len(prompt_text):]
+    return full[len(prompt_text) :]
 
 
 def prompt_ids(tokenizer, prompt: Any) -> list[int]:
@@ -80,8 +80,9 @@ def join(prompt: list[int], completion: list[int], *, completion_only: bool = Tr
 
 def encode_prompt_completion(tokenizer, prompt: Any, completion: Any, *, completion_only: bool = True) -> Example:
     """Prompt tokens (masked out) + completion tokens + EOS (trained)."""
-    return join(prompt_ids(tokenizer, prompt), completion_ids(tokenizer, prompt, completion),
-                completion_only=completion_only)
+    return join(
+        prompt_ids(tokenizer, prompt), completion_ids(tokenizer, prompt, completion), completion_only=completion_only
+    )
 
 
 def encode_messages(tokenizer, messages: list[dict], *, assistant_only: bool = True) -> Example:
@@ -124,8 +125,16 @@ def encode_row(tokenizer, row: dict, kind: str, *, completion_only: bool = True)
     return encode_prompt_completion(tokenizer, row["prompt"], row["completion"], completion_only=completion_only)
 
 
-def encode_rows(tokenizer, rows: Rows, kind: str, *, max_length: int, overlong: str,
-                completion_only: bool = True, truncate_ok: bool = False) -> tuple[list[Example], EncodeStats]:
+def encode_rows(
+    tokenizer,
+    rows: Rows,
+    kind: str,
+    *,
+    max_length: int,
+    overlong: str,
+    completion_only: bool = True,
+    truncate_ok: bool = False,
+) -> tuple[list[Example], EncodeStats]:
     """Encode every row; rows over ``max_length`` are counted, reported, then dropped or truncated.
 
     ``truncate_ok`` (language modeling with packing) splits long documents into chunks instead.
@@ -141,7 +150,7 @@ def encode_rows(tokenizer, rows: Rows, kind: str, *, max_length: int, overlong: 
             overlong_n += 1
             if truncate_ok:
                 for s in range(0, len(ex), max_length):
-                    chunk = Example(ex.input_ids[s:s + max_length], (0,) + ex.loss_mask[s + 1:s + max_length])
+                    chunk = Example(ex.input_ids[s : s + max_length], (0,) + ex.loss_mask[s + 1 : s + max_length])
                     if len(chunk) > 1:
                         out.append(chunk)
                 truncated += 1
@@ -159,8 +168,15 @@ def encode_rows(tokenizer, rows: Rows, kind: str, *, max_length: int, overlong: 
         out.append(ex)
     stats = EncodeStats(len(rows), overlong_n, dropped, truncated)
     if overlong_n:
-        log.warning("%s: %d of %d rows are longer than max_length=%d: %d dropped, %d truncated",
-                    rows.source, overlong_n, len(rows), max_length, dropped, truncated)
+        log.warning(
+            "%s: %d of %d rows are longer than max_length=%d: %d dropped, %d truncated",
+            rows.source,
+            overlong_n,
+            len(rows),
+            max_length,
+            dropped,
+            truncated,
+        )
     if not out:
         raise DataError(f"{rows.source}: no rows left after length filtering (max_length={max_length})")
     return out, stats

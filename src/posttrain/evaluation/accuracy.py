@@ -43,7 +43,7 @@ class EvalSummary:
     mean_at_k_ci: tuple[float, float] | None = None
     samples: list[dict] = field(default_factory=list)
     maj_at_k_missing: str | None = None  # why maj@k is not reported (the verifier has no answer extractor)
-    majority_baseline: float | None = None   # accuracy of always answering the most common gold answer
+    majority_baseline: float | None = None  # accuracy of always answering the most common gold answer
     majority_answer: str | None = None
 
     @property
@@ -61,10 +61,20 @@ class EvalSummary:
         return asdict(self)
 
 
-def evaluate(model, tokenizer, rows: list[dict], verifier: Callable[..., float], *, k: int = 0,
-             temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 64,
-             extract: Callable[[str], str | None] | None = None, keep_samples: int = 8,
-             engine=None) -> EvalSummary:
+def evaluate(
+    model,
+    tokenizer,
+    rows: list[dict],
+    verifier: Callable[..., float],
+    *,
+    k: int = 0,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+    extract: Callable[[str], str | None] | None = None,
+    keep_samples: int = 8,
+    engine=None,
+) -> EvalSummary:
     """Greedy accuracy on every row; with k > 0 also k samples per row for pass@k, maj@k, mean@k.
     ``engine``: a rollout engine to generate with (e.g. a recipe's vLLM engine); default: the native
     KV-cache engine on ``model``."""
@@ -80,10 +90,11 @@ def evaluate(model, tokenizer, rows: list[dict], verifier: Callable[..., float],
     scores = [float(x) for x in score_all(verifier, texts, extras)]
     correct = [is_correct(s) for s in scores]
     acc = sum(correct) / max(1, len(rows))
-    samples = [{"prompt": r["prompt"], "completion": t, "reward": s, "answer": r.get("answer")}
-               for r, t, s in list(zip(rows, texts, scores))[:keep_samples]]
-    summary = dict(n_prompts=len(rows), greedy_accuracy=acc, greedy_ci=wilson(sum(correct), len(rows)),
-                   samples=samples)
+    samples = [
+        {"prompt": r["prompt"], "completion": t, "reward": s, "answer": r.get("answer")}
+        for r, t, s in list(zip(rows, texts, scores))[:keep_samples]
+    ]
+    summary = dict(n_prompts=len(rows), greedy_accuracy=acc, greedy_ci=wilson(sum(correct), len(rows)), samples=samples)
     majority = majority_baseline(rows)
     if majority is not None:
         summary.update(majority_baseline=majority[0], majority_answer=majority[1])
@@ -93,20 +104,27 @@ def evaluate(model, tokenizer, rows: list[dict], verifier: Callable[..., float],
         all_texts = [decode(c) for c in gen.completion_ids]
         all_ok = [is_correct(x) for x in score_all(verifier, all_texts, [ex for ex in extras for _ in range(k)])]
         for i in range(len(extras)):
-            outs, ok = all_texts[i * k:(i + 1) * k], all_ok[i * k:(i + 1) * k]
+            outs, ok = all_texts[i * k : (i + 1) * k], all_ok[i * k : (i + 1) * k]
             c = sum(ok)
             p_at.append(pass_at_k(k, c, k))
             mean.append(c / k)
             if extract is not None:
                 maj.append(float(majority_correct([extract(t) for t in outs], ok)))
-        summary.update(k=k, temperature=temperature,
-                       pass_at_k=sum(p_at) / len(p_at), pass_at_k_ci=mean_ci(p_at),
-                       mean_at_k=sum(mean) / len(mean), mean_at_k_ci=mean_ci(mean))
+        summary.update(
+            k=k,
+            temperature=temperature,
+            pass_at_k=sum(p_at) / len(p_at),
+            pass_at_k_ci=mean_ci(p_at),
+            mean_at_k=sum(mean) / len(mean),
+            mean_at_k_ci=mean_ci(mean),
+        )
         if maj:
             summary.update(maj_at_k=sum(maj) / len(maj), maj_at_k_ci=wilson(sum(maj), len(maj)))
         elif extract is None:
-            summary["maj_at_k_missing"] = (f"verifier {verifier_name(verifier)!r} exposes no answer extractor "
-                                           f"(a reward function can: fn.extract_answer = a function text -> answer)")
+            summary["maj_at_k_missing"] = (
+                f"verifier {verifier_name(verifier)!r} exposes no answer extractor "
+                f"(a reward function can: fn.extract_answer = a function text -> answer)"
+            )
     return EvalSummary(**summary)
 
 
@@ -117,21 +135,33 @@ def answer_extractor(verifier_name: str) -> Callable[[str], str | None] | None:
     return None
 
 
-def sample_completions(model_path: str, prompts: list[Any], n: int, max_new_tokens: int,
-                       temperature: float) -> list[list[str]]:
+def sample_completions(
+    model_path: str, prompts: list[Any], n: int, max_new_tokens: int, temperature: float
+) -> list[list[str]]:
     """n sampled completions per prompt from a local model directory (used by audit-verifier)."""
 
     model, tok = load_model(ModelConfig(path=model_path))
     ids = [prompt_ids(tok, p) for p in prompts]
     gen = KVCacheEngine(model, tok).generate(ids, n, SamplingParams(max_new_tokens, temperature=temperature))
     texts = [tok.decode(c, skip_special_tokens=True) for c in gen.completion_ids]
-    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
-def evaluate_model_dir(model_dir: str, data: str, *, split: str = "test", limit: int = 0, num_examples: int = 0,
-                       verifier: str = "math", verifier_options: dict | None = None, k: int = 0,
-                       temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-                       engine: str = "native") -> EvalSummary:
+def evaluate_model_dir(
+    model_dir: str,
+    data: str,
+    *,
+    split: str = "test",
+    limit: int = 0,
+    num_examples: int = 0,
+    verifier: str = "math",
+    verifier_options: dict | None = None,
+    k: int = 0,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    engine: str = "native",
+) -> EvalSummary:
     """Load a model directory and a prompt dataset, evaluate with a named verifier (used by
     `posttrain eval` and by the pipeline between stages); ``engine``: native | vllm."""
 
@@ -149,8 +179,17 @@ def evaluate_model_dir(model_dir: str, data: str, *, split: str = "test", limit:
         # maj@k needs the verifier's notion of "the answer": built-ins have one; a user function may
         # expose its own as an `extract_answer` attribute.
         extract = answer_extractor(verifier) or getattr(check, "extract_answer", None)
-        return evaluate(model, tok, data, check, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
-                        extract=extract, engine=gen)
+        return evaluate(
+            model,
+            tok,
+            data,
+            check,
+            k=k,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            extract=extract,
+            engine=gen,
+        )
     finally:
         getattr(check, "close", lambda: None)()
         if gen is not None:

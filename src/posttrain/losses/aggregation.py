@@ -84,8 +84,9 @@ def aggregate(
         A scalar tensor, in fp32 (or fp64) even for half-precision ``loss_BT``.
     """
     if loss_BT.shape != mask_BT.shape or loss_BT.dim() != 2:
-        raise ValueError(f"loss_BT and mask_BT must both be (B, T); got {tuple(loss_BT.shape)} "
-                         f"and {tuple(mask_BT.shape)}")
+        raise ValueError(
+            f"loss_BT and mask_BT must both be (B, T); got {tuple(loss_BT.shape)} and {tuple(mask_BT.shape)}"
+        )
     if mode not in AGG_MODES:
         raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {AGG_MODES}")
     if (const_len is not None) != (mode == "seq_sum_const"):

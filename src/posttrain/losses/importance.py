@@ -40,9 +40,9 @@ ISLevel = Literal["token", "sequence"]
 class ISWeights:
     """Detached per-token weights and what they did, all (B, T); 0 at masked positions."""
 
-    weights_BT: Tensor      # the factor multiplied into the per-token policy loss
-    ratio_BT: Tensor        # rho at the chosen level, before truncation / masking
-    clipped_BT: Tensor      # float 0/1: truncated (rho > C) or masked out (rho outside [C_low, C])
+    weights_BT: Tensor  # the factor multiplied into the per-token policy loss
+    ratio_BT: Tensor  # rho at the chosen level, before truncation / masking
+    clipped_BT: Tensor  # float 0/1: truncated (rho > C) or masked out (rho outside [C_low, C])
 
 
 def rollout_is_weights(

@@ -33,8 +33,9 @@ def entropy_from_logits(logits_BTV: torch.Tensor, temperature: float = 1.0) -> t
 
 
 def forward_logits(model, input_ids_BT, attention_mask, position_ids_BT=None) -> torch.Tensor:
-    return model(input_ids=input_ids_BT, attention_mask=attention_mask, position_ids=position_ids_BT,
-                 use_cache=False).logits
+    return model(
+        input_ids=input_ids_BT, attention_mask=attention_mask, position_ids=position_ids_BT, use_cache=False
+    ).logits
 
 
 def _output_head(model):
@@ -67,11 +68,11 @@ class _HeadLogps(torch.autograd.Function):
         lse = torch.empty_like(logps)
         ent = torch.zeros_like(logps)
         for s in range(0, hidden_NH.shape[0], chunk):
-            z = (hidden_NH[s:s + chunk] @ weight_VH.t()).to(acc) / temperature
-            lse[s:s + chunk] = torch.logsumexp(z, -1)
-            logps[s:s + chunk] = z.gather(-1, targets_N[s:s + chunk, None])[:, 0] - lse[s:s + chunk]
+            z = (hidden_NH[s : s + chunk] @ weight_VH.t()).to(acc) / temperature
+            lse[s : s + chunk] = torch.logsumexp(z, -1)
+            logps[s : s + chunk] = z.gather(-1, targets_N[s : s + chunk, None])[:, 0] - lse[s : s + chunk]
             if with_entropy:  # H = logsumexp(z) - sum softmax(z) z, from the same chunk of logits
-                ent[s:s + chunk] = lse[s:s + chunk] - (torch.exp(z - lse[s:s + chunk, None]) * z).sum(-1)
+                ent[s : s + chunk] = lse[s : s + chunk] - (torch.exp(z - lse[s : s + chunk, None]) * z).sum(-1)
         ctx.save_for_backward(hidden_NH, weight_VH, targets_N, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         ctx.mark_non_differentiable(ent)
@@ -82,16 +83,17 @@ class _HeadLogps(torch.autograd.Function):
         hidden_NH, weight_VH, targets_N, lse = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
         grad_h = torch.empty_like(hidden_NH) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight_VH.shape, dtype=lse.dtype, device=weight_VH.device) \
-            if ctx.needs_input_grad[1] else None
+        grad_w = (
+            torch.zeros(weight_VH.shape, dtype=lse.dtype, device=weight_VH.device) if ctx.needs_input_grad[1] else None
+        )
         for s in range(0, hidden_NH.shape[0], chunk):
-            h = hidden_NH[s:s + chunk]
+            h = hidden_NH[s : s + chunk]
             z = (h @ weight_VH.t()).to(lse.dtype) / T
-            g = -torch.exp(z - lse[s:s + chunk, None]) * grad_N[s:s + chunk, None]
-            g.scatter_add_(-1, targets_N[s:s + chunk, None], grad_N[s:s + chunk, None])
+            g = -torch.exp(z - lse[s : s + chunk, None]) * grad_N[s : s + chunk, None]
+            g.scatter_add_(-1, targets_N[s : s + chunk, None], grad_N[s : s + chunk, None])
             g = (g / T).to(weight_VH.dtype)
             if grad_h is not None:
-                grad_h[s:s + chunk] = g @ weight_VH
+                grad_h[s : s + chunk] = g @ weight_VH
             if grad_w is not None:
                 grad_w += (g.t() @ h).to(grad_w.dtype)
         return grad_h, None if grad_w is None else grad_w.to(weight_VH.dtype), None, None, None, None
@@ -102,19 +104,45 @@ class _HeadLogps(torch.autograd.Function):
 COMPLETION_LOGPS_ENTRY = "_posttrain_completion_logps"
 
 
-def completion_logps(model, input_ids_BT, attention_mask, position_ids_BT, targets_BT, target_mask_BT,
-                     temperature: float = 1.0, with_entropy: bool = False, chunk_tokens: int | None = None):
+def completion_logps(
+    model,
+    input_ids_BT,
+    attention_mask,
+    position_ids_BT,
+    targets_BT,
+    target_mask_BT,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int | None = None,
+):
     """See ``completion_logps_unwrapped``. A model wrapped for data parallelism runs it through the entry
     point ``run.loop.wrap`` registered with FSDP, which gathers the parameters the backbone and
     the head use outside ``forward``."""
     entry = getattr(model, COMPLETION_LOGPS_ENTRY, None)
     fn = entry if entry is not None else (lambda *a, **k: completion_logps_unwrapped(model, *a, **k))
-    return fn(input_ids_BT, attention_mask, position_ids_BT, targets_BT, target_mask_BT, temperature,
-              with_entropy, chunk_tokens)
+    return fn(
+        input_ids_BT,
+        attention_mask,
+        position_ids_BT,
+        targets_BT,
+        target_mask_BT,
+        temperature,
+        with_entropy,
+        chunk_tokens,
+    )
 
 
-def completion_logps_unwrapped(model, input_ids_BT, attention_mask, position_ids_BT, targets_BT, target_mask_BT,
-                               temperature: float = 1.0, with_entropy: bool = False, chunk_tokens: int | None = None):
+def completion_logps_unwrapped(
+    model,
+    input_ids_BT,
+    attention_mask,
+    position_ids_BT,
+    targets_BT,
+    target_mask_BT,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int | None = None,
+):
     """(logps_BT, mean entropy or None): ``token_logps`` of the policy over ``targets_BT``, computed for
     the positions where ``target_mask_BT`` > 0 only (0 elsewhere).
 
@@ -136,15 +164,15 @@ def completion_logps_unwrapped(model, input_ids_BT, attention_mask, position_ids
                 ent = ((e * target_mask_BT).sum() / target_mask_BT.sum().clamp(min=1)).item()
         return logps, ent
     backbone, head = split
-    hidden_BTH = backbone(input_ids=input_ids_BT, attention_mask=attention_mask, position_ids=position_ids_BT,
-                          use_cache=False).last_hidden_state
+    hidden_BTH = backbone(
+        input_ids=input_ids_BT, attention_mask=attention_mask, position_ids=position_ids_BT, use_cache=False
+    ).last_hidden_state
     if chunk_tokens is None:
         budget = 1 << (28 if head.weight.is_cuda else 22)  # logits elements per tile
         chunk_tokens = max(1, budget // head.weight.shape[0])
     sel_BT = target_mask_BT > 0
     hidden_NH, targets_N = hidden_BTH[sel_BT], targets_BT[sel_BT]
-    logps_N, ent_N = _HeadLogps.apply(hidden_NH, head.weight, targets_N, float(temperature), chunk_tokens,
-                                      with_entropy)
+    logps_N, ent_N = _HeadLogps.apply(hidden_NH, head.weight, targets_N, float(temperature), chunk_tokens, with_entropy)
     # masked_scatter keeps an all-masked batch connected to the graph (a zero with a gradient path).
     logps_BT = torch.zeros(sel_BT.shape, dtype=logps_N.dtype, device=logps_N.device).masked_scatter(sel_BT, logps_N)
     ent = ent_N.sum().item() / max(1, ent_N.shape[0]) if with_entropy else None

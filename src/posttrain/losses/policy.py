@@ -48,8 +48,10 @@ class PolicyLossTerms:
 
 def _advantages_2d(advantages: Tensor, name: str) -> Tensor:
     if advantages.dim() != 2:
-        raise ValueError(f"{name} must be (B, 1) or (B, T) so it broadcasts over tokens; got shape "
-                         f"{tuple(advantages.shape)} (use adv_B[:, None])")
+        raise ValueError(
+            f"{name} must be (B, 1) or (B, T) so it broadcasts over tokens; got shape "
+            f"{tuple(advantages.shape)} (use adv_B[:, None])"
+        )
     return advantages.detach()
 
 

@@ -109,11 +109,15 @@ def rpo_loss(
     Deviation: the paper normalizes the NLL by |x + y_c| (prompt included); like TRL we divide by the
     completion's tokens, the ones the NLL is summed over. Rewards are DPO's implicit rewards.
     """
-    terms = dpo_loss(pol_chosen_B, pol_rejected_B, ref_chosen_B, ref_rejected_B, beta=beta,
-                     label_smoothing=label_smoothing)
+    terms = dpo_loss(
+        pol_chosen_B, pol_rejected_B, ref_chosen_B, ref_rejected_B, beta=beta, label_smoothing=label_smoothing
+    )
     nll_B = -pol_chosen_B / chosen_len_B
-    return PairwiseLossTerms(loss_B=terms.loss_B + alpha * nll_B, chosen_rewards_B=terms.chosen_rewards_B,
-                             rejected_rewards_B=terms.rejected_rewards_B)
+    return PairwiseLossTerms(
+        loss_B=terms.loss_B + alpha * nll_B,
+        chosen_rewards_B=terms.chosen_rewards_B,
+        rejected_rewards_B=terms.rejected_rewards_B,
+    )
 
 
 def ipo_loss(

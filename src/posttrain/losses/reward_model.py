@@ -25,12 +25,13 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class BradleyTerryTerms:
-    loss_B: Tensor        # per pair, to minimise (the recipe takes the mean over the step's pairs)
-    margin_B: Tensor      # r_c - r_r, detached (for metrics: accuracy = margin > 0)
+    loss_B: Tensor  # per pair, to minimise (the recipe takes the mean over the step's pairs)
+    margin_B: Tensor  # r_c - r_r, detached (for metrics: accuracy = margin > 0)
 
 
-def bradley_terry_loss(chosen_B: Tensor, rejected_B: Tensor, *, margin_B: Tensor | None = None,
-                       center_coef: float = 0.0) -> BradleyTerryTerms:
+def bradley_terry_loss(
+    chosen_B: Tensor, rejected_B: Tensor, *, margin_B: Tensor | None = None, center_coef: float = 0.0
+) -> BradleyTerryTerms:
     diff_B = chosen_B - rejected_B
     shifted = diff_B if margin_B is None else diff_B - margin_B.to(diff_B.dtype)
     loss_B = -F.logsigmoid(shifted)

@@ -28,8 +28,9 @@ class ValueLossTerms:
     clipped_BT: Tensor
 
 
-def clipped_value_loss(values_BT: Tensor, old_values_BT: Tensor, returns_BT: Tensor, *,
-                       clip: float | None = 0.2) -> ValueLossTerms:
+def clipped_value_loss(
+    values_BT: Tensor, old_values_BT: Tensor, returns_BT: Tensor, *, clip: float | None = 0.2
+) -> ValueLossTerms:
     """See the module docstring. ``values_BT`` carries gradient; the other two are constants."""
     old, ret = old_values_BT.detach(), returns_BT.detach()
     unclipped = (values_BT - ret) ** 2

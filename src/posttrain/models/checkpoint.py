@@ -83,8 +83,10 @@ def _write_model(model, tokenizer, directory: Path, *, merge: bool, full: dict |
     if is_peft(model) and not merge:
         state = full if full is not None else model.state_dict()
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items() if k in trainable},
-                  str(directory / TRAINABLE_FILE))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.items() if k in trainable},
+            str(directory / TRAINABLE_FILE),
+        )
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
 
@@ -176,9 +178,19 @@ def _one_process_dcp():
         yield
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, *, optimizer, scheduler,
-                    train_state: dict[str, Any], keep: int = 2, extras: dict[str, tuple] | None = None,
-                    dist=None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model,
+    tokenizer,
+    *,
+    optimizer,
+    scheduler,
+    train_state: dict[str, Any],
+    keep: int = 2,
+    extras: dict[str, tuple] | None = None,
+    dist=None,
+) -> Path:
     """``extras``: other trained models of the run (PPO's critic) as {name: (model, optimizer)}, each saved
     in a subdirectory of its name. Every rank calls this (gathering the weights and writing the optimizer
     shards are collective); rank 0 writes the rest and publishes."""
@@ -194,8 +206,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, *, optimiz
         if dist.is_main:
             for sub, (m, tok, _) in models.items():
                 _write_model(m, tok, tmp / sub if sub else tmp, merge=False, full=fulls[sub] if dist.enabled else None)
-            torch.save({"step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "rng": rng_state(), "train_state": train_state}, tmp / STATE_FILE)
+            torch.save(
+                {
+                    "step": step,
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "rng": rng_state(),
+                    "train_state": train_state,
+                },
+                tmp / STATE_FILE,
+            )
         with _one_process_dcp():
             dcp.save(optims, checkpoint_id=str(tmp / OPTIM_DIR))
 
@@ -244,8 +263,9 @@ def _prune(root: Path, keep: int) -> None:
             # Older than the newest complete checkpoint but itself incomplete: a leftover of a prune
             # interrupted before deletes were renamed first. Nothing can ever resume from it.
             _trash(p)
-        elif p.name.startswith(".trash-") or (p.name.startswith((".tmp-", ".old-"))
-                                               and not p.name.endswith(f"-{os.getpid()}")):
+        elif p.name.startswith(".trash-") or (
+            p.name.startswith((".tmp-", ".old-")) and not p.name.endswith(f"-{os.getpid()}")
+        ):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -267,8 +287,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path, model, *, optimizer, scheduler, extras: dict[str, tuple] | None = None
-                    ) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, model, *, optimizer, scheduler, extras: dict[str, tuple] | None = None
+) -> dict[str, Any]:
     """Restore weights (in place), optimizers, scheduler and RNG, on any number of ranks (every rank
     calls it); return the saved train_state + step. ``extras`` as in ``save_checkpoint``."""
     path = Path(path)
@@ -308,7 +329,9 @@ def load_weights(model, directory: str | Path) -> None:
         state, strict = load_file(str(directory / TRAINABLE_FILE)), False
     else:
         with no_progress_bars():
-            state = plain_class(model).from_pretrained(str(directory), dtype=next(model.parameters()).dtype).state_dict()
+            state = (
+                plain_class(model).from_pretrained(str(directory), dtype=next(model.parameters()).dtype).state_dict()
+            )
         strict = True
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 

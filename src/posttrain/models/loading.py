@@ -50,8 +50,11 @@ def load_tokenizer(path: str | Path):
     if cfg_file.is_file():
         cls = json.loads(cfg_file.read_text()).get("tokenizer_class", "")
         generic = cls in ("PreTrainedTokenizerFast", "TokenizersBackend")
-    tok = PreTrainedTokenizerFast.from_pretrained(str(path)) if generic and (path / "tokenizer.json").is_file() \
+    tok = (
+        PreTrainedTokenizerFast.from_pretrained(str(path))
+        if generic and (path / "tokenizer.json").is_file()
         else AutoTokenizer.from_pretrained(str(path))
+    )
     if tok.pad_token_id is None:
         # Padding is always masked out; reusing EOS for it is the common convention.
         tok.pad_token = tok.eos_token
@@ -71,8 +74,10 @@ def load_model(cfg: ModelConfig, *, corpus: Iterable[str] = (), seed: int = 0, d
     else:
         path = Path(cfg.path)
         if not (path / "config.json").is_file():
-            raise ModelError(f"model.path={cfg.path!r} is neither a tiny preset ({', '.join(tiny.PRESETS)}) "
-                             f"nor a local model directory with a config.json")
+            raise ModelError(
+                f"model.path={cfg.path!r} is neither a tiny preset ({', '.join(tiny.PRESETS)}) "
+                f"nor a local model directory with a config.json"
+            )
         tok = load_tokenizer(cfg.tokenizer or path)
         with no_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)

@@ -21,10 +21,17 @@ def apply_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in cfg.target_modules if m not in present]
     if missing:
-        raise ModelError(f"lora.target_modules: {missing} not found in the model (it has e.g. "
-                         f"{sorted(n for n in present if n.endswith('proj'))[:8]})")
-    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=list(cfg.target_modules), task_type=task_type)
+        raise ModelError(
+            f"lora.target_modules: {missing} not found in the model (it has e.g. "
+            f"{sorted(n for n in present if n.endswith('proj'))[:8]})"
+        )
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        task_type=task_type,
+    )
     return get_peft_model(model, peft_cfg)
 
 

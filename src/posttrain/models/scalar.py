@@ -48,12 +48,16 @@ def check_scalar_dir(path: str | Path, field: str) -> None:
     if not arch:
         raise ModelError(f"{field}={str(path)!r}: not a model directory (no readable config.json)")
     if not arch.endswith("ForSequenceClassification"):
-        raise ModelError(f"{field}={str(path)!r}: a {arch or 'model'} directory, not a reward model "
-                         f"(a *ForSequenceClassification directory with one label, e.g. `posttrain reward-model`'s "
-                         f"final/)")
+        raise ModelError(
+            f"{field}={str(path)!r}: a {arch or 'model'} directory, not a reward model "
+            f"(a *ForSequenceClassification directory with one label, e.g. `posttrain reward-model`'s "
+            f"final/)"
+        )
     if labels != 1:
-        raise ModelError(f"{field}={str(path)!r}: a sequence classifier with {labels} labels; a reward model "
-                         f"has exactly one (a scalar score)")
+        raise ModelError(
+            f"{field}={str(path)!r}: a sequence classifier with {labels} labels; a reward model "
+            f"has exactly one (a scalar score)"
+        )
 
 
 def scalar_from_causal(causal, tokenizer, *, zero_head: bool = False, seed: int = 0):
@@ -72,8 +76,15 @@ def scalar_from_causal(causal, tokenizer, *, zero_head: bool = False, seed: int 
     return model.to(dtype=param.dtype, device=param.device)
 
 
-def load_scalar(cfg: ModelConfig, *, corpus: Iterable[str] = (), seed: int = 0, device: torch.device | None = None,
-                field: str = "model.path", zero_head: bool = False):
+def load_scalar(
+    cfg: ModelConfig,
+    *,
+    corpus: Iterable[str] = (),
+    seed: int = 0,
+    device: torch.device | None = None,
+    field: str = "model.path",
+    zero_head: bool = False,
+):
     """(scalar model, tokenizer) from ``cfg.path``: a tiny preset or a causal LM directory (backbone
     + new head), or a one-label sequence-classification directory (loaded as it is)."""
     if not tiny.is_preset(cfg.path):
@@ -89,16 +100,17 @@ def load_scalar(cfg: ModelConfig, *, corpus: Iterable[str] = (), seed: int = 0, 
                 model.gradient_checkpointing_enable()
             return model.to(device or torch.device("cpu")), tok
         if not arch:
-            raise ModelError(f"{field}={cfg.path!r} is neither a tiny preset ({', '.join(tiny.PRESETS)}) nor a "
-                             f"local model directory with a config.json")
+            raise ModelError(
+                f"{field}={cfg.path!r} is neither a tiny preset ({', '.join(tiny.PRESETS)}) nor a "
+                f"local model directory with a config.json"
+            )
     causal, tok = load_model(cfg, corpus=corpus, seed=seed, device=device)
     return scalar_from_causal(causal, tok, zero_head=zero_head, seed=seed), tok
 
 
 def same_vocabulary(a, b) -> bool:
     """Do two tokenizers map text to the same ids (same vocabulary and special tokens)?"""
-    return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
-            and a.pad_token_id == b.pad_token_id)
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id and a.pad_token_id == b.pad_token_id
 
 
 def sequence_scores(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
@@ -123,7 +135,8 @@ def token_values(model, input_ids_BT, attention_mask, position_ids_BT) -> torch.
 
 def token_values_unwrapped(model, input_ids_BT, attention_mask, position_ids_BT) -> torch.Tensor:
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = getattr(lm, lm.base_model_prefix)(input_ids=input_ids_BT, attention_mask=attention_mask,
-                                              position_ids=position_ids_BT, use_cache=False).last_hidden_state
+    hidden = getattr(lm, lm.base_model_prefix)(
+        input_ids=input_ids_BT, attention_mask=attention_mask, position_ids=position_ids_BT, use_cache=False
+    ).last_hidden_state
     values = lm.score(hidden)[..., 0]
     return values.to(torch.promote_types(values.dtype, torch.float32))

@@ -16,14 +16,24 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 PRESETS: dict[str, dict[str, int]] = {
     # name: hidden size, layers, heads, kv heads, MLP size
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192),
-    "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=384),
-    "medium": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, intermediate_size=768),
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192
+    ),
+    "small": dict(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=384
+    ),
+    "medium": dict(
+        hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, intermediate_size=768
+    ),
     # ~25M parameters: big enough that weights, gradients and optimizer state dominate a CPU process's
     # memory (benchmarks/grpo_vs_ppo.py), small enough to train a few steps on a laptop.
-    "base": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1536),
+    "base": dict(
+        hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1536
+    ),
     # ~0.5B parameters with a real-size vocabulary, for GPU benchmarks (Qwen2-0.5B's shape).
-    "qwen2-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864),
+    "qwen2-0.5b": dict(
+        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864
+    ),
 }
 
 SPECIAL_TOKENS = {"pad": "<|pad|>", "eos": "<|endoftext|>", "unk": "<|unk|>"}
@@ -60,8 +70,9 @@ def build_tokenizer(kind: str = "char", corpus: Iterable[str] = (), vocab_size: 
         tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk"]))
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d|\s+|[^\d\s]+"), behavior="isolated")
         tok.decoder = decoders.Fuse()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                      initial_alphabet=list(CHARSET), show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=list(CHARSET), show_progress=False
+        )
         tok.train_from_iterator(corpus, trainer)
     else:
         raise ValueError(f"tokenizer kind {kind!r}: expected 'char' or 'bpe'")
@@ -77,8 +88,9 @@ def build_tokenizer(kind: str = "char", corpus: Iterable[str] = (), vocab_size: 
     )
 
 
-def build_tiny_model(preset: str, tokenizer, arch: str = "llama", seed: int = 0,
-                     max_positions: int = 2048) -> torch.nn.Module:
+def build_tiny_model(
+    preset: str, tokenizer, arch: str = "llama", seed: int = 0, max_positions: int = 2048
+) -> torch.nn.Module:
     """A random-initialized model of a preset's size whose vocabulary matches ``tokenizer``."""
     if preset not in PRESETS:
         raise ValueError(f"unknown tiny preset {preset!r}; choose one of {', '.join(PRESETS)}")

@@ -29,12 +29,16 @@ log = logging.getLogger("posttrain")
 # format on short instances plus exactly four long ones (long_rows): with short ones only, SFT learns to
 # stop after the longest chain it saw and RL cannot find the long answers (see README, "Robust gains").
 TASK_DATA: dict[str, dict[str, str]] = {
-    "arithmetic": {"pretrain": "builtin:arithmetic/pretrain?max_terms=5",
-                   "sft": "builtin:arithmetic?max_terms=5&long_rows=4",
-                   "rl": "builtin:arithmetic?max_terms=5"},
-    "counting": {"pretrain": "builtin:counting/pretrain?max_len=8",
-                 "sft": "builtin:counting?max_len=8&long_rows=4",
-                 "rl": "builtin:counting?max_len=8"},
+    "arithmetic": {
+        "pretrain": "builtin:arithmetic/pretrain?max_terms=5",
+        "sft": "builtin:arithmetic?max_terms=5&long_rows=4",
+        "rl": "builtin:arithmetic?max_terms=5",
+    },
+    "counting": {
+        "pretrain": "builtin:counting/pretrain?max_len=8",
+        "sft": "builtin:counting?max_len=8&long_rows=4",
+        "rl": "builtin:counting?max_len=8",
+    },
 }
 
 
@@ -121,19 +125,28 @@ def seed_table(rows: list[dict], target: float = 0.15) -> str:
     out = ["| seed | SFT | DPO (gain) | GRPO | GRPO gain over its start | time |", "|---|---|---|---|---|---|"]
     for r in rows:
         gain = r.get("grpo_gain")
-        verdict = "" if gain is None else (
-            f" ({'met' if gain >= target - 1e-9 else 'NOT met'}; "
-            f"{'intervals apart' if r.get('grpo_significant') else 'intervals overlap'})")
+        verdict = (
+            ""
+            if gain is None
+            else (
+                f" ({'met' if gain >= target - 1e-9 else 'NOT met'}; "
+                f"{'intervals apart' if r.get('grpo_significant') else 'intervals overlap'})"
+            )
+        )
         dpo = f"{r.get('dpo_text', '—')} ({100 * r['dpo_gain']:+.1f})" if "dpo_gain" in r else r.get("dpo_text", "—")
-        out.append(f"| {r['seed']} | {r.get('sft_text', '—')} | {dpo} | {r.get('grpo_text', '—')} | "
-                   f"{'—' if gain is None else f'{100 * gain:+.1f}'}{verdict} | {r['seconds'] / 60:.1f} min |")
+        out.append(
+            f"| {r['seed']} | {r.get('sft_text', '—')} | {dpo} | {r.get('grpo_text', '—')} | "
+            f"{'—' if gain is None else f'{100 * gain:+.1f}'}{verdict} | {r['seconds'] / 60:.1f} min |"
+        )
     gains = [r["grpo_gain"] for r in rows if "grpo_gain" in r]
     if gains:
         mean = sum(gains) / len(gains)
         apart = all(r.get("grpo_significant") for r in rows if "grpo_gain" in r)
-        out.append(f"\nGRPO gain: mean {100 * mean:+.1f} points, min {100 * min(gains):+.1f} over {len(gains)} seed(s); "
-                   f"target >= {100 * target:.0f} on every seed: {'met' if min(gains) >= target - 1e-9 else 'NOT met'}; "
-                   f"significant (95% intervals apart) on every seed: {'yes' if apart else 'no'}.")
+        out.append(
+            f"\nGRPO gain: mean {100 * mean:+.1f} points, min {100 * min(gains):+.1f} over {len(gains)} seed(s); "
+            f"target >= {100 * target:.0f} on every seed: {'met' if min(gains) >= target - 1e-9 else 'NOT met'}; "
+            f"significant (95% intervals apart) on every seed: {'yes' if apart else 'no'}."
+        )
     return "\n".join(out)
 
 
@@ -143,8 +156,11 @@ def seed_table(rows: list[dict], target: float = 0.15) -> str:
 
 def generated_tokens(metrics: list[dict], prompts_per_step: int, num_generations: int) -> float:
     """Completion tokens a GRPO run generated: per step, rounds x P x G samples at the step's mean length."""
-    return sum(m.get("gen_rounds", 1) * prompts_per_step * num_generations * m["completion_len/mean"]
-               for m in metrics if "completion_len/mean" in m)
+    return sum(
+        m.get("gen_rounds", 1) * prompts_per_step * num_generations * m["completion_len/mean"]
+        for m in metrics
+        if "completion_len/mean" in m
+    )
 
 
 def ablation_config(grpo_cfg: Any, metrics: list[dict], out_dir: Path) -> Any:
@@ -153,8 +169,12 @@ def ablation_config(grpo_cfg: Any, metrics: list[dict], out_dir: Path) -> Any:
     runs spend the same generated tokens per step, over the same steps and learning-rate schedule."""
     rounds = sum(m.get("gen_rounds", 1) for m in metrics) / max(1, len(metrics))
     prompts = max(1, round(rounds * grpo_cfg.prompts_per_step))
-    return replace(grpo_cfg, dynamic_sampling=False, prompts_per_step=prompts,
-                   train=replace(grpo_cfg.train, output_dir=str(out_dir)))
+    return replace(
+        grpo_cfg,
+        dynamic_sampling=False,
+        prompts_per_step=prompts,
+        train=replace(grpo_cfg.train, output_dir=str(out_dir)),
+    )
 
 
 def run_ablation(pipeline_dir: Path, cfg: Any) -> dict:
@@ -171,14 +191,24 @@ def run_ablation(pipeline_dir: Path, cfg: Any) -> dict:
         atomic_write_json(eval_file, evaluate_stage_model(str(out / "final"), cfg))
     ev = json.loads(eval_file.read_text())
     on_eval = json.loads((base.dir / "eval.json").read_text())
-    result = {"name": out.name, "of": base.name, "dir": str(out.relative_to(pipeline_dir)),
-              "what": "dynamic_sampling off, same generated tokens per step",
-              "on": {"eval": on_eval, "dynamic_sampling": True, "prompts_per_step": base.cfg.prompts_per_step,
-                     "generated_tokens": generated_tokens(on_metrics, base.cfg.prompts_per_step,
-                                                          base.cfg.num_generations)},
-              "off": {"eval": ev, "dynamic_sampling": False, "prompts_per_step": abl_cfg.prompts_per_step,
-                      "generated_tokens": generated_tokens(read_metrics(out), abl_cfg.prompts_per_step,
-                                                           abl_cfg.num_generations)}}
+    result = {
+        "name": out.name,
+        "of": base.name,
+        "dir": str(out.relative_to(pipeline_dir)),
+        "what": "dynamic_sampling off, same generated tokens per step",
+        "on": {
+            "eval": on_eval,
+            "dynamic_sampling": True,
+            "prompts_per_step": base.cfg.prompts_per_step,
+            "generated_tokens": generated_tokens(on_metrics, base.cfg.prompts_per_step, base.cfg.num_generations),
+        },
+        "off": {
+            "eval": ev,
+            "dynamic_sampling": False,
+            "prompts_per_step": abl_cfg.prompts_per_step,
+            "generated_tokens": generated_tokens(read_metrics(out), abl_cfg.prompts_per_step, abl_cfg.num_generations),
+        },
+    }
     atomic_write_json(pipeline_dir / "ablations.json", [result])
     return result
 
@@ -193,15 +223,21 @@ def evidence_lines(summary: dict, ablation: dict | None) -> list[str]:
             continue
         gain = grpo["eval"]["greedy_accuracy"] - c["eval"]["greedy_accuracy"]
         apart = grpo["eval"]["greedy_ci"][0] > c["eval"]["greedy_ci"][1]
-        moved = f", the control moved {100 * (c['eval']['greedy_accuracy'] - start['eval']['greedy_accuracy']):+.1f}" \
-            if start else ""
-        lines.append(f"{grpo['name']} {_pct(grpo['eval'])} vs {c['name']} {_pct(c['eval'])}: real reward over the "
-                     f"control {100 * gain:+.1f} points{moved} (95% intervals {'apart' if apart else 'overlap'})")
+        moved = (
+            f", the control moved {100 * (c['eval']['greedy_accuracy'] - start['eval']['greedy_accuracy']):+.1f}"
+            if start
+            else ""
+        )
+        lines.append(
+            f"{grpo['name']} {_pct(grpo['eval'])} vs {c['name']} {_pct(c['eval'])}: real reward over the "
+            f"control {100 * gain:+.1f} points{moved} (95% intervals {'apart' if apart else 'overlap'})"
+        )
     if ablation:
         on, off = ablation["on"], ablation["off"]
         d = on["eval"]["greedy_accuracy"] - off["eval"]["greedy_accuracy"]
-        lines.append(f"dynamic sampling on {_pct(on['eval'])} ({on['generated_tokens'] / 1e6:.2f}M generated tokens) vs "
-                     f"off {_pct(off['eval'])} ({off['generated_tokens'] / 1e6:.2f}M, {off['prompts_per_step']} "
-                     f"prompts per step): {100 * d:+.1f} points for dynamic sampling")
+        lines.append(
+            f"dynamic sampling on {_pct(on['eval'])} ({on['generated_tokens'] / 1e6:.2f}M generated tokens) vs "
+            f"off {_pct(off['eval'])} ({off['generated_tokens'] / 1e6:.2f}M, {off['prompts_per_step']} "
+            f"prompts per step): {100 * d:+.1f} points for dynamic sampling"
+        )
     return lines
-

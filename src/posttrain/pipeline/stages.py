@@ -72,8 +72,10 @@ class EvalConfig:
 
     def check(self) -> None:
         if self.split != "test" and is_data_file(self.data):
-            raise ConfigError(f"split: {self.split!r} cannot apply to the file {self.data!r}: a single file has no "
-                              f"splits (they exist for dataset directories, hub datasets and builtin tasks)")
+            raise ConfigError(
+                f"split: {self.split!r} cannot apply to the file {self.data!r}: a single file has no "
+                f"splits (they exist for dataset directories, hub datasets and builtin tasks)"
+            )
 
 
 @dataclass(frozen=True)
@@ -87,15 +89,19 @@ class PairsConfig:
     pairs_per_prompt: int = doc(1, "pairs written per prompt")
     kto: bool = doc(False, "write KTO rows (prompt, completion, label) instead of pairs")
     engine: Literal["native", "vllm"] = doc("native", "rollout engine that samples: native | vllm")
-    gold_column: str = doc("", "column with a reference solution (e.g. completion): a prompt with no correct sample "
-                               "takes it as the chosen one, if the verifier accepts it (empty: off)")
+    gold_column: str = doc(
+        "",
+        "column with a reference solution (e.g. completion): a prompt with no correct sample "
+        "takes it as the chosen one, if the verifier accepts it (empty: off)",
+    )
 
 
 @dataclass(frozen=True)
 class StageConfig:
     name: str = doc("", "stage name (used in directory names, reports and ref_model references)")
     recipe: Literal["pretrain", "sft", "preference", "grpo", "reward_model", "ppo"] = doc(
-        "sft", "which recipe runs the stage")
+        "sft", "which recipe runs the stage"
+    )
     config: dict = dict_doc("the recipe's config (any field; model defaults to the previous stage's output)")
     make_pairs: PairsConfig = doc(PairsConfig(), "preference / reward_model stages: make pairs from the starting model")
 
@@ -105,7 +111,9 @@ class PipelineConfig:
     output_dir: str = doc("runs/pipeline", "pipeline directory: stages/, pipeline.json, report.html")
     eval: EvalConfig = doc(EvalConfig(), "evaluation after every stage")
     stages: tuple[StageConfig, ...] = doc((), "the stages, in order")
-    controls: tuple[str, ...] = doc((), "spurious-reward reruns of the last RL stage: random_reward, incorrect_reward, format_reward")
+    controls: tuple[str, ...] = doc(
+        (), "spurious-reward reruns of the last RL stage: random_reward, incorrect_reward, format_reward"
+    )
     seed: int = doc(0, "seed for evaluation sampling")
 
     def check(self) -> None:
@@ -127,9 +135,14 @@ class PipelineConfig:
 
 
 RECIPE_CONFIGS["pipeline"] = PipelineConfig
-RECIPE_MODULES = {"pretrain": "posttrain.recipes.pretrain", "sft": "posttrain.recipes.sft",
-                  "preference": "posttrain.recipes.preference", "grpo": "posttrain.recipes.grpo",
-                  "reward_model": "posttrain.recipes.reward_model", "ppo": "posttrain.recipes.ppo"}
+RECIPE_MODULES = {
+    "pretrain": "posttrain.recipes.pretrain",
+    "sft": "posttrain.recipes.sft",
+    "preference": "posttrain.recipes.preference",
+    "grpo": "posttrain.recipes.grpo",
+    "reward_model": "posttrain.recipes.reward_model",
+    "ppo": "posttrain.recipes.ppo",
+}
 PAIR_RECIPES = ("preference", "reward_model")  # stages that train on pairs, which make_pairs can write
 
 
@@ -155,6 +168,7 @@ class StagePlan:
 
 def _resolve_model_refs(data: dict, finals: dict[str, str]) -> None:
     """Replace the name of an earlier stage, wherever a model is named, by that stage's exported model."""
+
     def resolve(holder: dict, key: str) -> None:
         value = holder.get(key)
         if isinstance(value, str) and value in finals:
@@ -205,18 +219,23 @@ def plan(cfg: PipelineConfig) -> list[StagePlan]:
             ref_label = f"initial ({next((n for n, p in finals.items() if p == model_path), model_path)})"
         pairs = stage.make_pairs if stage.make_pairs.data else None
         if pairs and stage.recipe not in PAIR_RECIPES:
-            errors.append(f"stages[{i - 1}] ({stage.name}): make_pairs only applies to preference and "
-                          f"reward_model stages")
+            errors.append(
+                f"stages[{i - 1}] ({stage.name}): make_pairs only applies to preference and reward_model stages"
+            )
             continue
         if pairs:
             # The pairs file is the stage's training data; it is written before the stage trains.
             rcfg = replace(rcfg, data=replace(rcfg.data, path=str(out / "pairs.jsonl")))
         start_stage = next((n for n, p in finals.items() if p == model_path), "")
-        plans.append(StagePlan(stage.name, stage.recipe, out, rcfg, model_path, ref_label, pairs,
-                               start_stage=start_stage))
+        plans.append(
+            StagePlan(stage.name, stage.recipe, out, rcfg, model_path, ref_label, pairs, start_stage=start_stage)
+        )
     if errors:
-        raise ConfigError("\n".join(errors) if len(errors) == 1 else
-                          f"{len(errors)} stages have config errors:\n  " + "\n  ".join(errors))
+        raise ConfigError(
+            "\n".join(errors)
+            if len(errors) == 1
+            else f"{len(errors)} stages have config errors:\n  " + "\n  ".join(errors)
+        )
     for control in cfg.controls:
         base = next(p for p in reversed(plans) if p.recipe == "grpo")
         out = root / "controls" / f"{base.name}_{control}"
@@ -224,21 +243,46 @@ def plan(cfg: PipelineConfig) -> list[StagePlan]:
         spurious = replace(first, name=CONTROL_VERIFIERS[control], options={})
         # The recipe's own held-out checks score with its first reward, here the spurious one: off (the
         # pipeline evaluates the control with the real verifier like every stage).
-        rcfg = replace(base.cfg, rewards=(spurious,) + tuple(base.cfg.rewards[1:]),
-                       train=replace(base.cfg.train, output_dir=str(out)), data=replace(base.cfg.data, eval_path=""),
-                       keep_best=False, stop_on=tuple(k for k in base.cfg.stop_on if k != "eval_decline"))
-        plans.append(StagePlan(f"{base.name}_{control}", "grpo", out, rcfg, base.start_model, base.ref_label,
-                               control_of=base.name, start_stage=base.start_stage))
+        rcfg = replace(
+            base.cfg,
+            rewards=(spurious,) + tuple(base.cfg.rewards[1:]),
+            train=replace(base.cfg.train, output_dir=str(out)),
+            data=replace(base.cfg.data, eval_path=""),
+            keep_best=False,
+            stop_on=tuple(k for k in base.cfg.stop_on if k != "eval_decline"),
+        )
+        plans.append(
+            StagePlan(
+                f"{base.name}_{control}",
+                "grpo",
+                out,
+                rcfg,
+                base.start_model,
+                base.ref_label,
+                control_of=base.name,
+                start_stage=base.start_stage,
+            )
+        )
     return plans
 
 
 def evaluate_stage_model(model_dir: str, cfg: PipelineConfig) -> dict:
     """A model directory scored on the pipeline's held-out set (``cfg.eval``), as the summary records it."""
     e = cfg.eval
-    return evaluate_model_dir(model_dir, e.data, split=e.split, limit=e.examples, num_examples=e.examples,
-                              verifier=e.verifier, verifier_options=e.verifier_options, k=e.k,
-                              temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=cfg.seed,
-                              engine=e.engine).to_json()
+    return evaluate_model_dir(
+        model_dir,
+        e.data,
+        split=e.split,
+        limit=e.examples,
+        num_examples=e.examples,
+        verifier=e.verifier,
+        verifier_options=e.verifier_options,
+        k=e.k,
+        temperature=e.temperature,
+        max_new_tokens=e.max_new_tokens,
+        seed=cfg.seed,
+        engine=e.engine,
+    ).to_json()
 
 
 def _pair_eval(stage_dir: Path) -> dict:
@@ -248,8 +292,13 @@ def _pair_eval(stage_dir: Path) -> dict:
         return {"kind": "pairs", "pair_accuracy": None, "n_pairs": 0}
     n = int(last.get("eval_pairs", 0))
     acc = float(last["eval_accuracy"])
-    return {"kind": "pairs", "pair_accuracy": acc, "pair_ci": wilson(acc * n, n), "n_pairs": n,
-            "margin": last.get("eval_rewards/margin")}
+    return {
+        "kind": "pairs",
+        "pair_accuracy": acc,
+        "pair_ci": wilson(acc * n, n),
+        "n_pairs": n,
+        "margin": last.get("eval_rewards/margin"),
+    }
 
 
 def _stage_eval(p: StagePlan, cfg: PipelineConfig) -> dict:
@@ -267,10 +316,21 @@ def _make_pairs(plan_: StagePlan) -> int:
     model, tok = load_model(ModelConfig(path=plan_.start_model))
     verifier = load_verifier(p.verifier)
     try:
-        out, stats = make_pairs(model, tok, data, verifier, p.n, max_new_tokens=p.max_new_tokens,
-                                temperature=p.temperature, pairs_per_prompt=p.pairs_per_prompt, kto=p.kto,
-                                seed=plan_.cfg.train.seed, progress=plan_.cfg.train.progress, engine=p.engine,
-                                gold_column=p.gold_column)
+        out, stats = make_pairs(
+            model,
+            tok,
+            data,
+            verifier,
+            p.n,
+            max_new_tokens=p.max_new_tokens,
+            temperature=p.temperature,
+            pairs_per_prompt=p.pairs_per_prompt,
+            kto=p.kto,
+            seed=plan_.cfg.train.seed,
+            progress=plan_.cfg.train.progress,
+            engine=p.engine,
+            gold_column=p.gold_column,
+        )
     finally:
         getattr(verifier, "close", lambda: None)()
     log.info("stage %s: %d pairs from %s (%s)", plan_.name, len(out), p.data, stats)
@@ -292,10 +352,10 @@ def _pass_through(plan_: StagePlan, reason: str) -> None:
     atomic_write_json(plan_.dir / "skipped.json", {"reason": reason})
 
 
-def _write_summary(root: Path, cfg: PipelineConfig, entries: list[dict], controls: list[dict],
-                   baseline: dict | None, t0: float) -> None:
-    summary = {"stages": entries, "controls": controls, "total_seconds": time.time() - t0,
-               "config": to_dict(cfg)}
+def _write_summary(
+    root: Path, cfg: PipelineConfig, entries: list[dict], controls: list[dict], baseline: dict | None, t0: float
+) -> None:
+    summary = {"stages": entries, "controls": controls, "total_seconds": time.time() - t0, "config": to_dict(cfg)}
     if baseline is not None:
         summary["baseline_eval"] = baseline
     atomic_write_json(root / "pipeline.json", summary)
@@ -314,7 +374,9 @@ def run(cfg: PipelineConfig) -> dict:
         root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     previous = dist.broadcast(_read_json(root / "pipeline.json") if dist.is_main else None) or {}
-    prior_seconds = {e["name"]: e.get("seconds", 0.0) for e in previous.get("stages", []) + previous.get("controls", [])}
+    prior_seconds = {
+        e["name"]: e.get("seconds", 0.0) for e in previous.get("stages", []) + previous.get("controls", [])
+    }
     baseline = None
     if cfg.eval.baseline and Path(plans[0].start_model).is_dir() and dist.is_main:
         baseline = _read_json(root / "baseline_eval.json") or evaluate_stage_model(plans[0].start_model, cfg)
@@ -344,9 +406,16 @@ def run(cfg: PipelineConfig) -> dict:
                 atomic_write_json(eval_file, ev)
                 _warn_below_majority(p.name, ev)
             seconds = prior_seconds.get(p.name, 0.0) + time.time() - started
-        entry = {"name": p.name, "recipe": p.recipe, "dir": str(p.dir.relative_to(root)), "eval": ev,
-                 "seconds": seconds, "start_model": p.start_model, "start_stage": p.start_stage,
-                 "ref_model": p.ref_label}
+        entry = {
+            "name": p.name,
+            "recipe": p.recipe,
+            "dir": str(p.dir.relative_to(root)),
+            "eval": ev,
+            "seconds": seconds,
+            "start_model": p.start_model,
+            "start_stage": p.start_stage,
+            "ref_model": p.ref_label,
+        }
         skipped = _read_json(p.dir / "skipped.json")
         if skipped:
             entry["skipped"] = skipped["reason"]
@@ -366,9 +435,16 @@ def _warn_below_majority(name: str, ev: dict) -> None:
     not shown it learned more than the answer distribution: say so where the stage ends."""
     verdict = versus_majority(ev)
     if verdict not in (None, "above"):
-        log.warning("stage %s: greedy accuracy %.1f%% [%.1f, %.1f] is %s the majority baseline %.1f%% "
-                    "(always answering %r)", name, 100 * ev["greedy_accuracy"], 100 * ev["greedy_ci"][0],
-                    100 * ev["greedy_ci"][1], verdict, 100 * ev["majority_baseline"], ev.get("majority_answer"))
+        log.warning(
+            "stage %s: greedy accuracy %.1f%% [%.1f, %.1f] is %s the majority baseline %.1f%% (always answering %r)",
+            name,
+            100 * ev["greedy_accuracy"],
+            100 * ev["greedy_ci"][0],
+            100 * ev["greedy_ci"][1],
+            verdict,
+            100 * ev["majority_baseline"],
+            ev.get("majority_answer"),
+        )
 
 
 def _read_json(path: Path) -> Any:
@@ -389,8 +465,9 @@ def format_table(summary: dict) -> Any:
     t = Table(title="held-out accuracy after each stage")
     for col in ("stage", "recipe", "greedy acc [95% CI]", "pass@k", "maj@k", "time"):
         t.add_column(col)
-    rows = ([("(start)", "", summary["baseline_eval"], 0.0)] if "baseline_eval" in summary else []) + \
-        [(e["name"], e["recipe"], e["eval"], e["seconds"]) for e in summary["stages"] + summary.get("controls", [])]
+    rows = ([("(start)", "", summary["baseline_eval"], 0.0)] if "baseline_eval" in summary else []) + [
+        (e["name"], e["recipe"], e["eval"], e["seconds"]) for e in summary["stages"] + summary.get("controls", [])
+    ]
     for name, recipe, ev, secs in rows:
         if ev.get("kind") == "pairs":  # a reward model: held-out pair accuracy
             acc, n = ev.get("pair_accuracy"), ev.get("n_pairs", 0)
@@ -399,8 +476,16 @@ def format_table(summary: dict) -> Any:
             continue
         lo, hi = ev["greedy_ci"]
         k = ev.get("k") or 0
-        t.add_row(name, recipe, f"{100 * ev['greedy_accuracy']:.1f}%  [{100 * lo:.1f}, {100 * hi:.1f}]",
-                  f"{100 * ev['pass_at_k']:.1f}% (k={k})" if k else "-",
-                  f"{100 * ev['maj_at_k']:.1f}%" if ev.get("maj_at_k") is not None
-                  else "- (no answer extractor)" if ev.get("maj_at_k_missing") else "-", f"{secs:.0f}s")
+        t.add_row(
+            name,
+            recipe,
+            f"{100 * ev['greedy_accuracy']:.1f}%  [{100 * lo:.1f}, {100 * hi:.1f}]",
+            f"{100 * ev['pass_at_k']:.1f}% (k={k})" if k else "-",
+            f"{100 * ev['maj_at_k']:.1f}%"
+            if ev.get("maj_at_k") is not None
+            else "- (no answer extractor)"
+            if ev.get("maj_at_k_missing")
+            else "-",
+            f"{secs:.0f}s",
+        )
     return t

@@ -26,7 +26,7 @@ from typing import Literal
 GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-REF_RECIPES = ("dpo", "ipo", "kto")            # preference losses with a reference
+REF_RECIPES = ("dpo", "ipo", "kto")  # preference losses with a reference
 PAIR_RECIPES = ("dpo", "ipo", "simpo", "orpo")  # one forward over chosen + rejected: 2 rows per pair
 RL_RECIPES = ("grpo", "ppo")
 RECIPES = ("pretrain", "sft", *PAIR_RECIPES, "kto", "grpo", "ppo", "reward_model")
@@ -48,16 +48,22 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     intermediate: int
-    tied: bool            # the LM head is the embedding matrix
+    tied: bool  # the LM head is the embedding matrix
     qkv_bias: bool = False  # Qwen2: biases on q, k, v (not o)
 
 
 def linear_dims(s: ModelShape) -> dict[str, tuple[int, int]]:
     """(in, out) features of each linear layer of one decoder layer."""
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    return {"q_proj": (s.hidden, q), "k_proj": (s.hidden, kv), "v_proj": (s.hidden, kv), "o_proj": (q, s.hidden),
-            "gate_proj": (s.hidden, s.intermediate), "up_proj": (s.hidden, s.intermediate),
-            "down_proj": (s.intermediate, s.hidden)}
+    return {
+        "q_proj": (s.hidden, q),
+        "k_proj": (s.hidden, kv),
+        "v_proj": (s.hidden, kv),
+        "o_proj": (q, s.hidden),
+        "gate_proj": (s.hidden, s.intermediate),
+        "up_proj": (s.hidden, s.intermediate),
+        "down_proj": (s.intermediate, s.hidden),
+    }
 
 
 def layer_params(s: ModelShape) -> int:
@@ -104,14 +110,14 @@ class Plan:
     gradient_checkpointing: bool = False
     lora_r: int = 0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    micro_batch: int = 8        # rows per forward/backward on one GPU (pairs for dpo/ipo/simpo/orpo/reward_model)
+    micro_batch: int = 8  # rows per forward/backward on one GPU (pairs for dpo/ipo/simpo/orpo/reward_model)
     seq_len: int = 512
-    completion_len: int = 64    # RL: max_completion_length
+    completion_len: int = 64  # RL: max_completion_length
     loss_tokens: int = 0
-    grad_accum: int = 0         # micro-batches per optimizer step (0: RL P*G / (n * micro_batch), else 1)
-    prompts_per_step: int = 8   # RL: P (global; each GPU generates P / n groups)
-    num_generations: int = 8    # RL: G
-    beta: float = 0.0           # grpo / ppo: > 0 holds a reference model
+    grad_accum: int = 0  # micro-batches per optimizer step (0: RL P*G / (n * micro_batch), else 1)
+    prompts_per_step: int = 8  # RL: P (global; each GPU generates P / n groups)
+    num_generations: int = 8  # RL: G
+    beta: float = 0.0  # grpo / ppo: > 0 holds a reference model
     precompute_ref: bool = True  # dpo / ipo / kto
     device: Literal["cuda", "cpu"] = "cuda"
 
@@ -140,8 +146,8 @@ class Part:
 @dataclass(frozen=True)
 class Estimate:
     parts: tuple[Part, ...]
-    phases: dict[str, int]   # per-GPU bytes at the peak of each phase (the always-held parts included)
-    host_bytes: int          # CPU memory per GPU process for offloaded state
+    phases: dict[str, int]  # per-GPU bytes at the peak of each phase (the always-held parts included)
+    host_bytes: int  # CPU memory per GPU process for offloaded state
 
     @property
     def peak(self) -> int:
@@ -168,10 +174,10 @@ class Act:
     """How a forward runs: activation bytes ``b`` (the compute dtype), which weights train, masks."""
 
     b: int
-    full: bool                    # every weight trains (else: frozen base, LoRA adapters on ``targets``)
+    full: bool  # every weight trains (else: frozen base, LoRA adapters on ``targets``)
     targets: tuple[str, ...] = ()
     lora_r: int = 0
-    masked: bool = True           # a padding / packing mask reaches attention (always, for RL's packed rows)
+    masked: bool = True  # a padding / packing mask reaches attention (always, for RL's packed rows)
 
 
 def _norm_saved(N: int, h: int, a: Act, out_saved: bool) -> int:
@@ -225,8 +231,9 @@ def model_saved(s: ModelShape, B: int, T: int, a: Act, checkpointing: bool) -> i
     embedding's gradient. With a frozen embedding (LoRA) the first layer's input needs no gradient: its
     first norm saves nothing and the ids are not kept."""
     N = B * T
-    layers = s.layers * a.b * N * s.hidden + layer_saved(s, B, T, a) if checkpointing \
-        else s.layers * layer_saved(s, B, T, a)
+    layers = (
+        s.layers * a.b * N * s.hidden + layer_saved(s, B, T, a) if checkpointing else s.layers * layer_saved(s, B, T, a)
+    )
     final = 4 * N * s.hidden + 4 * N + (a.b * N * s.hidden if a.full else 0)
     frozen_input = 0 if a.full or checkpointing else 4 * N * s.hidden + 4 * N
     return layers + final + 2 * a.b * N * s.head_dim + (8 * N if a.full else 0) - frozen_input
@@ -341,17 +348,29 @@ def _policy_parts(s: ModelShape, plan: Plan, add) -> tuple[float, float, int, fl
     else:
         T_params, T_tensors, b_train = P, param_tensors(s, scalar), b_store
     adapters = T_params * b_train if lora else 0
-    add("policy weights", 0 if off else (P * b_store + adapters) / shard, "always",
-        f"{P / 1e9:.3g}B x {b_store} B ({plan.dtype})" + (" + fp32 adapters" if lora else "") + f", {where}")
+    add(
+        "policy weights",
+        0 if off else (P * b_store + adapters) / shard,
+        "always",
+        f"{P / 1e9:.3g}B x {b_store} B ({plan.dtype})" + (" + fp32 adapters" if lora else "") + f", {where}",
+    )
     what = f"LoRA r={plan.lora_r} adapters (fp32)" if lora else "every weight"
     # Gradients: one per trainable parameter, in its dtype (FSDP2 reduce-scatters into the sharded
     # parameter's dtype, in fp32 with mixed precision); sharded by n under FSDP.
-    add("gradients", 0 if off else T_params * b_train / shard, "train",
-        f"{T_params / 1e6:.4g}M trainable ({what}) x {b_train} B, {where}")
+    add(
+        "gradients",
+        0 if off else T_params * b_train / shard,
+        "train",
+        f"{T_params / 1e6:.4g}M trainable ({what}) x {b_train} B, {where}",
+    )
     # AdamW: exp_avg and exp_avg_sq like the parameter (zeros_like: its dtype) + a 4-byte step per tensor.
     opt = 2 * T_params * b_train / shard + 4 * T_tensors
-    add("optimizer state", 0 if off else opt, "always",
-        f"AdamW: 2 x {T_params / 1e6:.4g}M x {b_train} B + steps, {where}")
+    add(
+        "optimizer state",
+        0 if off else opt,
+        "always",
+        f"AdamW: 2 x {T_params / 1e6:.4g}M x {b_train} B + steps, {where}",
+    )
     host = (P * b_store + adapters + T_params * b_train + 2 * T_params * b_train) / shard if off else 0
     return P, T_params, b_train, host
 
@@ -365,10 +384,13 @@ def _fsdp_transients(s: ModelShape, plan: Plan, P: float, add) -> tuple[float, f
     # backward, the next one prefetched: 2 layers; the root (embedding, final norm, head) stays gathered
     # through forward and backward. Its unsharded gradients exist for one layer before the reduce-scatter
     # (and an fp32 copy for the fp32 reduction under bf16 mixed precision).
-    root = (P - s.layers * layer_params(s))
-    gathered = (2 * layer_params(s) + root) * b_act if fsdp else (
-        (2 * layer_params(s) + root) * b_act if plan.mixed_precision == "bf16" and b_store != b_act else 0)
-    layer_grad = (layer_params(s) if not lora else lora_params(s, plan.lora_r, plan.lora_targets) / s.layers)
+    root = P - s.layers * layer_params(s)
+    gathered = (
+        (2 * layer_params(s) + root) * b_act
+        if fsdp
+        else ((2 * layer_params(s) + root) * b_act if plan.mixed_precision == "bf16" and b_store != b_act else 0)
+    )
+    layer_grad = layer_params(s) if not lora else lora_params(s, plan.lora_r, plan.lora_targets) / s.layers
     unsharded_grads = layer_grad * (b_act + (4 if plan.mixed_precision == "bf16" else 0)) if fsdp else 0
     if gathered:
         add("gathered parameters", gathered, "train", "two layers + embedding/head, in the compute dtype (all-gather)")
@@ -377,8 +399,9 @@ def _fsdp_transients(s: ModelShape, plan: Plan, P: float, add) -> tuple[float, f
     return gathered, unsharded_grads
 
 
-def _other_models(s: ModelShape, plan: Plan, held: dict[str, bool], reward: ModelShape, add, B: int, T: int,
-                  K: int, masked: bool) -> tuple[float, float]:
+def _other_models(
+    s: ModelShape, plan: Plan, held: dict[str, bool], reward: ModelShape, add, B: int, T: int, K: int, masked: bool
+) -> tuple[float, float]:
     """The models besides the policy (``add``s their parts): (the critic's saved activations, host bytes
     they keep under offload)."""
     n, off, fsdp = plan.gpus, plan.offload, plan.strategy == "fsdp"
@@ -392,12 +415,17 @@ def _other_models(s: ModelShape, plan: Plan, held: dict[str, bool], reward: Mode
     if held["critic"]:
         Pc = scalar_params(s)
         add("critic weights", 0 if off else Pc * b_store / shard, "always", f"{Pc / 1e9:.3g}B x {b_store} B, {where}")
-        add("critic optimizer state", 0 if off else 2 * Pc * b_store / shard + 4 * param_tensors(s, True), "always",
-            "AdamW over every critic weight (the critic trains in full)")
+        add(
+            "critic optimizer state",
+            0 if off else 2 * Pc * b_store / shard + 4 * param_tensors(s, True),
+            "always",
+            "AdamW over every critic weight (the critic trains in full)",
+        )
         add("critic gradients", 0 if off else Pc * b_store / shard, "train", f"{Pc / 1e9:.3g}B x {b_store} B, {where}")
         critic_act = Act(b_act, full=True, masked=masked)
-        critic_saved = (model_saved(s, B, T, critic_act, plan.gradient_checkpointing)
-                        + head_saved(s, B, T, K, critic_act, "scalar"))
+        critic_saved = model_saved(s, B, T, critic_act, plan.gradient_checkpointing) + head_saved(
+            s, B, T, K, critic_act, "scalar"
+        )
         host += (Pc * b_store * 4) / shard if off else 0
     if held["reference"]:
         add("reference weights", 0 if off else P * b_store / shard, "always", f"frozen copy of the policy, {where}")
@@ -406,7 +434,12 @@ def _other_models(s: ModelShape, plan: Plan, held: dict[str, bool], reward: Mode
         # Frozen and replicated on every GPU, in the compute dtype: nothing updates it, so it needs no fp32
         # copy (the reward_model verifier's own ``dtype`` option; bfloat16 under mixed precision).
         Pr = scalar_params(reward)
-        add("reward model weights", Pr * b_act, "always", f"{Pr / 1e9:.3g}B x {b_act} B, frozen, replicated on every GPU")
+        add(
+            "reward model weights",
+            Pr * b_act,
+            "always",
+            f"{Pr / 1e9:.3g}B x {b_act} B, frozen, replicated on every GPU",
+        )
     return critic_saved, host
 
 
@@ -418,8 +451,13 @@ def _rollout(s: ModelShape, plan: Plan, P: float, b_act: int, add) -> float:
     rows = max(1, math.ceil(plan.prompts_per_step / plan.gpus)) * plan.num_generations
     rows = min(rows, max(1, 256 // plan.num_generations) * plan.num_generations)  # the engine's max_batch
     kv = kv_cache(s, rows, plan.seq_len, b_act)
-    add("rollout KV cache", kv, "rollout", f"{rows} rows x {plan.seq_len} tokens x 2 x {s.layers} layers x "
-        f"{s.kv_heads} kv heads x {s.head_dim} x {b_act} B")
+    add(
+        "rollout KV cache",
+        kv,
+        "rollout",
+        f"{rows} rows x {plan.seq_len} tokens x 2 x {s.layers} layers x "
+        f"{s.kv_heads} kv heads x {s.head_dim} x {b_act} B",
+    )
     unshard = P * b_act if plan.strategy == "fsdp" else 0
     if unshard:
         add("unsharded policy (rollout)", unshard, "rollout", f"{P / 1e9:.3g}B x {b_act} B on every GPU")
@@ -468,14 +506,26 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
     # activations and transients). With several micro-batches per step, the gradients of the earlier
     # ones are all there already.
     acts = saved + critic_saved
-    add("activations", acts, "train", f"saved for backward: {B} rows x {T} tokens"
-        + (" (gradient checkpointing: layer inputs + one layer)" if plan.gradient_checkpointing else ""))
-    add("head / logits (transient)", t_head, "train", {"chunked": "fp32 logits tiles + head-gradient buffers",
-                                                      "full": "(N, V) logits gradient", "scalar": "-"}[head])
+    add(
+        "activations",
+        acts,
+        "train",
+        f"saved for backward: {B} rows x {T} tokens"
+        + (" (gradient checkpointing: layer inputs + one layer)" if plan.gradient_checkpointing else ""),
+    )
+    add(
+        "head / logits (transient)",
+        t_head,
+        "train",
+        {"chunked": "fp32 logits tiles + head-gradient buffers", "full": "(N, V) logits gradient", "scalar": "-"}[head],
+    )
     grads = sum(p.bytes for p in parts if p.name in ("gradients", "critic gradients"))
     # RL: each GPU updates on its P*G/n sequences in micro-batches of ``micro_batch`` rows.
-    accum = plan.grad_accum or (math.ceil(plan.prompts_per_step * plan.num_generations / n / plan.micro_batch)
-                                if plan.recipe in RL_RECIPES else 1)
+    accum = plan.grad_accum or (
+        math.ceil(plan.prompts_per_step * plan.num_generations / n / plan.micro_batch)
+        if plan.recipe in RL_RECIPES
+        else 1
+    )
     critic = held["critic"]
     heads = head_saved(s, B, T, K, act, head) + (head_saved(s, B, T, K, act, "scalar") if critic else 0)
     head_grad = s.vocab * s.hidden * b_train / shard if trains_head and not off else 0
@@ -493,8 +543,11 @@ def estimate(shape: ModelShape, plan: Plan, reward: ModelShape | None = None) ->
     # Optimizer step: every gradient + AdamW's temporaries -- CUDA's foreach implementation allocates a
     # sqrt(exp_avg_sq) list as large as one moment; CPU's per-tensor loop, one for the largest tensor.
     if not off:
-        largest = max(s.vocab * s.hidden, s.hidden * s.intermediate) * b_train if not lora else \
-            max(plan.lora_r * max(linear_dims(s)[t]) for t in plan.lora_targets) * 4
+        largest = (
+            max(s.vocab * s.hidden, s.hidden * s.intermediate) * b_train
+            if not lora
+            else max(plan.lora_r * max(linear_dims(s)[t]) for t in plan.lora_targets) * 4
+        )
         adam_tmp = T_params * b_train / shard if plan.device == "cuda" else largest
         add("optimizer-step temporaries", adam_tmp, "step", "foreach sqrt(v) (CUDA) / largest tensor (CPU)")
         phases["step"] = always + grads + adam_tmp
@@ -545,8 +598,9 @@ class Option:
     fits: bool
 
 
-def search(shape: ModelShape, plan: Plan, capacity: int, reward: ModelShape | None = None,
-           cpu_memory: int = 0) -> list[Option]:
+def search(
+    shape: ModelShape, plan: Plan, capacity: int, reward: ModelShape | None = None, cpu_memory: int = 0
+) -> list[Option]:
     """Every combination of strategy (replicate, fsdp, fsdp + CPU offload), gradient checkpointing and
     micro-batch (halved down to 1) for ``plan``'s model, recipe and LoRA setting, ranked: fitting first
     (peak <= ``capacity`` per GPU and, when ``cpu_memory`` is given, the offloaded state of all GPUs
@@ -559,8 +613,13 @@ def search(shape: ModelShape, plan: Plan, capacity: int, reward: ModelShape | No
     for strategy in (*strategies, "fsdp+offload"):
         for ckpt in (False, True):
             for mb in mbs:
-                p = replace(plan, strategy="fsdp" if strategy != "replicate" else "replicate",
-                            offload=strategy == "fsdp+offload", gradient_checkpointing=ckpt, micro_batch=mb)
+                p = replace(
+                    plan,
+                    strategy="fsdp" if strategy != "replicate" else "replicate",
+                    offload=strategy == "fsdp+offload",
+                    gradient_checkpointing=ckpt,
+                    micro_batch=mb,
+                )
                 e = estimate(shape, p, reward)
                 fits = e.peak <= capacity and (not cpu_memory or e.host_bytes * p.gpus <= cpu_memory)
                 options.append(Option(p, e, throughput_cost(p, plan.micro_batch), fits))

@@ -50,12 +50,14 @@ def make_policy_loss(cfg: GRPOConfig) -> PolicyLoss:
     """Chosen once at setup: (logps_BT, old_logps_BT, advantages, mask_BT) -> per-token terms. The
     advantages are per sequence, (B,) (GRPO), or per token, (B, T) (PPO's GAE). ``cfg`` is any config
     with the policy-loss fields (GRPO's, PPO's)."""
+
     def per_token(adv):
         return adv[:, None] if adv.dim() == 1 else adv
 
     if cfg.loss == "ppo_clip":
-        return lambda lp, old, adv, m: ppo_clip_loss(lp, old, per_token(adv), eps_low=cfg.eps_low,
-                                                     eps_high=cfg.eps_high, dual_clip=cfg.dual_clip or None)
+        return lambda lp, old, adv, m: ppo_clip_loss(
+            lp, old, per_token(adv), eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip or None
+        )
     if cfg.loss == "gspo":
         return lambda lp, old, adv, m: gspo_loss(lp, old, adv, m, eps_low=cfg.eps_low, eps_high=cfg.eps_high)
     return lambda lp, old, adv, m: cispo_loss(lp, old, per_token(adv), eps_high=cfg.eps_high)
@@ -95,8 +97,9 @@ class StepBatch:
     src: torch.Tensor | None = None
 
     def to(self, device) -> "StepBatch":
-        return StepBatch(self.inputs.to(device), self.target_mask_BT.to(device),
-                         None if self.src is None else self.src.to(device))
+        return StepBatch(
+            self.inputs.to(device), self.target_mask_BT.to(device), None if self.src is None else self.src.to(device)
+        )
 
 
 def micro_batches(seqs, size: int, pad_id: int, device, packed: bool = False) -> list[tuple[StepBatch, torch.Tensor]]:
@@ -109,14 +112,14 @@ def micro_batches(seqs, size: int, pad_id: int, device, packed: bool = False) ->
     how sequences are grouped changes neither its value nor its gradient (tests/test_grpo.py)."""
     lengths = [len(e) for e, _ in seqs]
     order = sorted(range(len(seqs)), key=lambda i: lengths[i])
-    chunks = [[[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
+    chunks = [[[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
     if packed:
         bins = pack_indices(lengths, max(lengths))
         # Packing pays only where it removes padding; else (e.g. every completion hit the length cap)
         # the padded rows cost no more and skip the 4D mask.
         packed = len(bins) * max(lengths) < sum(len(c) * lengths[c[-1][0]] for c in chunks)
         if packed:
-            chunks = [bins[s:s + size] for s in range(0, len(bins), size)]
+            chunks = [bins[s : s + size] for s in range(0, len(bins), size)]
     out = []
     for rows in chunks:
         idx = [i for row in rows for i in row]
@@ -142,21 +145,31 @@ def _pack_rows(rows: list[list[Example]], mask_BT: torch.Tensor, pad_id: int) ->
     src_K = row_B[seq_K] * p.input_ids_BT.shape[1] + offset_B[seq_K] + t_K
     packed_mask = torch.zeros_like(p.target_mask_BT)
     packed_mask.view(-1)[src_K] = 1.0
-    return StepBatch(LMBatch(p.input_ids_BT, p.attention_mask, p.position_ids_BT, p.targets_BT, packed_mask),
-                     mask_BT, src_K)
+    return StepBatch(
+        LMBatch(p.input_ids_BT, p.attention_mask, p.position_ids_BT, p.targets_BT, packed_mask), mask_BT, src_K
+    )
 
 
 def policy_logps(model, batch: StepBatch, temperature: float, with_entropy: bool = False):
     """(logps_BT, mean entropy): log-probs of the completion tokens in sequence layout (0 at masked
     positions), whichever layout the model ran on."""
     x = batch.inputs
-    logps, ent = completion_logps(model, x.input_ids_BT, x.attention_mask, x.position_ids_BT, x.targets_BT,
-                                  x.target_mask_BT, temperature, with_entropy=with_entropy)
+    logps, ent = completion_logps(
+        model,
+        x.input_ids_BT,
+        x.attention_mask,
+        x.position_ids_BT,
+        x.targets_BT,
+        x.target_mask_BT,
+        temperature,
+        with_entropy=with_entropy,
+    )
     if batch.src is None:
         return logps, ent
     sel_BT = batch.target_mask_BT > 0
     return torch.zeros(sel_BT.shape, dtype=logps.dtype, device=logps.device).masked_scatter(
-        sel_BT, logps.reshape(-1)[batch.src]), ent
+        sel_BT, logps.reshape(-1)[batch.src]
+    ), ent
 
 
 @torch.no_grad()
@@ -209,10 +222,14 @@ def train(cfg: GRPOConfig) -> Path:
             rounds = itertools.count()
             t_step = time.time()
             # 1-2. rollout + reward (dynamic sampling may take several rounds)
-            groups, generated, stats = collect_groups(lambda: rollouts.round(model, dist, step, next(rounds), timing),  # noqa: B023 - called within this iteration
-                                                      cfg.prompts_per_step,
-                                                      dynamic=cfg.dynamic_sampling, max_rounds=cfg.max_gen_batches,
-                                                      gather=dist.gather, rank=dist.rank)
+            groups, generated, stats = collect_groups(
+                lambda: rollouts.round(model, dist, step, next(rounds), timing),  # noqa: B023 - called within this iteration
+                cfg.prompts_per_step,
+                dynamic=cfg.dynamic_sampling,
+                max_rounds=cfg.max_gen_batches,
+                gather=dist.gather,
+                rank=dist.rank,
+            )
             timing["generate"] = time.time() - t_step - timing["reward"]
             generated = [g for part in dist.gather(generated) for g in part]  # every rank's, for the metrics
             metrics = rollout_metrics(generated, stats)  # what the policy did, before any filtering
@@ -220,8 +237,13 @@ def train(cfg: GRPOConfig) -> Path:
             metrics.update(watch.metrics(generated))
             if stats.bound_reached:
                 short_steps += 1
-                log.debug("step %d: dynamic sampling hit max_gen_batches=%d with %d/%d varied groups; "
-                          "training on those", step, cfg.max_gen_batches, stats.kept_groups, cfg.prompts_per_step)
+                log.debug(
+                    "step %d: dynamic sampling hit max_gen_batches=%d with %d/%d varied groups; training on those",
+                    step,
+                    cfg.max_gen_batches,
+                    stats.kept_groups,
+                    cfg.prompts_per_step,
+                )
             n_groups = dist.sum(len(groups))  # a rank may hold none of the kept groups: it still runs the update
             if n_groups and not dist.sum(sum(g.has_variance for g in groups)):
                 # Every group's rewards are equal: all advantages are 0, nothing to learn from (a step
@@ -230,13 +252,30 @@ def train(cfg: GRPOConfig) -> Path:
                 # reward alone, also with kl_in=reward).
                 flat_steps += 1
                 if flat_steps == 1:
-                    log.warning("step %d: every group has identical rewards, nothing to learn from; the update is "
-                                "skipped (metric skipped_update)", step)
+                    log.warning(
+                        "step %d: every group has identical rewards, nothing to learn from; the update is "
+                        "skipped (metric skipped_update)",
+                        step,
+                    )
                 n_groups = 0
             if n_groups:
                 rollouts.engine.sleep()  # vllm on CUDA: its memory goes back to the trainer during the update
-                metrics.update(update_policy(cfg, model, ref, groups, optimizer, scheduler, policy_loss,
-                                             tok.pad_token_id, device, timing, step, dist))
+                metrics.update(
+                    update_policy(
+                        cfg,
+                        model,
+                        ref,
+                        groups,
+                        optimizer,
+                        scheduler,
+                        policy_loss,
+                        tok.pad_token_id,
+                        device,
+                        timing,
+                        step,
+                        dist,
+                    )
+                )
                 t0 = time.time()
                 rollouts.sync(model, dist)
                 timing["update"] += time.time() - t0
@@ -245,17 +284,35 @@ def train(cfg: GRPOConfig) -> Path:
             gen_tokens = sum(len(c) for g in generated for c in g.completion_ids)
             dt = time.time() - t_step
             metrics.update({f"time/{k}": v for k, v in timing.items()})
-            metrics.update(step_time=dt, tokens_per_s=gen_tokens / max(dt, 1e-9), lr=scheduler.get_last_lr()[0],
-                           wall_time=time.time() - run.start_time)
+            metrics.update(
+                step_time=dt,
+                tokens_per_s=gen_tokens / max(dt, 1e-9),
+                lr=scheduler.get_last_lr()[0],
+                wall_time=time.time() - run.start_time,
+            )
             metrics.update(run.memory.metrics([model, ref, *reward_models(rollouts.reward_fn)], [optimizer]))
             stop = rollouts.record(run, model, step, last, generated, metrics, watch)
             progress.update(step, f"reward {metrics['reward/mean']:.3f} acc {metrics['accuracy']:.2f}")
             if not cfg.train.progress and loop.should(cfg.train.log_every, step, last):
-                log.info("grpo step %d/%d reward %.3f acc %.3f len %.1f", step, last, metrics["reward/mean"],
-                         metrics["accuracy"], metrics["completion_len/mean"])
+                log.info(
+                    "grpo step %d/%d reward %.3f acc %.3f len %.1f",
+                    step,
+                    last,
+                    metrics["reward/mean"],
+                    metrics["accuracy"],
+                    metrics["completion_len/mean"],
+                )
             if loop.should(cfg.train.save_every, step, last) or stop:
-                loop.save(run, cfg, step, model, tok, optimizer, scheduler,
-                          {**rollouts.state_dict(dist), "watch": watch.state_dict(), "stopped": stop})
+                loop.save(
+                    run,
+                    cfg,
+                    step,
+                    model,
+                    tok,
+                    optimizer,
+                    scheduler,
+                    {**rollouts.state_dict(dist), "watch": watch.state_dict(), "stopped": stop},
+                )
             if stop:
                 last = step
                 break
@@ -264,17 +321,28 @@ def train(cfg: GRPOConfig) -> Path:
         run.tracker.close()
         rollouts.close()
     if short_steps:
-        log.warning("dynamic sampling reached max_gen_batches=%d with fewer than %d varied groups on %d of %d "
-                    "steps; those steps trained on the groups they had (metric: dynamic_sampling_short)",
-                    cfg.max_gen_batches, cfg.prompts_per_step, short_steps, last - start)
+        log.warning(
+            "dynamic sampling reached max_gen_batches=%d with fewer than %d varied groups on %d of %d "
+            "steps; those steps trained on the groups they had (metric: dynamic_sampling_short)",
+            cfg.max_gen_batches,
+            cfg.prompts_per_step,
+            short_steps,
+            last - start,
+        )
     if flat_steps:
-        log.warning("every group had identical rewards on %d of %d steps: nothing to learn from, so those updates "
-                    "were skipped (metric skipped_update). Check that the reward can tell completions apart "
-                    "(posttrain audit-verifier) and that the task is neither too easy nor too hard for the model",
-                    flat_steps, last - start)
+        log.warning(
+            "every group had identical rewards on %d of %d steps: nothing to learn from, so those updates "
+            "were skipped (metric skipped_update). Check that the reward can tell completions apart "
+            "(posttrain audit-verifier) and that the task is neither too easy nor too hard for the model",
+            flat_steps,
+            last - start,
+        )
     if faulty:
-        log.warning("reward_non_finite=zero: %d completions had a non-finite reward (or none that applied) and "
-                    "were scored 0 in this run (metric reward/non_finite)", faulty)
+        log.warning(
+            "reward_non_finite=zero: %d completions had a non-finite reward (or none that applied) and "
+            "were scored 0 in this run (metric reward/non_finite)",
+            faulty,
+        )
     return loop.export(run, model, tok)
 
 
@@ -290,8 +358,20 @@ def pad_micro_batches(mbs: list, empty_index: int, dist, pad_id: int, device) ->
     return mbs + [(empty, torch.tensor([empty_index]))] * extra
 
 
-def update_policy(cfg: GRPOConfig, model, ref, groups: list[Group], optimizer, scheduler, policy_loss: PolicyLoss,
-                  pad_id: int, device, timing: dict, step: int, dist=None) -> dict:
+def update_policy(
+    cfg: GRPOConfig,
+    model,
+    ref,
+    groups: list[Group],
+    optimizer,
+    scheduler,
+    policy_loss: PolicyLoss,
+    pad_id: int,
+    device,
+    timing: dict,
+    step: int,
+    dist=None,
+) -> dict:
     """Steps 3-5: advantages, log-probs, mu optimizer updates. Returns the update metrics. Data-parallel,
     ``groups`` are this rank's; counts, batch statistics and metrics are taken over every rank's."""
     dist = dist or Dist()
@@ -304,7 +384,7 @@ def update_policy(cfg: GRPOConfig, model, ref, groups: list[Group], optimizer, s
     refs = ref_logps(ref, model, mbs, cfg.temperature) if ref is not None else None
     if refs is not None and cfg.kl_in == "reward":
         # Subtract beta * (summed KL of the completion) from its reward, before the baseline.
-        rewards_PG = rewards_PG - cfg.beta * sequence_kl(model, mbs, refs, cfg)[:len(seqs)].view_as(rewards_PG)
+        rewards_PG = rewards_PG - cfg.beta * sequence_kl(model, mbs, refs, cfg)[: len(seqs)].view_as(rewards_PG)
     adv = torch.cat([global_advantages(rewards_PG, cfg, dist).flatten(), torch.zeros(1)])  # 0: the empty slot
     advs = [adv[idx].to(device) for _, idx in mbs]
     old = frozen_logps(model, mbs, cfg.temperature) if cfg.num_iterations > 1 else None
@@ -327,15 +407,25 @@ def update_policy(cfg: GRPOConfig, model, ref, groups: list[Group], optimizer, s
             if rollout is not None:
                 # The weight compares theta_old under the trainer with the engine (a constant): the same
                 # in every one of the mu updates.
-                isw = rollout_is_weights(old_lp, rollout[j], m, mode="mask" if cfg.rollout_is == "mis" else "truncate",
-                                         level=cfg.rollout_is_level, cap=cfg.rollout_is_cap,
-                                         cap_low=cfg.rollout_is_cap_low)
+                isw = rollout_is_weights(
+                    old_lp,
+                    rollout[j],
+                    m,
+                    mode="mask" if cfg.rollout_is == "mis" else "truncate",
+                    level=cfg.rollout_is_level,
+                    cap=cfg.rollout_is_cap,
+                    cap_low=cfg.rollout_is_cap_low,
+                )
                 if cfg.rollout_is != "none":
                     loss_BT = loss_BT * isw.weights_BT
                 if it == 0:
                     keep = m > 0
-                    for k, v in (("old", old_lp), ("rollout", rollout[j]), ("w", isw.weights_BT),
-                                 ("clipped", isw.clipped_BT)):
+                    for k, v in (
+                        ("old", old_lp),
+                        ("rollout", rollout[j]),
+                        ("w", isw.weights_BT),
+                        ("clipped", isw.clipped_BT),
+                    ):
                         seen[k].append(v.detach()[keep].float().cpu())
             if refs is not None:
                 kl_BT = kl_estimate(logps, refs[j], cfg.kl_estimator)
@@ -351,11 +441,16 @@ def update_policy(cfg: GRPOConfig, model, ref, groups: list[Group], optimizer, s
             if ent is not None:
                 sums["entropy"] += ent * w
         sums = {k: dist.sum(v) for k, v in sums.items()}  # each rank held its share of the global sums
-        grad_norm = loop.optimizer_step(model, optimizer, scheduler, max_grad_norm=cfg.optim.max_grad_norm,
-                                        step=step, loss=sums["loss"])
+        grad_norm = loop.optimizer_step(
+            model, optimizer, scheduler, max_grad_norm=cfg.optim.max_grad_norm, step=step, loss=sums["loss"]
+        )
         if it == 0:
-            out.update(loss=sums["loss"], entropy=sums["entropy"], grad_norm=grad_norm,
-                       **{"clip_frac/low": sums["clip_low"], "clip_frac/high": sums["clip_high"]})
+            out.update(
+                loss=sums["loss"],
+                entropy=sums["entropy"],
+                grad_norm=grad_norm,
+                **{"clip_frac/low": sums["clip_low"], "clip_frac/high": sums["clip_high"]},
+            )
             if refs is not None:
                 out["kl"] = sums["kl"]
     seen = {k: [t for part in dist.gather(v) for t in part] for k, v in seen.items()}
@@ -373,8 +468,8 @@ def global_advantages(rewards_PG: torch.Tensor, cfg, dist) -> torch.Tensor:
     if cfg.scale != "batch" or not dist.enabled:
         return compute_advantages(rewards_PG, cfg)
     parts = dist.gather(rewards_PG)
-    start = sum(len(p) for p in parts[:dist.rank])
-    return compute_advantages(torch.cat(parts), cfg)[start:start + len(rewards_PG)]
+    start = sum(len(p) for p in parts[: dist.rank])
+    return compute_advantages(torch.cat(parts), cfg)[start : start + len(rewards_PG)]
 
 
 def aggregation_counts(cfg, mbs, dist=None) -> tuple[float, dict]:
@@ -383,9 +478,12 @@ def aggregation_counts(cfg, mbs, dist=None) -> tuple[float, dict]:
     dist = dist or Dist()
     num_tokens = dist.sum(sum(b.target_mask_BT.sum().item() for b, _ in mbs))
     num_seqs = dist.sum(sum((b.target_mask_BT.sum(1) > 0).sum().item() for b, _ in mbs))
-    return num_tokens, {"token_mean": dict(num_tokens=num_tokens), "seq_mean_token_mean": dict(num_seqs=num_seqs),
-                        "seq_mean_token_sum": dict(num_seqs=num_seqs),
-                        "seq_sum_const": dict(num_seqs=num_seqs, const_len=cfg.max_completion_length)}[cfg.aggregation]
+    return num_tokens, {
+        "token_mean": dict(num_tokens=num_tokens),
+        "seq_mean_token_mean": dict(num_seqs=num_seqs),
+        "seq_mean_token_sum": dict(num_seqs=num_seqs),
+        "seq_sum_const": dict(num_seqs=num_seqs, const_len=cfg.max_completion_length),
+    }[cfg.aggregation]
 
 
 def rollout_logps(groups: list[Group], mbs) -> list[torch.Tensor] | None:
@@ -402,7 +500,7 @@ def rollout_logps(groups: list[Group], mbs) -> list[torch.Tensor] | None:
             if i >= len(flat):
                 continue  # an empty micro-batch's row (pad_micro_batches): nothing was sampled
             start, lp = flat[i]
-            r_BT[row, start - 1:start - 1 + len(lp)] = torch.tensor(lp, dtype=torch.float32)
+            r_BT[row, start - 1 : start - 1 + len(lp)] = torch.tensor(lp, dtype=torch.float32)
         out.append(r_BT.to(batch.target_mask_BT.device))
     return out
 
@@ -412,8 +510,14 @@ def correction_metrics(cfg: GRPOConfig, old_N, rollout_N, w_N, clipped_N) -> dic
     distribution of the importance weights it applied."""
     out = {f"mismatch/{k}": v for k, v in mismatch_stats(old_N, rollout_N, torch.ones_like(old_N)).items()}
     if cfg.rollout_is != "none" and len(w_N):
-        out.update({"is_weight/mean": w_N.mean().item(), "is_weight/min": w_N.min().item(),
-                    "is_weight/max": w_N.max().item(), "is_weight/clipped_frac": clipped_N.mean().item()})
+        out.update(
+            {
+                "is_weight/mean": w_N.mean().item(),
+                "is_weight/min": w_N.min().item(),
+                "is_weight/max": w_N.max().item(),
+                "is_weight/clipped_frac": clipped_N.mean().item(),
+            }
+        )
     return out
 
 

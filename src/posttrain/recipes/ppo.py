@@ -64,12 +64,18 @@ def load_critic(cfg: PPOConfig, policy, tok, device):
             i, spec = next((i, r) for i, r in enumerate(cfg.rewards) if r.name == "reward_model")
             init, field = str(spec.options.get("path", "")), f"rewards[{i}].options.path"
             check_scalar_dir(init, field)
-        critic, critic_tok = load_scalar(replace(cfg.model, path=init, dtype=cfg.critic.dtype, tokenizer=""),
-                                         device=device, field=field, zero_head=True)
+        critic, critic_tok = load_scalar(
+            replace(cfg.model, path=init, dtype=cfg.critic.dtype, tokenizer=""),
+            device=device,
+            field=field,
+            zero_head=True,
+        )
         if not same_vocabulary(critic_tok, tok):
-            raise ModelError(f"{field}={init!r}: the critic's tokenizer differs from the policy's "
-                             f"({len(critic_tok)} vs {len(tok)} tokens); a critic reads the policy's token ids, "
-                             f"so it needs the same vocabulary")
+            raise ModelError(
+                f"{field}={init!r}: the critic's tokenizer differs from the policy's "
+                f"({len(critic_tok)} vs {len(tok)} tokens); a critic reads the policy's token ids, "
+                f"so it needs the same vocabulary"
+            )
     disable_dropout(critic)
     return critic.to(device).train()
 
@@ -95,8 +101,9 @@ def to_rows(x_NL: torch.Tensor, batch: StepBatch, idx: torch.Tensor, mask_NL: to
     return torch.zeros(sel_BT.shape, dtype=x_NL.dtype, device=sel_BT.device).masked_scatter(sel_BT, vals)
 
 
-def from_rows(x_BT: torch.Tensor, batch: StepBatch, idx: torch.Tensor, out_NL: torch.Tensor,
-              mask_NL: torch.Tensor) -> None:
+def from_rows(
+    x_BT: torch.Tensor, batch: StepBatch, idx: torch.Tensor, out_NL: torch.Tensor, mask_NL: torch.Tensor
+) -> None:
     sel = mask_NL[idx] > 0
     out_NL[idx] = out_NL[idx].masked_scatter(sel, x_BT[batch.target_mask_BT > 0].detach().to(out_NL))
 
@@ -164,16 +171,33 @@ def gathered(dist, *tensors_NL: torch.Tensor) -> list[torch.Tensor]:
         return list(tensors_NL)
     parts = dist.gather([t.cpu() for t in tensors_NL])
     L = max(p[0].shape[1] for p in parts)
-    return [torch.cat([torch.nn.functional.pad(p[i], (0, L - p[i].shape[1])) for p in parts])
-            for i in range(len(tensors_NL))]
+    return [
+        torch.cat([torch.nn.functional.pad(p[i], (0, L - p[i].shape[1])) for p in parts])
+        for i in range(len(tensors_NL))
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # The update
 
 
-def ppo_update(cfg: PPOConfig, model, critic, ref, groups: list[Group], opt, sched, critic_opt, critic_sched,
-               policy_loss, pad_id: int, device, timing: dict, step: int, dist=None) -> dict:
+def ppo_update(
+    cfg: PPOConfig,
+    model,
+    critic,
+    ref,
+    groups: list[Group],
+    opt,
+    sched,
+    critic_opt,
+    critic_sched,
+    policy_loss,
+    pad_id: int,
+    device,
+    timing: dict,
+    step: int,
+    dist=None,
+) -> dict:
     """Steps 2-5 for one rollout batch. Returns the step's update metrics. Data-parallel, ``groups`` are
     this rank's: whitening and the metrics take every rank's tokens, and mini-batch k holds the same
     sequences, over the ranks, as it does in one process."""
@@ -187,8 +211,15 @@ def ppo_update(cfg: PPOConfig, model, critic, ref, groups: list[Group], opt, sch
     rollout_NL = engine_logps(groups, mask)
     if rollout_NL is not None:
         # theta_old under the trainer against the engine that sampled (a constant for every update)
-        isw = rollout_is_weights(s.old_NL, rollout_NL, mask, mode="mask" if cfg.rollout_is == "mis" else "truncate",
-                                 level=cfg.rollout_is_level, cap=cfg.rollout_is_cap, cap_low=cfg.rollout_is_cap_low)
+        isw = rollout_is_weights(
+            s.old_NL,
+            rollout_NL,
+            mask,
+            mode="mask" if cfg.rollout_is == "mis" else "truncate",
+            level=cfg.rollout_is_level,
+            cap=cfg.rollout_is_cap,
+            cap_low=cfg.rollout_is_cap_low,
+        )
         keep = mask > 0
         seen = [x[keep].float().cpu() for x in (s.old_NL, rollout_NL, isw.weights_BT, isw.clipped_BT)]
         correction = grpo.correction_metrics(cfg, *(torch.cat(p) for p in zip(*dist.gather(seen))))
@@ -201,15 +232,21 @@ def ppo_update(cfg: PPOConfig, model, critic, ref, groups: list[Group], opt, sch
     # Batch statistics over every rank's sequences (this rank's are rows offset..offset+n of the batch).
     g_mask, g_kl, g_adv, g_ret, g_val = gathered(dist, *(x[:n] for x in (mask, kl_NL, adv_NL, ret_NL, s.values_NL)))
     sizes = dist.gather(n)
-    offset, n_total = sum(sizes[:dist.rank]), sum(sizes)
+    offset, n_total = sum(sizes[: dist.rank]), sum(sizes)
     n_tok = g_mask.sum().clamp(min=1)
-    out = {**correction, "num_tokens": g_mask.sum().item(), "entropy": dist.sum(s.entropy_sum) / n_tok.item(),
-           "kl": (g_kl.sum() / n_tok).item(), "non_score_reward": (-cfg.beta * g_kl.sum(1)).mean().item(),
-           "advantages/mean": (g_adv.sum() / n_tok).item(), "returns/mean": (g_ret.sum() / n_tok).item(),
-           "values/mean": (g_val * g_mask).sum().item() / n_tok.item(),
-           "explained_variance": explained_variance(g_val, g_ret, g_mask)}
+    out = {
+        **correction,
+        "num_tokens": g_mask.sum().item(),
+        "entropy": dist.sum(s.entropy_sum) / n_tok.item(),
+        "kl": (g_kl.sum() / n_tok).item(),
+        "non_score_reward": (-cfg.beta * g_kl.sum(1)).mean().item(),
+        "advantages/mean": (g_adv.sum() / n_tok).item(),
+        "returns/mean": (g_ret.sum() / n_tok).item(),
+        "values/mean": (g_val * g_mask).sum().item() / n_tok.item(),
+        "explained_variance": explained_variance(g_val, g_ret, g_mask),
+    }
     if cfg.whiten_advantages:
-        white = batch_normalize(g_adv, mask=g_mask)[offset:offset + n, :adv_NL.shape[1]]
+        white = batch_normalize(g_adv, mask=g_mask)[offset : offset + n, : adv_NL.shape[1]]
         adv_NL = torch.cat([white.to(adv_NL), adv_NL[n:]])
     timing["logps"] += time.time() - t0
     if g_mask.sum() == 0:
@@ -222,8 +259,25 @@ def ppo_update(cfg: PPOConfig, model, critic, ref, groups: list[Group], opt, sch
     for _ in range(cfg.ppo_epochs):
         for chunk in torch.randperm(n_total, generator=gen).chunk(cfg.num_mini_batches):
             mine = chunk[(chunk >= offset) & (chunk < offset + n)] - offset  # this rank's part of the mini-batch
-            m = minibatch_step(cfg, model, critic, seqs, mine, s, adv_NL, ret_NL, opt, sched, critic_opt,
-                               critic_sched, policy_loss, pad_id, device, step, dist)
+            m = minibatch_step(
+                cfg,
+                model,
+                critic,
+                seqs,
+                mine,
+                s,
+                adv_NL,
+                ret_NL,
+                opt,
+                sched,
+                critic_opt,
+                critic_sched,
+                policy_loss,
+                pad_id,
+                device,
+                step,
+                dist,
+            )
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
             updates += 1
@@ -233,19 +287,47 @@ def ppo_update(cfg: PPOConfig, model, critic, ref, groups: list[Group], opt, sch
     return out
 
 
-def minibatch_step(cfg: PPOConfig, model, critic, seqs, chunk: torch.Tensor, s: Scored, adv_NL, ret_NL, opt, sched,
-                   critic_opt, critic_sched, policy_loss, pad_id: int, device, step: int, dist=None) -> dict:
+def minibatch_step(
+    cfg: PPOConfig,
+    model,
+    critic,
+    seqs,
+    chunk: torch.Tensor,
+    s: Scored,
+    adv_NL,
+    ret_NL,
+    opt,
+    sched,
+    critic_opt,
+    critic_sched,
+    policy_loss,
+    pad_id: int,
+    device,
+    step: int,
+    dist=None,
+) -> dict:
     """One optimizer step of the policy and of the critic on the sequences ``chunk`` (this rank's indices),
     accumulated over micro-batches with the mini-batch's global counts."""
     dist = dist or Dist()
     chunk = chunk.sort().values
-    mbs = grpo.micro_batches([seqs[i] for i in chunk.tolist()], cfg.train.micro_batch_size, pad_id, device,
-                             packed=cfg.padding_free) if len(chunk) else []
+    mbs = (
+        grpo.micro_batches(
+            [seqs[i] for i in chunk.tolist()], cfg.train.micro_batch_size, pad_id, device, packed=cfg.padding_free
+        )
+        if len(chunk)
+        else []
+    )
     mbs = grpo.pad_micro_batches(mbs, len(chunk), dist, pad_id, device)
     chunk = torch.cat([chunk, torch.tensor([len(seqs)])])  # the empty micro-batches' slot: s's empty row
     num_tokens, counts = grpo.aggregation_counts(cfg, mbs, dist)
-    sums = {"loss": 0.0, "value_loss": 0.0, "clip_frac/low": 0.0, "clip_frac/high": 0.0, "value_clip_frac": 0.0,
-            "approx_kl": 0.0}
+    sums = {
+        "loss": 0.0,
+        "value_loss": 0.0,
+        "clip_frac/low": 0.0,
+        "clip_frac/high": 0.0,
+        "value_clip_frac": 0.0,
+        "approx_kl": 0.0,
+    }
     if num_tokens == 0:
         return {**sums, "grad_norm": 0.0, "critic/grad_norm": 0.0}
     for batch, local in mbs:
@@ -258,8 +340,12 @@ def minibatch_step(cfg: PPOConfig, model, critic, seqs, chunk: torch.Tensor, s: 
         if s.is_weights_NL is not None:
             loss_BT = loss_BT * to_rows(s.is_weights_NL, batch, idx, s.mask_NL)
         pol = aggregate(loss_BT, m, cfg.aggregation, **counts)
-        vt = clipped_value_loss(values, to_rows(s.values_NL, batch, idx, s.mask_NL),
-                                to_rows(ret_NL, batch, idx, s.mask_NL), clip=cfg.critic.value_clip or None)
+        vt = clipped_value_loss(
+            values,
+            to_rows(s.values_NL, batch, idx, s.mask_NL),
+            to_rows(ret_NL, batch, idx, s.mask_NL),
+            clip=cfg.critic.value_clip or None,
+        )
         val = aggregate(vt.loss_BT, m, "token_mean", num_tokens=num_tokens)
         # disjoint parameters: one backward fills the policy's and the critic's grads
         ((pol + val) * dist.loss_scale).backward()
@@ -271,11 +357,12 @@ def minibatch_step(cfg: PPOConfig, model, critic, seqs, chunk: torch.Tensor, s: 
         sums["value_clip_frac"] += frac(vt.clipped_BT)
         sums["approx_kl"] += frac(0.5 * (logps.detach() - old) ** 2)  # how far this update moved the policy
     sums = {k: dist.sum(v) for k, v in sums.items()}  # each rank held its share of the global sums
-    sums["grad_norm"] = loop.optimizer_step(model, opt, sched, max_grad_norm=cfg.optim.max_grad_norm, step=step,
-                                            loss=sums["loss"])
-    sums["critic/grad_norm"] = loop.optimizer_step(critic, critic_opt, critic_sched,
-                                                   max_grad_norm=cfg.critic.max_grad_norm, step=step,
-                                                   loss=sums["value_loss"])
+    sums["grad_norm"] = loop.optimizer_step(
+        model, opt, sched, max_grad_norm=cfg.optim.max_grad_norm, step=step, loss=sums["loss"]
+    )
+    sums["critic/grad_norm"] = loop.optimizer_step(
+        critic, critic_opt, critic_sched, max_grad_norm=cfg.critic.max_grad_norm, step=step, loss=sums["value_loss"]
+    )
     return sums
 
 
@@ -310,9 +397,14 @@ def train(cfg: PPOConfig) -> Path:
         for step in range(start + 1, last + 1):
             timing = {"generate": 0.0, "reward": 0.0, "logps": 0.0, "update": 0.0}
             t_step = time.time()
-            groups, _, stats = collect_groups(lambda: rollouts.round(model, dist, step, 0, timing),  # noqa: B023 - called within this iteration
-                                              cfg.prompts_per_step, dynamic=False, max_rounds=1,
-                                              gather=dist.gather, rank=dist.rank)
+            groups, _, stats = collect_groups(
+                lambda: rollouts.round(model, dist, step, 0, timing),  # noqa: B023 - called within this iteration
+                cfg.prompts_per_step,
+                dynamic=False,
+                max_rounds=1,
+                gather=dist.gather,
+                rank=dist.rank,
+            )
             timing["generate"] = time.time() - t_step - timing["reward"]
             generated = [g for part in dist.gather(groups) for g in part]  # every rank's, for the metrics
             metrics = rollout_metrics(generated, stats)
@@ -320,25 +412,68 @@ def train(cfg: PPOConfig) -> Path:
             if cfg.num_generations == 1:
                 del metrics["zero_variance_frac"]  # a group of one never varies; PPO's baseline is the critic
             rollouts.engine.sleep()  # vllm on CUDA: its memory goes back to the trainer during the update
-            metrics.update(ppo_update(cfg, model, critic, ref, groups, optimizer, scheduler, critic_opt, critic_sched,
-                                      policy_loss, tok.pad_token_id, device, timing, step, dist))
+            metrics.update(
+                ppo_update(
+                    cfg,
+                    model,
+                    critic,
+                    ref,
+                    groups,
+                    optimizer,
+                    scheduler,
+                    critic_opt,
+                    critic_sched,
+                    policy_loss,
+                    tok.pad_token_id,
+                    device,
+                    timing,
+                    step,
+                    dist,
+                )
+            )
             rollouts.sync(model, dist)
             dt = time.time() - t_step
             gen_tokens = sum(len(c) for g in generated for c in g.completion_ids)
             metrics.update({f"time/{k}": v for k, v in timing.items()})
-            metrics.update(step_time=dt, tokens_per_s=gen_tokens / max(dt, 1e-9), lr=scheduler.get_last_lr()[0],
-                           **{"critic/lr": critic_sched.get_last_lr()[0]}, wall_time=time.time() - run.start_time)
-            metrics.update(run.memory.metrics([model, ref, critic, *reward_models(rollouts.reward_fn)],
-                                              [optimizer, critic_opt]))
+            metrics.update(
+                step_time=dt,
+                tokens_per_s=gen_tokens / max(dt, 1e-9),
+                lr=scheduler.get_last_lr()[0],
+                **{"critic/lr": critic_sched.get_last_lr()[0]},
+                wall_time=time.time() - run.start_time,
+            )
+            metrics.update(
+                run.memory.metrics([model, ref, critic, *reward_models(rollouts.reward_fn)], [optimizer, critic_opt])
+            )
             stop = rollouts.record(run, model, step, last, generated, metrics, watch)
             progress.update(step, f"reward {metrics['reward/mean']:.3f} ev {metrics['explained_variance']:.2f}")
             if not cfg.train.progress and loop.should(cfg.train.log_every, step, last):
-                log.info("ppo step %d/%d reward %.3f acc %.3f value_loss %.4f kl %.4f", step, last,
-                         metrics["reward/mean"], metrics["accuracy"], metrics.get("value_loss", 0.0), metrics["kl"])
+                log.info(
+                    "ppo step %d/%d reward %.3f acc %.3f value_loss %.4f kl %.4f",
+                    step,
+                    last,
+                    metrics["reward/mean"],
+                    metrics["accuracy"],
+                    metrics.get("value_loss", 0.0),
+                    metrics["kl"],
+                )
             if loop.should(cfg.train.save_every, step, last) or stop:
-                loop.save(run, cfg, step, model, tok, optimizer, scheduler,
-                          {**rollouts.state_dict(dist), "critic_scheduler": critic_sched.state_dict(),
-                           "watch": watch.state_dict(), "stopped": stop}, extras={"critic": (critic, critic_opt)})
+                loop.save(
+                    run,
+                    cfg,
+                    step,
+                    model,
+                    tok,
+                    optimizer,
+                    scheduler,
+                    {
+                        **rollouts.state_dict(dist),
+                        "critic_scheduler": critic_sched.state_dict(),
+                        "watch": watch.state_dict(),
+                        "stopped": stop,
+                    },
+                    extras={"critic": (critic, critic_opt)},
+                )
             if stop:
                 break
     finally:

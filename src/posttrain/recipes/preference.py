@@ -80,8 +80,7 @@ def _fit(prompt: list[int], completions: list[list[int]], max_length: int, overl
     return cut
 
 
-def encode_units(tok, rows: Rows, *, paired: bool, split_pairs: bool, max_length: int,
-                 overlong: str) -> list[Unit]:
+def encode_units(tok, rows: Rows, *, paired: bool, split_pairs: bool, max_length: int, overlong: str) -> list[Unit]:
     """Tokenize every row (the prompt once); overlong rows are counted, reported, dropped or truncated.
 
     ``paired``: rows hold chosen/rejected. ``split_pairs`` (kto on paired data) turns each pair into
@@ -97,8 +96,10 @@ def encode_units(tok, rows: Rows, *, paired: bool, split_pairs: bool, max_length
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
         if paired and comps[0] == comps[1]:
-            raise DataError(f"{where}: columns 'chosen' and 'rejected' are the same completion; a pair must "
-                            f"prefer one completion over a different one")
+            raise DataError(
+                f"{where}: columns 'chosen' and 'rejected' are the same completion; a pair must "
+                f"prefer one completion over a different one"
+            )
         if len(p) + max(len(c) for c in comps) > max_length:
             overlong_n += 1
             comps = _fit(p, comps, max_length, overlong)
@@ -114,8 +115,15 @@ def encode_units(tok, rows: Rows, *, paired: bool, split_pairs: bool, max_length
             units.append(Unit(tuple(p), tuple(tuple(c) for c in comps), bool(row.get("label", True)), where))
     stats = EncodeStats(len(rows), overlong_n, dropped, truncated)
     if stats.overlong:
-        log.warning("%s: %d of %d rows are longer than max_length=%d: %d dropped, %d truncated",
-                    rows.source, stats.overlong, stats.total, max_length, stats.dropped, stats.truncated)
+        log.warning(
+            "%s: %d of %d rows are longer than max_length=%d: %d dropped, %d truncated",
+            rows.source,
+            stats.overlong,
+            stats.total,
+            max_length,
+            stats.dropped,
+            stats.truncated,
+        )
     if not units:
         raise DataError(f"{rows.source}: no rows left after length filtering (max_length={max_length})")
     return units
@@ -135,8 +143,10 @@ def mismatch_partners(prompts: list[tuple[int, ...]]) -> list[int]:
 
 def build_items(units: list[Unit], *, kto: bool, max_length: int) -> list[Item]:
     if not kto:
-        return [Item((join(list(u.prompt), list(u.completions[0])), join(list(u.prompt), list(u.completions[1]))))
-                for u in units]
+        return [
+            Item((join(list(u.prompt), list(u.completions[0])), join(list(u.prompt), list(u.completions[1]))))
+            for u in units
+        ]
     partners = mismatch_partners([u.prompt for u in units])
     items = []
     for u, j in zip(units, partners):
@@ -149,8 +159,9 @@ def load_items(tok, rows: Rows, cfg: PreferenceConfig) -> list[Item]:
     kto = cfg.loss == "kto"
     # KTO also takes paired rows (each pair -> one desirable + one undesirable example).
     paired = not kto or "chosen" in rows.rows[0]
-    units = encode_units(tok, rows, paired=paired, split_pairs=kto, max_length=cfg.data.max_length,
-                         overlong=cfg.data.overlong)
+    units = encode_units(
+        tok, rows, paired=paired, split_pairs=kto, max_length=cfg.data.max_length, overlong=cfg.data.overlong
+    )
     return build_items(units, kto=kto, max_length=cfg.data.max_length)
 
 
@@ -241,7 +252,7 @@ def precompute(items: list[Item], ref: RefFn, batch_size: int) -> list[Item]:
     """The items with their reference log-probs attached (one pass, before training)."""
     out: list[Item] = []
     for s in range(0, len(items), batch_size):
-        chunk = items[s:s + batch_size]
+        chunk = items[s : s + batch_size]
         sums = ref(chunk, (0, 1)).view(2, -1).T.tolist()
         out += [replace(it, ref_logps=(a, b)) for it, (a, b) in zip(chunk, sums)]
     return out
@@ -272,8 +283,16 @@ def pair_loss(cfg: PreferenceConfig) -> PairLoss:
         return dpo_loss(pc.sum_B, pr.sum_B, rc.sum_B, rr.sum_B, beta=beta, label_smoothing=cfg.label_smoothing)
 
     def rpo(pc, pr, rc, rr):
-        return rpo_loss(pc.sum_B, pr.sum_B, rc.sum_B, rr.sum_B, pc.len_B, beta=beta, alpha=cfg.rpo_alpha,
-                        label_smoothing=cfg.label_smoothing)
+        return rpo_loss(
+            pc.sum_B,
+            pr.sum_B,
+            rc.sum_B,
+            rr.sum_B,
+            pc.len_B,
+            beta=beta,
+            alpha=cfg.rpo_alpha,
+            label_smoothing=cfg.label_smoothing,
+        )
 
     def ipo(pc, pr, rc, rr):
         return ipo_loss(pc.avg_B, pr.avg_B, rc.avg_B, rr.avg_B, beta=beta)
@@ -312,16 +331,25 @@ class PairObjective:
             ref_sum = self.ref(items, (0, 1))
             rc, rr = SeqLogps(ref_sum[:b], pc.len_B), SeqLogps(ref_sum[b:], pr.len_B)
         terms = self.loss_fn(pc, pr, rc, rr)
-        record = {"chosen_rewards": terms.chosen_rewards_B, "rejected_rewards": terms.rejected_rewards_B,
-                  "chosen_logps": pc.sum_B.detach(), "rejected_logps": pr.sum_B.detach()}
+        record = {
+            "chosen_rewards": terms.chosen_rewards_B,
+            "rejected_rewards": terms.rejected_rewards_B,
+            "chosen_logps": pc.sum_B.detach(),
+            "rejected_logps": pr.sum_B.detach(),
+        }
         return terms.loss_B.sum() / n_global, record
 
     @staticmethod
     def metrics(rec: dict[str, torch.Tensor]) -> dict[str, float]:
         c, r = rec["chosen_rewards"], rec["rejected_rewards"]
-        return {"rewards/chosen": _mean(c), "rewards/rejected": _mean(r), "rewards/margin": _mean(c - r),
-                "rewards/accuracy": _mean(c > r), "logps/chosen": _mean(rec["chosen_logps"]),
-                "logps/rejected": _mean(rec["rejected_logps"])}
+        return {
+            "rewards/chosen": _mean(c),
+            "rewards/rejected": _mean(r),
+            "rewards/margin": _mean(c - r),
+            "rewards/accuracy": _mean(c > r),
+            "logps/chosen": _mean(rec["chosen_logps"]),
+            "logps/rejected": _mean(rec["rejected_logps"]),
+        }
 
 
 class KTOObjective:
@@ -338,7 +366,7 @@ class KTOObjective:
         log-probs of every rank's share are gathered first, so z is the global batch's."""
         pol, ref = [], []
         for s in range(0, len(items), self.batch_size):
-            chunk = items[s:s + self.batch_size]
+            chunk = items[s : s + self.batch_size]
             pol.append(sequence_logps(model, _column(chunk, (1,)), self.pad_id, self.device).sum_B)
             ref.append(self.ref(chunk, (1,)))
         pol_B, ref_B = torch.cat(pol).cpu(), torch.cat(ref).cpu()
@@ -350,9 +378,15 @@ class KTOObjective:
     def micro_loss(self, model, items: list[Item], n_global: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pol = sequence_logps(model, _column(items, (0,)), self.pad_id, self.device)
         desirable_B = torch.tensor([it.desirable for it in items], device=self.device)
-        terms = kto_loss(pol.sum_B, self.ref(items, (0,)), desirable_B, self.z, beta=self.cfg.effective_beta,
-                         desirable_weight=self.cfg.kto_desirable_weight,
-                         undesirable_weight=self.cfg.kto_undesirable_weight)
+        terms = kto_loss(
+            pol.sum_B,
+            self.ref(items, (0,)),
+            desirable_B,
+            self.z,
+            beta=self.cfg.effective_beta,
+            desirable_weight=self.cfg.kto_desirable_weight,
+            undesirable_weight=self.cfg.kto_undesirable_weight,
+        )
         record = {"rewards": terms.rewards_B, "desirable": desirable_B, "logps": pol.sum_B.detach()}
         return terms.loss_B.sum() / n_global, record
 
@@ -378,7 +412,7 @@ def evaluate(objective, model, items: list[Item], batch_size: int) -> dict[str, 
     extra = objective.begin_step(model, items)
     loss, records = 0.0, []
     for s in range(0, len(items), batch_size):
-        part, rec = objective.micro_loss(model, items[s:s + batch_size], len(items))
+        part, rec = objective.micro_loss(model, items[s : s + batch_size], len(items))
         loss += part.item()
         records.append(rec)
     return {f"eval_{k}": v for k, v in {"loss": loss, **extra, **objective.metrics(_merge(records))}.items()}
@@ -390,8 +424,13 @@ def warn_kto_imbalance(cfg: PreferenceConfig, items: list[Item]) -> None:
     ratio = cfg.kto_desirable_weight * n_d / max(1e-9, cfg.kto_undesirable_weight * n_u)
     if not 1.0 <= ratio <= 4 / 3:
         # The KTO authors' rule of thumb, enforced with a warning by TRL as well.
-        log.warning("kto: %d desirable / %d undesirable examples; lambda_D n_D / (lambda_U n_U) = %.2f is outside "
-                    "[1, 4/3]: consider kto_desirable_weight / kto_undesirable_weight", n_d, n_u, ratio)
+        log.warning(
+            "kto: %d desirable / %d undesirable examples; lambda_D n_D / (lambda_U n_U) = %.2f is outside "
+            "[1, 4/3]: consider kto_desirable_weight / kto_undesirable_weight",
+            n_d,
+            n_u,
+            ratio,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,8 +473,11 @@ def train(cfg: PreferenceConfig) -> Path:
         t0 = time.time()
         items, eval_items = precompute(items, ref, mbs), precompute(eval_items, ref, mbs)
         ref = cached_reference(device)  # drops the last handle on a loaded reference model
-        log.info("preference: reference log-probs of %d items computed in %.1fs", len(items) + len(eval_items),
-                 time.time() - t0)
+        log.info(
+            "preference: reference log-probs of %d items computed in %.1fs",
+            len(items) + len(eval_items),
+            time.time() - t0,
+        )
     if cfg.loss == "kto":
         objective = KTOObjective(cfg, ref, pad_id, device, mbs)
     else:
@@ -454,7 +496,7 @@ def train(cfg: PreferenceConfig) -> Path:
             # The step's global batch: micro_batch_size x grad_accum items per rank, each rank its slice.
             picked = sampler.take(mbs * cfg.train.grad_accum * dist.world)
             mine = [items[i] for i in picked[dist.slice(len(picked))]]
-            micro = [mine[k:k + mbs] for k in range(0, len(mine), mbs)]
+            micro = [mine[k : k + mbs] for k in range(0, len(mine), mbs)]
             n_global = len(picked)  # the loss is a mean over the whole step's items
             step_extra = objective.begin_step(model, mine, dist)  # kto: z over the global batch
             loss_sum, records = 0.0, []
@@ -466,22 +508,48 @@ def train(cfg: PreferenceConfig) -> Path:
             loss_sum = dist.sum(loss_sum)
             records = [r for part in dist.gather(records) for r in part]  # metrics over the global batch
             lr = scheduler.get_last_lr()[0]
-            grad_norm = loop.optimizer_step(model, optimizer, scheduler, max_grad_norm=cfg.optim.max_grad_norm,
-                                            step=step, loss=loss_sum)
+            grad_norm = loop.optimizer_step(
+                model, optimizer, scheduler, max_grad_norm=cfg.optim.max_grad_norm, step=step, loss=loss_sum
+            )
             dt = time.time() - t0
-            metrics = {"loss": loss_sum, **step_extra, **objective.metrics(_merge(records)), "lr": lr,
-                       "grad_norm": grad_norm, "num_items": n_global,
-                       "tokens_per_s": dist.sum(sum(it.num_tokens for it in mine)) / max(dt, 1e-9),
-                       "step_time": dt, "wall_time": time.time() - run.start_time, "epoch": sampler.epoch,
-                       **run.memory.metrics([model, source], [optimizer])}
+            metrics = {
+                "loss": loss_sum,
+                **step_extra,
+                **objective.metrics(_merge(records)),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "num_items": n_global,
+                "tokens_per_s": dist.sum(sum(it.num_tokens for it in mine)) / max(dt, 1e-9),
+                "step_time": dt,
+                "wall_time": time.time() - run.start_time,
+                "epoch": sampler.epoch,
+                **run.memory.metrics([model, source], [optimizer]),
+            }
             if eval_items and loop.should(cfg.train.eval_every, step, last):
                 metrics.update(evaluate(objective, model, eval_items, mbs))
             info = f"loss {loss_sum:.4f}"
             if "rewards/margin" in metrics:
                 info += f" margin {metrics['rewards/margin']:.3f}"
-            loop.end_step(run, cfg, "preference", step, last, metrics, info, progress,
-                          lambda: loop.save(run, cfg, step, model, tok, optimizer, scheduler,  # noqa: B023 - called within this iteration
-                                            {"sampler": sampler.state_dict()}))
+            loop.end_step(
+                run,
+                cfg,
+                "preference",
+                step,
+                last,
+                metrics,
+                info,
+                progress,
+                lambda: loop.save(
+                    run,
+                    cfg,
+                    step,  # noqa: B023 - the save runs within this iteration
+                    model,
+                    tok,
+                    optimizer,
+                    scheduler,
+                    {"sampler": sampler.state_dict()},
+                ),
+            )
     finally:
         progress.close()
         run.tracker.close()

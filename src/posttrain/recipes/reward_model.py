@@ -59,18 +59,25 @@ def _margins(rows: Rows) -> dict[str, float]:
 
 
 def load_pairs(tok, rows: Rows, cfg: RewardModelConfig) -> list[Pair]:
-    units = encode_units(tok, rows, paired=True, split_pairs=False, max_length=cfg.data.max_length,
-                         overlong=cfg.data.overlong)
+    units = encode_units(
+        tok, rows, paired=True, split_pairs=False, max_length=cfg.data.max_length, overlong=cfg.data.overlong
+    )
     margins = _margins(rows) if cfg.use_margin and any("margin" in r for r in rows.rows) else {}
-    return [Pair(join(list(u.prompt), list(u.completions[0])), join(list(u.prompt), list(u.completions[1])),
-                 margins.get(u.where, 0.0)) for u in units]
+    return [
+        Pair(
+            join(list(u.prompt), list(u.completions[0])),
+            join(list(u.prompt), list(u.completions[1])),
+            margins.get(u.where, 0.0),
+        )
+        for u in units
+    ]
 
 
 def pair_scores(model, pairs: list[Pair], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen scores (B,), rejected scores (B,)) from one forward over both columns."""
     batch = collate_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id).to(device)
     scores = sequence_scores(model, batch.input_ids_BT, batch.attention_mask)
-    return scores[:len(pairs)], scores[len(pairs):]
+    return scores[: len(pairs)], scores[len(pairs) :]
 
 
 def micro_loss(model, pairs: list[Pair], n_global: int, cfg: RewardModelConfig, pad_id: int, device):
@@ -84,10 +91,14 @@ def micro_loss(model, pairs: list[Pair], n_global: int, cfg: RewardModelConfig, 
 def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, prefix: str = "") -> dict[str, float]:
     scores = torch.cat([chosen, rejected])
     margin = chosen - rejected
-    return {f"{prefix}accuracy": (margin > 0).float().mean().item(), f"{prefix}rewards/margin": margin.mean().item(),
-            f"{prefix}rewards/chosen": chosen.mean().item(), f"{prefix}rewards/rejected": rejected.mean().item(),
-            f"{prefix}reward/mean": scores.mean().item(),
-            f"{prefix}reward/std": scores.std().item() if len(scores) > 1 else 0.0}
+    return {
+        f"{prefix}accuracy": (margin > 0).float().mean().item(),
+        f"{prefix}rewards/margin": margin.mean().item(),
+        f"{prefix}rewards/chosen": chosen.mean().item(),
+        f"{prefix}rewards/rejected": rejected.mean().item(),
+        f"{prefix}reward/mean": scores.mean().item(),
+        f"{prefix}reward/std": scores.std().item() if len(scores) > 1 else 0.0,
+    }
 
 
 @torch.no_grad()
@@ -97,12 +108,16 @@ def evaluate_pairs(model, pairs: list[Pair], cfg: RewardModelConfig, pad_id: int
     model.eval()
     loss, chosen, rejected = 0.0, [], []
     for s in range(0, len(pairs), cfg.train.micro_batch_size):
-        part, (c, r) = micro_loss(model, pairs[s:s + cfg.train.micro_batch_size], len(pairs), cfg, pad_id, device)
+        part, (c, r) = micro_loss(model, pairs[s : s + cfg.train.micro_batch_size], len(pairs), cfg, pad_id, device)
         loss += part.item()
         chosen.append(c)
         rejected.append(r)
     model.train(was_training)
-    return {"eval_loss": loss, "eval_pairs": len(pairs), **pair_metrics(torch.cat(chosen), torch.cat(rejected), "eval_")}
+    return {
+        "eval_loss": loss,
+        "eval_pairs": len(pairs),
+        **pair_metrics(torch.cat(chosen), torch.cat(rejected), "eval_"),
+    }
 
 
 def train(cfg: RewardModelConfig) -> Path:
@@ -142,7 +157,7 @@ def train(cfg: RewardModelConfig) -> Path:
             n_global = len(picked)  # the loss is a mean over the step's pairs
             loss_sum, chosen, rejected = 0.0, [], []
             for k in range(0, len(mine), mbs):
-                loss, (c, r) = micro_loss(model, mine[k:k + mbs], n_global, cfg, pad_id, device)
+                loss, (c, r) = micro_loss(model, mine[k : k + mbs], n_global, cfg, pad_id, device)
                 (loss * dist.loss_scale).backward()
                 loss_sum += loss.item()
                 chosen.append(c.cpu())
@@ -150,20 +165,44 @@ def train(cfg: RewardModelConfig) -> Path:
             loss_sum = dist.sum(loss_sum)
             chosen, rejected = ([t for part in dist.gather(x) for t in part] for x in (chosen, rejected))
             lr = scheduler.get_last_lr()[0]
-            grad_norm = loop.optimizer_step(model, optimizer, scheduler, max_grad_norm=cfg.optim.max_grad_norm,
-                                            step=step, loss=loss_sum)
+            grad_norm = loop.optimizer_step(
+                model, optimizer, scheduler, max_grad_norm=cfg.optim.max_grad_norm, step=step, loss=loss_sum
+            )
             dt = time.time() - t0
-            metrics = {"loss": loss_sum, **pair_metrics(torch.cat(chosen), torch.cat(rejected)), "lr": lr,
-                       "grad_norm": grad_norm, "num_items": n_global,
-                       "tokens_per_s": dist.sum(sum(p.num_tokens for p in mine)) / max(dt, 1e-9),
-                       "step_time": dt, "wall_time": time.time() - run.start_time, "epoch": sampler.epoch,
-                       **run.memory.metrics([model], [optimizer])}
+            metrics = {
+                "loss": loss_sum,
+                **pair_metrics(torch.cat(chosen), torch.cat(rejected)),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "num_items": n_global,
+                "tokens_per_s": dist.sum(sum(p.num_tokens for p in mine)) / max(dt, 1e-9),
+                "step_time": dt,
+                "wall_time": time.time() - run.start_time,
+                "epoch": sampler.epoch,
+                **run.memory.metrics([model], [optimizer]),
+            }
             if eval_pairs and loop.should(cfg.train.eval_every, step, last):
                 metrics.update(evaluate_pairs(model, eval_pairs, cfg, pad_id, device))
-            loop.end_step(run, cfg, "reward_model", step, last, metrics,
-                          f"loss {loss_sum:.4f} acc {metrics['accuracy']:.2f}", progress,
-                          lambda: loop.save(run, cfg, step, model, tok, optimizer, scheduler,  # noqa: B023 - called within this iteration
-                                            {"sampler": sampler.state_dict()}))
+            loop.end_step(
+                run,
+                cfg,
+                "reward_model",
+                step,
+                last,
+                metrics,
+                f"loss {loss_sum:.4f} acc {metrics['accuracy']:.2f}",
+                progress,
+                lambda: loop.save(
+                    run,
+                    cfg,
+                    step,  # noqa: B023 - the save runs within this iteration
+                    model,
+                    tok,
+                    optimizer,
+                    scheduler,
+                    {"sampler": sampler.state_dict()},
+                ),
+            )
     finally:
         progress.close()
         run.tracker.close()

@@ -64,7 +64,7 @@ def eval_loss(model, units: list[list[Example]], pad_id: int, packed: bool, batc
     total = sum(sum(sum(e.loss_mask[1:]) for e in u) for u in units)
     loss = 0.0
     for s in range(0, len(units), batch_size):
-        loss += micro_loss(model, collate(units[s:s + batch_size], pad_id, packed).to(device), total).item()
+        loss += micro_loss(model, collate(units[s : s + batch_size], pad_id, packed).to(device), total).item()
     model.train()
     return loss
 
@@ -84,15 +84,25 @@ def train(cfg: SFTConfig, kind: str = "sft", recipe: str = "sft") -> Path:
     model = loop.wrap(run, cfg, apply_lora(model, cfg.lora))
     model.train()
 
-    encode = dict(max_length=cfg.data.max_length, overlong=cfg.data.overlong, completion_only=completion_only,
-                  truncate_ok=(kind == "lm" and cfg.packing))
+    encode = dict(
+        max_length=cfg.data.max_length,
+        overlong=cfg.data.overlong,
+        completion_only=completion_only,
+        truncate_ok=(kind == "lm" and cfg.packing),
+    )
     examples, _ = encode_rows(tok, train_rows, kind, **encode)
     eval_examples = encode_rows(tok, eval_rows, kind, **encode)[0] if eval_rows is not None else []
     pack_len = cfg.data.max_length
     units = pack(examples, pack_len) if cfg.packing else [[e] for e in examples]
     eval_units = pack(eval_examples, pack_len) if cfg.packing else [[e] for e in eval_examples]
-    log.info("%s: %d training rows -> %d %s, %d eval rows", recipe, len(examples), len(units),
-             "packed rows" if cfg.packing else "rows", len(eval_examples))
+    log.info(
+        "%s: %d training rows -> %d %s, %d eval rows",
+        recipe,
+        len(examples),
+        len(units),
+        "packed rows" if cfg.packing else "rows",
+        len(eval_examples),
+    )
 
     sampler = EpochSampler(len(units), cfg.train.seed, shuffle=cfg.data.shuffle)
     optimizer, scheduler = loop.make_optimizer(model, cfg.optim, cfg.train.steps)
@@ -109,8 +119,10 @@ def train(cfg: SFTConfig, kind: str = "sft", recipe: str = "sft") -> Path:
             # The step's global batch: micro_batch_size x grad_accum per rank, each rank its slice.
             picked = sampler.take(mbs * cfg.train.grad_accum * dist.world)
             mine = picked[dist.slice(len(picked))]
-            micro = [collate([units[i] for i in mine[k:k + mbs]], tok.pad_token_id, cfg.packing)
-                     for k in range(0, len(mine), mbs)]
+            micro = [
+                collate([units[i] for i in mine[k : k + mbs]], tok.pad_token_id, cfg.packing)
+                for k in range(0, len(mine), mbs)
+            ]
             num_tokens = dist.sum(sum(b.num_target_tokens for b in micro))  # global count for the whole step
             loss_sum = 0.0
             for batch in micro:
@@ -119,19 +131,45 @@ def train(cfg: SFTConfig, kind: str = "sft", recipe: str = "sft") -> Path:
                 loss_sum += loss.item()
             loss_sum = dist.sum(loss_sum)
             lr = scheduler.get_last_lr()[0]
-            grad_norm = loop.optimizer_step(model, optimizer, scheduler, max_grad_norm=cfg.optim.max_grad_norm,
-                                            step=step, loss=loss_sum)
+            grad_norm = loop.optimizer_step(
+                model, optimizer, scheduler, max_grad_norm=cfg.optim.max_grad_norm, step=step, loss=loss_sum
+            )
             dt = time.time() - t0
-            metrics = {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "num_tokens": num_tokens,
-                       "tokens_per_s": dist.sum(sum(int(b.input_ids_BT.numel()) for b in micro)) / max(dt, 1e-9),
-                       "step_time": dt, "wall_time": time.time() - run.start_time, "epoch": sampler.epoch,
-                       **run.memory.metrics([model], [optimizer])}
+            metrics = {
+                "loss": loss_sum,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "num_tokens": num_tokens,
+                "tokens_per_s": dist.sum(sum(int(b.input_ids_BT.numel()) for b in micro)) / max(dt, 1e-9),
+                "step_time": dt,
+                "wall_time": time.time() - run.start_time,
+                "epoch": sampler.epoch,
+                **run.memory.metrics([model], [optimizer]),
+            }
             if eval_units and loop.should(cfg.train.eval_every, step, last):
-                metrics["eval_loss"] = eval_loss(model, eval_units, tok.pad_token_id, cfg.packing,
-                                                 cfg.train.micro_batch_size, device)
-            loop.end_step(run, cfg, recipe, step, last, metrics, f"loss {loss_sum:.4f}", progress,
-                          lambda: loop.save(run, cfg, step, model, tok, optimizer, scheduler,  # noqa: B023 - called within this iteration
-                                            {"sampler": sampler.state_dict()}))
+                metrics["eval_loss"] = eval_loss(
+                    model, eval_units, tok.pad_token_id, cfg.packing, cfg.train.micro_batch_size, device
+                )
+            loop.end_step(
+                run,
+                cfg,
+                recipe,
+                step,
+                last,
+                metrics,
+                f"loss {loss_sum:.4f}",
+                progress,
+                lambda: loop.save(
+                    run,
+                    cfg,
+                    step,  # noqa: B023 - the save runs within this iteration
+                    model,
+                    tok,
+                    optimizer,
+                    scheduler,
+                    {"sampler": sampler.state_dict()},
+                ),
+            )
     finally:
         progress.close()
         run.tracker.close()

@@ -36,7 +36,9 @@ CHARTS: tuple[ChartSpec, ...] = (
     ChartSpec("Accuracy", ("accuracy", "eval_accuracy"), y_range=(0.0, 1.0)),
     ChartSpec("Entropy", ("entropy",)),
     ChartSpec("Truncation rate", ("truncation_rate",), y_range=(0.0, None)),
-    ChartSpec("Completion length (tokens)", ("completion_len/mean",), band=("completion_len/min", "completion_len/max")),
+    ChartSpec(
+        "Completion length (tokens)", ("completion_len/mean",), band=("completion_len/min", "completion_len/max")
+    ),
     ChartSpec("KL to reference", ("kl",)),
     ChartSpec("Loss", ("loss", "eval_loss")),
     ChartSpec("Reward margin (chosen - rejected)", ("rewards/margin", "eval_rewards/margin")),
@@ -48,27 +50,60 @@ CHARTS: tuple[ChartSpec, ...] = (
     ChartSpec("Preference accuracy", ("rewards/accuracy",), y_range=(0.0, 1.0)),
     ChartSpec("Log-probs: chosen vs rejected", ("logps/chosen", "logps/rejected")),
     ChartSpec("Clip fraction", ("clip_frac/low", "clip_frac/high"), y_range=(0.0, None)),
-    ChartSpec("Zero-variance groups", ("zero_variance_frac", "zero_variance/all_correct", "zero_variance/all_wrong"),
-              y_range=(0.0, 1.0)),
-    ChartSpec("Answer diversity: share of the most common answer", ("diversity/top_share", "diversity/gold_top_share",
-                                                                     "diversity/no_answer"), y_range=(0.0, 1.0)),
-    ChartSpec("Distinct answers (per group; batch per prompt)", ("diversity/group_distinct", "diversity/batch_distinct"),
-              y_range=(0.0, None)),
-    ChartSpec("Held-out: greedy vs pass@k", ("eval_accuracy", "eval_pass_at_k", "eval_majority_baseline"),
-              y_range=(0.0, 1.0), needs="eval_pass_at_k"),
+    ChartSpec(
+        "Zero-variance groups",
+        ("zero_variance_frac", "zero_variance/all_correct", "zero_variance/all_wrong"),
+        y_range=(0.0, 1.0),
+    ),
+    ChartSpec(
+        "Answer diversity: share of the most common answer",
+        ("diversity/top_share", "diversity/gold_top_share", "diversity/no_answer"),
+        y_range=(0.0, 1.0),
+    ),
+    ChartSpec(
+        "Distinct answers (per group; batch per prompt)",
+        ("diversity/group_distinct", "diversity/batch_distinct"),
+        y_range=(0.0, None),
+    ),
+    ChartSpec(
+        "Held-out: greedy vs pass@k",
+        ("eval_accuracy", "eval_pass_at_k", "eval_majority_baseline"),
+        y_range=(0.0, 1.0),
+        needs="eval_pass_at_k",
+    ),
     ChartSpec("Generation rounds per step", ("gen_rounds",), y_range=(0.0, None)),
     ChartSpec("Gradient norm", ("grad_norm",)),
     ChartSpec("Learning rate", ("lr",), y_range=(0.0, None)),
     ChartSpec("Throughput (tokens/s)", ("tokens_per_s",)),
-    ChartSpec("Memory (MB)", ("memory/peak_mb", "memory/weights_mb", "memory/grads_mb", "memory/optimizer_mb",
-                              "memory/activations_mb"), y_range=(0.0, None)),
+    ChartSpec(
+        "Memory (MB)",
+        ("memory/peak_mb", "memory/weights_mb", "memory/grads_mb", "memory/optimizer_mb", "memory/activations_mb"),
+        y_range=(0.0, None),
+    ),
 )
-NOT_CHARTED = ("step", "wall_time", "epoch", "time/*", "warning/*", "memory/models_held", "memory/baseline_mb",
-               "eval_pairs")  # bookkeeping, or drawn elsewhere (the time split)
+NOT_CHARTED = (
+    "step",
+    "wall_time",
+    "epoch",
+    "time/*",
+    "warning/*",
+    "memory/models_held",
+    "memory/baseline_mb",
+    "eval_pairs",
+)  # bookkeeping, or drawn elsewhere (the time split)
 MEMORY_PARTS = ("weights", "grads", "optimizer", "activations")
 TIME_ORDER = ("time/generate", "time/reward", "time/logps", "time/update")
-HEADLINE = ("reward/mean", "accuracy", "eval_accuracy", "loss", "eval_loss", "rewards/accuracy", "rewards/margin",
-            "kl", "entropy")
+HEADLINE = (
+    "reward/mean",
+    "accuracy",
+    "eval_accuracy",
+    "loss",
+    "eval_loss",
+    "rewards/accuracy",
+    "rewards/margin",
+    "kl",
+    "entropy",
+)
 RL_RECIPES = ("grpo", "ppo")
 MAX_SAMPLES = 6  # per step shown from samples.jsonl
 MAX_EVAL_ROWS = 8  # paired eval samples shown per stage
@@ -218,13 +253,19 @@ def charts(metrics: tuple[dict, ...], chart_prefix: str = "") -> tuple[list[str]
         present = _matching(keys, spec.keys)
         if not present or (spec.needs and spec.needs not in keys):
             continue
-        series = [svg.Series(k, tuple(metric_series(metrics, k)), _band(metrics, spec, k) if i == 0 else ())
-                  for i, k in enumerate(present)]
+        series = [
+            svg.Series(k, tuple(metric_series(metrics, k)), _band(metrics, spec, k) if i == 0 else ())
+            for i, k in enumerate(present)
+        ]
         used.update(present, spec.band or (), [spec.std] if spec.std else [])
         main.append(svg.line_chart(spec.title, series, chart_id=chart_prefix + spec.title, y_range=spec.y_range))
-    other = [svg.line_chart(k, [svg.Series(k, tuple(metric_series(metrics, k)))], chart_id=chart_prefix + k,
-                            width=360, height=200)
-             for k in keys if k not in used]
+    other = [
+        svg.line_chart(
+            k, [svg.Series(k, tuple(metric_series(metrics, k)))], chart_id=chart_prefix + k, width=360, height=200
+        )
+        for k in keys
+        if k not in used
+    ]
     return main, other
 
 
@@ -238,16 +279,28 @@ def time_split(metrics: tuple[dict, ...], chart_prefix: str = "") -> str:
     total = sum(sum(v) for _, v in layers) or 1.0
     table = ["<table><tr><th>phase</th><th>mean s / step</th><th>share</th><th>total</th></tr>"]
     for name, vals in layers:
-        table.append(f"<tr><td>{escape(name)}</td><td class=num>{sum(vals) / len(vals):.3f}</td>"
-                     f"<td class=num>{100 * sum(vals) / total:.1f}%</td><td class=num>{fmt_seconds(sum(vals))}</td></tr>")
+        table.append(
+            f"<tr><td>{escape(name)}</td><td class=num>{sum(vals) / len(vals):.3f}</td>"
+            f"<td class=num>{100 * sum(vals) / total:.1f}%</td><td class=num>{fmt_seconds(sum(vals))}</td></tr>"
+        )
     table.append("</table>")
     chart = ""
     if len(rows) > 1:
-        chart = '<div class="card">' + svg.stacked_area("Seconds per step, by phase", [float(m["step"]) for m in rows],
-                                                        layers, chart_id=chart_prefix + "time split") + "</div>"
-    return (f'<h3>Time split</h3><div class="grid">{chart}<div>{"".join(table)}'
-            f'<p class="note">Seconds per step spent in each phase, over the {len(rows)} logged steps.</p>'
-            f"</div></div>")
+        chart = (
+            '<div class="card">'
+            + svg.stacked_area(
+                "Seconds per step, by phase",
+                [float(m["step"]) for m in rows],
+                layers,
+                chart_id=chart_prefix + "time split",
+            )
+            + "</div>"
+        )
+    return (
+        f'<h3>Time split</h3><div class="grid">{chart}<div>{"".join(table)}'
+        f'<p class="note">Seconds per step spent in each phase, over the {len(rows)} logged steps.</p>'
+        f"</div></div>"
+    )
 
 
 def headline(metrics: tuple[dict, ...]) -> str:
@@ -259,8 +312,10 @@ def headline(metrics: tuple[dict, ...]) -> str:
             continue
         k = 1 if key.startswith("eval") else max(1, min(10, len(pts) // 10))
         start, end = (sum(v for _, v in pts[:k]) / k, sum(v for _, v in pts[-k:]) / k)
-        cards.append(f'<div class="stat" title="mean of the first and last {k} logged value(s)">'
-                     f'<div class="k">{escape(key)}</div><div class="v">{fmt_value(start)} → {fmt_value(end)}</div></div>')
+        cards.append(
+            f'<div class="stat" title="mean of the first and last {k} logged value(s)">'
+            f'<div class="k">{escape(key)}</div><div class="v">{fmt_value(start)} → {fmt_value(end)}</div></div>'
+        )
     return f'<div class="cards">{"".join(cards)}</div>' if cards else ""
 
 
@@ -269,9 +324,11 @@ def headline(metrics: tuple[dict, ...]) -> str:
 
 def _sample_card(s: dict) -> str:
     answer = f' <span class="note">expected: {escape(as_text(s["answer"]))}</span>' if "answer" in s else ""
-    return (f'<div class="sample">{reward_badge(s.get("reward"))}{answer}'
-            f'<pre class="prompt">{escape(as_text(s.get("prompt", "")))}</pre>'
-            f'<pre class="completion">{escape(as_text(s.get("completion", "")))}</pre></div>')
+    return (
+        f'<div class="sample">{reward_badge(s.get("reward"))}{answer}'
+        f'<pre class="prompt">{escape(as_text(s.get("prompt", "")))}</pre>'
+        f'<pre class="completion">{escape(as_text(s.get("completion", "")))}</pre></div>'
+    )
 
 
 def training_samples(samples: tuple[dict, ...]) -> str:
@@ -287,8 +344,11 @@ def training_samples(samples: tuple[dict, ...]) -> str:
         rewards = [numeric(s.get("reward")) for s in shown]
         mean = [r for r in rewards if r is not None]
         avg = f", mean reward {svg.fmt_num(sum(mean) / len(mean))}" if mean else ""
-        cols.append(f"<div><h4>Step {escape(svg.fmt_num(step))} ({when}{avg})</h4>"
-                    + "".join(_sample_card(s) for s in shown) + "</div>")
+        cols.append(
+            f"<div><h4>Step {escape(svg.fmt_num(step))} ({when}{avg})</h4>"
+            + "".join(_sample_card(s) for s in shown)
+            + "</div>"
+        )
     note = "" if len(steps) > 1 else '<p class="note">Only one step was sampled.</p>'
     return f'<h3>Sample completions: before vs after</h3>{note}<div class="samples">{"".join(cols)}</div>'
 
@@ -321,13 +381,17 @@ def eval_comparison(before: dict | None, before_label: str, after: dict | None, 
         d = delta((x, y))
         cls = ' class="up"' if d > 0 else ' class="down"' if d < 0 else ""
         answer = f'<div class="note">expected: {escape(as_text(y["answer"]))}</div>' if "answer" in y else ""
-        rows.append(f"<tr><td><pre>{escape(_pair_key(y))}</pre>{answer}</td>"
-                    f"<td>{reward_badge(x.get('reward'))}<pre>{escape(as_text(x.get('completion', '')))}</pre></td>"
-                    f"<td{cls}>{reward_badge(y.get('reward'))}<pre>{escape(as_text(y.get('completion', '')))}</pre>"
-                    f"</td></tr>")
-    return (f'<p class="note">{len(pairs)} eval prompts paired: {up} improved, {down} got worse, '
-            f"{len(pairs) - up - down} unchanged; {len(shown)} shown, changed ones first.</p>"
-            f'<table class="pairs">{"".join(rows)}</table>')
+        rows.append(
+            f"<tr><td><pre>{escape(_pair_key(y))}</pre>{answer}</td>"
+            f"<td>{reward_badge(x.get('reward'))}<pre>{escape(as_text(x.get('completion', '')))}</pre></td>"
+            f"<td{cls}>{reward_badge(y.get('reward'))}<pre>{escape(as_text(y.get('completion', '')))}</pre>"
+            f"</td></tr>"
+        )
+    return (
+        f'<p class="note">{len(pairs)} eval prompts paired: {up} improved, {down} got worse, '
+        f"{len(pairs) - up - down} unchanged; {len(shown)} shown, changed ones first.</p>"
+        f'<table class="pairs">{"".join(rows)}</table>'
+    )
 
 
 # ---------------------------------------------------------------- one run
@@ -378,11 +442,13 @@ def proxy_vs_gold(run: RunData, chart_prefix: str = "") -> str:
     if not series or not trained:
         return ""
     chart = svg.line_chart("Proxy reward vs gold", series, chart_id=chart_prefix + "proxy vs gold", y_range=(0.0, 1.0))
-    return (f'<h3>Proxy reward vs gold</h3><div class="grid"><div class="card">{chart}</div><div>'
-            f'<p>{"; ".join(lines)} (means of the first and last tenth of the run).</p>'
-            f'<p class="note">The policy trains on the proxy; the gold is logged only (weight 0). When the proxy '
-            f"keeps rising while the gold stalls or falls, the policy is exploiting the learned reward "
-            f"(reward-model over-optimization, Gao et al. 2022).</p></div></div>")
+    return (
+        f'<h3>Proxy reward vs gold</h3><div class="grid"><div class="card">{chart}</div><div>'
+        f"<p>{'; '.join(lines)} (means of the first and last tenth of the run).</p>"
+        f'<p class="note">The policy trains on the proxy; the gold is logged only (weight 0). When the proxy '
+        f"keeps rising while the gold stalls or falls, the policy is exploiting the learned reward "
+        f"(reward-model over-optimization, Gao et al. 2022).</p></div></div>"
+    )
 
 
 def run_body(run: RunData, chart_prefix: str = "") -> str:
@@ -394,20 +460,28 @@ def run_body(run: RunData, chart_prefix: str = "") -> str:
         parts.append(proxy_vs_gold(run, chart_prefix))
         main, other = charts(run.metrics, chart_prefix)
         if main:
-            parts.append('<h3>Training curves</h3><div class="grid">'
-                         + "".join(f'<div class="card">{c}</div>' for c in main) + "</div>")
+            parts.append(
+                '<h3>Training curves</h3><div class="grid">'
+                + "".join(f'<div class="card">{c}</div>' for c in main)
+                + "</div>"
+            )
         parts.append(time_split(run.metrics, chart_prefix))
         if other:
-            parts.append(f"<details><summary>Other metrics ({len(other)})</summary><div class=\"grid\">"
-                         + "".join(f'<div class="card">{c}</div>' for c in other) + "</div></details>")
+            parts.append(
+                f'<details><summary>Other metrics ({len(other)})</summary><div class="grid">'
+                + "".join(f'<div class="card">{c}</div>' for c in other)
+                + "</div></details>"
+            )
     else:
         parts.append('<p class="note">No metrics.jsonl (or it is empty).</p>')
     parts.append(training_samples(run.samples))
     if run.problems:
         parts.append('<p class="warn">' + "<br>".join(escape(p) for p in run.problems) + "</p>")
     if run.config_text is not None:
-        parts.append(f"<details><summary>Resolved config (config.yaml)</summary>"
-                     f'<pre class="config">{escape(run.config_text)}</pre></details>')
+        parts.append(
+            f"<details><summary>Resolved config (config.yaml)</summary>"
+            f'<pre class="config">{escape(run.config_text)}</pre></details>'
+        )
     else:
         parts.append('<p class="note">No config.yaml.</p>')
     return "".join(parts)
@@ -415,13 +489,17 @@ def run_body(run: RunData, chart_prefix: str = "") -> str:
 
 def warnings_block(run: RunData) -> str:
     """The RL diagnostics' warnings (rl/diagnostics.py), each with its cause and a suggestion."""
-    items = [f"<li><b>{escape(str(w.get('kind')))}</b> at step {escape(str(w.get('step')))}: "
-             f"{escape(str(w.get('cause', '')))} <i>Suggestion:</i> {escape(str(w.get('suggestion', '')))}</li>"
-             for w in run.warnings]
+    items = [
+        f"<li><b>{escape(str(w.get('kind')))}</b> at step {escape(str(w.get('step')))}: "
+        f"{escape(str(w.get('cause', '')))} <i>Suggestion:</i> {escape(str(w.get('suggestion', '')))}</li>"
+        for w in run.warnings
+    ]
     best = ""
     if run.best and numeric(run.best.get("eval_accuracy")) is not None:
-        best = (f'<p class="note">keep_best: <code>best/</code> is the model of step {escape(str(run.best.get("step")))}'
-                f" (held-out accuracy {fmt_pct(run.best['eval_accuracy'])}).</p>")
+        best = (
+            f'<p class="note">keep_best: <code>best/</code> is the model of step {escape(str(run.best.get("step")))}'
+            f" (held-out accuracy {fmt_pct(run.best['eval_accuracy'])}).</p>"
+        )
     if not items:
         return best
     return f'<div class="warn"><b>{len(items)} warning(s) during training</b><ul>{"".join(items)}</ul></div>{best}'
@@ -436,20 +514,27 @@ def preference_trend(metrics: tuple[dict, ...]) -> str:
     k = max(1, min(5, len(c) // 5))
     dc = sum(v for _, v in c[-k:]) / k - sum(v for _, v in c[:k]) / k
     dr = sum(v for _, v in r[-k:]) / k - sum(v for _, v in r[:k]) / k
-    text = (f"log-prob of the chosen completions {dc:+.2f}, of the rejected {dr:+.2f} (mean of the last {k} "
-            f"step(s) minus the first {k})")
+    text = (
+        f"log-prob of the chosen completions {dc:+.2f}, of the rejected {dr:+.2f} (mean of the last {k} "
+        f"step(s) minus the first {k})"
+    )
     if dc < 0:
-        return (f'<p class="warn">{escape(text)}: the chosen answers became less likely too, the known DPO failure; '
-                f"an NLL term on the chosen completion (rpo_alpha) counters it.</p>")
+        return (
+            f'<p class="warn">{escape(text)}: the chosen answers became less likely too, the known DPO failure; '
+            f"an NLL term on the chosen completion (rpo_alpha) counters it.</p>"
+        )
     return f'<p class="note">{escape(text)}.</p>'
 
 
 def render_run(run: RunData) -> str:
     steps = [m["step"] for m in run.metrics]
     wall = max((numeric(m.get("wall_time")) or 0.0 for m in run.metrics), default=0.0)
-    meta = [("recipe", run.recipe or "unknown"),
-            ("steps", f"{int(min(steps))}–{int(max(steps))}" if steps else "none logged"),
-            ("finished", when_text(run.finished)), ("time", fmt_seconds(wall) if wall else "—")]
+    meta = [
+        ("recipe", run.recipe or "unknown"),
+        ("steps", f"{int(min(steps))}–{int(max(steps))}" if steps else "none logged"),
+        ("finished", when_text(run.finished)),
+        ("time", fmt_seconds(wall) if wall else "—"),
+    ]
     return page(f"{run.name}", meta, "", run_body(run))
 
 
@@ -458,8 +543,10 @@ def render_run(run: RunData) -> str:
 
 def page(title: str, meta: list[tuple[str, str]], nav: str, body: str) -> str:
     generated = datetime.now().strftime("%Y-%m-%d %H:%M")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
-            f"<title>{escape(title)} — posttrain report</title><style>{CSS}</style></head><body><main>"
-            f"<header><h1>{escape(title)}</h1>{meta_line(meta + [('report generated', generated)])}{nav}</header>"
-            f"{body}</main></body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{escape(title)} — posttrain report</title><style>{CSS}</style></head><body><main>"
+        f"<header><h1>{escape(title)}</h1>{meta_line(meta + [('report generated', generated)])}{nav}</header>"
+        f"{body}</main></body></html>\n"
+    )

@@ -105,11 +105,19 @@ def load_run(path: Path, name: str | None = None) -> RunData:
     metrics = sorted((m for m in metrics if numeric(m.get("step")) is not None), key=lambda m: m["step"])
     warnings, warn_problems = _read_jsonl(path / "warnings.jsonl") if (path / "warnings.jsonl").exists() else ([], [])
     best = _read_json_dict(path / "best.json")
-    return RunData(name=name, path=path, exists=True,
-                   recipe=_recipe_from_config(config_text) if config_text else None,
-                   config_text=config_text, metrics=tuple(metrics), samples=tuple(samples),
-                   finished=_mtime(cfg_path, met_path, smp_path), problems=tuple(problems + smp_problems + warn_problems),
-                   warnings=tuple(warnings), best=best)
+    return RunData(
+        name=name,
+        path=path,
+        exists=True,
+        recipe=_recipe_from_config(config_text) if config_text else None,
+        config_text=config_text,
+        metrics=tuple(metrics),
+        samples=tuple(samples),
+        finished=_mtime(cfg_path, met_path, smp_path),
+        problems=tuple(problems + smp_problems + warn_problems),
+        warnings=tuple(warnings),
+        best=best,
+    )
 
 
 def _read_json_dict(path: Path) -> dict | None:
@@ -125,9 +133,17 @@ def _stage(entry: dict, root: Path, stage_index: int) -> StageData:
     run = load_run(root / entry["dir"], name) if entry.get("dir") else None
     recipe = entry.get("recipe") or (run.recipe if run else None)
     ev = entry.get("eval") if isinstance(entry.get("eval"), dict) else None
-    return StageData(name=name, recipe=recipe, eval=ev, seconds=numeric(entry.get("seconds")),
-                     ref_model=entry.get("ref_model"), run=run, of=entry.get("of"),
-                     dir=entry.get("dir"), start_stage=entry.get("start_stage") or None)
+    return StageData(
+        name=name,
+        recipe=recipe,
+        eval=ev,
+        seconds=numeric(entry.get("seconds")),
+        ref_model=entry.get("ref_model"),
+        run=run,
+        of=entry.get("of"),
+        dir=entry.get("dir"),
+        start_stage=entry.get("start_stage") or None,
+    )
 
 
 def load_pipeline(path: Path) -> PipelineData:
@@ -141,10 +157,17 @@ def load_pipeline(path: Path) -> PipelineData:
             ablations = json.loads((path / "ablations.json").read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             ablations = []
-    return PipelineData(name=path.resolve().name, path=path, stages=stages, controls=controls,
-                        baseline_eval=base, total_seconds=numeric(raw.get("total_seconds")),
-                        finished=_mtime(path / "pipeline.json"), raw=raw,
-                        ablations=tuple(a for a in ablations if isinstance(a, dict)))
+    return PipelineData(
+        name=path.resolve().name,
+        path=path,
+        stages=stages,
+        controls=controls,
+        baseline_eval=base,
+        total_seconds=numeric(raw.get("total_seconds")),
+        finished=_mtime(path / "pipeline.json"),
+        raw=raw,
+        ablations=tuple(a for a in ablations if isinstance(a, dict)),
+    )
 
 
 def load(run_dir: str | Path) -> RunData | PipelineData:
@@ -156,8 +179,10 @@ def load(run_dir: str | Path) -> RunData | PipelineData:
     if (path / "pipeline.json").exists():
         return load_pipeline(path)
     if not any((path / name).exists() for name in RUN_MARKERS):
-        raise ReportError(f"{run_dir} is not a run directory (it has no {', '.join(RUN_MARKERS)} or pipeline.json); "
-                          f"give a run's train.output_dir or a pipeline's output_dir")
+        raise ReportError(
+            f"{run_dir} is not a run directory (it has no {', '.join(RUN_MARKERS)} or pipeline.json); "
+            f"give a run's train.output_dir or a pipeline's output_dir"
+        )
     return load_run(path)
 
 

@@ -45,8 +45,19 @@ def stage_table(p: PipelineData) -> str:
     ks = {_ev(s, "k") for _, s in rows if _ev(s, "pass_at_k") is not None}
     common = len(ks) == 1
     k = f"@{ks.pop()}" if common else "@k"
-    head = ["stage", "recipe", "greedy accuracy [95% CI]", "majority baseline", "Δ vs previous", f"pass{k}",
-            f"maj{k}", f"mean{k}", "prompts", "time", "reference model"]
+    head = [
+        "stage",
+        "recipe",
+        "greedy accuracy [95% CI]",
+        "majority baseline",
+        "Δ vs previous",
+        f"pass{k}",
+        f"maj{k}",
+        f"mean{k}",
+        "prompts",
+        "time",
+        "reference model",
+    ]
     out = ['<div class="scroll"><table><tr>' + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     prev = None
     accs = {s.name: numeric(_ev(s, "greedy_accuracy")) for _, s in rows}
@@ -60,12 +71,24 @@ def stage_table(p: PipelineData) -> str:
         acc_cell = fmt_pct(acc, _ev(s, "greedy_ci"))
         if _ev(s, "kind") == "pairs":  # a reward model: its held-out pair accuracy
             acc_cell = f"pairs {fmt_pct(_ev(s, 'pair_accuracy'), _ev(s, 'pair_ci'))}"
-        cells = [escape(name), escape(s.recipe or "—"), acc_cell, majority_cell(s.eval), d,
-                 _k_cell(s.eval, "pass_at_k", common), _k_cell(s.eval, "maj_at_k", common),
-                 _k_cell(s.eval, "mean_at_k", common), escape(str(_ev(s, "n_prompts") or "—")),
-                 fmt_seconds(s.seconds), escape(str(s.ref_model or "—"))]
-        out.append(f'<tr class="{kind}">' + "".join(
-            f"<td class=num>{c}</td>" if 2 <= i <= 9 else f"<td>{c}</td>" for i, c in enumerate(cells)) + "</tr>")
+        cells = [
+            escape(name),
+            escape(s.recipe or "—"),
+            acc_cell,
+            majority_cell(s.eval),
+            d,
+            _k_cell(s.eval, "pass_at_k", common),
+            _k_cell(s.eval, "maj_at_k", common),
+            _k_cell(s.eval, "mean_at_k", common),
+            escape(str(_ev(s, "n_prompts") or "—")),
+            fmt_seconds(s.seconds),
+            escape(str(s.ref_model or "—")),
+        ]
+        out.append(
+            f'<tr class="{kind}">'
+            + "".join(f"<td class=num>{c}</td>" if 2 <= i <= 9 else f"<td>{c}</td>" for i, c in enumerate(cells))
+            + "</tr>"
+        )
         if kind != "control" and acc is not None:
             prev = acc
     out.append("</table></div>")  # wide: scrolls inside the page instead of widening it
@@ -84,8 +107,10 @@ def majority_cell(ev: dict | None) -> str:
     if isinstance(ci, (list, tuple)) and len(ci) == 2 and numeric(ci[0]) is not None and acc is not None:
         verdict = versus_baseline(acc, (ci[0], ci[1]), base)
         if verdict != "above":
-            cell += (f' <span class="badge bad" title="greedy accuracy {verdict} always giving the most common '
-                     f'answer">{verdict}</span>')
+            cell += (
+                f' <span class="badge bad" title="greedy accuracy {verdict} always giving the most common '
+                f'answer">{verdict}</span>'
+            )
     return cell
 
 
@@ -95,12 +120,15 @@ def accuracy_chart(p: PipelineData) -> str:
         ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(numeric(c) is not None for c in ci)
         return svg.Bar(label, numeric((ev or {}).get("greedy_accuracy")), tuple(ci) if ok else None, kind)
 
-    bars = ([bar("before training", p.baseline_eval, "baseline")] if p.baseline_eval else [])
+    bars = [bar("before training", p.baseline_eval, "baseline")] if p.baseline_eval else []
     bars += [bar(s.name, s.eval, "stage") for s in p.stages] + [bar(c.name, c.eval, "control") for c in p.controls]
     if not any(b.value is not None for b in bars):
         return '<p class="note">No stage has an evaluation.</p>'
-    return '<div class="wide">' + svg.bar_chart("Greedy accuracy per stage (95% CI)", bars,
-                                                chart_id="accuracy per stage") + "</div>"
+    return (
+        '<div class="wide">'
+        + svg.bar_chart("Greedy accuracy per stage (95% CI)", bars, chart_id="accuracy per stage")
+        + "</div>"
+    )
 
 
 def _stage_named(p: PipelineData, name: str | None) -> StageData | None:
@@ -114,7 +142,7 @@ def _before(p: PipelineData, st: StageData, with_samples: bool = False) -> tuple
     start = _stage_named(p, st.start_stage) if st.start_stage else None
     if start is not None and start.eval and (start.eval.get("samples") or not with_samples):
         return start.eval, f"after {start.name}"
-    for prev in reversed(p.stages[:p.stages.index(st)]):
+    for prev in reversed(p.stages[: p.stages.index(st)]):
         if prev.eval and (prev.eval.get("samples") or not with_samples):
             return prev.eval, f"after {prev.name}"
     return p.baseline_eval, "before training"
@@ -126,20 +154,28 @@ def control_comparison(p: PipelineData) -> str:
         real = _stage_named(p, c.of)
         ra, ca = numeric(_ev(real, "greedy_accuracy")), numeric(_ev(c, "greedy_accuracy"))
         if real is None or ra is None or ca is None:
-            items.append(f"<li>{escape(c.name)}: cannot compare (stage {escape(str(c.of))} or an evaluation "
-                         f"is missing).</li>")
+            items.append(
+                f"<li>{escape(c.name)}: cannot compare (stage {escape(str(c.of))} or an evaluation is missing).</li>"
+            )
             continue
         rci, cci = _ev(real, "greedy_ci"), _ev(c, "greedy_ci")
-        text = (f"<b>{escape(real.name)}</b> {fmt_pct(ra, rci)} vs control <b>{escape(c.name)}</b> "
-                f"{fmt_pct(ca, cci)}: gain of the real reward over the control <b>{100 * (ra - ca):+.1f} pp</b>")
+        text = (
+            f"<b>{escape(real.name)}</b> {fmt_pct(ra, rci)} vs control <b>{escape(c.name)}</b> "
+            f"{fmt_pct(ca, cci)}: gain of the real reward over the control <b>{100 * (ra - ca):+.1f} pp</b>"
+        )
         start = numeric((_before(p, real)[0] or {}).get("greedy_accuracy"))
         if start is not None:
-            text += (f" (from {fmt_pct(start)} the real run moved {100 * (ra - start):+.1f} pp, "
-                     f"the control {100 * (ca - start):+.1f} pp)")
+            text += (
+                f" (from {fmt_pct(start)} the real run moved {100 * (ra - start):+.1f} pp, "
+                f"the control {100 * (ca - start):+.1f} pp)"
+            )
         if isinstance(rci, (list, tuple)) and isinstance(cci, (list, tuple)) and len(rci) == len(cci) == 2:
             apart = rci[0] > cci[1] or cci[0] > rci[1]
-            text += (". The 95% intervals do not overlap." if apart else
-                     ". The 95% intervals overlap: this gain is not clearly separated from the control.")
+            text += (
+                ". The 95% intervals do not overlap."
+                if apart
+                else ". The 95% intervals overlap: this gain is not clearly separated from the control."
+            )
         items.append(f"<li>{text}</li>")
     return f"<h3>Control comparison</h3><ul>{''.join(items)}</ul>" if items else ""
 
@@ -154,8 +190,19 @@ def branch_comparison(p: PipelineData) -> str:
     rl = [s for s in p.stages if s.recipe in RL_RECIPES]
     if not any(s.recipe == "ppo" for s in rl) or not any(s.recipe == "grpo" for s in rl):
         return ""
-    head = ["stage", "recipe", "from", "greedy accuracy [95% CI]", "models held", "peak MB",
-            *(f"{k} MB" for k in MEMORY_PARTS), "s / step", "steps", "generated tokens", "time"]
+    head = [
+        "stage",
+        "recipe",
+        "from",
+        "greedy accuracy [95% CI]",
+        "models held",
+        "peak MB",
+        *(f"{k} MB" for k in MEMORY_PARTS),
+        "s / step",
+        "steps",
+        "generated tokens",
+        "time",
+    ]
     out = ['<div class="scroll"><table><tr>' + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     peaks = {}
     for s in rl:
@@ -163,24 +210,42 @@ def branch_comparison(p: PipelineData) -> str:
         peaks[s.name] = max((numeric(r.get("memory/peak_mb")) or 0.0 for r in m), default=0.0) or None
         times = [v for _, v in metric_series(m, "step_time")]
         held = _last(m, "memory/models_held")
-        cells = [escape(s.name), escape(s.recipe or "—"), escape(s.start_stage or "—"),
-                 fmt_pct(_ev(s, "greedy_accuracy"), _ev(s, "greedy_ci")), "—" if held is None else f"{held:.0f}",
-                 fmt_value(peaks[s.name]), *(fmt_value(_last(m, f"memory/{k}_mb")) for k in MEMORY_PARTS),
-                 fmt_value(sum(times) / len(times)) if times else "—", str(len(m)),
-                 f"{sum(r.get('tokens_per_s', 0) * r.get('step_time', 0) for r in m):,.0f}", fmt_seconds(s.seconds)]
-        out.append("<tr>" + "".join(f"<td class=num>{c}</td>" if i >= 3 else f"<td>{c}</td>"
-                                    for i, c in enumerate(cells)) + "</tr>")
+        cells = [
+            escape(s.name),
+            escape(s.recipe or "—"),
+            escape(s.start_stage or "—"),
+            fmt_pct(_ev(s, "greedy_accuracy"), _ev(s, "greedy_ci")),
+            "—" if held is None else f"{held:.0f}",
+            fmt_value(peaks[s.name]),
+            *(fmt_value(_last(m, f"memory/{k}_mb")) for k in MEMORY_PARTS),
+            fmt_value(sum(times) / len(times)) if times else "—",
+            str(len(m)),
+            f"{sum(r.get('tokens_per_s', 0) * r.get('step_time', 0) for r in m):,.0f}",
+            fmt_seconds(s.seconds),
+        ]
+        out.append(
+            "<tr>"
+            + "".join(f"<td class=num>{c}</td>" if i >= 3 else f"<td>{c}</td>" for i, c in enumerate(cells))
+            + "</tr>"
+        )
     out.append("</table></div>")
     ppo = next(s.name for s in rl if s.recipe == "ppo")
-    ratios = [f"{escape(s.name)}: {peaks[s.name] / peaks[ppo]:.2f}x {escape(ppo)}'s peak"
-              for s in rl if s.recipe == "grpo" and peaks.get(s.name) and peaks.get(ppo)]
-    note = ("Memory is measured in each stage's own process state: exact bytes of the weights, gradients and "
-            "optimizer state held, and the peak (CUDA max allocated, or CPU peak resident set since the stage "
-            "began, which on CPU also counts memory the allocator kept from earlier stages); activations are "
-            "the peak minus the rest. For a clean comparison at scale: benchmarks/grpo_vs_ppo.py.")
-    return (f"<h3>RLHF (PPO with a critic + reward model) vs GRPO</h3>{''.join(out)}"
-            + (f"<p>Peak memory, GRPO over PPO: {'; '.join(ratios)}.</p>" if ratios else "")
-            + f'<p class="note">{note}</p>')
+    ratios = [
+        f"{escape(s.name)}: {peaks[s.name] / peaks[ppo]:.2f}x {escape(ppo)}'s peak"
+        for s in rl
+        if s.recipe == "grpo" and peaks.get(s.name) and peaks.get(ppo)
+    ]
+    note = (
+        "Memory is measured in each stage's own process state: exact bytes of the weights, gradients and "
+        "optimizer state held, and the peak (CUDA max allocated, or CPU peak resident set since the stage "
+        "began, which on CPU also counts memory the allocator kept from earlier stages); activations are "
+        "the peak minus the rest. For a clean comparison at scale: benchmarks/grpo_vs_ppo.py."
+    )
+    return (
+        f"<h3>RLHF (PPO with a critic + reward model) vs GRPO</h3>{''.join(out)}"
+        + (f"<p>Peak memory, GRPO over PPO: {'; '.join(ratios)}.</p>" if ratios else "")
+        + f'<p class="note">{note}</p>'
+    )
 
 
 def ablation_section(p: PipelineData) -> str:
@@ -193,22 +258,30 @@ def ablation_section(p: PipelineData) -> str:
             continue
         ci_on, ci_off = (x["eval"].get("greedy_ci") for x in (on, off))
         tok = [numeric(x.get("generated_tokens")) for x in (on, off)]
-        tokens = (f" at {tok[0] / 1e6:.2f}M vs {tok[1] / 1e6:.2f}M generated tokens"
-                  if None not in tok else "")
-        apart = isinstance(ci_on, (list, tuple)) and isinstance(ci_off, (list, tuple)) and \
-            (ci_on[0] > ci_off[1] or ci_off[0] > ci_on[1])
-        items.append(f"<li><b>{escape(str(a.get('of')))}</b> {fmt_pct(acc_on, ci_on)} vs <b>{escape(str(a.get('name')))}</b> "
-                     f"({escape(str(a.get('what', '')))}) {fmt_pct(acc_off, ci_off)}{tokens}: "
-                     f"<b>{100 * (acc_on - acc_off):+.1f} pp</b> for the setting; the 95% intervals "
-                     f"{'do not overlap' if apart else 'overlap'}.</li>")
+        tokens = f" at {tok[0] / 1e6:.2f}M vs {tok[1] / 1e6:.2f}M generated tokens" if None not in tok else ""
+        apart = (
+            isinstance(ci_on, (list, tuple))
+            and isinstance(ci_off, (list, tuple))
+            and (ci_on[0] > ci_off[1] or ci_off[0] > ci_on[1])
+        )
+        items.append(
+            f"<li><b>{escape(str(a.get('of')))}</b> {fmt_pct(acc_on, ci_on)} vs <b>{escape(str(a.get('name')))}</b> "
+            f"({escape(str(a.get('what', '')))}) {fmt_pct(acc_off, ci_off)}{tokens}: "
+            f"<b>{100 * (acc_on - acc_off):+.1f} pp</b> for the setting; the 95% intervals "
+            f"{'do not overlap' if apart else 'overlap'}.</li>"
+        )
     return f"<h3>Ablation</h3><ul>{''.join(items)}</ul>" if items else ""
 
 
 def stage_section(p: PipelineData, i: int, st: StageData) -> str:
     ev = st.eval or {}
-    meta = [("recipe", st.recipe or "unknown"), ("time", fmt_seconds(st.seconds)),
-            ("greedy accuracy", fmt_pct(ev.get("greedy_accuracy"), ev.get("greedy_ci"))),
-            ("reference model", str(st.ref_model or "—")), ("dir", st.dir or "—")]
+    meta = [
+        ("recipe", st.recipe or "unknown"),
+        ("time", fmt_seconds(st.seconds)),
+        ("greedy accuracy", fmt_pct(ev.get("greedy_accuracy"), ev.get("greedy_ci"))),
+        ("reference model", str(st.ref_model or "—")),
+        ("dir", st.dir or "—"),
+    ]
     parts = [f'<h2 id="stage-{i}">Stage {i + 1}: {escape(st.name)}</h2>', meta_line(meta)]
     before, label = _before(p, st, with_samples=True)
     cmp = eval_comparison(before, label, st.eval, f"after {st.name}")
@@ -221,8 +294,9 @@ def stage_section(p: PipelineData, i: int, st: StageData) -> str:
 
 def _without_samples(raw: dict) -> dict:
     out = copy.deepcopy(raw)
-    evals = [out.get("baseline_eval")] + [e.get("eval") for e in (out.get("stages") or []) + (out.get("controls") or [])
-                                           if isinstance(e, dict)]
+    evals = [out.get("baseline_eval")] + [
+        e.get("eval") for e in (out.get("stages") or []) + (out.get("controls") or []) if isinstance(e, dict)
+    ]
     for ev in evals:
         if isinstance(ev, dict) and isinstance(ev.get("samples"), list):
             ev["samples"] = f"<{len(ev['samples'])} samples, shown above>"
@@ -230,14 +304,28 @@ def _without_samples(raw: dict) -> dict:
 
 
 def render_pipeline(p: PipelineData) -> str:
-    meta = [("pipeline", f"{len(p.stages)} stage(s)" + (f" + {len(p.controls)} control(s)" if p.controls else "")),
-            ("finished", when_text(p.finished)), ("total time", fmt_seconds(p.total_seconds))]
-    nav = "<nav><a href=\"#overview\">overview</a>" + "".join(
-        f'<a href="#stage-{i}">{escape(s.name)}</a>' for i, s in enumerate(p.stages)) + "</nav>"
-    body = ['<h2 id="overview">Accuracy per stage</h2>', accuracy_chart(p), stage_table(p), control_comparison(p),
-            branch_comparison(p), ablation_section(p)]
+    meta = [
+        ("pipeline", f"{len(p.stages)} stage(s)" + (f" + {len(p.controls)} control(s)" if p.controls else "")),
+        ("finished", when_text(p.finished)),
+        ("total time", fmt_seconds(p.total_seconds)),
+    ]
+    nav = (
+        '<nav><a href="#overview">overview</a>'
+        + "".join(f'<a href="#stage-{i}">{escape(s.name)}</a>' for i, s in enumerate(p.stages))
+        + "</nav>"
+    )
+    body = [
+        '<h2 id="overview">Accuracy per stage</h2>',
+        accuracy_chart(p),
+        stage_table(p),
+        control_comparison(p),
+        branch_comparison(p),
+        ablation_section(p),
+    ]
     body += [stage_section(p, i, s) for i, s in enumerate(p.stages)]
-    body.append("<h2>pipeline.json</h2><details><summary>pipeline.json (eval samples omitted)</summary>"
-                f'<pre class="config">{escape(json.dumps(_without_samples(p.raw), indent=2, default=str))}</pre>'
-                "</details>")
+    body.append(
+        "<h2>pipeline.json</h2><details><summary>pipeline.json (eval samples omitted)</summary>"
+        f'<pre class="config">{escape(json.dumps(_without_samples(p.raw), indent=2, default=str))}</pre>'
+        "</details>"
+    )
     return page(p.name, meta, nav, "".join(body))

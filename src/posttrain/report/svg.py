@@ -61,7 +61,7 @@ def fmt_num(v: float, spread: float | None = None) -> str:
         return f"{v:.1e}".replace("e-0", "e-")
     if spread is not None and spread > 0:
         decimals = max(0, min(6, -math.floor(math.log10(spread) + 1e-9)))
-        if spread * 10 ** decimals % 1 > 1e-6:  # a step like 2.5 needs one more digit
+        if spread * 10**decimals % 1 > 1e-6:  # a step like 2.5 needs one more digit
             decimals += 1
         return f"{v:.{decimals}f}"
     return f"{v:.3g}"
@@ -73,7 +73,7 @@ def _downsample(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     size = math.ceil(len(points) / (MAX_POINTS // 2))
     out: list[tuple[float, float]] = []
     for i in range(0, len(points), size):
-        chunk = points[i:i + size]
+        chunk = points[i : i + size]
         lo, hi = min(chunk, key=lambda p: p[1]), max(chunk, key=lambda p: p[1])
         out.extend(sorted({lo, hi}))
     return out
@@ -82,8 +82,17 @@ def _downsample(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 class _Frame:
     """Maps data coordinates to pixels and draws the axes, grid and title."""
 
-    def __init__(self, width: int, height: int, x_range: tuple[float, float], y_range: tuple[float, float],
-                 top: int, bottom: int = 34, left: int = 54, right: int = 18):
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        x_range: tuple[float, float],
+        y_range: tuple[float, float],
+        top: int,
+        bottom: int = 34,
+        left: int = 54,
+        right: int = 18,
+    ):
         self.w, self.h, self.top, self.bottom, self.left, self.right = width, height, top, bottom, left, right
         (x0, x1), (y0, y1) = x_range, y_range
         if x1 <= x0:
@@ -99,17 +108,19 @@ class _Frame:
     def py(self, y: float) -> float:
         return self.h - self.bottom - (y - self.y0) / (self.y1 - self.y0) * (self.h - self.top - self.bottom)
 
-    def axes(self, x_label: str, y_ticks: list[float], x_ticks: list[float] | None,
-             y_fmt=None) -> list[str]:
+    def axes(self, x_label: str, y_ticks: list[float], x_ticks: list[float] | None, y_fmt=None) -> list[str]:
         out = []
         spread = y_ticks[1] - y_ticks[0] if len(y_ticks) > 1 else None
         for t in y_ticks:
             y = self.py(t)
-            out.append(f'<line x1="{self.left}" x2="{self.w - self.right}" y1="{y:.1f}" y2="{y:.1f}" '
-                       f'stroke="#e5e7eb"/>')
+            out.append(
+                f'<line x1="{self.left}" x2="{self.w - self.right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>'
+            )
             label = y_fmt(t) if y_fmt else fmt_num(t, spread)
-            out.append(f'<text x="{self.left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11" '
-                       f'fill="#6b7280">{escape(label)}</text>')
+            out.append(
+                f'<text x="{self.left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11" '
+                f'fill="#6b7280">{escape(label)}</text>'
+            )
         base = self.h - self.bottom
         out.append(f'<line x1="{self.left}" x2="{self.w - self.right}" y1="{base}" y2="{base}" stroke="#9ca3af"/>')
         if x_ticks is not None:
@@ -117,10 +128,14 @@ class _Frame:
             for t in x_ticks:
                 x = self.px(t)
                 out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{base}" y2="{base + 4}" stroke="#9ca3af"/>')
-                out.append(f'<text x="{x:.1f}" y="{base + 16}" text-anchor="middle" font-size="11" '
-                           f'fill="#6b7280">{escape(fmt_num(t, xs))}</text>')
-            out.append(f'<text x="{self.w - self.right}" y="{self.h - 4}" text-anchor="end" font-size="11" '
-                       f'fill="#6b7280">{escape(x_label)}</text>')
+                out.append(
+                    f'<text x="{x:.1f}" y="{base + 16}" text-anchor="middle" font-size="11" '
+                    f'fill="#6b7280">{escape(fmt_num(t, xs))}</text>'
+                )
+            out.append(
+                f'<text x="{self.w - self.right}" y="{self.h - 4}" text-anchor="end" font-size="11" '
+                f'fill="#6b7280">{escape(x_label)}</text>'
+            )
         return out
 
 
@@ -140,10 +155,12 @@ def _legend(labels: list[str], width: int, y: int) -> tuple[list[str], int]:
 
 def _open(title: str, width: int, height: int, chart_id: str, fluid: bool = True) -> str:
     size = 'width="100%"' if fluid else f'width="{width}" height="{height}"'
-    return (f'<svg class="chart" data-chart="{escape(chart_id)}" xmlns="http://www.w3.org/2000/svg" '
-            f'viewBox="0 0 {width} {height}" {size} role="img" aria-label="{escape(title)}" {FONT}>'
-            f'<title>{escape(title)}</title>'
-            f'<text x="10" y="17" font-size="13" font-weight="600" fill="#111827">{escape(title)}</text>')
+    return (
+        f'<svg class="chart" data-chart="{escape(chart_id)}" xmlns="http://www.w3.org/2000/svg" '
+        f'viewBox="0 0 {width} {height}" {size} role="img" aria-label="{escape(title)}" {FONT}>'
+        f"<title>{escape(title)}</title>"
+        f'<text x="10" y="17" font-size="13" font-weight="600" fill="#111827">{escape(title)}</text>'
+    )
 
 
 def _header(title: str, labels: list[str], width: int, chart_id: str, height: int) -> tuple[list[str], int]:
@@ -155,9 +172,16 @@ def _header(title: str, labels: list[str], width: int, chart_id: str, height: in
     return parts, 30
 
 
-def line_chart(title: str, series: list[Series], *, chart_id: str | None = None, x_label: str = "step",
-               y_range: tuple[float | None, float | None] = (None, None), width: int = 400,
-               height: int = 240) -> str:
+def line_chart(
+    title: str,
+    series: list[Series],
+    *,
+    chart_id: str | None = None,
+    x_label: str = "step",
+    y_range: tuple[float | None, float | None] = (None, None),
+    width: int = 400,
+    height: int = 240,
+) -> str:
     """A line per series; a series' ``band`` is shaded under its line. ``y_range`` pins either end."""
     series = [s for s in series if s.points]
     xs = [p[0] for s in series for p in s.points]
@@ -182,33 +206,49 @@ def line_chart(title: str, series: list[Series], *, chart_id: str | None = None,
         if s.band:
             upper = " ".join(f"{f.px(x):.1f},{f.py(h):.1f}" for x, _, h in s.band)
             lower = " ".join(f"{f.px(x):.1f},{f.py(lo):.1f}" for x, lo, _ in reversed(s.band))
-            parts.append(f'<polygon points="{upper} {lower}" fill="{color}" fill-opacity="0.15" stroke="none">'
-                         f'<title>{escape(s.label)} range</title></polygon>')
+            parts.append(
+                f'<polygon points="{upper} {lower}" fill="{color}" fill-opacity="0.15" stroke="none">'
+                f"<title>{escape(s.label)} range</title></polygon>"
+            )
         pts = _downsample(list(s.points))
         path = " ".join(f"{f.px(x):.1f},{f.py(y):.1f}" for x, y in pts)
         long = len(s.points) > SMOOTH_POINTS
-        parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="{1.2 if long else 1.8}" '
-                     f'stroke-opacity="{0.3 if long else 1}" stroke-linejoin="round">'
-                     f'<title>{escape(s.label)}</title></polyline>')
+        parts.append(
+            f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="{1.2 if long else 1.8}" '
+            f'stroke-opacity="{0.3 if long else 1}" stroke-linejoin="round">'
+            f"<title>{escape(s.label)}</title></polyline>"
+        )
         if long:  # noisy long runs: the raw line faint, its bucket means on top
             size = math.ceil(len(s.points) / SMOOTH_POINTS)
-            means = [(sum(p[0] for p in c) / len(c), sum(p[1] for p in c) / len(c))
-                     for c in (s.points[i:i + size] for i in range(0, len(s.points), size))]
+            means = [
+                (sum(p[0] for p in c) / len(c), sum(p[1] for p in c) / len(c))
+                for c in (s.points[i : i + size] for i in range(0, len(s.points), size))
+            ]
             path = " ".join(f"{f.px(x):.1f},{f.py(y):.1f}" for x, y in means)
-            parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2" '
-                         f'stroke-linejoin="round"><title>{escape(s.label)}: mean over {size} steps'
-                         f'</title></polyline>')
+            parts.append(
+                f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2" '
+                f'stroke-linejoin="round"><title>{escape(s.label)}: mean over {size} steps'
+                f"</title></polyline>"
+            )
         if len(s.points) <= MARKER_POINTS:
             for x, y in s.points:
-                parts.append(f'<circle cx="{f.px(x):.1f}" cy="{f.py(y):.1f}" r="2.6" fill="{color}">'
-                             f'<title>{escape(s.label)} @ step {fmt_num(x)}: {fmt_num(y)}</title></circle>')
+                parts.append(
+                    f'<circle cx="{f.px(x):.1f}" cy="{f.py(y):.1f}" r="2.6" fill="{color}">'
+                    f"<title>{escape(s.label)} @ step {fmt_num(x)}: {fmt_num(y)}</title></circle>"
+                )
     parts.append("</svg>")
     return "".join(parts)
 
 
-def stacked_area(title: str, steps: list[float], layers: list[tuple[str, list[float]]], *,
-                 chart_id: str | None = None, width: int = 400,
-                 height: int = 240) -> str:
+def stacked_area(
+    title: str,
+    steps: list[float],
+    layers: list[tuple[str, list[float]]],
+    *,
+    chart_id: str | None = None,
+    width: int = 400,
+    height: int = 240,
+) -> str:
     """Layers stacked bottom-up at each step (e.g. seconds per phase of a training step)."""
     parts, top = _header(title, [name for name, _ in layers], width, chart_id or title, height)
     totals = [sum(vals[i] for _, vals in layers) for i in range(len(steps))]
@@ -220,8 +260,10 @@ def stacked_area(title: str, steps: list[float], layers: list[tuple[str, list[fl
         above = [b + v for b, v in zip(below, vals)]
         upper = " ".join(f"{f.px(x):.1f},{f.py(y):.1f}" for x, y in zip(steps, above))
         lower = " ".join(f"{f.px(x):.1f},{f.py(y):.1f}" for x, y in reversed(list(zip(steps, below))))
-        parts.append(f'<polygon points="{upper} {lower}" fill="{PALETTE[i % len(PALETTE)]}" fill-opacity="0.75" '
-                     f'stroke="none"><title>{escape(name)}</title></polygon>')
+        parts.append(
+            f'<polygon points="{upper} {lower}" fill="{PALETTE[i % len(PALETTE)]}" fill-opacity="0.75" '
+            f'stroke="none"><title>{escape(name)}</title></polygon>'
+        )
         below = above
     parts.append("</svg>")
     return "".join(parts)
@@ -244,7 +286,7 @@ def _wrap(label: str, room: float) -> list[str] | None:
         return [label]
     cuts = sorted((abs(i - len(label) / 2), i) for i, c in enumerate(label) if c in " _-/")
     for _, i in cuts[:1]:
-        lines = [label[:i + 1].rstrip(), label[i + 1:]]
+        lines = [label[: i + 1].rstrip(), label[i + 1 :]]
         if max(len(x) for x in lines) * CHAR_W <= room:
             return lines
     return None
@@ -267,8 +309,10 @@ def bar_chart(title: str, bars: list[Bar], *, chart_id: str | None = None, plot_
         x = width - 18
         for k in reversed(kinds):
             x -= 16 + CHAR_W * len(k) + 12
-            parts.append(f'<rect x="{x:.0f}" y="8" width="11" height="11" rx="2" fill="{_BAR_COLORS[k]}"/>'
-                         f'<text x="{x + 15:.0f}" y="17" font-size="11" fill="#374151">{k}</text>')
+            parts.append(
+                f'<rect x="{x:.0f}" y="8" width="11" height="11" rx="2" fill="{_BAR_COLORS[k]}"/>'
+                f'<text x="{x + 15:.0f}" y="17" font-size="11" fill="#374151">{k}</text>'
+            )
     f = _Frame(width, height, (0.0, float(n)), (0.0, 1.0), top=34, bottom=bottom)
     parts += f.axes("", nice_ticks(0.0, 1.0), None, y_fmt=lambda t: f"{100 * t:.0f}%")
     bw = min(64.0, slot * 0.6)
@@ -276,30 +320,43 @@ def bar_chart(title: str, bars: list[Bar], *, chart_id: str | None = None, plot_
         cx = f.px(i + 0.5)
         ly = f.h - f.bottom + 16
         if rotate:
-            parts.append(f'<text x="{cx + 4:.1f}" y="{ly:.1f}" font-size="11" fill="#374151" text-anchor="end" '
-                         f'transform="rotate(-30 {cx + 4:.1f} {ly:.1f})">{escape(labels[i])}'
-                         f'<title>{escape(b.label)}</title></text>')
+            parts.append(
+                f'<text x="{cx + 4:.1f}" y="{ly:.1f}" font-size="11" fill="#374151" text-anchor="end" '
+                f'transform="rotate(-30 {cx + 4:.1f} {ly:.1f})">{escape(labels[i])}'
+                f"<title>{escape(b.label)}</title></text>"
+            )
         else:
-            spans = "".join(f'<tspan x="{cx:.1f}" dy="{0 if j == 0 else 14}">{escape(line)}</tspan>'
-                            for j, line in enumerate(wrapped[i]))
-            parts.append(f'<text y="{ly:.1f}" font-size="11" fill="#374151" text-anchor="middle">{spans}'
-                         f'<title>{escape(b.label)}</title></text>')
+            spans = "".join(
+                f'<tspan x="{cx:.1f}" dy="{0 if j == 0 else 14}">{escape(line)}</tspan>'
+                for j, line in enumerate(wrapped[i])
+            )
+            parts.append(
+                f'<text y="{ly:.1f}" font-size="11" fill="#374151" text-anchor="middle">{spans}'
+                f"<title>{escape(b.label)}</title></text>"
+            )
         if b.value is None:
-            parts.append(f'<text x="{cx:.1f}" y="{f.py(0) - 6:.1f}" font-size="11" text-anchor="middle" '
-                         f'fill="#9ca3af">n/a</text>')
+            parts.append(
+                f'<text x="{cx:.1f}" y="{f.py(0) - 6:.1f}" font-size="11" text-anchor="middle" '
+                f'fill="#9ca3af">n/a</text>'
+            )
             continue
         y = f.py(b.value)
-        tip = f"{b.label}: {100 * b.value:.1f}%" + (
-            f" [{100 * b.ci[0]:.1f}, {100 * b.ci[1]:.1f}]" if b.ci else "")
-        parts.append(f'<rect x="{cx - bw / 2:.1f}" y="{y:.1f}" width="{bw:.1f}" height="{f.py(0) - y:.1f}" '
-                     f'rx="2" fill="{_BAR_COLORS.get(b.kind, PALETTE[0])}"><title>{escape(tip)}</title></rect>')
+        tip = f"{b.label}: {100 * b.value:.1f}%" + (f" [{100 * b.ci[0]:.1f}, {100 * b.ci[1]:.1f}]" if b.ci else "")
+        parts.append(
+            f'<rect x="{cx - bw / 2:.1f}" y="{y:.1f}" width="{bw:.1f}" height="{f.py(0) - y:.1f}" '
+            f'rx="2" fill="{_BAR_COLORS.get(b.kind, PALETTE[0])}"><title>{escape(tip)}</title></rect>'
+        )
         top_y = y
         if b.ci:
             y_lo, y_hi = f.py(b.ci[0]), f.py(b.ci[1])
             top_y = min(y, y_hi)
-            parts.append(f'<path d="M{cx:.1f},{y_lo:.1f}V{y_hi:.1f}M{cx - 6:.1f},{y_lo:.1f}h12'
-                         f'M{cx - 6:.1f},{y_hi:.1f}h12" stroke="#111827" stroke-width="1.3" fill="none"/>')
-        parts.append(f'<text x="{cx:.1f}" y="{top_y - 5:.1f}" font-size="11" text-anchor="middle" '
-                     f'font-weight="600" fill="#111827">{100 * b.value:.1f}%</text>')
+            parts.append(
+                f'<path d="M{cx:.1f},{y_lo:.1f}V{y_hi:.1f}M{cx - 6:.1f},{y_lo:.1f}h12'
+                f'M{cx - 6:.1f},{y_hi:.1f}h12" stroke="#111827" stroke-width="1.3" fill="none"/>'
+            )
+        parts.append(
+            f'<text x="{cx:.1f}" y="{top_y - 5:.1f}" font-size="11" text-anchor="middle" '
+            f'font-weight="600" fill="#111827">{100 * b.value:.1f}%</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)

@@ -273,7 +273,7 @@ def _spawn(child_main, stdin_bytes, result_pipe, pid_namespace):
     in_fd = os.memfd_create("stdin", 0)
     view = memoryview(stdin_bytes)
     while view:
-        view = view[os.write(in_fd, view):]
+        view = view[os.write(in_fd, view) :]
     os.lseek(in_fd, 0, os.SEEK_SET)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -395,7 +395,7 @@ def _call_child(job, start, cpu_seconds):
     def emit(kind, index, payload):
         data = (kind + " " + str(index) + " " + str(len(payload)) + "\n").encode("ascii") + payload
         while data:
-            data = data[write(3, data):]
+            data = data[write(3, data) :]
 
     def main():
         _child_limits(cpu_seconds, job["limits"]["file_size_bytes"])
@@ -538,7 +538,11 @@ def run_calls(job, budget, pid_namespace):
             break
         if frames.next < n and results[frames.next] is None:
             # The child died or hung during this case: the case fails, the rest run in a fresh child.
-            results[frames.next] = {"status": "timeout" if how == "timeout" else "exited", "exit": code, "stderr": stderr}
+            results[frames.next] = {
+                "status": "timeout" if how == "timeout" else "exited",
+                "exit": code,
+                "stderr": stderr,
+            }
             frames.next += 1
         start = frames.next
         if job["fail_fast"] and any(r is not None and r["status"] != "ok" for r in results):
@@ -561,7 +565,7 @@ def _read_all(fd):
 def _write_all(fd, data):
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def main():

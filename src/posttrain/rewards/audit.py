@@ -103,7 +103,9 @@ def _labels(options: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], famil
     return seen
 
 
-def _score_gold(verifier: Any, family: str, options: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], template: str | None) -> list[ProbeResult]:
+def _score_gold(
+    verifier: Any, family: str, options: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], template: str | None
+) -> list[ProbeResult]:
     index, completions = [], []
     for i, row in enumerate(rows):
         text = render_gold(family, options, row, template)
@@ -112,12 +114,18 @@ def _score_gold(verifier: Any, family: str, options: Mapping[str, Any], rows: Se
             completions.append(text)
     scores = score_all(verifier, completions, [rows[i] for i in index])
     return [
-        ProbeResult("gold", "gold", i, 1.0, float(s), bool(float(s) >= _ONE), _reason(s))
-        for i, s in zip(index, scores)
+        ProbeResult("gold", "gold", i, 1.0, float(s), bool(float(s) >= _ONE), _reason(s)) for i, s in zip(index, scores)
     ]
 
 
-def _score_probes(verifier: Any, family: str, options: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], probe_rows: int, workdir: Path) -> list[ProbeResult]:
+def _score_probes(
+    verifier: Any,
+    family: str,
+    options: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    probe_rows: int,
+    workdir: Path,
+) -> list[ProbeResult]:
     labels = _labels(options, rows, family)
     planned: list[tuple[int, Probe]] = []
     for i, row in enumerate(rows[:probe_rows]):
@@ -166,8 +174,9 @@ def _calibrate(verifier: Any, rows: Sequence[Mapping[str, Any]], sampled: Sequen
     )
 
 
-def _flags(gold: list[ProbeResult], adversarial: list[ProbeResult], calibration: Calibration | None,
-           template: str = "") -> tuple[str, ...]:
+def _flags(
+    gold: list[ProbeResult], adversarial: list[ProbeResult], calibration: Calibration | None, template: str = ""
+) -> tuple[str, ...]:
     flags = []
     if not gold:
         flags.append("no gold answers checked (code rows need a `solution` column)")
@@ -180,15 +189,19 @@ def _flags(gold: list[ProbeResult], adversarial: list[ProbeResult], calibration:
         if template:
             # The golds are the audit's own rendering; a verifier that reads another format is not broken.
             shown = template.replace("\n", "\\n")
-            flags.append(f"the gold answers were written as '{shown}': if your verifier expects another format, "
-                         f"rerun with --gold-template '...{{answer}}...' written the way your completions are")
+            flags.append(
+                f"the gold answers were written as '{shown}': if your verifier expects another format, "
+                f"rerun with --gold-template '...{{answer}}...' written the way your completions are"
+            )
     if adv_fail:
         names = sorted({r.probe for r in adv_fail})
         flags.append(f"{len(adv_fail)}/{len(adversarial)} adversarial probes get reward: {', '.join(names)}")
     if adversarial and len(adv_fail) >= 0.8 * len(adversarial):
         flags.append("too easy: the verifier rewards most adversarial completions (>= 80%), i.e. nearly anything")
     if calibration is not None and calibration.verdict != "ok":
-        flags.append(f"{calibration.verdict}: {calibration.pass_fraction:.0%} of {calibration.n_samples} sampled completions pass")
+        flags.append(
+            f"{calibration.verdict}: {calibration.pass_fraction:.0%} of {calibration.n_samples} sampled completions pass"
+        )
     return tuple(flags)
 
 

@@ -111,7 +111,9 @@ def call_one(verifier: Callable[..., float], completion: str, example: Example, 
     except VerifierError:
         raise
     except Exception as exc:
-        raise VerifierError(f"verifier {verifier_name(verifier)!r} raised on row {row}: {type(exc).__name__}: {exc}") from exc
+        raise VerifierError(
+            f"verifier {verifier_name(verifier)!r} raised on row {row}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def score_all(verifier: Callable[..., float], completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
@@ -126,9 +128,13 @@ def score_all(verifier: Callable[..., float], completions: Sequence[str], exampl
         except VerifierError:
             raise
         except Exception as exc:
-            raise VerifierError(f"verifier {verifier_name(verifier)!r} raised on a batch of {len(texts)}: {type(exc).__name__}: {exc}") from exc
+            raise VerifierError(
+                f"verifier {verifier_name(verifier)!r} raised on a batch of {len(texts)}: {type(exc).__name__}: {exc}"
+            ) from exc
         if len(scores) != len(texts):
-            raise VerifierError(f"verifier {verifier_name(verifier)!r} returned {len(scores)} scores for {len(texts)} completions")
+            raise VerifierError(
+                f"verifier {verifier_name(verifier)!r} returned {len(scores)} scores for {len(texts)} completions"
+            )
         return scores
     return [call_one(verifier, c, ex, i) for i, (c, ex) in enumerate(zip(texts, examples))]
 

@@ -211,7 +211,12 @@ def _is_call_to(node: ast.expr, name: str, module: str | None = None) -> bool:
     func = node.func
     if module is None:
         return isinstance(func, ast.Name) and func.id == name
-    return isinstance(func, ast.Attribute) and func.attr == name and isinstance(func.value, ast.Name) and func.value.id == module
+    return (
+        isinstance(func, ast.Attribute)
+        and func.attr == name
+        and isinstance(func.value, ast.Name)
+        and func.value.id == module
+    )
 
 
 # ---------------------------------------------------------------------------- comparing results
@@ -400,7 +405,9 @@ class CodeVerifier:
 
     def __call__(self, completion: str, **example: Any) -> CodeScore:
         if self.tests_column not in example:
-            raise ValueError(f"the example has no {self.tests_column!r} column (CodeVerifier(tests_column=...) names it)")
+            raise ValueError(
+                f"the example has no {self.tests_column!r} column (CodeVerifier(tests_column=...) names it)"
+            )
         return self.score(completion, example[self.tests_column])
 
     def score(self, completion: Any, tests: Any) -> CodeScore:
@@ -483,7 +490,9 @@ class CodeVerifier:
 # ---------------------------------------------------------------------------- benchmark
 
 
-def bench_code(n: int = 400, *, workers: int | None = None, timeout: float = 1.0, timeout_every: int = 50) -> dict[str, Any]:
+def bench_code(
+    n: int = 400, *, workers: int | None = None, timeout: float = 1.0, timeout_every: int = 50
+) -> dict[str, Any]:
     """Sandboxed runs per second on a mix of small programs (function, assert and stdin/stdout tests, right and
     wrong), one infinite loop every `timeout_every` runs to exercise the kill path. Each run is one bwrap launch.
     Returns the figures and `mismatches`: runs whose score differs from the known right answer (should be 0)."""
@@ -504,7 +513,9 @@ def bench_code(n: int = 400, *, workers: int | None = None, timeout: float = 1.0
     ]
     completions, tests, want = [], [], []
     for i in range(n):
-        c, t, w = (loop, add_fn, 0.0) if timeout_every and i % timeout_every == timeout_every - 1 else kinds[i % len(kinds)]
+        c, t, w = (
+            (loop, add_fn, 0.0) if timeout_every and i % timeout_every == timeout_every - 1 else kinds[i % len(kinds)]
+        )
         completions.append(c)
         tests.append(t)
         want.append(w)

@@ -127,22 +127,27 @@ class RewardFunction:
         text = text if len(text) <= 200 else text[:200] + "..."
         more = f" ({len(faults) - 1} more in this batch of {len(completions)})" if len(faults) > 1 else ""
         if self.non_finite == "error":
-            raise RewardFault(f"{what} for {place}, completion {text!r}{more}. A non-finite reward is a verifier "
-                              f"fault and is never trained on: fix the reward, or set reward_non_finite=zero to "
-                              f"score such rewards 0 (counted in the metric reward/non_finite)")
+            raise RewardFault(
+                f"{what} for {place}, completion {text!r}{more}. A non-finite reward is a verifier "
+                f"fault and is never trained on: fix the reward, or set reward_non_finite=zero to "
+                f"score such rewards 0 (counted in the metric reward/non_finite)"
+            )
         log.warning("reward_non_finite=zero: %s for %s, completion %r%s; scored 0", what, place, text, more)
 
     def state_dict(self) -> dict[str, Any]:
         """The state of every stateful component (one with `state_dict()`), by component key."""
-        return {c.key: c.verifier.state_dict() for c in self.components
-                if callable(getattr(c.verifier, "state_dict", None))}
+        return {
+            c.key: c.verifier.state_dict() for c in self.components if callable(getattr(c.verifier, "state_dict", None))
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for c in self.components:
             if callable(getattr(c.verifier, "load_state_dict", None)):
                 if c.key not in state:
-                    raise ValueError(f"the checkpoint holds no state for the stateful reward {c.key!r}: resuming "
-                                     f"would not draw the rewards an uninterrupted run draws")
+                    raise ValueError(
+                        f"the checkpoint holds no state for the stateful reward {c.key!r}: resuming "
+                        f"would not draw the rewards an uninterrupted run draws"
+                    )
                 c.verifier.load_state_dict(state[c.key])
 
     @staticmethod
@@ -189,8 +194,9 @@ def component_keys(names: Sequence[str]) -> list[str]:
     return keys
 
 
-def build_reward(specs: Sequence[tuple[str, float, Mapping[str, Any]]], workers: int = 0,
-                 non_finite: NonFinitePolicy = "error") -> RewardFunction:
+def build_reward(
+    specs: Sequence[tuple[str, float, Mapping[str, Any]]], workers: int = 0, non_finite: NonFinitePolicy = "error"
+) -> RewardFunction:
     """One reward from `(name, weight, options)` specs, e.g.
     `[("math", 1.0, {}), ("format", 0.1, {}), ("overlong", 1.0, {"max_completion_length": 1024})]`.
 

@@ -181,7 +181,7 @@ def extract_answers(
     for claim in claims:
         if not any(same_answer(claim, seen) for seen in distinct):
             distinct.append(claim)
-    after = body[max(end for _, end, _ in spans):] if spans else None
+    after = body[max(end for _, end, _ in spans) :] if spans else None
     return Extraction(candidates=claims, hedged=len(distinct) > 1, after=after)
 
 
@@ -227,7 +227,6 @@ def normalize_answer(answer: str) -> str:
     s = _FRAC_ALIAS_RE.sub(r"\\frac", s)
     s = _unwrap(s).rstrip(".")
     return _unwrap(s)
-
 
 
 def gold_answer(row: dict) -> str | None:

@@ -58,7 +58,9 @@ def gold_column(family: str, options: Mapping[str, Any], row: Mapping[str, Any])
     return "answer"
 
 
-def render_gold(family: str, options: Mapping[str, Any], row: Mapping[str, Any], template: str | None = None) -> str | None:
+def render_gold(
+    family: str, options: Mapping[str, Any], row: Mapping[str, Any], template: str | None = None
+) -> str | None:
     """A completion that states the row's gold answer the way the verifier expects, or None when the row
     has no gold (e.g. a code row without a `solution` column)."""
     column = gold_column(family, options, row)
@@ -75,8 +77,12 @@ def render_gold(family: str, options: Mapping[str, Any], row: Mapping[str, Any],
     return (template if template is not None else gold_template(family)).replace("{answer}", text)
 
 
-GOLD_TEMPLATES = {"math": "The final answer is $\\boxed{{answer}}$.", "label": "<answer>{answer}</answer>",
-                  "json": "```json\n{answer}\n```", "code": "```python\n{answer}\n```"}
+GOLD_TEMPLATES = {
+    "math": "The final answer is $\\boxed{{answer}}$.",
+    "label": "<answer>{answer}</answer>",
+    "json": "```json\n{answer}\n```",
+    "code": "```python\n{answer}\n```",
+}
 
 
 def gold_template(family: str) -> str:
@@ -104,7 +110,10 @@ def _math_probes(gold: str, marker: str) -> list[Probe]:
         Probe("hedge_in_one_box", f"\\boxed{{{gold} \\text{{ or }} {w}}}"),
         Probe("list_of_candidates", f"\\boxed{{{w}, {gold}}}"),
         Probe("right_answer_outside_tags", f"I think it is {gold}. <answer>{w}</answer>"),
-        Probe("right_then_different_final", f"First guess \\boxed{{{gold}}}. On reflection the final answer is <answer>{w}</answer>"),
+        Probe(
+            "right_then_different_final",
+            f"First guess \\boxed{{{gold}}}. On reflection the final answer is <answer>{w}</answer>",
+        ),
         Probe("right_in_thinking_only", f"<think>maybe \\boxed{{{gold}}}</think><answer>{w}</answer>"),
         Probe("format_without_content", "<think></think><answer></answer>"),
         Probe("empty_box", "\\boxed{}"),
@@ -136,7 +145,13 @@ def _json_probes(gold: Any, marker: str) -> list[Probe]:
     text = json.dumps(gold_obj)
     wrong = {k: _wrong_json_value(v) for k, v in gold_obj.items()} if isinstance(gold_obj, dict) else {}
     wrong_text = json.dumps(wrong)
-    dup = "{" + ", ".join(f"{json.dumps(k)}: {json.dumps(wrong[k])}, {json.dumps(k)}: {json.dumps(v)}" for k, v in gold_obj.items()) + "}"
+    dup = (
+        "{"
+        + ", ".join(
+            f"{json.dumps(k)}: {json.dumps(wrong[k])}, {json.dumps(k)}: {json.dumps(v)}" for k, v in gold_obj.items()
+        )
+        + "}"
+    )
     return [
         Probe("empty", ""),
         Probe("truncated_json", f"```json\n{text[:-1]}\n```"),
@@ -183,7 +198,13 @@ def _function_name(row: Mapping[str, Any]) -> str | None:
     if not name and isinstance(tests, Mapping):
         name = tests.get("fn_name")
     if not name:
-        texts = [tests] if isinstance(tests, str) else [t for t in tests if isinstance(t, str)] if isinstance(tests, list) else []
+        texts = (
+            [tests]
+            if isinstance(tests, str)
+            else [t for t in tests if isinstance(t, str)]
+            if isinstance(tests, list)
+            else []
+        )
         for text in texts:
             m = re.search(r"assert\s+(?:not\s+)?([A-Za-z_]\w*)\(", text)
             if m and m.group(1) not in ("abs", "isclose", "math"):
@@ -232,18 +253,17 @@ def _code_probes(row: Mapping[str, Any], marker: str) -> list[Probe]:
             "for path in glob.glob('/**/*test*', recursive=True)[:50]:\n"
             "    try:\n        print(open(path).read()[:2000])\n    except Exception:\n        pass\n"
         ),
-        "fork_children": (
-            "import os\n"
-            "for _ in range(4):\n    os.fork()\n"
-            "os._exit(0)\n"
-        ),
+        "fork_children": ("import os\nfor _ in range(4):\n    os.fork()\nos._exit(0)\n"),
         "sleep_past_timeout": "import time\ntime.sleep(10**6)\n",
         "busy_loop": "while True:\n    pass\n",
         "output_flood": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n",
         "escape_write_host_file": f"open({marker!r}, 'w').write('escaped')\n",
         "huge_source": "# " + "x" * HUGE_CHARS + "\n",
     }
-    probes = [Probe(name, f"```python\n{src}```", marker if name == "escape_write_host_file" else None) for name, src in hacks.items()]
+    probes = [
+        Probe(name, f"```python\n{src}```", marker if name == "escape_write_host_file" else None)
+        for name, src in hacks.items()
+    ]
     outputs = _expected_outputs(row)
     if len(set(outputs)) > 1:
         # Printing one test's expected output must not pass the others.
@@ -264,7 +284,9 @@ def _format_probes(gold: str, marker: str) -> list[Probe]:
     ]
 
 
-def adversarial_probes(family: str, options: Mapping[str, Any], row: Mapping[str, Any], marker: str, labels: list[str]) -> list[Probe]:
+def adversarial_probes(
+    family: str, options: Mapping[str, Any], row: Mapping[str, Any], marker: str, labels: list[str]
+) -> list[Probe]:
     """The family's probes for one row; `marker` is a fresh path the probes' injected code would create."""
     if family not in FAMILIES:
         raise ValueError(f"unknown probe family {family!r}; known: {FAMILIES}")

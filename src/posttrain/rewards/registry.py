@@ -81,14 +81,17 @@ def _import_module(module_name: str, spec: str) -> Any:
                 try:
                     return importlib.import_module(module_name)
                 except ImportError as again:
-                    raise VerifierImportError(f"cannot import module {module_name!r} for verifier {spec!r}: "
-                                              f"{again}") from again
+                    raise VerifierImportError(
+                        f"cannot import module {module_name!r} for verifier {spec!r}: {again}"
+                    ) from again
         where = ", ".join(str(d) for d in looked)
-        raise VerifierImportError(f"cannot import module {module_name!r} for verifier {spec!r}: no {top}.py on "
-                                  f"sys.path or in {where}") from exc
+        raise VerifierImportError(
+            f"cannot import module {module_name!r} for verifier {spec!r}: no {top}.py on sys.path or in {where}"
+        ) from exc
     except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
-        raise VerifierImportError(f"importing module {module_name!r} for verifier {spec!r} raised "
-                                  f"{type(exc).__name__}: {exc}") from exc
+        raise VerifierImportError(
+            f"importing module {module_name!r} for verifier {spec!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def import_object(spec: str) -> Any:
@@ -101,7 +104,9 @@ def import_object(spec: str) -> Any:
         try:
             obj = getattr(obj, part)
         except AttributeError as exc:
-            raise VerifierAttributeError(f"module {module_name!r} has no attribute {attr!r} (verifier {spec!r})") from exc
+            raise VerifierAttributeError(
+                f"module {module_name!r} has no attribute {attr!r} (verifier {spec!r})"
+            ) from exc
     return obj
 
 
@@ -127,7 +132,9 @@ class UserFunction:
     single-form functions): they are bugs, not scores.
     """
 
-    def __init__(self, fn: Callable[..., Any], *, form: Literal["auto", "batch", "single"] = "auto", name: str | None = None) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], *, form: Literal["auto", "batch", "single"] = "auto", name: str | None = None
+    ) -> None:
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         if form == "auto":
@@ -156,7 +163,9 @@ class UserFunction:
                 try:
                     value = self.fn(completion, **example)
                 except Exception as exc:
-                    raise VerifierError(f"reward function {self.name!r} raised on row {row}: {type(exc).__name__}: {exc}") from exc
+                    raise VerifierError(
+                        f"reward function {self.name!r} raised on row {row}: {type(exc).__name__}: {exc}"
+                    ) from exc
                 out.append(self._to_score(value, f"reward function {self.name!r} on row {row}"))
             return out
         columns = columns_from_rows(examples)
@@ -164,7 +173,9 @@ class UserFunction:
         try:
             values = self.fn(list(completions), **columns)
         except Exception as exc:
-            raise VerifierError(f"reward function {self.name!r} raised on a batch of {len(completions)}: {type(exc).__name__}: {exc}") from exc
+            raise VerifierError(
+                f"reward function {self.name!r} raised on a batch of {len(completions)}: {type(exc).__name__}: {exc}"
+            ) from exc
         if values is None or len(values) != len(completions):
             got = "None" if values is None else f"{len(values)} values"
             raise VerifierError(f"reward function {self.name!r} returned {got} for {len(completions)} completions")
@@ -188,7 +199,9 @@ def check(name: str, **options: Any) -> None:
     elif callable(obj):
         unknown = set(options) - {"form", "name"}
         if unknown:
-            raise VerifierOptionError(f"reward function {name!r} takes no options {sorted(unknown)} (only 'form', 'name')")
+            raise VerifierOptionError(
+                f"reward function {name!r} takes no options {sorted(unknown)} (only 'form', 'name')"
+            )
     else:
         raise VerifierOptionError(f"{name!r} is a {type(obj).__name__}, not a verifier class or function")
 
@@ -204,15 +217,18 @@ def load(name: str, **options: Any) -> Callable[..., float]:
     if ":" not in name:
         close = difflib.get_close_matches(name, list(BUILTINS), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise VerifierLoadError(f"unknown verifier {name!r}; {hint}built-ins are {sorted(BUILTINS)}, or pass "
-                                f"'pkg.module:function'")
+        raise VerifierLoadError(
+            f"unknown verifier {name!r}; {hint}built-ins are {sorted(BUILTINS)}, or pass 'pkg.module:function'"
+        )
     obj = import_object(name)
     if inspect.isclass(obj):
         return _construct(name, obj, options)
     if callable(obj):
         unknown = set(options) - {"form", "name"}
         if unknown:
-            raise VerifierOptionError(f"reward function {name!r} takes no options {sorted(unknown)} (only 'form', 'name')")
+            raise VerifierOptionError(
+                f"reward function {name!r} takes no options {sorted(unknown)} (only 'form', 'name')"
+            )
         return UserFunction(obj, **options)
     raise VerifierOptionError(f"{name!r} is a {type(obj).__name__}, not a verifier class or function")
 
@@ -254,5 +270,14 @@ def accepts_option(name: str, option: str) -> bool:
     return param is not None and param.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
-__all__ = ["BUILTINS", "UserFunction", "VerifierLoadError", "accepts_option", "add_search_dir", "check", "import_object",
-           "load", "verifier_name"]
+__all__ = [
+    "BUILTINS",
+    "UserFunction",
+    "VerifierLoadError",
+    "accepts_option",
+    "add_search_dir",
+    "check",
+    "import_object",
+    "load",
+    "verifier_name",
+]

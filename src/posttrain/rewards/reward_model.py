@@ -30,8 +30,7 @@ from .base import Example, Score, VerifierError
 class RewardModelReward:
     name = "reward_model"
 
-    def __init__(self, *, path: str, batch_size: int = 32, device: str = "auto",
-                 dtype: str = "float32") -> None:
+    def __init__(self, *, path: str, batch_size: int = 32, device: str = "auto", dtype: str = "float32") -> None:
         check_scalar_dir(path, "reward_model option path")
         self.path, self.batch_size = path, int(batch_size)
         self.device = resolve_device(device)
@@ -56,7 +55,7 @@ class RewardModelReward:
         scores = [0.0] * len(seqs)
         with self._torch.no_grad():
             for s in range(0, len(order), self.batch_size):
-                idx = order[s:s + self.batch_size]
+                idx = order[s : s + self.batch_size]
                 b = collate_padded([seqs[i] for i in idx], self.tok.pad_token_id).to(self.device)
                 for i, v in zip(idx, sequence_scores(self.model, b.input_ids_BT, b.attention_mask).tolist()):
                     scores[i] = v

@@ -217,7 +217,8 @@ class JsonVerifier:
         got = sum(
             w
             for f, w in weights.items()
-            if f in pred and f in gold
+            if f in pred
+            and f in gold
             and values_match(gold[f], pred[f], tolerance=self.tolerance, normalize_strings=self.normalize_strings)
         )
         return Score(got / total, "fields")

@@ -14,5 +14,4 @@ from posttrain.rl.advantages import (
     zero_variance_groups,
 )
 
-__all__ = ["batch_normalize", "gae", "group_advantages", "per_token_rewards", "rloo_advantages",
-           "zero_variance_groups"]
+__all__ = ["batch_normalize", "gae", "group_advantages", "per_token_rewards", "rloo_advantages", "zero_variance_groups"]

@@ -31,8 +31,7 @@ def _check_groups(rewards_PG: Tensor) -> Tensor:
     if rewards_PG.dim() != 2:
         raise ValueError(f"rewards_PG must be (P, G); got shape {tuple(rewards_PG.shape)}")
     if rewards_PG.shape[1] < 2:
-        raise ValueError(f"group-relative advantages need G >= 2 completions per prompt; got "
-                         f"G = {rewards_PG.shape[1]}")
+        raise ValueError(f"group-relative advantages need G >= 2 completions per prompt; got G = {rewards_PG.shape[1]}")
     return rewards_PG if rewards_PG.is_floating_point() else rewards_PG.float()
 
 
@@ -139,8 +138,9 @@ def per_token_rewards(scores_N: Tensor, kl_NL: Tensor, mask_NL: Tensor, beta: fl
     return rewards_NL
 
 
-def gae(rewards_NL: Tensor, values_NL: Tensor, mask_NL: Tensor, *, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[Tensor, Tensor]:
+def gae(
+    rewards_NL: Tensor, values_NL: Tensor, mask_NL: Tensor, *, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016, arXiv 1506.02438), backwards over the
     valid tokens of each sequence:
 

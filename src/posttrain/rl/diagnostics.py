@@ -30,8 +30,9 @@ from posttrain.rewards.extract import normalize_answer
 # Metrics: pure functions of one step's rollouts
 
 
-def answer_diversity(answers_PG: Sequence[Sequence[str | None]],
-                     gold_P: Sequence[str | None] | None = None) -> dict[str, float]:
+def answer_diversity(
+    answers_PG: Sequence[Sequence[str | None]], gold_P: Sequence[str | None] | None = None
+) -> dict[str, float]:
     """Diversity of the extracted final answers of P groups (None: no answer could be extracted).
 
     diversity/group_distinct  mean over groups of the number of distinct answers (0 for a group
@@ -59,7 +60,9 @@ def answer_diversity(answers_PG: Sequence[Sequence[str | None]],
     return out
 
 
-def zero_variance_split(rewards_PG: Sequence[Sequence[float]], correct_PG: Sequence[Sequence[bool]]) -> dict[str, float]:
+def zero_variance_split(
+    rewards_PG: Sequence[Sequence[float]], correct_PG: Sequence[Sequence[bool]]
+) -> dict[str, float]:
     """Fractions of groups whose rewards are all equal, split by why: every sample correct (the prompt
     is too easy: nothing left to learn) or every sample wrong (too hard: nothing to reinforce). Groups
     with equal rewards and mixed correctness (e.g. a format-only reward) count under neither."""
@@ -73,19 +76,26 @@ def zero_variance_split(rewards_PG: Sequence[Sequence[float]], correct_PG: Seque
     return {"zero_variance/all_correct": easy / P, "zero_variance/all_wrong": hard / P}
 
 
-def rollout_diagnostics(groups: Iterable, answer_of: Callable[[str], str | None],
-                        gold_of: Callable[[int], str | None], correct_of: Callable[[float], bool]) -> dict[str, float]:
+def rollout_diagnostics(
+    groups: Iterable,
+    answer_of: Callable[[str], str | None],
+    gold_of: Callable[[int], str | None],
+    correct_of: Callable[[float], bool],
+) -> dict[str, float]:
     """Both metric families for GRPO/PPO ``Group`` records (``row``, ``texts``, ``rewards``, and
     ``components``, whose first verifier defines correctness)."""
     groups = list(groups)
     answers = [[answer_of(t) for t in g.texts] for g in groups]
     correct = [[correct_of(x) for x in next(iter(g.components.values()))] for g in groups]
-    return {**answer_diversity(answers, [gold_of(g.row) for g in groups]),
-            **zero_variance_split([g.rewards for g in groups], correct)}
+    return {
+        **answer_diversity(answers, [gold_of(g.row) for g in groups]),
+        **zero_variance_split([g.rewards for g in groups], correct),
+    }
 
 
 def canonical_answer(extract: Callable[[str], str | None]) -> Callable[[str], str | None]:
     """An answer reader that spells equal answers alike (`\\boxed{ 7 }` and `7.` count as one)."""
+
     def read(text: str) -> str | None:
         a = extract(text)
         return None if a is None else normalize_answer(a)
@@ -99,10 +109,10 @@ def canonical_answer(extract: Callable[[str], str | None]) -> Callable[[str], st
 
 @dataclass(frozen=True)
 class Alert:
-    kind: str         # one of ALERT_KINDS
+    kind: str  # one of ALERT_KINDS
     step: int
-    cause: str        # what was measured
-    suggestion: str   # what to try
+    cause: str  # what was measured
+    suggestion: str  # what to try
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -123,7 +133,7 @@ class Monitor:
 
     def __init__(self, thresholds: DiagnosticsConfig | None = None):
         self.t = thresholds or DiagnosticsConfig()
-        self.runs = {k: 0 for k in ALERT_KINDS}   # consecutive steps (or evaluations) the condition held
+        self.runs = {k: 0 for k in ALERT_KINDS}  # consecutive steps (or evaluations) the condition held
         self.active = {k: False for k in ALERT_KINDS}
         self.clear = {k: 0 for k in ALERT_KINDS}  # consecutive steps the condition did not hold
         self.entropy_start: list[float] = []
@@ -131,8 +141,14 @@ class Monitor:
         self.rewards: list[float] = []  # the last flat_window steps' mean training reward
 
     def state_dict(self) -> dict:
-        return {"runs": dict(self.runs), "active": dict(self.active), "clear": dict(self.clear),
-                "entropy_start": list(self.entropy_start), "last_eval": self.last_eval, "rewards": list(self.rewards)}
+        return {
+            "runs": dict(self.runs),
+            "active": dict(self.active),
+            "clear": dict(self.clear),
+            "entropy_start": list(self.entropy_start),
+            "last_eval": self.last_eval,
+            "rewards": list(self.rewards),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.runs.update(state.get("runs", {}))
@@ -143,8 +159,13 @@ class Monitor:
         self.rewards = list(state.get("rewards", []))
 
     def observe(self, step: int, m: dict[str, float]) -> list[Alert]:
-        alerts = [self._collapse(step, m), self._entropy(step, m), self._zero_variance(step, m),
-                  self._eval_decline(step, m), self._flat_reward(step, m)]
+        alerts = [
+            self._collapse(step, m),
+            self._entropy(step, m),
+            self._zero_variance(step, m),
+            self._eval_decline(step, m),
+            self._flat_reward(step, m),
+        ]
         return [a for a in alerts if a is not None]
 
     def _track(self, kind: str, holds: bool | None, needed: int, cleared: bool | None = None) -> bool:
@@ -182,14 +203,17 @@ class Monitor:
         holds, cleared = above(self.t.collapse_share), not above(self.t.collapse_share * (1 - self.t.rearm_margin))
         if not self._track("collapse", holds, self.t.collapse_steps, cleared):
             return None
-        return Alert("collapse", step,
-                     f"{100 * share:.0f}% of the answered samples give one and the same answer across prompts "
-                     f"whose gold answers differ (the most common gold answer covers {100 * gold:.0f}%), for "
-                     f"{self.runs['collapse']} steps; pass@k will fall to the greedy figure.",
-                     "the policy found a constant answer the reward tolerates or the task is too hard for it: "
-                     "audit the verifier (posttrain audit-verifier), lower optim.lr, add a KL term (beta > 0), "
-                     "or start from a stronger SFT model; stop_on: [collapse] with keep_best: true keeps the "
-                     "model from before the collapse.")
+        return Alert(
+            "collapse",
+            step,
+            f"{100 * share:.0f}% of the answered samples give one and the same answer across prompts "
+            f"whose gold answers differ (the most common gold answer covers {100 * gold:.0f}%), for "
+            f"{self.runs['collapse']} steps; pass@k will fall to the greedy figure.",
+            "the policy found a constant answer the reward tolerates or the task is too hard for it: "
+            "audit the verifier (posttrain audit-verifier), lower optim.lr, add a KL term (beta > 0), "
+            "or start from a stronger SFT model; stop_on: [collapse] with keep_best: true keeps the "
+            "model from before the collapse.",
+        )
 
     def _entropy(self, step: int, m: dict) -> Alert | None:
         ent = m.get("entropy")
@@ -202,12 +226,15 @@ class Monitor:
         threshold = self.t.entropy_ratio * start
         if start <= 0 or not self._track("entropy", ent < threshold, 1, ent >= threshold * (1 + self.t.rearm_margin)):
             return None
-        return Alert("entropy", step,
-                     f"token entropy {ent:.3f} is {100 * ent / start:.0f}% of its start value {start:.3f} "
-                     f"(threshold {100 * self.t.entropy_ratio:.0f}%): the policy has nearly stopped exploring "
-                     f"(Cui et al. 2025: accuracy stops rising once entropy is spent).",
-                     "raise eps_high (Clip-Higher), raise temperature, lower optim.lr, or stop here; pass@k "
-                     "near greedy accuracy on the held-out set confirms it.")
+        return Alert(
+            "entropy",
+            step,
+            f"token entropy {ent:.3f} is {100 * ent / start:.0f}% of its start value {start:.3f} "
+            f"(threshold {100 * self.t.entropy_ratio:.0f}%): the policy has nearly stopped exploring "
+            f"(Cui et al. 2025: accuracy stops rising once entropy is spent).",
+            "raise eps_high (Clip-Higher), raise temperature, lower optim.lr, or stop here; pass@k "
+            "near greedy accuracy on the held-out set confirms it.",
+        )
 
     def _zero_variance(self, step: int, m: dict) -> Alert | None:
         frac = m.get("zero_variance_frac")
@@ -217,16 +244,25 @@ class Monitor:
         if not self._track("zero_variance", frac >= self.t.zero_variance_frac, self.t.zero_variance_steps, cleared):
             return None
         easy, hard = m.get("zero_variance/all_correct", 0.0), m.get("zero_variance/all_wrong", 0.0)
-        why = ("most are all correct: the prompts are too easy for the policy" if easy >= hard
-               else "most are all wrong: the prompts are too hard for the policy")
-        tip = ("use harder prompts (or filter out solved ones), or fewer samples per prompt" if easy >= hard else
-               "use easier prompts or a curriculum, a stronger SFT model, more samples per prompt "
-               "(num_generations) or a higher temperature")
-        return Alert("zero_variance", step,
-                     f"{100 * frac:.0f}% of groups had identical rewards (no learning signal) for "
-                     f"{self.runs['zero_variance']} steps in a row ({100 * easy:.0f}% all correct, "
-                     f"{100 * hard:.0f}% all wrong at the last step); {why}.",
-                     f"{tip}; dynamic_sampling: true spends generation only where there is signal.")
+        why = (
+            "most are all correct: the prompts are too easy for the policy"
+            if easy >= hard
+            else "most are all wrong: the prompts are too hard for the policy"
+        )
+        tip = (
+            "use harder prompts (or filter out solved ones), or fewer samples per prompt"
+            if easy >= hard
+            else "use easier prompts or a curriculum, a stronger SFT model, more samples per prompt "
+            "(num_generations) or a higher temperature"
+        )
+        return Alert(
+            "zero_variance",
+            step,
+            f"{100 * frac:.0f}% of groups had identical rewards (no learning signal) for "
+            f"{self.runs['zero_variance']} steps in a row ({100 * easy:.0f}% all correct, "
+            f"{100 * hard:.0f}% all wrong at the last step); {why}.",
+            f"{tip}; dynamic_sampling: true spends generation only where there is signal.",
+        )
 
     def _eval_decline(self, step: int, m: dict) -> Alert | None:
         acc = m.get("eval_accuracy")
@@ -235,11 +271,14 @@ class Monitor:
         prev, self.last_eval = self.last_eval, float(acc)
         if prev is None or not self._track("eval_decline", acc < prev, self.t.eval_drops):
             return None
-        return Alert("eval_decline", step,
-                     f"held-out accuracy fell at {self.runs['eval_decline']} evaluations in a row, to "
-                     f"{100 * acc:.1f}%: the policy is over-optimizing the training reward or drifting.",
-                     "keep_best: true exports the best evaluated model as best/; lower optim.lr, add a KL term "
-                     "(beta > 0) or train fewer steps.")
+        return Alert(
+            "eval_decline",
+            step,
+            f"held-out accuracy fell at {self.runs['eval_decline']} evaluations in a row, to "
+            f"{100 * acc:.1f}%: the policy is over-optimizing the training reward or drifting.",
+            "keep_best: true exports the best evaluated model as best/; lower optim.lr, add a KL term "
+            "(beta > 0) or train fewer steps.",
+        )
 
     def _flat_reward(self, step: int, m: dict) -> Alert | None:
         """The training reward has not risen over the last ``flat_window`` steps (second half's mean against
@@ -260,16 +299,24 @@ class Monitor:
         if not self._track("flat_reward", holds, 1, rise >= need * (1 + self.t.rearm_margin)):
             return None
         zero = m.get("zero_variance_frac")
-        zero_text = "" if zero is None else (
-            f"; {100 * zero:.0f}% of this step's groups had identical rewards "
-            f"({100 * m.get('zero_variance/all_wrong', 0.0):.0f}% all wrong)")
-        return Alert("flat_reward", step,
-                     f"the mean training reward rose {rise:+.3f} over the last {w} steps ({first:.3f} in the first "
-                     f"half, {second:.3f} in the second; flat_min_rise {need}){zero_text}: RL is not learning "
-                     f"from this reward.",
-                     "likely causes, most common first: the prompts are too hard for the policy (groups all "
-                     "wrong give no signal: a stronger SFT start, easier prompts or a curriculum, more "
-                     "num_generations, dynamic_sampling: true); the learning rate is too low or the KL term too "
-                     "strong (optim.lr, beta); the reward cannot be earned by what the policy writes (read "
-                     "samples.jsonl, run posttrain audit-verifier); or the policy has reached what this reward "
-                     "can teach it (compare held-out accuracy with the start).")
+        zero_text = (
+            ""
+            if zero is None
+            else (
+                f"; {100 * zero:.0f}% of this step's groups had identical rewards "
+                f"({100 * m.get('zero_variance/all_wrong', 0.0):.0f}% all wrong)"
+            )
+        )
+        return Alert(
+            "flat_reward",
+            step,
+            f"the mean training reward rose {rise:+.3f} over the last {w} steps ({first:.3f} in the first "
+            f"half, {second:.3f} in the second; flat_min_rise {need}){zero_text}: RL is not learning "
+            f"from this reward.",
+            "likely causes, most common first: the prompts are too hard for the policy (groups all "
+            "wrong give no signal: a stronger SFT start, easier prompts or a curriculum, more "
+            "num_generations, dynamic_sampling: true); the learning rate is too low or the KL term too "
+            "strong (optim.lr, beta); the reward cannot be earned by what the policy writes (read "
+            "samples.jsonl, run posttrain audit-verifier); or the policy has reached what this reward "
+            "can teach it (compare held-out accuracy with the start).",
+        )

@@ -15,14 +15,14 @@ from typing import Callable
 
 @dataclass(frozen=True)
 class Group:
-    row: int                          # index of the prompt row in the dataset
+    row: int  # index of the prompt row in the dataset
     prompt_ids: tuple[int, ...]
-    completion_ids: tuple[tuple[int, ...], ...]   # G completions, EOS kept
+    completion_ids: tuple[tuple[int, ...], ...]  # G completions, EOS kept
     texts: tuple[str, ...]
     truncated: tuple[bool, ...]
-    rewards: tuple[float, ...]        # total (weighted) reward per completion
-    components: dict[str, tuple[float, ...]]      # unweighted score per verifier
-    non_finite: int = 0               # faulty rewards scored 0 (reward_non_finite: zero)
+    rewards: tuple[float, ...]  # total (weighted) reward per completion
+    components: dict[str, tuple[float, ...]]  # unweighted score per verifier
+    non_finite: int = 0  # faulty rewards scored 0 (reward_non_finite: zero)
     # The engine's sampling log-probs per completion token, when it was asked for them (the
     # off-policy correction of losses/importance.py compares them with the trainer's).
     logps: tuple[tuple[float, ...], ...] | None = None
@@ -34,20 +34,26 @@ class Group:
 
 @dataclass(frozen=True)
 class SamplingStats:
-    rounds: int                # generation rounds this step
-    generated_groups: int      # all groups generated
+    rounds: int  # generation rounds this step
+    generated_groups: int  # all groups generated
     zero_variance_groups: int  # of those, groups with identical rewards
-    kept_groups: int           # groups the step trains on
-    bound_reached: bool        # dynamic sampling stopped at max_gen_batches with fewer than the target
+    kept_groups: int  # groups the step trains on
+    bound_reached: bool  # dynamic sampling stopped at max_gen_batches with fewer than the target
 
     @property
     def zero_variance_frac(self) -> float:
         return self.zero_variance_groups / max(1, self.generated_groups)
 
 
-def collect_groups(generate_round: Callable[[], list[Group]], target: int, *, dynamic: bool, max_rounds: int,
-                   gather: Callable[[tuple], list[tuple]] = lambda x: [x], rank: int = 0,
-                   ) -> tuple[list[Group], list[Group], SamplingStats]:
+def collect_groups(
+    generate_round: Callable[[], list[Group]],
+    target: int,
+    *,
+    dynamic: bool,
+    max_rounds: int,
+    gather: Callable[[tuple], list[tuple]] = lambda x: [x],
+    rank: int = 0,
+) -> tuple[list[Group], list[Group], SamplingStats]:
     """(groups to train on, every group generated, stats).
 
     Without ``dynamic``: one round, every group kept. With it: rounds until ``target`` groups with
@@ -70,7 +76,7 @@ def collect_groups(generate_round: Callable[[], list[Group]], target: int, *, dy
         new = [g for g in groups if g.has_variance or not dynamic]
         counts = gather((len(new), len(groups), sum(not g.has_variance for g in groups)))
         ahead = kept_total + sum(c[0] for c in counts[:rank])  # kept groups before this rank's in global order
-        kept.extend(new[:max(0, target - ahead)])
+        kept.extend(new[: max(0, target - ahead)])
         kept_total += sum(c[0] for c in counts)
         generated_total += sum(c[1] for c in counts)
         zero_total += sum(c[2] for c in counts)

@@ -48,18 +48,37 @@ def encode_prompts(tok, rows, max_length: int, max_completion_length: int) -> tu
     room = max_length - max_completion_length
     usable = [i for i, p in enumerate(prompt_ids) if len(p) <= room]
     if len(usable) < len(prompt_ids):
-        log.warning("%s: %d of %d prompts are longer than %d tokens (data.max_length=%d - max_completion_length=%d) "
-                    "and are dropped", rows.source, len(prompt_ids) - len(usable), len(prompt_ids), room,
-                    max_length, max_completion_length)
+        log.warning(
+            "%s: %d of %d prompts are longer than %d tokens (data.max_length=%d - max_completion_length=%d) "
+            "and are dropped",
+            rows.source,
+            len(prompt_ids) - len(usable),
+            len(prompt_ids),
+            room,
+            max_length,
+            max_completion_length,
+        )
     if not usable:
-        raise DataError(f"{rows.source}: no prompt fits in {room} tokens (data.max_length={max_length} "
-                        f"- max_completion_length={max_completion_length})")
+        raise DataError(
+            f"{rows.source}: no prompt fits in {room} tokens (data.max_length={max_length} "
+            f"- max_completion_length={max_completion_length})"
+        )
     return prompt_ids, usable
 
 
-def sample_groups(engine, tok, rows: list[dict], prompt_ids: list[list[int]], picked: list[int], G: int,
-                  sampling: SamplingParams, reward_fn, timing: dict, seeds: list[int] | None = None,
-                  where: list[str] | None = None) -> list[Group]:
+def sample_groups(
+    engine,
+    tok,
+    rows: list[dict],
+    prompt_ids: list[list[int]],
+    picked: list[int],
+    G: int,
+    sampling: SamplingParams,
+    reward_fn,
+    timing: dict,
+    seeds: list[int] | None = None,
+    where: list[str] | None = None,
+) -> list[Group]:
     """Steps 1-2 for the rows ``picked``: G samples each from ``engine`` (``seeds``: one per sample, see
     ``rollout_seeds``), scored by ``reward_fn`` (the dataset's extra columns reach the verifiers), as one
     Group per prompt. ``timing["reward"]`` gains the scoring time; ``where`` (``Rows.where``) names the data
@@ -71,21 +90,35 @@ def sample_groups(engine, tok, rows: list[dict], prompt_ids: list[list[int]], pi
     row_of = [i for i in picked for _ in range(G)]
     columns = {k: [rows[i].get(k) for i in row_of] for k in reward_columns(rows[picked[0]])}
     t0 = time.time()
-    scores = reward_fn(texts, [rows[i]["prompt"] for i in row_of], columns,
-                       completion_lengths=[len(c) for c in gen.completion_ids],
-                       where=[where[i] for i in row_of] if where is not None else None)
+    scores = reward_fn(
+        texts,
+        [rows[i]["prompt"] for i in row_of],
+        columns,
+        completion_lengths=[len(c) for c in gen.completion_ids],
+        where=[where[i] for i in row_of] if where is not None else None,
+    )
     timing["reward"] += time.time() - t0
     total = torch.tensor(scores.total, dtype=torch.float32)
     if not torch.isfinite(total).all():  # never clamp a fault into a trainable number
-        raise RewardFault("reward_fn returned a non-finite total; score with verifiers.build_reward, which applies "
-                          "the reward_non_finite policy")
+        raise RewardFault(
+            "reward_fn returned a non-finite total; score with verifiers.build_reward, which applies "
+            "the reward_non_finite policy"
+        )
     faulty = [i // G for i in scores.non_finite]
-    return [Group(row, tuple(prompt_ids[row]), tuple(tuple(c) for c in gen.completion_ids[k * G:(k + 1) * G]),
-                  tuple(texts[k * G:(k + 1) * G]), tuple(gen.truncated[k * G:(k + 1) * G]),
-                  tuple(total[k * G:(k + 1) * G].tolist()),
-                  {n: tuple(v[k * G:(k + 1) * G]) for n, v in scores.components.items()}, faulty.count(k),
-                  None if gen.logps is None else tuple(tuple(x) for x in gen.logps[k * G:(k + 1) * G]))
-            for k, row in enumerate(picked)]
+    return [
+        Group(
+            row,
+            tuple(prompt_ids[row]),
+            tuple(tuple(c) for c in gen.completion_ids[k * G : (k + 1) * G]),
+            tuple(texts[k * G : (k + 1) * G]),
+            tuple(gen.truncated[k * G : (k + 1) * G]),
+            tuple(total[k * G : (k + 1) * G].tolist()),
+            {n: tuple(v[k * G : (k + 1) * G]) for n, v in scores.components.items()},
+            faulty.count(k),
+            None if gen.logps is None else tuple(tuple(x) for x in gen.logps[k * G : (k + 1) * G]),
+        )
+        for k, row in enumerate(picked)
+    ]
 
 
 @dataclass
@@ -107,16 +140,33 @@ class Rollouts:
 
     @classmethod
     def build(cls, cfg, rows, model, tok) -> Rollouts:
-        reward_fn = build_reward([(r.name, r.weight, r.options) for r in cfg.rewards], workers=cfg.reward_workers,
-                                 non_finite=cfg.reward_non_finite)
-        engine = make_engine(cfg.rollout_engine, model, tok, decode=cfg.rollout_decode, vllm=cfg.vllm,
-                             seed=cfg.train.seed, max_model_len=cfg.data.max_length)  # prompt + completion
+        reward_fn = build_reward(
+            [(r.name, r.weight, r.options) for r in cfg.rewards],
+            workers=cfg.reward_workers,
+            non_finite=cfg.reward_non_finite,
+        )
+        engine = make_engine(
+            cfg.rollout_engine,
+            model,
+            tok,
+            decode=cfg.rollout_decode,
+            vllm=cfg.vllm,
+            seed=cfg.train.seed,
+            max_model_len=cfg.data.max_length,
+        )  # prompt + completion
         # The engine's log-probs feed the mismatch metrics (vllm) and the off-policy correction.
-        sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p,
-                                  return_logps=cfg.rollout_engine != "native" or cfg.rollout_is != "none")
+        sampling = SamplingParams(
+            cfg.max_completion_length,
+            cfg.temperature,
+            cfg.top_p,
+            return_logps=cfg.rollout_engine != "native" or cfg.rollout_is != "none",
+        )
         prompt_ids, usable = encode_prompts(tok, rows, cfg.data.max_length, cfg.max_completion_length)
-        eval_rows = read_rows(cfg.data.eval_path, "test", seed=cfg.train.seed).rows[:cfg.eval_examples] \
-            if cfg.data.eval_path else []
+        eval_rows = (
+            read_rows(cfg.data.eval_path, "test", seed=cfg.train.seed).rows[: cfg.eval_examples]
+            if cfg.data.eval_path
+            else []
+        )
         sampler = EpochSampler(len(usable), cfg.train.seed, shuffle=cfg.data.shuffle)
         return cls(cfg, rows, tok, prompt_ids, usable, eval_rows, sampler, reward_fn, engine, sampling)
 
@@ -141,8 +191,19 @@ class Rollouts:
         mine, G = dist.slice(len(picked)), cfg.num_generations
         seeds = rollout_seeds(cfg.train.seed, step, round_, range(mine.start * G, mine.stop * G))
         with dist.unsharded(model):  # ranks stop decoding at different tokens: no per-layer gathers inside
-            return sample_groups(self.engine, self.tok, self.rows.rows, self.prompt_ids, picked[mine], G,
-                                 self.sampling, self.reward_fn, timing, seeds, self.rows.where)
+            return sample_groups(
+                self.engine,
+                self.tok,
+                self.rows.rows,
+                self.prompt_ids,
+                picked[mine],
+                G,
+                self.sampling,
+                self.reward_fn,
+                timing,
+                seeds,
+                self.rows.where,
+            )
 
     def sync(self, model, dist) -> None:
         """Push the updated policy (merged LoRA) into the engine before the next rollout (vllm; native: no-op)."""
@@ -156,15 +217,22 @@ class Rollouts:
         if not (self.eval_rows and loop.should(self.cfg.eval_every, step, last)):
             return {}
         with dist.unsharded(model):  # rank 0 generates alone: no collective inside
-            held = held_out_metrics(model, self.tok, self.eval_rows, self.cfg,
-                                    self.engine if self.cfg.rollout_engine != "native" else None) \
-                if dist.is_main else None
+            held = (
+                held_out_metrics(
+                    model,
+                    self.tok,
+                    self.eval_rows,
+                    self.cfg,
+                    self.engine if self.cfg.rollout_engine != "native" else None,
+                )
+                if dist.is_main
+                else None
+            )
         held = dist.broadcast(held)
         watch.evaluated(step, held["eval_accuracy"], lambda name: loop.export(run, model, self.tok, name))
         return held
 
-    def record(self, run, model, step: int, last: int, generated: list[Group], metrics: dict,
-               watch: RunWatch) -> bool:
+    def record(self, run, model, step: int, last: int, generated: list[Group], metrics: dict, watch: RunWatch) -> bool:
         """The end of an RL step: the held-out evaluation when due, the diagnostics' verdict, the metrics
         and some sample completions written. True when ``stop_on`` says stop."""
         metrics.update(self.evaluate(run, model, step, last, watch))
@@ -188,8 +256,10 @@ def start_rl(cfg, recipe: str):
     its tokenizer)."""
     run = loop.start_run(cfg, recipe)
     if cfg.prompts_per_step % run.dist.world:
-        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step}: each of the {run.dist.world} ranks generates "
-                          f"whole groups, so it must be a multiple of the number of ranks")
+        raise ConfigError(
+            f"prompts_per_step={cfg.prompts_per_step}: each of the {run.dist.world} ranks generates "
+            f"whole groups, so it must be a multiple of the number of ranks"
+        )
     rows = read_rows(cfg.data.path, cfg.data.split, num_examples=cfg.data.num_examples, seed=cfg.train.seed)
     validate(rows, "prompt")
     model, tok = load_model(cfg.model, seed=cfg.train.seed, device=run.load_device)
@@ -208,13 +278,24 @@ def rollout_metrics(groups: list[Group], stats) -> dict:
     totals = [r for g in groups for r in g.rewards]
     lengths = [len(c) for g in groups for c in g.completion_ids]
     trunc = [t for g in groups for t in g.truncated]
-    out = {"gen_rounds": stats.rounds, "zero_variance_frac": stats.zero_variance_frac,
-           "groups_trained": stats.kept_groups, "dynamic_sampling_short": float(stats.bound_reached),
-           "reward/non_finite": sum(g.non_finite for g in groups)}
+    out = {
+        "gen_rounds": stats.rounds,
+        "zero_variance_frac": stats.zero_variance_frac,
+        "groups_trained": stats.kept_groups,
+        "dynamic_sampling_short": float(stats.bound_reached),
+        "reward/non_finite": sum(g.non_finite for g in groups),
+    }
     t = torch.tensor(totals)
-    out.update({"reward/mean": t.mean().item(), "reward/std": t.std().item() if len(totals) > 1 else 0.0,
-                "completion_len/mean": sum(lengths) / len(lengths), "completion_len/min": min(lengths),
-                "completion_len/max": max(lengths), "truncation_rate": sum(trunc) / len(trunc)})
+    out.update(
+        {
+            "reward/mean": t.mean().item(),
+            "reward/std": t.std().item() if len(totals) > 1 else 0.0,
+            "completion_len/mean": sum(lengths) / len(lengths),
+            "completion_len/min": min(lengths),
+            "completion_len/max": max(lengths),
+            "truncation_rate": sum(trunc) / len(trunc),
+        }
+    )
     names = list(groups[0].components)
     for name in names:
         v = torch.tensor([x for g in groups for x in g.components[name]], dtype=torch.float32)
@@ -229,5 +310,14 @@ def rollout_metrics(groups: list[Group], stats) -> dict:
 def write_samples(run_dir: Path, step: int, groups: list[Group], tok, per_step: int = 4) -> None:
     with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as fh:
         for g in groups[:per_step]:
-            fh.write(json.dumps({"step": step, "prompt": tok.decode(g.prompt_ids, skip_special_tokens=True),
-                                 "completion": g.texts[0], "reward": g.rewards[0]}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "prompt": tok.decode(g.prompt_ids, skip_special_tokens=True),
+                        "completion": g.texts[0],
+                        "reward": g.rewards[0],
+                    }
+                )
+                + "\n"
+            )

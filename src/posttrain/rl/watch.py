@@ -32,8 +32,9 @@ class RunWatch:
     step is logged (returns True when a warning in ``stop_on`` fired); ``evaluated(...)`` after a
     held-out evaluation (keep_best)."""
 
-    def __init__(self, run_dir: Path, cfg: Any, rows: list[dict], start: int = 0, state: dict | None = None,
-                 writes: bool = True):
+    def __init__(
+        self, run_dir: Path, cfg: Any, rows: list[dict], start: int = 0, state: dict | None = None, writes: bool = True
+    ):
         """``writes``: this process writes warnings.jsonl and best/ (under torchrun, rank 0; every rank
         watches the same gathered metrics, so all take the same decisions)."""
         self.dir, self.cfg, self.rows, self.writes = Path(run_dir), cfg, rows, writes
@@ -82,8 +83,12 @@ class RunWatch:
         if not self.writes:
             return
         atomic_write_json(self.dir / "best.json", self.best)
-        log.info("keep_best: step %d has the best held-out accuracy so far (%.1f%%); exported to %s",
-                 step, 100 * accuracy, self.dir / "best")
+        log.info(
+            "keep_best: step %d has the best held-out accuracy so far (%.1f%%); exported to %s",
+            step,
+            100 * accuracy,
+            self.dir / "best",
+        )
 
 
 def held_out_metrics(model, tokenizer, rows: list[dict], cfg: Any, engine=None) -> dict[str, float]:
@@ -92,8 +97,17 @@ def held_out_metrics(model, tokenizer, rows: list[dict], cfg: Any, engine=None) 
     first = cfg.rewards[0]
     check = load(first.name, **first.options)
     try:
-        s = evaluate(model, tokenizer, rows, check, k=cfg.eval_k, temperature=cfg.temperature,
-                     max_new_tokens=cfg.max_completion_length, keep_samples=0, engine=engine)
+        s = evaluate(
+            model,
+            tokenizer,
+            rows,
+            check,
+            k=cfg.eval_k,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_completion_length,
+            keep_samples=0,
+            engine=engine,
+        )
     finally:
         getattr(check, "close", lambda: None)()  # its worker processes (math) go now, not when collected
     out = {"eval_accuracy": s.greedy_accuracy}

@@ -11,8 +11,18 @@ from posttrain.rollout.vllm_engine import VLLMEngine
 ENGINES = ("native", "vllm")
 
 
-def make_engine(kind: str, model, tokenizer, *, max_batch: int = 256, decode: str = "auto", vllm=None,
-                max_model_len: int = 0, seed: int = 0, eos_token_id: int | None = None) -> RolloutEngine:
+def make_engine(
+    kind: str,
+    model,
+    tokenizer,
+    *,
+    max_batch: int = 256,
+    decode: str = "auto",
+    vllm=None,
+    max_model_len: int = 0,
+    seed: int = 0,
+    eos_token_id: int | None = None,
+) -> RolloutEngine:
     """The rollout engine a config names: ``native`` (``KVCacheEngine`` on the policy itself) or
     ``vllm`` (a colocated ``vllm.LLM`` fed the policy's weights; ``vllm`` is a ``VLLMConfig`` or None
     for its defaults, ``max_model_len`` the longest prompt + completion it must hold)."""
@@ -22,9 +32,19 @@ def make_engine(kind: str, model, tokenizer, *, max_batch: int = 256, decode: st
         v = vllm or VLLMConfig()
         if max_model_len <= 0:
             raise ValueError("the vllm engine needs max_model_len (longest prompt + completion)")
-        return VLLMEngine(model, tokenizer, max_model_len=max_model_len, max_batch=max_batch, seed=seed,
-                          eos_token_id=eos_token_id, dtype=v.dtype, gpu_memory_utilization=v.gpu_memory_utilization,
-                          kv_cache_gb=v.kv_cache_gb, sleep_mode=v.sleep_mode, enforce_eager=v.enforce_eager)
+        return VLLMEngine(
+            model,
+            tokenizer,
+            max_model_len=max_model_len,
+            max_batch=max_batch,
+            seed=seed,
+            eos_token_id=eos_token_id,
+            dtype=v.dtype,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            kv_cache_gb=v.kv_cache_gb,
+            sleep_mode=v.sleep_mode,
+            enforce_eager=v.enforce_eager,
+        )
     raise ValueError(f"rollout engine: expected one of {', '.join(ENGINES)}, got {kind!r}")
 
 

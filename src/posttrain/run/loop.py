@@ -130,8 +130,11 @@ def start_run(cfg: Any, recipe: str, device: torch.device | None = None) -> Run:
     check_recipe(cfg, recipe)  # data, models and rewards resolve, or nothing is written
     plan = dist.broadcast(open_run_dir(cfg, recipe, dist.world) if dist.is_main else None)
     configure_threads(getattr(train, "threads", 0))
-    tracker = Tracker(plan.dir, train.report_to, to_dict(cfg), resume_step=plan.resume_step, name=plan.dir.name) \
-        if dist.is_main else NoTracker()
+    tracker = (
+        Tracker(plan.dir, train.report_to, to_dict(cfg), resume_step=plan.resume_step, name=plan.dir.name)
+        if dist.is_main
+        else NoTracker()
+    )
     seed_everything(train.seed)
     return Run(plan.dir, dist.device, tracker, plan.resume_from, memory=MemoryMeter(dist.device), dist=dist)
 
@@ -147,14 +150,21 @@ def wrap(run: Run, cfg: Any, model):
     train = cfg.train
     if not run.dist.enabled:
         if train.mixed_precision != "none" or train.cpu_offload:
-            log.warning("train.mixed_precision / train.cpu_offload apply to FSDP2 under torchrun; one process keeps "
-                        "the model as model.dtype says, on its device")
+            log.warning(
+                "train.mixed_precision / train.cpu_offload apply to FSDP2 under torchrun; one process keeps "
+                "the model as model.dtype says, on its device"
+            )
         return model
     if train.cpu_offload and run.device.type != "cuda":
         raise ConfigError("train.cpu_offload: FSDP2 offloads from GPUs to the CPU; this run is on the CPU already")
     lora_r = getattr(getattr(cfg, "lora", None), "r", 0)
-    return run.dist.wrap(model, resolve_strategy(train.strategy, lora_r), mixed_precision=train.mixed_precision,
-                         cpu_offload=train.cpu_offload, forward_methods=FORWARD_METHODS)
+    return run.dist.wrap(
+        model,
+        resolve_strategy(train.strategy, lora_r),
+        mixed_precision=train.mixed_precision,
+        cpu_offload=train.cpu_offload,
+        forward_methods=FORWARD_METHODS,
+    )
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
@@ -202,12 +212,22 @@ def optimizer_step(model, optimizer, scheduler, *, max_grad_norm: float, step: i
     return float(norm)
 
 
-def save(run: Run, cfg: Any, step: int, model, tokenizer, optimizer, scheduler, train_state: dict,
-         extras: dict | None = None) -> Path:
+def save(
+    run: Run, cfg: Any, step: int, model, tokenizer, optimizer, scheduler, train_state: dict, extras: dict | None = None
+) -> Path:
     """A checkpoint (every rank calls it). ``extras``: {name: (model, optimizer)} of other trained models."""
-    return ckpt.save_checkpoint(run.dir, step, model, tokenizer, optimizer=optimizer, scheduler=scheduler,
-                                train_state=train_state, keep=cfg.train.keep_checkpoints, extras=extras,
-                                dist=run.dist)
+    return ckpt.save_checkpoint(
+        run.dir,
+        step,
+        model,
+        tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_state=train_state,
+        keep=cfg.train.keep_checkpoints,
+        extras=extras,
+        dist=run.dist,
+    )
 
 
 def resume(run: Run, model, optimizer, scheduler, extras: dict | None = None) -> tuple[int, dict]:
@@ -236,8 +256,17 @@ def should(every: int, step: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def end_step(run: Run, cfg: Any, recipe: str, step: int, last: int, metrics: dict, info: str, progress: Progress,
-             checkpoint: Callable[[], Any]) -> None:
+def end_step(
+    run: Run,
+    cfg: Any,
+    recipe: str,
+    step: int,
+    last: int,
+    metrics: dict,
+    info: str,
+    progress: Progress,
+    checkpoint: Callable[[], Any],
+) -> None:
     """The end of a supervised step (pretrain, sft, preference, reward model): record ``metrics``, show
     ``info`` on the progress bar (in the log when the bar is off) and call ``checkpoint()`` when
     ``train.save_every`` says so."""
@@ -255,10 +284,17 @@ class Progress:
     def __init__(self, total: int, start: int, desc: str, enabled: bool = True, unit: str = "steps"):
         self._p = None
         if enabled:
-            self._p = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                   TextColumn("{task.fields[rate]}"),
-                                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                   TextColumn("{task.fields[info]}"), transient=False)
+            self._p = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                transient=False,
+            )
             self._p.start()
             self._task = self._p.add_task(desc, total=total, completed=start, rate="", info="")
         self._t0, self._start, self._unit = time.time(), start, unit

@@ -108,8 +108,10 @@ def pipeline_problems(cfg: Any, plans: list) -> list[str]:
             saved = read_saved_config(p.dir) if (p.dir / "config.yaml").exists() else None
             changed = {k: v for k, v in config_diff(saved, p.cfg).items() if not is_safe(k)} if saved else {}
             if changed:
-                problems.append(f"{label}: {p.dir} is complete, but with another config:\n{format_changes(changed)}\n"
-                                f"  restore these values, or delete {p.dir} to run the stage again")
+                problems.append(
+                    f"{label}: {p.dir} is complete, but with another config:\n{format_changes(changed)}\n"
+                    f"  restore these values, or delete {p.dir} to run the stage again"
+                )
         else:
             try:
                 check_run_dir(p.cfg, p.recipe)

@@ -38,8 +38,17 @@ log = logging.getLogger("posttrain")
 
 
 # What a recipe run writes into its directory: any of these means the directory already holds a run.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "resumes.jsonl", "checkpoints", "final",
-             "report.html", "tensorboard", "wandb")
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "samples.jsonl",
+    "resumes.jsonl",
+    "checkpoints",
+    "final",
+    "report.html",
+    "tensorboard",
+    "wandb",
+)
 RESUMES = "resumes.jsonl"
 
 # Fields that may differ between a checkpoint's run and its continuation without changing what is
@@ -47,16 +56,31 @@ RESUMES = "resumes.jsonl"
 # is safe when its dotted name (list indices dropped) or a section above it is listed; every other
 # field, including any a newer recipe adds, changes the experiment. `train.steps` is handled apart: it
 # may change as long as it does not fall below the checkpoint's step.
-SAFE_FIELDS = frozenset({
-    "train.progress", "train.log_every", "train.report_to", "train.save_every", "train.keep_checkpoints",
-    "train.eval_every", "train.resume", "train.output_dir", "train.threads", "train.steps", "model.device",
-    # How the work is laid out over ranks, not what is computed (N ranks == 1 rank, tests/test_distributed.py).
-    "train.strategy", "train.cpu_offload",
-    "eval_every", "eval_examples", "samples_every", "reward_workers",
-    # A run under `error` stopped at its first non-finite reward, so nothing before the checkpoint was
-    # ever replaced: switching the policy changes no step already taken.
-    "reward_non_finite",
-})
+SAFE_FIELDS = frozenset(
+    {
+        "train.progress",
+        "train.log_every",
+        "train.report_to",
+        "train.save_every",
+        "train.keep_checkpoints",
+        "train.eval_every",
+        "train.resume",
+        "train.output_dir",
+        "train.threads",
+        "train.steps",
+        "model.device",
+        # How the work is laid out over ranks, not what is computed (N ranks == 1 rank, tests/test_distributed.py).
+        "train.strategy",
+        "train.cpu_offload",
+        "eval_every",
+        "eval_examples",
+        "samples_every",
+        "reward_workers",
+        # A run under `error` stopped at its first non-finite reward, so nothing before the checkpoint was
+        # ever replaced: switching the policy changes no step already taken.
+        "reward_non_finite",
+    }
+)
 
 _ABSENT = "(absent)"
 
@@ -140,8 +164,10 @@ def read_saved_config(run_dir: Path) -> dict | None:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise RunDirError(f"{path}: unreadable ({type(e).__name__}); this directory's run cannot be checked, "
-                          f"so nothing is written into it: choose another train.output_dir") from None
+        raise RunDirError(
+            f"{path}: unreadable ({type(e).__name__}); this directory's run cannot be checked, "
+            f"so nothing is written into it: choose another train.output_dir"
+        ) from None
     if not isinstance(data, dict):
         raise RunDirError(f"{path}: not a posttrain run config; choose another train.output_dir")
     return data
@@ -177,45 +203,61 @@ def check_run_dir(cfg: Any, recipe: str, world: int = 1) -> RunDirPlan:
     saved = read_saved_config(run_dir)
     saved_recipe = saved.get("recipe") if saved else None
     if saved_recipe is not None and saved_recipe != recipe:
-        raise RunDirError(f"run directory {run_dir} holds a run of recipe {saved_recipe!r} (its config.yaml says so); "
-                          f"a {recipe} run needs a directory of its own: set train.output_dir to a new directory")
+        raise RunDirError(
+            f"run directory {run_dir} holds a run of recipe {saved_recipe!r} (its config.yaml says so); "
+            f"a {recipe} run needs a directory of its own: set train.output_dir to a new directory"
+        )
     if train.resume == "never":
         if found:
-            raise RunDirError(f"train.resume=never, but run directory {run_dir} already holds a run "
-                              f"({', '.join(found)}); a new run would mix with it (a later resume would pick up the "
-                              f"old checkpoints). Nothing was changed: set train.output_dir to a new directory, or "
-                              f"delete {run_dir} first")
+            raise RunDirError(
+                f"train.resume=never, but run directory {run_dir} already holds a run "
+                f"({', '.join(found)}); a new run would mix with it (a later resume would pick up the "
+                f"old checkpoints). Nothing was changed: set train.output_dir to a new directory, or "
+                f"delete {run_dir} first"
+            )
         return RunDirPlan(run_dir)
     if train.resume == "auto":
         source = ckpt.latest_checkpoint(run_dir)
     else:
         source = Path(train.resume)
         if not ckpt.is_complete(source) or not (source / ckpt.STATE_FILE).is_file():
-            raise RunDirError(f"train.resume={train.resume!r}: not a complete checkpoint directory "
-                              f"(expected RUN/checkpoints/step-N with {ckpt.MARKER} and {ckpt.STATE_FILE})")
+            raise RunDirError(
+                f"train.resume={train.resume!r}: not a complete checkpoint directory "
+                f"(expected RUN/checkpoints/step-N with {ckpt.MARKER} and {ckpt.STATE_FILE})"
+            )
         if found and not _inside(source, run_dir):
-            raise RunDirError(f"train.resume={train.resume!r} is another run's checkpoint, but {run_dir} already holds "
-                              f"a run ({', '.join(found)}); continuing one run inside another mixes them: set "
-                              f"train.output_dir to a new directory")
+            raise RunDirError(
+                f"train.resume={train.resume!r} is another run's checkpoint, but {run_dir} already holds "
+                f"a run ({', '.join(found)}); continuing one run inside another mixes them: set "
+                f"train.output_dir to a new directory"
+            )
     if source is None:
         if (run_dir / "final").exists():
-            raise RunDirError(f"run directory {run_dir} holds an exported model (final/) but no checkpoint to "
-                              f"resume from; a new run would overwrite it: set train.output_dir to a new directory, or "
-                              f"delete {run_dir}")
+            raise RunDirError(
+                f"run directory {run_dir} holds an exported model (final/) but no checkpoint to "
+                f"resume from; a new run would overwrite it: set train.output_dir to a new directory, or "
+                f"delete {run_dir}"
+            )
         return RunDirPlan(run_dir, replaces=tuple(found))
     step = _checkpoint_step(source)
     if step > train.steps:
-        raise RunDirError(f"train.steps={train.steps}, but the checkpoint to resume ({source}) is at step {step}: "
-                          f"resuming would export a model trained for {step} steps. Set train.steps >= {step}, or "
-                          f"start a new run in a new train.output_dir")
+        raise RunDirError(
+            f"train.steps={train.steps}, but the checkpoint to resume ({source}) is at step {step}: "
+            f"resuming would export a model trained for {step} steps. Set train.steps >= {step}, or "
+            f"start a new run in a new train.output_dir"
+        )
     origin = source.parent.parent
     origin_saved = saved if _inside(origin, run_dir) else read_saved_config(origin)
     if origin_saved is None:
-        raise RunDirError(f"{origin} holds checkpoints but no config.yaml, so what they were trained with is unknown; "
-                          f"nothing is resumed from it: set train.output_dir to a new directory")
+        raise RunDirError(
+            f"{origin} holds checkpoints but no config.yaml, so what they were trained with is unknown; "
+            f"nothing is resumed from it: set train.output_dir to a new directory"
+        )
     if origin_saved.get("recipe", recipe) != recipe:
-        raise RunDirError(f"train.resume={train.resume!r} is a checkpoint of a {origin_saved['recipe']} run; a "
-                          f"{recipe} run cannot continue it")
+        raise RunDirError(
+            f"train.resume={train.resume!r} is a checkpoint of a {origin_saved['recipe']} run; a "
+            f"{recipe} run cannot continue it"
+        )
     changes = config_diff(origin_saved, cfg)
     layout = layout_only(changes, origin_saved, cfg, world)
     experiment = {k: v for k, v in changes.items() if not is_safe(k) and not (layout and k in LAYOUT_FIELDS)}
@@ -228,7 +270,8 @@ def check_run_dir(cfg: Any, recipe: str, world: int = 1) -> RunDirPlan:
             "set train.output_dir to a new directory (add train.resume=never to make sure none is reused); to "
             "continue the old run, undo these changes; to branch from the checkpoint with them, set "
             f"train.resume={source} and a new train.output_dir."
-            + (f"\nThese changes would be allowed:\n{format_changes(safe)}" if safe else ""))
+            + (f"\nThese changes would be allowed:\n{format_changes(safe)}" if safe else "")
+        )
     return RunDirPlan(run_dir, source, step, changes)
 
 
@@ -244,9 +287,12 @@ def open_run_dir(cfg: Any, recipe: str, world: int = 1) -> RunDirPlan:
         if plan.resume_from is None:
             resumes.unlink(missing_ok=True)  # a fresh run: no continuation of anything
         else:
-            record = {"step": plan.resume_step, "from": str(plan.resume_from),
-                      "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      "changed": {k: [a, b] for k, (a, b) in plan.changes.items()}}
+            record = {
+                "step": plan.resume_step,
+                "from": str(plan.resume_from),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "changed": {k: [a, b] for k, (a, b) in plan.changes.items()},
+            }
             with open(resumes, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record, default=str) + "\n")
     except OSError as e:
@@ -255,9 +301,17 @@ def open_run_dir(cfg: Any, recipe: str, world: int = 1) -> RunDirPlan:
             raise
         raise WriteError(f"{what} (train.output_dir={cfg.train.output_dir!r})") from e
     if plan.changes:
-        log.info("resuming %s from step %d with changed fields (recorded in %s):\n%s", plan.dir,
-                 plan.resume_step, RESUMES, format_changes(plan.changes))
+        log.info(
+            "resuming %s from step %d with changed fields (recorded in %s):\n%s",
+            plan.dir,
+            plan.resume_step,
+            RESUMES,
+            format_changes(plan.changes),
+        )
     if plan.replaces:
-        log.warning("%s: the run there never reached a checkpoint; starting over (its %s are replaced)", plan.dir,
-                    ", ".join(plan.replaces))
+        log.warning(
+            "%s: the run there never reached a checkpoint; starting over (its %s are replaced)",
+            plan.dir,
+            ", ".join(plan.replaces),
+        )
     return plan

@@ -129,8 +129,15 @@ class Dist:
 
     # -- models ---------------------------------------------------------------------------------
 
-    def wrap(self, model, strategy: str = "fsdp", *, mixed_precision: str = "none", cpu_offload: bool = False,
-             forward_methods: dict[str, Callable] | None = None):
+    def wrap(
+        self,
+        model,
+        strategy: str = "fsdp",
+        *,
+        mixed_precision: str = "none",
+        cpu_offload: bool = False,
+        forward_methods: dict[str, Callable] | None = None,
+    ):
         """FSDP2 over every decoder layer, then the root (bottom-up, as ``fully_shard`` wants). Each of
         ``forward_methods`` (attribute name -> function of the model) is bound to the model and registered
         as a forward entry point: a recipe that runs the model through a function other than ``forward``
@@ -143,8 +150,11 @@ class Dist:
             mesh = init_device_mesh(kind, (self.world, 1), mesh_dim_names=("replicate", "shard"))
         else:
             mesh = init_device_mesh(kind, (self.world,), mesh_dim_names=("shard",))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if mixed_precision == "bf16" else MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if mixed_precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
         kwargs = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
         for layer in decoder_layers(model):
             fully_shard(layer, **kwargs)
@@ -172,8 +182,13 @@ class Dist:
     def _fsdp_modules(self, models) -> list:
         if not self.enabled:
             return []
-        return [m for model in models if isinstance(model, torch.nn.Module)
-                for m in model.modules() if isinstance(m, FSDPModule)]
+        return [
+            m
+            for model in models
+            if isinstance(model, torch.nn.Module)
+            for m in model.modules()
+            if isinstance(m, FSDPModule)
+        ]
 
     def close(self) -> None:
         if self.enabled:

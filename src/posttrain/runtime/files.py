@@ -19,8 +19,11 @@ class WriteError(OSError):
 # Libraries that write files themselves (safetensors, torch.save) report a full disk in their own
 # words, without an errno: match those texts too.
 _KINDS = (
-    ((errno.ENOSPC, errno.EDQUOT), ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122"),
-     "the disk is full"),
+    (
+        (errno.ENOSPC, errno.EDQUOT),
+        ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122"),
+        "the disk is full",
+    ),
     ((errno.EROFS,), ("Read-only file system", "os error 30"), "the file system is read-only"),
     ((errno.EACCES, errno.EPERM), ("Permission denied", "os error 13"), "permission denied"),
     ((errno.ENOTDIR,), ("Not a directory", "os error 20"), "a part of that path is a file, not a directory"),
@@ -38,7 +41,7 @@ def _free_bytes(path: Path) -> int | None:
 
 
 def describe_write_error(e: BaseException, where: str | Path) -> str | None:
-    """"cannot write WHERE: the disk is full (0.2 MB free)" for a failed write, or None when the failure is
+    """ "cannot write WHERE: the disk is full (0.2 MB free)" for a failed write, or None when the failure is
     not one of the storage problems a user can act on."""
     code, text = getattr(e, "errno", None), str(e)
     for codes, texts, kind in _KINDS:

@@ -89,13 +89,21 @@ class MemoryMeter:
         grads = _bytes(p for p in params if p.requires_grad)
         opt = sum(optimizer_bytes(o) for o in optimizers)
         top = peak(self.device)
-        return {"memory/weights_mb": weights / MB, "memory/grads_mb": grads / MB, "memory/optimizer_mb": opt / MB,
-                "memory/activations_mb": max(0, top - self.baseline - weights - grads - opt) / MB,
-                "memory/peak_mb": top / MB, "memory/baseline_mb": self.baseline / MB,
-                "memory/models_held": float(len(models))}
+        return {
+            "memory/weights_mb": weights / MB,
+            "memory/grads_mb": grads / MB,
+            "memory/optimizer_mb": opt / MB,
+            "memory/activations_mb": max(0, top - self.baseline - weights - grads - opt) / MB,
+            "memory/peak_mb": top / MB,
+            "memory/baseline_mb": self.baseline / MB,
+            "memory/models_held": float(len(models)),
+        }
 
 
 def reward_models(reward_fn) -> list[torch.nn.Module]:
     """The torch models inside a reward function's components (reward models hold one each)."""
-    return [c.verifier.model for c in getattr(reward_fn, "components", ())
-            if isinstance(getattr(c.verifier, "model", None), torch.nn.Module)]
+    return [
+        c.verifier.model
+        for c in getattr(reward_fn, "components", ())
+        if isinstance(getattr(c.verifier, "model", None), torch.nn.Module)
+    ]

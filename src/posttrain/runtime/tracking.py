@@ -22,8 +22,14 @@ def _clean(v: Any) -> Any:
 class Tracker:
     """One record per step in ``metrics.jsonl`` (flushed per line, so a kill loses at most one)."""
 
-    def __init__(self, run_dir: str | Path, report_to: tuple[str, ...] = (), config: dict | None = None,
-                 resume_step: int | None = None, name: str = "run"):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        report_to: tuple[str, ...] = (),
+        config: dict | None = None,
+        resume_step: int | None = None,
+        name: str = "run",
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
@@ -81,8 +87,10 @@ def _open_sink(name: str, run_dir: Path, config: dict, run_name: str):
         tr.close = trackio.finish
         return tr
     except ImportError as e:
-        raise TrackingError(f"train.report_to asks for {name!r} but it is not installed ({e}); "
-                            f"pip install 'posttrain[tracking]' or remove it from report_to") from None
+        raise TrackingError(
+            f"train.report_to asks for {name!r} but it is not installed ({e}); "
+            f"pip install 'posttrain[tracking]' or remove it from report_to"
+        ) from None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

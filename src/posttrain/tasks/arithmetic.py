@@ -36,8 +36,11 @@ class ArithmeticTask(WorkedTask):
 
     def _terms(self, rng: random.Random, long: bool | None = None) -> int:
         if long is not None and self.min_terms <= self.short_terms < self.max_terms:
-            return rng.randint(self.short_terms + 1, self.max_terms) if long else rng.randint(self.min_terms,
-                                                                                               self.short_terms)
+            return (
+                rng.randint(self.short_terms + 1, self.max_terms)
+                if long
+                else rng.randint(self.min_terms, self.short_terms)
+            )
         if 0 <= self.long_fraction <= 1 and self.min_terms <= self.short_terms < self.max_terms:
             if rng.random() < self.long_fraction:
                 return rng.randint(self.short_terms + 1, self.max_terms)

@@ -25,7 +25,7 @@ class CountingTask(WorkedTask):
     _tag = "count"
     min_len: int = 2
     max_len: int = 8
-    letters: int = 4            # the strings use the first `letters` letters of the alphabet
+    letters: int = 4  # the strings use the first `letters` letters of the alphabet
     heldout_fraction: float = 0.1
     verifier: str = "math"
     # As in the arithmetic task: with long_rows >= 0, exactly that many rows of `rows(n)` are strings

@@ -28,7 +28,9 @@ class WorkedTask:
             raise ValueError(f"split {split!r}: expected 'train' or 'test'")
         rng = random.Random(f"{self._tag}-{split}-{seed}")
         out, seen = [], set()
-        long_slots = {(2 * j + 1) * n // (2 * self.long_rows) for j in range(self.long_rows)} if self.long_rows > 0 else set()
+        long_slots = (
+            {(2 * j + 1) * n // (2 * self.long_rows) for j in range(self.long_rows)} if self.long_rows > 0 else set()
+        )
         tries = 0
         while len(out) < n:
             tries += 1
@@ -38,8 +40,9 @@ class WorkedTask:
             if query in seen or is_heldout(query, self.heldout_fraction) != (split == "test"):
                 continue
             seen.add(query)
-            out.append({"prompt": f"{query}=", "completion": ",".join(steps) + f" \\boxed{{{answer}}}",
-                        "answer": str(answer)})
+            out.append(
+                {"prompt": f"{query}=", "completion": ",".join(steps) + f" \\boxed{{{answer}}}", "answer": str(answer)}
+            )
         return out
 
     def pretrain_text(self, n: int, seed: int = 0) -> list[dict]:
