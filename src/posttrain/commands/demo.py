@@ -8,7 +8,7 @@ report.html holds the curves. The held-out split of the task is never trained on
 
 `--seeds 0,1,2` runs it once per seed and prints the per-seed table, `--task counting` swaps the data for
 the second built-in task, `--evidence` adds a random-reward control and a dynamic-sampling ablation
-(posttrain/evidence.py).
+(posttrain/pipeline/evidence.py).
 """
 
 from __future__ import annotations

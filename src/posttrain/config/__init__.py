@@ -7,6 +7,19 @@ config checks stay fast. Everything a caller needs is re-exported here:
     from posttrain.config import load_config, SFTConfig
 """
 
+from posttrain.config.loading import (
+    ConfigError,
+    at_least,
+    config_from_dict,
+    dict_doc,
+    doc,
+    field_help,
+    load_config,
+    locate_error,
+    parse_override,
+    read_yaml,
+    to_dict,
+)
 from posttrain.config.records import (
     ALERT_KINDS,
     DATA_FILE_SUFFIXES,
@@ -14,7 +27,6 @@ from posttrain.config.records import (
     PREFERENCE_LOSSES,
     RECIPE_CONFIGS,
     REFERENCE_FREE_LOSSES,
-    ConfigError,
     CriticConfig,
     DataConfig,
     DiagnosticsConfig,
@@ -31,19 +43,9 @@ from posttrain.config.records import (
     SFTConfig,
     TrainConfig,
     VLLMConfig,
-    at_least,
-    config_from_dict,
-    dict_doc,
-    doc,
-    field_help,
     is_data_file,
-    load_config,
-    locate_error,
-    parse_override,
-    read_yaml,
     recipe_help,
     register_recipe_config,
-    to_dict,
 )
 
 __all__ = [

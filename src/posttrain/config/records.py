@@ -2,7 +2,7 @@
 
 Fields carry their one-line doc in ``metadata["doc"]`` so ``posttrain <recipe> --help`` can list them.
 Loading them from YAML and dotted command-line overrides, with every type and range checked, is
-``posttrain.config.loading`` (re-exported here). This module imports no torch.
+``posttrain.config.loading``; the package ``posttrain.config`` re-exports both. This module imports no torch.
 
     cfg = load_config(SFTConfig, "examples/sft_tiny.yaml", ["optim.lr=3e-4", "data.path=train.jsonl"])
 """
@@ -15,58 +15,11 @@ from typing import Literal, Union
 
 from posttrain.config.loading import (
     ConfigError,
-    at_least,
-    config_from_dict,
     dict_doc,
     doc,
     field_help,
-    load_config,
-    locate_error,
-    parse_override,
-    read_yaml,
-    to_dict,
 )
 from posttrain.runtime.tracking import SINKS
-
-# The loading API is re-exported: callers write `from posttrain.config import load_config, SFTConfig`.
-__all__ = [
-    "ConfigError",
-    "at_least",
-    "config_from_dict",
-    "dict_doc",
-    "doc",
-    "field_help",
-    "load_config",
-    "locate_error",
-    "parse_override",
-    "read_yaml",
-    "to_dict",
-    "is_data_file",
-    "ModelConfig",
-    "LoraConfig",
-    "DataConfig",
-    "OptimConfig",
-    "TrainConfig",
-    "VLLMConfig",
-    "PretrainConfig",
-    "SFTConfig",
-    "PreferenceConfig",
-    "RewardConfig",
-    "DiagnosticsConfig",
-    "RLConfig",
-    "GRPOConfig",
-    "RewardModelConfig",
-    "CriticConfig",
-    "PPOConfig",
-    "register_recipe_config",
-    "recipe_help",
-    "DATA_FILE_SUFFIXES",
-    "PREFERENCE_LOSSES",
-    "REFERENCE_FREE_LOSSES",
-    "DEFAULT_PREFERENCE_BETA",
-    "ALERT_KINDS",
-    "RECIPE_CONFIGS",
-]
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
