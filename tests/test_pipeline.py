@@ -205,6 +205,11 @@ def test_rlhf_demo_fast_runs_both_branches_and_reports_them_side_by_side(tmp_pat
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "RLHF (PPO with a critic + reward model) vs GRPO" in html and "Proxy reward vs gold" in html
     assert "x ppo&#x27;s peak" in html or "x ppo's peak" in html
+    # the learning columns: each RL stage's gain over the SFT model it started from, and its truncation
+    sft = summary["stages"][1]["eval"]["greedy_accuracy"]
+    for e in summary["stages"][3:]:
+        assert f"{100 * (e['eval']['greedy_accuracy'] - sft):+.1f} pts" in html
+    assert "gain over its start" in html and "truncated (last 20 steps)" in html
 
 
 def test_every_problem_of_every_stage_is_reported_before_anything_runs(tmp_path, capsys):

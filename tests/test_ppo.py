@@ -401,3 +401,146 @@ def test_ppo_with_lora_uses_adapters_off_as_reference_and_a_full_critic(tmp_path
     from transformers import AutoModelForCausalLM
 
     assert not any("lora" in n for n, _ in AutoModelForCausalLM.from_pretrained(tmp_path / "final").named_parameters())
+
+
+# --- truncation, critic warmup, decoupled GAE (issue 23) ----------------------------------------------------
+
+
+def _one_truncated_group():
+    # three finished completions scored 0, one cut at the length cap with the overlong penalty -1
+    return [
+        _group(
+            0,
+            [5, 6, 7],
+            [[8, 9], [10, 11, 12], [13], [14, 15, 16, 17]],
+            [0.0, 0.0, 0.0, -1.0],
+            truncated=[False, False, False, True],
+        )
+    ]
+
+
+@pytest.mark.parametrize("mask_truncated", [False, True])
+def test_a_truncated_completion_is_a_terminal_state_with_its_reward_and_carries_gradient(
+    tmp_path, tiny_model, char_tok, mask_truncated
+):
+    """Only the truncated completion has a non-zero return (-1, at its last token: terminal), so with gamma =
+    lam = 1, a zero critic and no whitening, the policy moves exactly when its tokens carry gradient: by
+    default (PPO's truncation is terminal) they do; with mask_truncated_completions they carry none."""
+    model = copy.deepcopy(tiny_model).double()
+    critic = scalar_from_causal(model, char_tok, zero_head=True)
+    groups = _one_truncated_group()
+    seqs = grpo.sequences(groups, mask_truncated)
+    mask = ppo.completion_mask(seqs)
+    from posttrain.rl.advantages import per_token_rewards
+
+    rewards = per_token_rewards(torch.tensor([0.0, 0.0, 0.0, -1.0, 0.0]), torch.zeros_like(mask), mask, 0.0)
+    assert rewards[3].tolist() == ([0.0] * 3 if mask_truncated else [0.0, 0.0, 0.0, -1.0])  # -1 at the last token
+    cfg = _cfg(
+        tmp_path,
+        "ppo_epochs=1",
+        "gamma=1",
+        "lam=1",
+        "whiten_advantages=false",
+        "beta=0",
+        "optim.max_grad_norm=0",
+        "critic.max_grad_norm=0",
+        f"mask_truncated_completions={str(mask_truncated).lower()}",
+    )
+    a, _, m = _update(model, critic, cfg, groups, lr=1.0)
+    moved = max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), model.parameters()))
+    assert m["num_tokens"] == (6 if mask_truncated else 10)
+    assert (moved == 0.0) if mask_truncated else (moved > 1e-6)
+
+
+def test_masking_truncated_completions_in_ppo_earns_a_warning_at_the_start(tmp_path, caplog):
+    cfg = _cfg(tmp_path, "mask_truncated_completions=true")
+    assert "the one place no negative signal reaches" in cfg.advice()[0]
+    assert _cfg(tmp_path).advice() == [] and not hasattr(GRPOConfig, "advice")
+
+
+def test_the_truncation_warning_fires_once_as_completions_run_into_the_cap():
+    from posttrain.config import DiagnosticsConfig
+    from posttrain.rl.diagnostics import Monitor
+
+    mon = Monitor(DiagnosticsConfig())  # window 20, share 0.5, rise 0.1
+    rates = [0.0] * 30 + [min(0.97, 0.02 * k) for k in range(1, 60)] + [0.97] * 200  # the measured escape
+    fired = [(s, a) for s, r in enumerate(rates, 1) for a in mon.observe(s, {"truncation_rate": r})]
+    ((step, alert),) = fired
+    assert alert.kind == "truncation" and 50 < step < 90
+    assert "hit the length cap" in alert.cause and "mask_truncated_completions false" in alert.suggestion
+    # a run that always needs the whole budget, but does not drift there, is not this failure
+    steady = Monitor(DiagnosticsConfig())
+    assert not [a for s in range(1, 200) for a in steady.observe(s, {"truncation_rate": 0.6})]
+
+
+def test_critic_warmup_leaves_the_policy_bit_identical_while_the_value_loss_falls(tmp_path, tiny_model, char_tok):
+    model = copy.deepcopy(tiny_model)
+    critic = scalar_from_causal(model, char_tok, zero_head=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = _cfg(tmp_path, "ppo_epochs=1", "beta=0", "critic.value_clip=0", "train.micro_batch_size=12")
+    opts = []
+    for m in (model, critic):
+        o = torch.optim.AdamW(m.parameters(), lr=3e-3)
+        opts += [o, torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0)]
+    losses = []
+    for step in range(1, 9):
+        timing = {"logps": 0.0, "update": 0.0}
+        m = ppo.ppo_update(
+            cfg,
+            model,
+            critic,
+            None,
+            _varied_groups(),
+            *opts,
+            grpo.make_policy_loss(cfg),
+            0,
+            "cpu",
+            timing,
+            step,
+            warmup=True,
+        )
+        losses.append(m["value_loss"])
+        assert m["grad_norm"] == 0.0 and m["loss"] == 0.0 and m["critic/grad_norm"] > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_decoupled_gae_against_a_hand_computed_vector():
+    from posttrain.rl.advantages import decoupled_gae, gae
+
+    # one completion of 3 tokens (+ a padded position), reward 1 at the end, values 0.5, 0.2, 0.4; gamma 1.
+    # deltas: t2 = 1 - 0.4 = 0.6, t1 = 0.4 - 0.2 = 0.2, t0 = 0.2 - 0.5 = -0.3
+    # actor, lam 0.5: A = [-0.3 + 0.5 * 0.5, 0.2 + 0.5 * 0.6, 0.6] = [-0.05, 0.5, 0.6]
+    # critic, lam 1: A = [0.5, 0.8, 0.6], returns A + V = [1, 1, 1] (the undecayed terminal reward)
+    r = torch.tensor([[0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    v = torch.tensor([[0.5, 0.2, 0.4, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    adv, ret = decoupled_gae(r, v, mask, gamma=1.0, lam_actor=0.5, lam_critic=1.0)
+    assert torch.allclose(adv, torch.tensor([[-0.05, 0.5, 0.6, 0.0]], dtype=torch.float64))
+    assert torch.allclose(ret, torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64))
+    coupled = gae(r, v, mask, gamma=1.0, lam=0.5)
+    assert torch.allclose(coupled[1], torch.tensor([[0.45, 0.7, 1.0, 0.0]], dtype=torch.float64))
+    same = decoupled_gae(r, v, mask, gamma=1.0, lam_actor=0.5, lam_critic=0.5)
+    assert all(torch.equal(x, y) for x, y in zip(same, coupled))
+
+
+def test_the_recipe_warms_the_critic_up_before_the_policy_moves(tmp_path):
+    """critic.warmup_steps through train(): the first steps update the critic only (no policy gradient, the
+    policy's learning rate not yet stepped), the next ones both."""
+    cfg = _cfg(
+        tmp_path,
+        *RL_COMMON,
+        "rewards=[toy_rewards:ones]",
+        "beta=0",
+        "train.steps=4",
+        "critic.warmup_steps=2",
+        "optim.warmup_steps=0",
+        "optim.schedule=constant",
+    )
+    ppo.train(cfg)
+    m = read_metrics(tmp_path)
+    assert [r.get("critic/warmup", 0.0) for r in m] == [1.0, 1.0, 0.0, 0.0]
+    assert [r["grad_norm"] == 0.0 for r in m] == [True, True, False, False]
+    assert all("value_loss" in r and "critic/grad_norm" in r for r in m)  # the critic trains at every step
+    with pytest.raises(ConfigError, match="critic.warmup_steps: 4 warmup steps leave none"):
+        _cfg(tmp_path, "train.steps=4", "critic.warmup_steps=4")

@@ -358,6 +358,8 @@ _RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "zero_variance_frac": (0, False, 1, True),
     "rearm_margin": (0, True, 1, False),
     "flat_min_rise": (0, True, None, False),
+    "truncation_share": (0, False, 1, True),
+    "truncation_rise": (0, True, 1, True),
     # vLLM: a share of the GPU's memory, a size
     "gpu_memory_utilization": (0, False, 1, True),
     "kv_cache_gb": (0, True, None, False),
@@ -387,6 +389,7 @@ _POSITIVE = {
     "eval_drops",
     "rearm_steps",
     "flat_window",
+    "truncation_window",
 }
 _NON_NEGATIVE = {"lr", "weight_decay", "warmup_steps", "save_every", "eval_every", "beta", "r"}
 

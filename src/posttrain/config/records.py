@@ -265,7 +265,7 @@ class RewardConfig:
     _shorthand = "name"
 
 
-ALERT_KINDS = ("collapse", "entropy", "zero_variance", "eval_decline", "flat_reward")
+ALERT_KINDS = ("collapse", "entropy", "zero_variance", "eval_decline", "flat_reward", "truncation")
 
 
 @dataclass(frozen=True)
@@ -281,7 +281,10 @@ class DiagnosticsConfig:
     zero_variance_frac: float = doc(0.8, "zero_variance: share of groups with identical rewards ...")
     zero_variance_steps: int = doc(20, "zero_variance: ... for this many consecutive steps")
     eval_drops: int = doc(3, "eval_decline: held-out accuracy fell at this many evaluations in a row")
-    flat_window: int = doc(100, "flat_reward: steps of training reward compared, first half against second half")
+    truncation_share: float = doc(0.5, "truncation: warn when this share of completions hits the length cap ...")
+    truncation_rise: float = doc(0.1, "... and the share rose by at least this much over the window ...")
+    truncation_window: int = doc(20, "... of this many steps (second half's mean against the first half's)")
+    flat_window: int = doc(200, "flat_reward: steps of training reward compared, first half against second half")
     flat_min_rise: float = doc(0.02, "flat_reward: warn when the mean reward rose less than this over the window")
     rearm_margin: float = doc(
         0.2,
@@ -359,7 +362,7 @@ class RLConfig:
     eval_k: int = doc(4, "held-out samples per prompt for pass@k beside greedy accuracy (0: greedy only)")
     diagnostics: DiagnosticsConfig = doc(DiagnosticsConfig(), "thresholds of the collapse / futility warnings")
     stop_on: tuple[str, ...] = doc(
-        (), "warnings that stop the run: collapse, entropy, zero_variance, eval_decline, flat_reward"
+        (), "warnings that stop the run: collapse, entropy, zero_variance, eval_decline, flat_reward, truncation"
     )
     keep_best: bool = doc(
         False, "export the best model by held-out accuracy as best/ beside final/ (needs data.eval_path)"
@@ -446,6 +449,16 @@ class CriticConfig:
     )
     max_grad_norm: float = doc(1.0, "critic gradient clipping norm; 0 disables clipping")
     dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "critic parameter dtype")
+    warmup_steps: int = doc(
+        0,
+        "the first N steps update the critic only, on the initial policy's rollouts (VC-PPO's value "
+        "pretraining, verl's critic_warmup); the policy does not move and its schedule starts after them",
+    )
+    lam: Union[float, None] = doc(
+        None,
+        "GAE lambda of the critic's return targets (VC-PPO's decoupled GAE: 1.0, so the terminal reward reaches "
+        "early tokens undecayed); empty: the actor's lam",
+    )
 
     _shorthand = "init"
 
@@ -469,11 +482,34 @@ class PPOConfig(RLConfig):
     ppo_epochs: int = doc(4, "passes over each rollout batch")
     num_mini_batches: int = doc(1, "mini-batches per pass, each one optimizer step of the policy and of the critic")
     gamma: float = doc(1.0, "GAE discount")
-    lam: float = doc(0.95, "GAE lambda")
+    lam: float = doc(0.95, "GAE lambda of the actor's advantages (and of the critic's targets unless critic.lam)")
     whiten_advantages: bool = doc(True, "whiten advantages over the rollout batch's valid tokens")
+    mask_truncated_completions: bool = doc(
+        False,
+        "false: a completion cut at the length cap is a terminal state scored by the rewards (0, or the overlong "
+        "penalty) and trained on, as in InstructGPT; true drops it from the loss (DAPO's filter, made for GRPO)",
+    )
+
+    def advice(self) -> list[str]:
+        """Settings that load but are likely a mistake, said once when the run starts."""
+        if not self.mask_truncated_completions:
+            return []
+        return [
+            "mask_truncated_completions: true drops completions cut at the length cap from PPO's loss. With a "
+            "critic and batch-whitened advantages every finished wrong answer is pushed down, while a "
+            "truncated one gets no signal at all: running into the cap becomes the one place no negative "
+            "signal reaches, and the policy learns to go there (measured: 97% of completions truncated by step "
+            "100 with beta 0). DAPO's filter was made for GRPO, where an all-wrong group contributes nothing "
+            "anyway; for PPO leave it false (the default)."
+        ]
 
     def check(self) -> None:
         super().check()
+        if self.critic.warmup_steps >= self.train.steps:
+            raise ConfigError(
+                f"critic.warmup_steps: {self.critic.warmup_steps} warmup steps leave none of train.steps="
+                f"{self.train.steps} for the policy"
+            )
         if self.num_mini_batches > self.prompts_per_step * self.num_generations:
             raise ConfigError(
                 f"num_mini_batches: {self.num_mini_batches} mini-batches of a rollout batch of "

@@ -8,11 +8,14 @@ optimizer. Each step:
   2. score     -- one pass without gradient: the rollout policy's log-probs (old), the reference's, the
                   critic's values V
   3. reward    -- per token: r_t = -beta * KL_t on every completion token, + the score at the last one
-  4. advantage -- GAE(gamma, lambda) over each completion, returns G = A + V; A whitened over the
-                  batch's valid tokens
+                  (a completion cut at the length cap is terminal too, with its score, unless
+                  mask_truncated_completions drops it: the run warns, see PPOConfig.advice)
+  4. advantage -- GAE(gamma, lambda) over each completion, A whitened over the batch's valid tokens; the
+                  critic's targets G = A' + V with critic.lam (decoupled GAE, VC-PPO; default: lambda)
   5. update    -- ppo_epochs passes over the batch in num_mini_batches shuffled mini-batches; each
                   mini-batch is one policy step (GRPO's policy loss and aggregation, global counts of
-                  the mini-batch) and one critic step (clipped value loss, token mean)
+                  the mini-batch) and one critic step (clipped value loss, token mean); during the first
+                  critic.warmup_steps steps the critic's step only (value pretraining, VC-PPO)
 Shapes: N sequences of the rollout batch, L completion tokens (the "completion layout": token t of
 sequence n at [n, t]), B rows and T tokens of a micro-batch (its "row layout", as the model sees it).
 """
@@ -37,7 +40,7 @@ from posttrain.models.scalar import check_scalar_dir, load_scalar, same_vocabula
 from posttrain.recipes import grpo
 from posttrain.recipes.grpo import StepBatch
 from posttrain.recipes.preference import disable_dropout
-from posttrain.rl.advantages import batch_normalize, gae, per_token_rewards
+from posttrain.rl.advantages import batch_normalize, decoupled_gae, per_token_rewards
 from posttrain.rl.groups import Group, collect_groups
 from posttrain.rl.rollouts import Rollouts, rollout_metrics, start_rl
 from posttrain.rl.watch import RunWatch
@@ -197,10 +200,12 @@ def ppo_update(
     timing: dict,
     step: int,
     dist=None,
+    warmup: bool = False,
 ) -> dict:
     """Steps 2-5 for one rollout batch. Returns the step's update metrics. Data-parallel, ``groups`` are
     this rank's: whitening and the metrics take every rank's tokens, and mini-batch k holds the same
-    sequences, over the ranks, as it does in one process."""
+    sequences, over the ranks, as it does in one process. ``warmup``: the critic's steps only (the policy
+    does not move)."""
     dist = dist or Dist()
     t0 = time.time()
     seqs = grpo.sequences(groups, cfg.mask_truncated_completions)
@@ -228,7 +233,10 @@ def ppo_update(
     scores_N = torch.tensor([r for g in groups for r in g.rewards] + [0.0], dtype=mask.dtype)
     kl_NL = kl_estimate(s.old_NL, s.ref_NL, cfg.kl_estimator) * mask if s.ref_NL is not None else torch.zeros_like(mask)
     rewards_NL = per_token_rewards(scores_N, kl_NL, mask, cfg.beta)
-    adv_NL, ret_NL = gae(rewards_NL, s.values_NL, mask, gamma=cfg.gamma, lam=cfg.lam)
+    lam_critic = cfg.lam if cfg.critic.lam is None else cfg.critic.lam
+    adv_NL, ret_NL = decoupled_gae(
+        rewards_NL, s.values_NL, mask, gamma=cfg.gamma, lam_actor=cfg.lam, lam_critic=lam_critic
+    )
     # Batch statistics over every rank's sequences (this rank's are rows offset..offset+n of the batch).
     g_mask, g_kl, g_adv, g_ret, g_val = gathered(dist, *(x[:n] for x in (mask, kl_NL, adv_NL, ret_NL, s.values_NL)))
     sizes = dist.gather(n)
@@ -277,6 +285,7 @@ def ppo_update(
                 device,
                 step,
                 dist,
+                warmup,
             )
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -305,9 +314,10 @@ def minibatch_step(
     device,
     step: int,
     dist=None,
+    warmup: bool = False,
 ) -> dict:
     """One optimizer step of the policy and of the critic on the sequences ``chunk`` (this rank's indices),
-    accumulated over micro-batches with the mini-batch's global counts."""
+    accumulated over micro-batches with the mini-batch's global counts; of the critic only in ``warmup``."""
     dist = dist or Dist()
     chunk = chunk.sort().values
     mbs = (
@@ -332,14 +342,8 @@ def minibatch_step(
         return {**sums, "grad_norm": 0.0, "critic/grad_norm": 0.0}
     for batch, local in mbs:
         idx, m = chunk[local], batch.target_mask_BT
-        logps, _ = grpo.policy_logps(model, batch, cfg.temperature)
+        frac = lambda x: (x * m).sum().item() / num_tokens  # noqa: E731, B023 - called within this iteration
         values = critic_values(critic, batch)
-        old = to_rows(s.old_NL, batch, idx, s.mask_NL)
-        terms = policy_loss(logps, old, to_rows(adv_NL, batch, idx, s.mask_NL), m)
-        loss_BT = terms.loss_BT
-        if s.is_weights_NL is not None:
-            loss_BT = loss_BT * to_rows(s.is_weights_NL, batch, idx, s.mask_NL)
-        pol = aggregate(loss_BT, m, cfg.aggregation, **counts)
         vt = clipped_value_loss(
             values,
             to_rows(s.values_NL, batch, idx, s.mask_NL),
@@ -347,18 +351,29 @@ def minibatch_step(
             clip=cfg.critic.value_clip or None,
         )
         val = aggregate(vt.loss_BT, m, "token_mean", num_tokens=num_tokens)
+        sums["value_loss"] += val.item()
+        sums["value_clip_frac"] += frac(vt.clipped_BT)
+        if warmup:  # value pretraining: the policy runs no forward and gets no gradient
+            (val * dist.loss_scale).backward()
+            continue
+        logps, _ = grpo.policy_logps(model, batch, cfg.temperature)
+        old = to_rows(s.old_NL, batch, idx, s.mask_NL)
+        terms = policy_loss(logps, old, to_rows(adv_NL, batch, idx, s.mask_NL), m)
+        loss_BT = terms.loss_BT
+        if s.is_weights_NL is not None:
+            loss_BT = loss_BT * to_rows(s.is_weights_NL, batch, idx, s.mask_NL)
+        pol = aggregate(loss_BT, m, cfg.aggregation, **counts)
         # disjoint parameters: one backward fills the policy's and the critic's grads
         ((pol + val) * dist.loss_scale).backward()
-        frac = lambda x: (x * m).sum().item() / num_tokens  # noqa: E731, B023 - called within this iteration
         sums["loss"] += pol.item()
-        sums["value_loss"] += val.item()
         sums["clip_frac/low"] += frac(terms.clipped_low_BT)
         sums["clip_frac/high"] += frac(terms.clipped_high_BT)
-        sums["value_clip_frac"] += frac(vt.clipped_BT)
         sums["approx_kl"] += frac(0.5 * (logps.detach() - old) ** 2)  # how far this update moved the policy
     sums = {k: dist.sum(v) for k, v in sums.items()}  # each rank held its share of the global sums
-    sums["grad_norm"] = loop.optimizer_step(
-        model, opt, sched, max_grad_norm=cfg.optim.max_grad_norm, step=step, loss=sums["loss"]
+    sums["grad_norm"] = (
+        0.0
+        if warmup
+        else loop.optimizer_step(model, opt, sched, max_grad_norm=cfg.optim.max_grad_norm, step=step, loss=sums["loss"])
     )
     sums["critic/grad_norm"] = loop.optimizer_step(
         critic, critic_opt, critic_sched, max_grad_norm=cfg.critic.max_grad_norm, step=step, loss=sums["value_loss"]
@@ -380,9 +395,12 @@ def train(cfg: PPOConfig) -> Path:
         ref = loop.wrap(run, cfg, ref)  # frozen models run in lockstep with the policy
     model, critic = loop.wrap(run, cfg, model), loop.wrap(run, cfg, critic)
     model.train()
-    updates = cfg.train.steps * cfg.ppo_epochs * cfg.num_mini_batches
-    optimizer, scheduler = loop.make_optimizer(model, cfg.optim, updates)
-    critic_opt, critic_sched = loop.make_optimizer(critic, replace(cfg.optim, lr=cfg.critic.lr), updates)
+    per_step = cfg.ppo_epochs * cfg.num_mini_batches
+    warmup = cfg.critic.warmup_steps  # the first steps train the critic alone; the policy's schedule starts after
+    optimizer, scheduler = loop.make_optimizer(model, cfg.optim, (cfg.train.steps - warmup) * per_step)
+    critic_opt, critic_sched = loop.make_optimizer(
+        critic, replace(cfg.optim, lr=cfg.critic.lr), cfg.train.steps * per_step
+    )
     policy_loss = grpo.make_policy_loss(cfg)
     rollouts = Rollouts.build(cfg, rows, model, tok)
     start, state = loop.resume(run, model, optimizer, scheduler, extras={"critic": (critic, critic_opt)})
@@ -429,8 +447,11 @@ def train(cfg: PPOConfig) -> Path:
                     timing,
                     step,
                     dist,
+                    warmup=step <= warmup,
                 )
             )
+            if step <= warmup:
+                metrics["critic/warmup"] = 1.0
             rollouts.sync(model, dist)
             dt = time.time() - t_step
             gen_tokens = sum(len(c) for g in generated for c in g.completion_ids)

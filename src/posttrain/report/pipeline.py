@@ -185,8 +185,10 @@ def _last(metrics: tuple[dict, ...], key: str) -> float | None:
 
 
 def branch_comparison(p: PipelineData) -> str:
-    """PPO (critic + reward model) beside GRPO when a pipeline has both: what each reached and what it
-    held in memory, measured. The article's claim is about the memory column."""
+    """PPO (critic + reward model) beside GRPO when a pipeline has both: what each learned (held-out accuracy,
+    its gain over the stage it started from, how many completions ran into the length cap at the end) and
+    what it held in memory, measured. The article's claim is about the memory column; a fair comparison of
+    learning needs the same reward for both (benchmarks/ppo_vs_grpo_learning.py)."""
     rl = [s for s in p.stages if s.recipe in RL_RECIPES]
     if not any(s.recipe == "ppo" for s in rl) or not any(s.recipe == "grpo" for s in rl):
         return ""
@@ -195,6 +197,8 @@ def branch_comparison(p: PipelineData) -> str:
         "recipe",
         "from",
         "greedy accuracy [95% CI]",
+        "gain over its start",
+        "truncated (last 20 steps)",
         "models held",
         "peak MB",
         *(f"{k} MB" for k in MEMORY_PARTS),
@@ -210,11 +214,16 @@ def branch_comparison(p: PipelineData) -> str:
         peaks[s.name] = max((numeric(r.get("memory/peak_mb")) or 0.0 for r in m), default=0.0) or None
         times = [v for _, v in metric_series(m, "step_time")]
         held = _last(m, "memory/models_held")
+        start_ev, _ = _before(p, s)
+        acc, start_acc = numeric(_ev(s, "greedy_accuracy")), numeric((start_ev or {}).get("greedy_accuracy"))
+        trunc = [v for _, v in metric_series(m, "truncation_rate")][-20:]
         cells = [
             escape(s.name),
             escape(s.recipe or "—"),
             escape(s.start_stage or "—"),
             fmt_pct(_ev(s, "greedy_accuracy"), _ev(s, "greedy_ci")),
+            "—" if acc is None or start_acc is None else f"{100 * (acc - start_acc):+.1f} pts",
+            f"{100 * sum(trunc) / len(trunc):.0f}%" if trunc else "—",
             "—" if held is None else f"{held:.0f}",
             fmt_value(peaks[s.name]),
             *(fmt_value(_last(m, f"memory/{k}_mb")) for k in MEMORY_PARTS),

@@ -162,3 +162,17 @@ def gae(
         next_value = torch.where(k, v[:, t], next_value)
     returns_NL = torch.where(keep, adv_NL + v, torch.zeros_like(adv_NL))
     return adv_NL, returns_NL
+
+
+def decoupled_gae(
+    rewards_NL: Tensor, values_NL: Tensor, mask_NL: Tensor, *, gamma: float, lam_actor: float, lam_critic: float
+) -> tuple[Tensor, Tensor]:
+    """Decoupled GAE (VC-PPO, Yuan et al. 2025, arXiv 2503.01491): the actor's advantages with ``lam_actor``,
+    the critic's return targets G_t = A_t + V_t with ``lam_critic``. With lam < 1 the terminal reward reaches
+    token t of a long completion only as (gamma lam)^(T-t); the paper trains the critic with lam = 1.0, so
+    its targets carry the reward to every token undecayed, while the actor keeps a lower-variance lam
+    (0.95). Equal lambdas give ``gae`` exactly. Returns (advantages_NL, returns_NL)."""
+    adv_NL, returns_NL = gae(rewards_NL, values_NL, mask_NL, gamma=gamma, lam=lam_actor)
+    if lam_critic != lam_actor:
+        _, returns_NL = gae(rewards_NL, values_NL, mask_NL, gamma=gamma, lam=lam_critic)
+    return adv_NL, returns_NL

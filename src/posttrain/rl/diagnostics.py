@@ -139,6 +139,7 @@ class Monitor:
         self.entropy_start: list[float] = []
         self.last_eval: float | None = None
         self.rewards: list[float] = []  # the last flat_window steps' mean training reward
+        self.truncation: list[float] = []  # the last truncation_window steps' truncation rate
 
     def state_dict(self) -> dict:
         return {
@@ -148,6 +149,7 @@ class Monitor:
             "entropy_start": list(self.entropy_start),
             "last_eval": self.last_eval,
             "rewards": list(self.rewards),
+            "truncation": list(self.truncation),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -157,6 +159,7 @@ class Monitor:
         self.entropy_start = list(state.get("entropy_start", []))
         self.last_eval = state.get("last_eval")
         self.rewards = list(state.get("rewards", []))
+        self.truncation = list(state.get("truncation", []))
 
     def observe(self, step: int, m: dict[str, float]) -> list[Alert]:
         alerts = [
@@ -165,6 +168,7 @@ class Monitor:
             self._zero_variance(step, m),
             self._eval_decline(step, m),
             self._flat_reward(step, m),
+            self._truncation(step, m),
         ]
         return [a for a in alerts if a is not None]
 
@@ -319,4 +323,34 @@ class Monitor:
             "strong (optim.lr, beta); the reward cannot be earned by what the policy writes (read "
             "samples.jsonl, run posttrain audit-verifier); or the policy has reached what this reward "
             "can teach it (compare held-out accuracy with the start).",
+        )
+
+    def _truncation(self, step: int, m: dict) -> Alert | None:
+        """More and more completions run into the length cap: the second half of the last truncation_window
+        steps truncates at least truncation_share of them, and truncation_rise more than the first half.
+        The seed article's failure to watch for ("completions frequently hitting the max length limit")."""
+        rate = m.get("truncation_rate")
+        if rate is None:
+            return None
+        w = self.t.truncation_window
+        self.truncation = [*self.truncation, float(rate)][-w:]
+        if len(self.truncation) < w:
+            return None
+        half = w // 2
+        first, second = sum(self.truncation[:half]) / half, sum(self.truncation[-half:]) / half
+        holds = second >= self.t.truncation_share and second - first >= self.t.truncation_rise
+        cleared = second < self.t.truncation_share * (1 - self.t.rearm_margin)
+        if not self._track("truncation", holds, 1, cleared):
+            return None
+        return Alert(
+            "truncation",
+            step,
+            f"{100 * second:.0f}% of the completions hit the length cap over the last {half} steps, up from "
+            f"{100 * first:.0f}% over the {half} before: the policy is learning to run out of tokens, which "
+            f"usually means a truncated completion escapes the negative signal a wrong finished answer gets "
+            f"(or the task needs more tokens than max_completion_length).",
+            "with PPO, leave mask_truncated_completions false (a truncated completion is then a terminal "
+            "state with its reward); with GRPO, masking is safe only while groups still contain finished "
+            "answers: add an overlong penalty ({name: overlong} in rewards), raise max_completion_length if "
+            "correct answers need it, or lower optim.lr; stop_on: [truncation] stops the run here.",
         )

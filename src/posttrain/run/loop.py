@@ -128,6 +128,8 @@ def start_run(cfg: Any, recipe: str, device: torch.device | None = None) -> Run:
         log.setLevel(logging.ERROR)  # one log for the run, rank 0's (an error reaches the CLI from every rank)
     train: TrainConfig = cfg.train
     check_recipe(cfg, recipe)  # data, models and rewards resolve, or nothing is written
+    for text in getattr(cfg, "advice", list)():  # settings that load but are likely a mistake
+        log.warning("%s", text)
     plan = dist.broadcast(open_run_dir(cfg, recipe, dist.world) if dist.is_main else None)
     configure_threads(getattr(train, "threads", 0))
     tracker = (
