@@ -137,6 +137,14 @@ def test_a_flat_training_reward_warns_once_with_its_likely_causes():
     assert "too hard" in alert.suggestion and "optim.lr" in alert.suggestion and "audit-verifier" in alert.suggestion
 
 
+def test_a_plateau_after_learning_is_not_a_flat_reward():
+    """The demo's GRPO reward rises, then creeps (+0.017 over 100 steps at step 420): that is a plateau of a
+    run that learned, not one that never started; the warning compares with the run's start too."""
+    mon = Monitor(DiagnosticsConfig(flat_window=200))
+    curve = [0.3 + 0.4 * min(s, 300) / 300 + 0.01 * ((s * 7919) % 7 - 3) / 3 for s in range(1, 801)]
+    assert not [a for s, r in enumerate(curve, 1) for a in mon.observe(s, {"reward/mean": r})]
+
+
 def test_a_rising_or_solved_training_reward_does_not_warn_flat():
     rising, solved = Monitor(DiagnosticsConfig(flat_window=100)), Monitor(DiagnosticsConfig(flat_window=100))
     for step in range(1, 601):

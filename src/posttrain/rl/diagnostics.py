@@ -139,6 +139,7 @@ class Monitor:
         self.entropy_start: list[float] = []
         self.last_eval: float | None = None
         self.rewards: list[float] = []  # the last flat_window steps' mean training reward
+        self.reward_start: float | None = None  # its mean over the run's first flat_window / 2 steps
         self.truncation: list[float] = []  # the last truncation_window steps' truncation rate
 
     def state_dict(self) -> dict:
@@ -149,6 +150,7 @@ class Monitor:
             "entropy_start": list(self.entropy_start),
             "last_eval": self.last_eval,
             "rewards": list(self.rewards),
+            "reward_start": self.reward_start,
             "truncation": list(self.truncation),
         }
 
@@ -159,6 +161,7 @@ class Monitor:
         self.entropy_start = list(state.get("entropy_start", []))
         self.last_eval = state.get("last_eval")
         self.rewards = list(state.get("rewards", []))
+        self.reward_start = state.get("reward_start")
         self.truncation = list(state.get("truncation", []))
 
     def observe(self, step: int, m: dict[str, float]) -> list[Alert]:
@@ -286,20 +289,25 @@ class Monitor:
 
     def _flat_reward(self, step: int, m: dict) -> Alert | None:
         """The training reward has not risen over the last ``flat_window`` steps (second half's mean against
-        the first half's). Steps where most groups are all correct are left out: the policy has learned
-        these prompts, and the zero_variance warning says so."""
+        the first half's) and stands no higher than where the run started (its first flat_window / 2 steps):
+        RL never got going, or lost what it gained. A plateau after a rise is not this. Steps where most
+        groups are all correct are left out: the policy has learned these prompts, and the zero_variance
+        warning says so."""
         reward = m.get("reward/mean")
         if reward is None:
             return None
         w = self.t.flat_window
+        half = w // 2
         self.rewards = [*self.rewards, float(reward)][-w:]
+        if self.reward_start is None and len(self.rewards) == half:
+            self.reward_start = sum(self.rewards) / half
         if len(self.rewards) < w:
             return None
-        half = w // 2
         first, second = sum(self.rewards[:half]) / half, sum(self.rewards[-half:]) / half
         rise, need = second - first, self.t.flat_min_rise
+        gained = second - (self.reward_start if self.reward_start is not None else first)
         solved = m.get("zero_variance/all_correct", 0.0) >= 0.5
-        holds = None if solved else rise < need
+        holds = None if solved else (rise < need and gained < need)
         if not self._track("flat_reward", holds, 1, rise >= need * (1 + self.t.rearm_margin)):
             return None
         zero = m.get("zero_variance_frac")
@@ -315,7 +323,8 @@ class Monitor:
             "flat_reward",
             step,
             f"the mean training reward rose {rise:+.3f} over the last {w} steps ({first:.3f} in the first "
-            f"half, {second:.3f} in the second; flat_min_rise {need}){zero_text}: RL is not learning "
+            f"half, {second:.3f} in the second; flat_min_rise {need}) and stands {gained:+.3f} from the "
+            f"run's start{zero_text}: RL is not learning "
             f"from this reward.",
             "likely causes, most common first: the prompts are too hard for the policy (groups all "
             "wrong give no signal: a stronger SFT start, easier prompts or a curriculum, more "
