@@ -48,6 +48,8 @@ PPO_BASE = [
 ]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "grpo": ("grpo", []),
+    # the same number of samples per step as PPO exactly: dynamic sampling may generate up to 3 rounds
+    "grpo_nods": ("grpo", ["dynamic_sampling=false"]),
     "ppo": ("ppo", PPO_BASE),
     # VC-PPO: value pretraining (the critic learns the SFT policy's returns first) + decoupled GAE (lam 1 for
     # the critic's targets, so the terminal reward reaches every token undecayed)
@@ -57,6 +59,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "ppo",
         [*PPO_BASE, "critic.warmup_steps=20", "critic.lam=1.0", "ppo_epochs=2", "num_mini_batches=2"],
     ),
+    "ppo_lr6e-4": ("ppo", [*PPO_BASE, "optim.lr=6.0e-4"]),
     # the setting the issue measured escaping into truncation (for the record: masking + beta 0)
     "ppo_masked": ("ppo", [*PPO_BASE, "mask_truncated_completions=true"]),
 }

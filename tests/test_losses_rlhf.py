@@ -129,3 +129,12 @@ def test_explained_variance():
     # V = G - [1, -1, 0]: Var[G - V] = 1, Var[G] = 1 -> 0
     assert explained_variance(g - torch.tensor([[1.0, -1.0, 0.0, 0.0]]), g, mask) == pytest.approx(0.0)
     assert explained_variance(-g, g, mask) == pytest.approx(1 - 4.0)
+
+
+def test_explained_variance_of_returns_equal_but_for_rounding_is_zero():
+    """Every reward the same: the returns are equal up to float32 noise (G = A + V recomputed per token), and
+    the ratio of two tiny variances was logged as -6.8e12."""
+    values = torch.tensor([[0.31, -0.72, 0.05, 0.9, 1.7, -2.3]], dtype=torch.float32)
+    returns = (torch.full_like(values, 0.1) - values) + values  # 0.1 with rounding noise (variance ~2e-15)
+    assert returns.double().var() > 0
+    assert explained_variance(values, returns, torch.ones_like(values)) == 0.0

@@ -43,12 +43,14 @@ def clipped_value_loss(
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     """1 - Var[G - V] / Var[G] over the mask's positions: 1 = the critic predicts the returns, 0 = no
-    better than their mean, < 0 = worse. 0 when the returns do not vary (nothing to explain)."""
+    better than their mean, < 0 = worse. 0 when the returns do not vary (nothing to explain), rounding
+    included: returns that are equal but for float32 noise (every reward the same, G = A + V recomputed
+    per token) have a variance of ~1e-15, which made the ratio -6.8e12 in a logged step."""
     keep = mask.bool()
     g, v = returns[keep].double(), values[keep].double()
     if g.numel() < 2:
         return 0.0
     var_g = g.var()
-    if var_g == 0:
+    if var_g <= 1e-10 * (1.0 + float(g.abs().max()) ** 2):
         return 0.0
     return float(1.0 - (g - v).var() / var_g)
