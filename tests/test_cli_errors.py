@@ -236,3 +236,47 @@ def test_a_run_directory_config_runs_again_as_a_config_of_its_recipe_only(tmp_pa
     assert main(["grpo", str(first / "config.yaml"), f"train.output_dir={tmp_path / 'g'}"]) == 2
     err = capsys.readouterr().err
     assert "this is the config of a 'sft' run" in err and "posttrain sft" in err
+
+
+# --- issue 22's trial: errors a new user met -----------------------------------------------------------------
+
+
+def test_a_syntax_error_in_a_reward_module_names_its_file_and_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken_rewards.py").write_text("def score(completion, **kw):\n    return 1.0 if completion else\n")
+    code = main(
+        [
+            "grpo",
+            "model=tiny",
+            "data.path=builtin:arithmetic",
+            "rewards=[broken_rewards:score]",
+            f"train.output_dir={tmp_path / 'r'}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code in (1, 2) and "broken_rewards.py:2: syntax error" in err and "unexpected" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_model_directory_without_tokenizer_files_says_exactly_that(tmp_path, capsys, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "m")  # weights and config, no tokenizer
+    code = main(
+        ["sft", f"model={tmp_path / 'm'}", "data.path=builtin:arithmetic", f"train.output_dir={tmp_path / 'r'}"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "no tokenizer files" in err and "sentencepiece" not in err and not (tmp_path / "r").exists()
+    from posttrain.models.loading import ModelError, load_tokenizer
+
+    with pytest.raises(ModelError, match="no tokenizer files"):
+        load_tokenizer(tmp_path / "m")
+
+
+def test_a_missing_data_file_names_the_directory_it_was_looked_for_in(tmp_path, monkeypatch, capsys):
+    from posttrain.data.io import DataError, read_rows
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["sft", "model=tiny", "data.path=data/train.jsonl", f"train.output_dir={tmp_path / 'r'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"read from the working directory, {tmp_path}" in err
+    with pytest.raises(DataError, match=f"data/train.jsonl: no such file or directory .*{tmp_path}"):
+        read_rows("data/train.jsonl", "train")

@@ -63,6 +63,17 @@ def add_search_dir(path: str | Path) -> None:
         _SEARCH_DIRS.append(p)
 
 
+def _raised_while_importing(module_name: str, spec: str, exc: Exception) -> VerifierImportError:
+    """The user's module itself failed: a syntax error names its file and line, anything else what it raised."""
+    if isinstance(exc, SyntaxError):
+        where = f"{exc.filename}:{exc.lineno}" if exc.filename else f"module {module_name!r}"
+        code = f"\n    {exc.text.strip()}" if exc.text and exc.text.strip() else ""
+        return VerifierImportError(f"{where}: syntax error in the module of verifier {spec!r}: {exc.msg}{code}")
+    return VerifierImportError(
+        f"importing module {module_name!r} for verifier {spec!r} raised {type(exc).__name__}: {exc}"
+    )
+
+
 def _import_module(module_name: str, spec: str) -> Any:
     top = module_name.split(".")[0]
     try:
@@ -84,14 +95,14 @@ def _import_module(module_name: str, spec: str) -> Any:
                     raise VerifierImportError(
                         f"cannot import module {module_name!r} for verifier {spec!r}: {again}"
                     ) from again
+                except Exception as again:  # noqa: BLE001 - the user's module raised while importing
+                    raise _raised_while_importing(module_name, spec, again) from again
         where = ", ".join(str(d) for d in looked)
         raise VerifierImportError(
             f"cannot import module {module_name!r} for verifier {spec!r}: no {top}.py on sys.path or in {where}"
         ) from exc
     except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
-        raise VerifierImportError(
-            f"importing module {module_name!r} for verifier {spec!r} raised {type(exc).__name__}: {exc}"
-        ) from exc
+        raise _raised_while_importing(module_name, spec, exc) from exc
 
 
 def import_object(spec: str) -> Any:

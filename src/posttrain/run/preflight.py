@@ -15,16 +15,18 @@ from posttrain.config import ConfigError
 from posttrain.data.io import check_source
 from posttrain.models import tiny
 from posttrain.models.checkpoint import is_complete
-from posttrain.models.loading import ModelError
+from posttrain.models.loading import ModelError, tokenizer_problem
 from posttrain.models.scalar import check_scalar_dir
 from posttrain.rewards.registry import VerifierLoadError, check
 from posttrain.run.rundir import RunDirError, check_run_dir, config_diff, format_changes, is_safe, read_saved_config
 
 
-def model_problem(path: str) -> str | None:
-    if tiny.is_preset(path) or (Path(path) / "config.json").is_file():
+def model_problem(path: str, tokenizer: str = "") -> str | None:
+    if tiny.is_preset(path):
         return None
-    return f"neither a tiny preset ({', '.join(tiny.PRESETS)}) nor a model directory with a config.json"
+    if not (Path(path) / "config.json").is_file():
+        return f"neither a tiny preset ({', '.join(tiny.PRESETS)}) nor a model directory with a config.json"
+    return tokenizer_problem(tokenizer or path)
 
 
 def verifier_problem(name: str, options: dict) -> str | None:
@@ -54,7 +56,8 @@ def recipe_problems(cfg: Any, *, will_exist: Iterable[str] = ()) -> list[str]:
         if problem:
             problems.append(f"data.{name}={value!r}: {problem}")
     model = getattr(getattr(cfg, "model", None), "path", None)
-    if model is not None and model not in later and (problem := model_problem(model)):
+    tokenizer = getattr(getattr(cfg, "model", None), "tokenizer", "")
+    if model is not None and model not in later and (problem := model_problem(model, tokenizer)):
         problems.append(f"model.path={model!r}: {problem}")
     ref = getattr(cfg, "ref_model", None)
     if isinstance(ref, str) and ref not in ("initial", "") and ref not in later and (problem := model_problem(ref)):
