@@ -280,3 +280,65 @@ def test_a_missing_data_file_names_the_directory_it_was_looked_for_in(tmp_path, 
     assert code == 2 and f"read from the working directory, {tmp_path}" in err
     with pytest.raises(DataError, match=f"data/train.jsonl: no such file or directory .*{tmp_path}"):
         read_rows("data/train.jsonl", "train")
+
+
+# --- verifier data contracts, checked before anything starts (issue 22) ------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+
+
+def _grpo(tmp_path, data, reward):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in data))
+    return [
+        "grpo",
+        "model=tiny",
+        f"data.path={path}",
+        f"rewards=[{json.dumps(reward)}]",
+        f"train.output_dir={tmp_path / 'run'}",
+    ]
+
+
+def test_a_json_reward_whose_gold_column_is_missing_refuses_to_run_naming_file_row_and_column(tmp_path, capsys):
+    rows = [{"prompt": "Ada, 36", "gold": {"name": "Ada", "age": 36}}] * 3  # the gold column renamed
+    assert main(_grpo(tmp_path, rows, {"name": "json", "options": {"schema": SCHEMA}})) == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl:1: no gold value in column 'answer'" in err and "train.jsonl:3:" in err
+    assert "schema_only: true" in err and not (tmp_path / "run").exists()
+
+
+def test_a_gold_value_the_verifier_would_reject_stops_the_run(tmp_path, capsys):
+    rows = [
+        {"prompt": "Ada", "answer": {"name": "Ada", "age": "36"}},
+        {"prompt": "Bo", "answer": {"name": "Bo", "age": 3}},
+    ]
+    assert main(_grpo(tmp_path, rows, {"name": "json", "options": {"schema": SCHEMA}})) == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl:1: the gold object fails the schema: '36' is not of type 'integer'" in err
+    assert "train.jsonl:2" not in err
+    labels = [{"prompt": "clause", "label": "indemnity"}, {"prompt": "clause", "label": "warranty"}]
+    assert main(_grpo(tmp_path, labels, {"name": "label", "options": {"labels": ["indemnity", "termination"]}})) == 2
+    assert "train.jsonl:2: gold label 'warranty' is not one of options.labels" in capsys.readouterr().err
+
+
+def test_an_invalid_schema_is_one_line_and_exit_2(tmp_path, capsys):
+    rows = [{"prompt": "Ada", "answer": {"name": "Ada", "age": 36}}]
+    assert main(_grpo(tmp_path, rows, {"name": "json", "options": {"schema": {"type": "objekt"}}})) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "schema" in x]
+    assert "options.schema: not a valid JSON Schema at type" in line and len(err.splitlines()) <= 3
+
+
+def test_schema_only_is_an_explicit_mode_that_reads_no_gold(tmp_path):
+    from posttrain.rewards.registry import data_problems
+
+    rows = [{"prompt": "x"}]
+    assert data_problems("json", {"schema": SCHEMA, "schema_only": True}, rows, ["f:1"]) == []
+    assert data_problems("json", {"schema": SCHEMA}, rows, ["f:1"])[0].startswith("f:1: no gold value")
+    assert data_problems("json", {"schema_only": True}, rows, ["f:1"]) == [
+        "options.schema_only: true needs options.schema"
+    ]

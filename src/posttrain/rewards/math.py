@@ -205,6 +205,13 @@ class MathVerifier:
 
     # -- scoring -----------------------------------------------------------------------------------
 
+    @classmethod
+    def row_problems(cls, rows, *, answer_column: str = "answer", **_: Any):
+        """The data contract: every row has a gold answer."""
+        for i, row in enumerate(rows):
+            if row.get(answer_column) is None:
+                yield i, f"no gold answer in column {answer_column!r} (the row has {sorted(row)})"
+
     def gold(self, example: Example) -> str:
         if self.answer_column not in example:
             raise KeyError(f"math verifier needs the gold column {self.answer_column!r}; the row has {sorted(example)}")

@@ -16,7 +16,7 @@ import importlib
 import inspect
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -292,3 +292,24 @@ __all__ = [
     "load",
     "verifier_name",
 ]
+
+
+def data_problems(
+    name: str, options: dict[str, Any], rows: Sequence[Mapping[str, Any]], where: Sequence[str], most: int = 5
+) -> list[str]:
+    """The verifier's data contract over ``rows`` (``where[i]`` names row i, e.g. ``train.jsonl:12``): the
+    problems of the rows it could not score honestly (a missing gold column, a gold value it would reject),
+    at most ``most`` of them and a count of the rest, and an invalid option value (e.g. a broken schema) as
+    one line. A verifier without a contract (``row_problems``) has nothing to say."""
+    obj = import_object(BUILTINS[name]) if name in BUILTINS else import_object(name) if ":" in name else None
+    contract = getattr(obj, "row_problems", None) if inspect.isclass(obj) else None
+    if contract is None:
+        return []
+    try:
+        found = list(contract(rows, **options))
+    except (ValueError, TypeError) as exc:
+        return [str(exc)]
+    out = [f"{where[i]}: {problem}" for i, problem in found[:most]]
+    if len(found) > most:
+        out.append(f"... and {len(found) - most} more of the {len(rows)} rows")
+    return out
