@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .base import NOT_APPLICABLE, Example, Score, VerifierError, as_text, columns_from_rows, verifier_name
+from .extract import gold_answer
 
 BUILTINS: dict[str, str] = {
     "math": "posttrain.rewards.math:MathVerifier",
@@ -313,3 +314,14 @@ def data_problems(
     if len(found) > most:
         out.append(f"... and {len(found) - most} more of the {len(rows)} rows")
     return out
+
+
+def answer_reader(verifier: Any) -> tuple[Callable[[str], str | None] | None, Callable[[dict], str | None]]:
+    """(extract, gold): how maj@k, the diversity metrics and the report read a completion's final answer and a
+    row's gold answer for this verifier, both canonical, so equal answers compare equal. The built-ins (math,
+    json, label) define their own; a user function may expose ``fn.extract_answer`` (and ``fn.gold_answer``);
+    otherwise extract is None (maj@k not defined) and gold reads the row's ``answer`` / ``label`` column."""
+    inner = getattr(verifier, "fn", verifier)  # a UserFunction wraps the user's function
+    extract = getattr(verifier, "extract_answer", None) or getattr(inner, "extract_answer", None)
+    gold = getattr(verifier, "gold_answer", None) or getattr(inner, "gold_answer", None) or gold_answer
+    return extract, gold

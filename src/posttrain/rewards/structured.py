@@ -234,6 +234,37 @@ class JsonVerifier:
             elif fields is not None and (absent := [f for f in fields if f not in gold]):
                 yield i, f"the gold object has no field(s) {absent} of options.fields"
 
+    def _canonical(self, obj: Mapping[str, Any], fields: Sequence[str] | None) -> str:
+        """One spelling for objects the verifier scores alike: the scored fields only, keys sorted, strings
+        folded as ``normalize_strings`` folds them."""
+
+        def fold(v: Any) -> Any:
+            if isinstance(v, str):
+                return _normalize_text(v) if self.normalize_strings else v
+            if isinstance(v, list):
+                return [fold(x) for x in v]
+            if isinstance(v, dict):
+                return {k: fold(x) for k, x in v.items()}
+            return v
+
+        keys = fields if fields is not None else sorted(obj)
+        return json.dumps({k: fold(obj.get(k)) for k in keys}, sort_keys=True, ensure_ascii=False)
+
+    def extract_answer(self, completion: str) -> str | None:
+        """The completion's one JSON object, canonical (its scored fields): what maj@k votes over and the
+        diversity metrics count. None: no object, an invalid or hedged one."""
+        claims = find_json_objects(cap_text(completion, self.max_chars))
+        if not claims or any(c is _INVALID or c != claims[0] for c in claims) or not isinstance(claims[-1], dict):
+            return None
+        return self._canonical(claims[-1], self.fields)
+
+    def gold_answer(self, example: Example) -> str | None:
+        try:
+            gold = self.gold(example)
+        except (KeyError, TypeError, ValueError):
+            return None
+        return None if gold is None else self._canonical(gold, self.fields)
+
     def gold(self, example: Example) -> dict[str, Any] | None:
         if self.schema_only:
             return None
@@ -335,6 +366,23 @@ class LabelVerifier:
                     yield i, f"gold label {gold} is an index, but options.labels has {len(labels or ())} labels"
             elif allowed is not None and normalize_label(str(gold)) not in allowed:
                 yield i, f"gold label {gold!r} is not one of options.labels {list(labels)}: it could never be matched"
+
+    def extract_answer(self, completion: str) -> str | None:
+        """The label the completion gives, normalized as the verifier compares it (a bare label counts when
+        ``allow_bare``); None when it gives none or hedges."""
+        found = extract_answers(completion, mode=self.extract, pattern=self.pattern, max_chars=self.max_chars)
+        if found.hedged:
+            return None
+        answer = found.answer
+        if answer is None and self.allow_bare and self.pattern is None:
+            answer = cap_text(completion, self.max_chars)
+        return normalize_label(answer) or None if answer is not None else None
+
+    def gold_answer(self, example: Example) -> str | None:
+        try:
+            return normalize_label(self.gold(example)) or None
+        except (KeyError, ValueError, IndexError):
+            return None
 
     def gold(self, example: Example) -> str:
         column = self.answer_column
