@@ -342,3 +342,45 @@ def test_schema_only_is_an_explicit_mode_that_reads_no_gold(tmp_path):
     assert data_problems("json", {"schema_only": True}, rows, ["f:1"]) == [
         "options.schema_only: true needs options.schema"
     ]
+
+
+def test_eval_with_verifier_options_scores_as_the_pipelines_evaluation(tmp_path, model_dir):
+    """`posttrain eval --option` / `--options FILE` reach the verifier, and give the scores the pipeline's
+    evaluation gives with the same `eval.verifier_options` (a label set could not be evaluated before)."""
+    from posttrain.config import config_from_dict
+    from posttrain.pipeline.stages import PipelineConfig, evaluate_stage_model
+
+    data = tmp_path / "clauses.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"clause {i}:", "label": ["a", "b"][i % 2]}) + "\n" for i in range(6))
+    )
+    (tmp_path / "opts.yaml").write_text("labels: [a, b]\nallow_bare: true\n")
+    outs = []
+    for flags in (["--option", 'labels=["a","b"]'], ["--options", str(tmp_path / "opts.yaml")]):
+        out = tmp_path / f"eval{len(outs)}.json"
+        args = ["eval", "--model", str(model_dir), "--data", str(data), "--verifier", "label", *flags, "-k", "2"]
+        assert main([*args, "--max-new-tokens", "4", "--json", str(out)]) == 0
+        outs.append(json.loads(out.read_text()))
+    cfg = config_from_dict(
+        PipelineConfig,
+        {
+            "output_dir": str(tmp_path / "p"),
+            "stages": [{"name": "s", "recipe": "sft", "config": {}}],
+            "eval": {
+                "data": str(data),
+                "verifier": "label",
+                "verifier_options": {"labels": ["a", "b"]},
+                "k": 2,
+                "max_new_tokens": 4,
+                "examples": 0,
+            },
+        },
+    )
+    pipeline = evaluate_stage_model(str(model_dir), cfg)
+    for o in outs:
+        assert o["greedy_accuracy"] == pipeline["greedy_accuracy"] and o["samples"] == pipeline["samples"]
+        assert o["majority_baseline"] == pipeline["majority_baseline"] == 0.5
+    assert (
+        main(["eval", "--model", str(model_dir), "--data", str(data), "--verifier", "label", "--option", "labelz=1"])
+        == 1
+    )
