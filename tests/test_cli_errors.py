@@ -236,3 +236,151 @@ def test_a_run_directory_config_runs_again_as_a_config_of_its_recipe_only(tmp_pa
     assert main(["grpo", str(first / "config.yaml"), f"train.output_dir={tmp_path / 'g'}"]) == 2
     err = capsys.readouterr().err
     assert "this is the config of a 'sft' run" in err and "posttrain sft" in err
+
+
+# --- issue 22's trial: errors a new user met -----------------------------------------------------------------
+
+
+def test_a_syntax_error_in_a_reward_module_names_its_file_and_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken_rewards.py").write_text("def score(completion, **kw):\n    return 1.0 if completion else\n")
+    code = main(
+        [
+            "grpo",
+            "model=tiny",
+            "data.path=builtin:arithmetic",
+            "rewards=[broken_rewards:score]",
+            f"train.output_dir={tmp_path / 'r'}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code in (1, 2) and "broken_rewards.py:2: syntax error" in err and "unexpected" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_model_directory_without_tokenizer_files_says_exactly_that(tmp_path, capsys, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "m")  # weights and config, no tokenizer
+    code = main(
+        ["sft", f"model={tmp_path / 'm'}", "data.path=builtin:arithmetic", f"train.output_dir={tmp_path / 'r'}"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "no tokenizer files" in err and "sentencepiece" not in err and not (tmp_path / "r").exists()
+    from posttrain.models.loading import ModelError, load_tokenizer
+
+    with pytest.raises(ModelError, match="no tokenizer files"):
+        load_tokenizer(tmp_path / "m")
+
+
+def test_a_missing_data_file_names_the_directory_it_was_looked_for_in(tmp_path, monkeypatch, capsys):
+    from posttrain.data.io import DataError, read_rows
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["sft", "model=tiny", "data.path=data/train.jsonl", f"train.output_dir={tmp_path / 'r'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"read from the working directory, {tmp_path}" in err
+    with pytest.raises(DataError, match=f"data/train.jsonl: no such file or directory .*{tmp_path}"):
+        read_rows("data/train.jsonl", "train")
+
+
+# --- verifier data contracts, checked before anything starts (issue 22) ------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+
+
+def _grpo(tmp_path, data, reward):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in data))
+    return [
+        "grpo",
+        "model=tiny",
+        f"data.path={path}",
+        f"rewards=[{json.dumps(reward)}]",
+        f"train.output_dir={tmp_path / 'run'}",
+    ]
+
+
+def test_a_json_reward_whose_gold_column_is_missing_refuses_to_run_naming_file_row_and_column(tmp_path, capsys):
+    rows = [{"prompt": "Ada, 36", "gold": {"name": "Ada", "age": 36}}] * 3  # the gold column renamed
+    assert main(_grpo(tmp_path, rows, {"name": "json", "options": {"schema": SCHEMA}})) == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl:1: no gold value in column 'answer'" in err and "train.jsonl:3:" in err
+    assert "schema_only: true" in err and not (tmp_path / "run").exists()
+
+
+def test_a_gold_value_the_verifier_would_reject_stops_the_run(tmp_path, capsys):
+    rows = [
+        {"prompt": "Ada", "answer": {"name": "Ada", "age": "36"}},
+        {"prompt": "Bo", "answer": {"name": "Bo", "age": 3}},
+    ]
+    assert main(_grpo(tmp_path, rows, {"name": "json", "options": {"schema": SCHEMA}})) == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl:1: the gold object fails the schema: '36' is not of type 'integer'" in err
+    assert "train.jsonl:2" not in err
+    labels = [{"prompt": "clause", "label": "indemnity"}, {"prompt": "clause", "label": "warranty"}]
+    assert main(_grpo(tmp_path, labels, {"name": "label", "options": {"labels": ["indemnity", "termination"]}})) == 2
+    assert "train.jsonl:2: gold label 'warranty' is not one of options.labels" in capsys.readouterr().err
+
+
+def test_an_invalid_schema_is_one_line_and_exit_2(tmp_path, capsys):
+    rows = [{"prompt": "Ada", "answer": {"name": "Ada", "age": 36}}]
+    assert main(_grpo(tmp_path, rows, {"name": "json", "options": {"schema": {"type": "objekt"}}})) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "schema" in x]
+    assert "options.schema: not a valid JSON Schema at type" in line and len(err.splitlines()) <= 3
+
+
+def test_schema_only_is_an_explicit_mode_that_reads_no_gold(tmp_path):
+    from posttrain.rewards.registry import data_problems
+
+    rows = [{"prompt": "x"}]
+    assert data_problems("json", {"schema": SCHEMA, "schema_only": True}, rows, ["f:1"]) == []
+    assert data_problems("json", {"schema": SCHEMA}, rows, ["f:1"])[0].startswith("f:1: no gold value")
+    assert data_problems("json", {"schema_only": True}, rows, ["f:1"]) == [
+        "options.schema_only: true needs options.schema"
+    ]
+
+
+def test_eval_with_verifier_options_scores_as_the_pipelines_evaluation(tmp_path, model_dir):
+    """`posttrain eval --option` / `--options FILE` reach the verifier, and give the scores the pipeline's
+    evaluation gives with the same `eval.verifier_options` (a label set could not be evaluated before)."""
+    from posttrain.config import config_from_dict
+    from posttrain.pipeline.stages import PipelineConfig, evaluate_stage_model
+
+    data = tmp_path / "clauses.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"clause {i}:", "label": ["a", "b"][i % 2]}) + "\n" for i in range(6))
+    )
+    (tmp_path / "opts.yaml").write_text("labels: [a, b]\nallow_bare: true\n")
+    outs = []
+    for flags in (["--option", 'labels=["a","b"]'], ["--options", str(tmp_path / "opts.yaml")]):
+        out = tmp_path / f"eval{len(outs)}.json"
+        args = ["eval", "--model", str(model_dir), "--data", str(data), "--verifier", "label", *flags, "-k", "2"]
+        assert main([*args, "--max-new-tokens", "4", "--json", str(out)]) == 0
+        outs.append(json.loads(out.read_text()))
+    cfg = config_from_dict(
+        PipelineConfig,
+        {
+            "output_dir": str(tmp_path / "p"),
+            "stages": [{"name": "s", "recipe": "sft", "config": {}}],
+            "eval": {
+                "data": str(data),
+                "verifier": "label",
+                "verifier_options": {"labels": ["a", "b"]},
+                "k": 2,
+                "max_new_tokens": 4,
+                "examples": 0,
+            },
+        },
+    )
+    pipeline = evaluate_stage_model(str(model_dir), cfg)
+    for o in outs:
+        assert o["greedy_accuracy"] == pipeline["greedy_accuracy"] and o["samples"] == pipeline["samples"]
+        assert o["majority_baseline"] == pipeline["majority_baseline"] == 0.5
+    assert (
+        main(["eval", "--model", str(model_dir), "--data", str(data), "--verifier", "label", "--option", "labelz=1"])
+        == 1
+    )

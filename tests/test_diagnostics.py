@@ -315,3 +315,71 @@ def test_held_out_metrics_closes_the_verifier_it_loads(monkeypatch):
     cfg = config_from_dict(GRPOConfig, {})
     assert held_out_metrics(None, None, [{"prompt": "1+1=", "answer": "2"}], cfg) == {"eval_accuracy": 0.5}
     assert closed == [1]
+
+
+# --- every verifier's answers read as it reads them (issue 22) --------------------------------------------
+
+
+class _Scripted:
+    """A rollout engine that answers each prompt with scripted texts: greedy the first, samples in turn."""
+
+    def __init__(self, tok, texts_by_prompt):
+        self.tok, self.texts = tok, texts_by_prompt
+
+    def generate(self, prompts, n, params):
+        from posttrain.rollout.engine import Generation
+
+        outs = [self.texts[i][0 if params.temperature == 0 else 1 + j] for i in range(len(prompts)) for j in range(n)]
+        ids = [self.tok(t, add_special_tokens=False)["input_ids"] for t in outs]
+        return Generation(prompts, ids, [False] * len(ids), None)
+
+
+def test_maj_at_k_and_the_expected_answer_for_bare_labels(char_tok):
+    from posttrain.rewards import load
+
+    v = load("label", labels=["positive", "negative"])
+    rows = [{"prompt": "good", "label": "positive"}, {"prompt": "bad", "label": "negative"}]
+    texts = [["positive", "positive", "Positive!", "negative"], ["positive", "negative", "NEGATIVE", "positive"]]
+    s = evaluate(None, char_tok, rows, v, k=3, engine=_Scripted(char_tok, texts))
+    # prompt 1: votes positive x2, negative -> right; prompt 2: negative x2 (folded), positive -> right
+    assert s.greedy_accuracy == 0.5 and s.maj_at_k == 1.0 and s.maj_at_k_missing is None
+    assert [x["expected"] for x in s.samples] == ["positive", "negative"]
+    assert s.majority_baseline == 0.5  # positive / negative: one each
+
+
+def test_diversity_and_maj_at_k_read_json_answers_by_their_checked_fields(char_tok):
+    from posttrain.evaluation import majority_correct
+    from posttrain.rewards import load
+    from posttrain.rewards.registry import answer_reader
+
+    v = load("json", fields=["name", "age"])
+    extract, gold = answer_reader(v)
+    a = extract('{"name": "Ada", "age": 36, "note": "x"}')
+    assert a == extract('```json\n{"age": 36, "name": "ada"}\n```') == gold({"answer": {"name": "ADA", "age": 36}})
+    assert extract('{"name": "Ada", "age": 37}') != a and extract("no json here") is None
+    assert extract('{"name": "Ada", "age": 36} or {"name": "Bo", "age": 3}') is None  # hedged
+    answers = [
+        extract(t) for t in ('{"name": "Ada", "age": 36}', '{"age": 36, "name": "ada"}', '{"name": "Bo", "age": 3}')
+    ]
+    assert majority_correct(answers, [True, True, False])
+    groups = [_group(p, ['{"name": "Ada", "age": 36}'] * 3 + ["oops"], [1.0, 1.0, 1.0, 0.0]) for p in range(2)]
+    m = rollout_diagnostics(groups, extract, lambda i: [a, extract('{"name": "Bo", "age": 3}')][i], lambda s: s >= 1)
+    assert m["diversity/no_answer"] == pytest.approx(2 / 8) and m["diversity/top_share"] == 1.0
+    assert m["diversity/gold_top_share"] == 0.5
+
+
+def test_collapse_fires_on_a_run_that_collapses_to_one_label():
+    from posttrain.rewards import load
+    from posttrain.rewards.registry import answer_reader
+
+    extract, gold = answer_reader(load("label", labels=["indemnity", "termination", "warranty"]))
+    golds = ["indemnity", "termination", "warranty", "termination"]
+    mon, fired = Monitor(DiagnosticsConfig(collapse_steps=3)), []
+    for step in range(1, 9):
+        # bare labels, as a classifier answers: varied at first, then "indemnity" for every prompt from step 3
+        texts = [[golds[p]] * 4 if step < 3 else ["Indemnity."] * 4 for p in range(4)]
+        groups = [_group(p, texts[p], [float(t.lower().startswith(golds[p])) for t in texts[p]]) for p in range(4)]
+        m = rollout_diagnostics(groups, extract, lambda i: gold({"label": golds[i]}), lambda s: s >= 1)
+        assert m["diversity/no_answer"] == 0.0  # a bare label is an answer (it read as none, 1.0, before)
+        fired += [a.step for a in mon.observe(step, m) if a.kind == "collapse"]
+    assert fired == [5]

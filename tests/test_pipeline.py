@@ -1,9 +1,10 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from posttrain.commands.demo import check_targets, demo_config
-from posttrain.config import ConfigError, config_from_dict
+from posttrain.config import ConfigError, config_from_dict, to_dict
 from posttrain.pipeline.stages import PipelineConfig, plan, run
 
 
@@ -113,6 +114,21 @@ def test_pipeline_runs_evaluates_controls_and_skips_completed_stages(tmp_path, c
     assert "stage sft: complete, skipped" in caplog.text and "stage grpo: complete, skipped" in caplog.text
     assert [e["eval"] for e in again["stages"]] == [e["eval"] for e in summary["stages"]]
     assert json.loads((root / "pipeline.json").read_text())["stages"][0]["name"] == "sft"
+    # the rerun keeps the recorded total time (it used to overwrite it with its own few milliseconds)
+    assert again["total_seconds"] >= summary["total_seconds"] >= sum(e["seconds"] for e in summary["stages"])
+
+
+def test_a_stage_that_loads_no_reference_names_none():
+    """GRPO with beta 0 has a ref_model field (default 'initial') but loads no reference: the plan, the
+    summary and the report used to name 'initial (sft)' as its reference model."""
+    grpo = _tiny_pipeline(Path("/tmp"))
+    data = {**grpo.stages[1].config, "beta": 0.0}
+    cfg = config_from_dict(
+        PipelineConfig,
+        {**to_dict(grpo), "stages": [to_dict(grpo.stages[0]), {**to_dict(grpo.stages[1]), "config": data}]},
+    )
+    assert [p.ref_label for p in plan(cfg)] == ["", ""]
+    assert [p.ref_label for p in plan(grpo)] == ["", "sft"]  # beta 0.05 against the SFT model: named
 
 
 def test_demo_config_is_a_valid_pipeline_and_fast_mode_shrinks_it():

@@ -235,8 +235,15 @@ def test_json_gold_as_string_and_schema_only_mode(tmp_path):
     path.write_text(json.dumps(SCHEMA))
     v = load("json", schema=str(path))
     assert v('{"name": "Ada Lovelace", "age": 36}', answer=json.dumps(GOLD)) == 1.0
-    assert v('{"name": "Bob", "age": 1}') == 1.0  # no gold: schema validity only
-    assert v('{"name": "Bob", "age": true}') == 0.0  # bool is not an integer here
+    # A row without its gold is an error, never "schema-valid, so correct" (issue 22: a renamed gold column
+    # made every schema-valid answer score 1.0 and held-out accuracy read 100%).
+    with pytest.raises(KeyError, match="no gold value in column 'answer'.*schema_only"):
+        v('{"name": "Bob", "age": 1}', gold=json.dumps(GOLD))
+    only = load("json", schema=str(path), schema_only=True)  # schema validity alone: asked for explicitly
+    assert (
+        only('{"name": "Bob", "age": 1}') == 1.0 and only('{"name": "Bob", "age": 1}', answer=json.dumps(GOLD)) == 1.0
+    )
+    assert only('{"name": "Bob", "age": true}') == 0.0  # bool is not an integer here
 
 
 def test_label_normalized_match_and_label_set():

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from posttrain.commands import verifier_options
 from posttrain.config import at_least
 from posttrain.data.io import read_rows
 from posttrain.evaluation import sample_completions
@@ -36,20 +37,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Rows of any data file the project reads (jsonl, json, parquet, csv, dataset dir, builtin:<task>);
     an error names the file and line."""
     return read_rows(str(path), "test" if str(path).startswith("builtin:") else "train").rows
-
-
-def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
-    """`key=value` pairs; a value that parses as JSON (numbers, booleans, lists, objects) is taken as such."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option expects key=value, got {pair!r}")
-        try:
-            options[key] = json.loads(value)
-        except ValueError:
-            options[key] = value
-    return options
 
 
 def _sample(args: argparse.Namespace, rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
@@ -115,9 +102,7 @@ def main(argv: Sequence[str]) -> int:
         help="built-in name (math, code, json, label, format, regex, ...) or pkg.module:function",
     )
     parser.add_argument("--data", required=True, help="a .jsonl file of rows with the gold column")
-    parser.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE", help="verifier option (JSON values parsed)"
-    )
+    verifier_options.add_arguments(parser)
     parser.add_argument(
         "--family", choices=("math", "label", "json", "code", "format"), help="probe family (default: from --verifier)"
     )
@@ -132,7 +117,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--json", dest="json_out", help="write the report as JSON here")
     args = parser.parse_args(list(argv))
     try:
-        options = parse_options(args.option)
+        options = verifier_options.from_args(args)
         rows = read_jsonl(args.data)
         if args.limit is not None:
             rows = rows[: args.limit]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from posttrain.commands import verifier_options
 from posttrain.config import at_least, is_data_file
 from posttrain.evaluation import evaluate_model_dir, format_summary
 from posttrain.runtime.files import atomic_write_json
@@ -20,7 +21,8 @@ def main(argv: list[str]) -> int:
         default=None,
         help="split of a dataset directory / hub dataset / builtin task (default: test); a single file has none",
     )
-    p.add_argument("--verifier", default="math")
+    p.add_argument("--verifier", default="math", help="built-in verifier name or pkg.module:function")
+    verifier_options.add_arguments(p)
     p.add_argument("-k", type=at_least(0), default=0, help="samples per prompt for pass@k / maj@k / mean@k")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=at_least(1), default=64)
@@ -36,6 +38,7 @@ def main(argv: list[str]) -> int:
         split=a.split or "test",
         limit=a.limit,
         verifier=a.verifier,
+        verifier_options=verifier_options.from_args(a),
         k=a.k,
         temperature=a.temperature,
         max_new_tokens=a.max_new_tokens,

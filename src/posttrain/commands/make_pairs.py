@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
+from posttrain.commands import verifier_options
 from posttrain.config import ModelConfig, at_least
 from posttrain.data.formats import validate
 from posttrain.data.io import read_rows, write_jsonl
@@ -24,6 +25,7 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--split", default="train")
     p.add_argument("--verifier", default="math", help="built-in verifier name or pkg.module:function")
+    verifier_options.add_arguments(p)
     p.add_argument("-n", type=at_least(2), default=8, help="samples per prompt")
     p.add_argument("--out", required=True, help="output jsonl (written atomically)")
     p.add_argument("--kto", action="store_true", help="write prompt/completion/label rows instead of pairs")
@@ -53,7 +55,7 @@ def main(argv: list[str]) -> int:
         model,
         tok,
         data,
-        load_verifier(a.verifier),
+        load_verifier(a.verifier, **verifier_options.from_args(a)),
         a.n,
         max_new_tokens=a.max_new_tokens,
         temperature=a.temperature,

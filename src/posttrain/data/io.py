@@ -56,7 +56,7 @@ def read_rows(path: str, split: str = "train", *, num_examples: int = 0, seed: i
     elif "/" in path and not path.startswith((".", "/")) and not p.suffix:
         rows = _hub(path, split)
     else:
-        raise DataError(f"{path}: no such file or directory")
+        raise DataError(missing(path))
     if len(rows) == 0:
         raise DataError(f"{path}: the dataset is empty")
     return rows
@@ -90,7 +90,14 @@ def check_source(path: str, split: str = "train") -> str | None:
         return None
     if "/" in path and not path.startswith((".", "/")) and not p.suffix:
         return None  # a hub dataset name: only loading it can tell
-    return f"{path}: no such file or directory"
+    return missing(path)
+
+
+def missing(path: str) -> str:
+    """A data path that is not there, and where it was looked for (relative paths: the working directory,
+    as every path in a config, not the config file's directory)."""
+    where = "" if Path(path).is_absolute() else f" (a relative path is read from the working directory, {Path.cwd()})"
+    return f"{path}: no such file or directory{where}"
 
 
 def _builtin(path: str, split: str, n: int, seed: int) -> Rows:

@@ -24,6 +24,7 @@ from posttrain.models.loading import load_model
 from posttrain.rewards import extract_answer, is_correct, score_all
 from posttrain.rewards import load as load_verifier
 from posttrain.rewards.base import verifier_name
+from posttrain.rewards.registry import answer_reader
 from posttrain.rollout import make_engine
 from posttrain.rollout.engine import KVCacheEngine, SamplingParams
 
@@ -77,8 +78,12 @@ def evaluate(
 ) -> EvalSummary:
     """Greedy accuracy on every row; with k > 0 also k samples per row for pass@k, maj@k, mean@k.
     ``engine``: a rollout engine to generate with (e.g. a recipe's vLLM engine); default: the native
-    KV-cache engine on ``model``."""
+    KV-cache engine on ``model``. ``extract``: how maj@k reads an answer; default: the verifier's own
+    (``rewards.registry.answer_reader``), which also gives each row's expected answer and the majority
+    baseline's gold."""
     engine = engine or KVCacheEngine(model, tokenizer, max_batch=batch_size)
+    own_extract, gold = answer_reader(verifier)
+    extract = extract or own_extract
     prompts = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
 
     def decode(ids: list[int]) -> str:
@@ -91,11 +96,11 @@ def evaluate(
     correct = [is_correct(s) for s in scores]
     acc = sum(correct) / max(1, len(rows))
     samples = [
-        {"prompt": r["prompt"], "completion": t, "reward": s, "answer": r.get("answer")}
+        {"prompt": r["prompt"], "completion": t, "reward": s, "answer": r.get("answer"), "expected": gold(r)}
         for r, t, s in list(zip(rows, texts, scores))[:keep_samples]
     ]
     summary = dict(n_prompts=len(rows), greedy_accuracy=acc, greedy_ci=wilson(sum(correct), len(rows)), samples=samples)
-    majority = majority_baseline(rows)
+    majority = majority_baseline(rows, gold)
     if majority is not None:
         summary.update(majority_baseline=majority[0], majority_answer=majority[1])
     if k > 0:
@@ -178,7 +183,7 @@ def evaluate_model_dir(
             gen = make_engine(engine, model, tok, max_batch=64, seed=seed, max_model_len=longest + max_new_tokens)
         # maj@k needs the verifier's notion of "the answer": built-ins have one; a user function may
         # expose its own as an `extract_answer` attribute.
-        extract = answer_extractor(verifier) or getattr(check, "extract_answer", None)
+        extract = answer_reader(check)[0] or answer_extractor(verifier)
         return evaluate(
             model,
             tok,

@@ -60,11 +60,11 @@ def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
     return any(ok for a, ok in zip(answers, correct) if a == winner)
 
 
-def majority_baseline(rows: list[dict]) -> tuple[float, str] | None:
-    """(accuracy, answer) of always giving the most common gold answer (the `answer` column, else
-    `label`): the floor a model must clear to have learned anything beyond the answer distribution.
-    None when the rows carry no gold answer."""
-    golds = [gold_answer(r) for r in rows]
+def majority_baseline(rows: list[dict], gold=gold_answer) -> tuple[float, str] | None:
+    """(accuracy, answer) of always giving the most common gold answer (``gold(row)``: by default the
+    `answer` column, else `label`; the verifier's own reading where it has one): the floor a model must
+    clear to have learned anything beyond the answer distribution. None when the rows carry no gold answer."""
+    golds = [gold(r) for r in rows]
     if not rows or any(g is None for g in golds):
         return None
     answer, count = Counter(golds).most_common(1)[0]

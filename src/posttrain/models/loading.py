@@ -35,6 +35,21 @@ def no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+# What a tokenizer directory holds, one of: a fast tokenizer, its config, a sentencepiece or a BPE vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def tokenizer_problem(path: str | Path) -> str | None:
+    """None when ``path`` holds tokenizer files; else what is missing, in words a user can act on
+    (transformers itself blames a missing sentencepiece package)."""
+    if any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return (
+        f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in this model directory: save the tokenizer "
+        f"beside the weights (tokenizer.save_pretrained(DIR)) or name one with model.tokenizer"
+    )
+
+
 def load_tokenizer(path: str | Path):
     """A tokenizer from a local directory.
 
@@ -46,6 +61,8 @@ def load_tokenizer(path: str | Path):
     cfg_file = path / "tokenizer_config.json"
     if not path.is_dir():
         raise ModelError(f"tokenizer directory {str(path)!r} does not exist")
+    if problem := tokenizer_problem(path):
+        raise ModelError(f"{path}: {problem}")
     generic = False
     if cfg_file.is_file():
         cls = json.loads(cfg_file.read_text()).get("tokenizer_class", "")

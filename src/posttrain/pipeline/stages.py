@@ -215,7 +215,9 @@ def plan(cfg: PipelineConfig) -> list[StagePlan]:
         model_path = rcfg.model.path
         ref = getattr(rcfg, "ref_model", "")
         ref_label = next((n for n, p in finals.items() if p == ref), ref)
-        if ref_label == "initial":
+        if not uses_reference(rcfg):  # ref_model has a default even where nothing loads it
+            ref_label = ""
+        elif ref_label == "initial":
             ref_label = f"initial ({next((n for n, p in finals.items() if p == model_path), model_path)})"
         pairs = stage.make_pairs if stage.make_pairs.data else None
         if pairs and stage.recipe not in PAIR_RECIPES:
@@ -352,10 +354,27 @@ def _pass_through(plan_: StagePlan, reason: str) -> None:
     atomic_write_json(plan_.dir / "skipped.json", {"reason": reason})
 
 
+def uses_reference(rcfg: Any) -> bool:
+    """Does this stage load a reference model? Not GRPO / PPO with beta 0, not SimPO / ORPO, not a recipe
+    without one (its ``ref_model`` default names nothing the run uses)."""
+    if not hasattr(rcfg, "ref_model") or getattr(rcfg, "reference_free", False):
+        return False
+    return getattr(rcfg, "beta", None) != 0
+
+
 def _write_summary(
-    root: Path, cfg: PipelineConfig, entries: list[dict], controls: list[dict], baseline: dict | None, t0: float
+    root: Path,
+    cfg: PipelineConfig,
+    entries: list[dict],
+    controls: list[dict],
+    baseline: dict | None,
+    t0: float,
+    prior_seconds: float = 0.0,
 ) -> None:
-    summary = {"stages": entries, "controls": controls, "total_seconds": time.time() - t0, "config": to_dict(cfg)}
+    """pipeline.json; ``total_seconds`` adds this invocation's time to what earlier ones recorded, so a rerun
+    that finds every stage finished keeps the total (it used to overwrite it with its own 0.006 s)."""
+    total = prior_seconds + time.time() - t0
+    summary = {"stages": entries, "controls": controls, "total_seconds": total, "config": to_dict(cfg)}
     if baseline is not None:
         summary["baseline_eval"] = baseline
     atomic_write_json(root / "pipeline.json", summary)
@@ -424,7 +443,7 @@ def run(cfg: PipelineConfig) -> dict:
         else:
             entries.append(entry)
         if dist.is_main:
-            _write_summary(root, cfg, entries, controls, baseline, t0)
+            _write_summary(root, cfg, entries, controls, baseline, t0, previous.get("total_seconds", 0.0))
     if dist.is_main:
         build_report(root)
     return dist.broadcast(_read_json(root / "pipeline.json") if dist.is_main else None)

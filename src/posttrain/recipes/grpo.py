@@ -211,7 +211,7 @@ def train(cfg: GRPOConfig) -> Path:
     start, state = loop.resume(run, model, optimizer, scheduler)
     rollouts.start(run, model, state, start)
     # Collapse / futility diagnostics and warnings (rl/diagnostics.py); a run stopped by stop_on stays stopped.
-    watch = RunWatch(run.dir, cfg, rows.rows, start, state.get("watch"), writes=dist.is_main)
+    watch = RunWatch(run.dir, cfg, rows.rows, start, state.get("watch"), writes=dist.is_main, reader=rollouts.reader())
     last = start if state.get("stopped") else cfg.train.steps
 
     progress = loop.Progress(cfg.train.steps, start, "grpo", cfg.train.progress and dist.is_main)

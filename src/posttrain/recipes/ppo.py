@@ -408,7 +408,7 @@ def train(cfg: PPOConfig) -> Path:
     if state:
         critic_sched.load_state_dict(state["critic_scheduler"])
     # The same collapse / futility warnings as GRPO (rl/watch.py); a run stopped by stop_on stays stopped.
-    watch = RunWatch(run.dir, cfg, rows.rows, start, state.get("watch"), writes=dist.is_main)
+    watch = RunWatch(run.dir, cfg, rows.rows, start, state.get("watch"), writes=dist.is_main, reader=rollouts.reader())
     last = start if state.get("stopped") else cfg.train.steps
     progress = loop.Progress(cfg.train.steps, start, "ppo", cfg.train.progress and dist.is_main)
     try:

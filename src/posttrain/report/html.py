@@ -322,8 +322,17 @@ def headline(metrics: tuple[dict, ...]) -> str:
 # ---------------------------------------------------------------- samples
 
 
+def _expected(sample: dict):
+    """The answer a sample was scored against: the verifier's reading of its row (``expected``: a label, the
+    canonical JSON of the checked fields), else the row's ``answer`` column; None when there is neither."""
+    for key in ("expected", "answer"):
+        if sample.get(key) is not None:
+            return sample[key]
+    return None
+
+
 def _sample_card(s: dict) -> str:
-    answer = f' <span class="note">expected: {escape(as_text(s["answer"]))}</span>' if "answer" in s else ""
+    answer = f' <span class="note">expected: {escape(as_text(expected))}</span>' if (expected := _expected(s)) else ""
     return (
         f'<div class="sample">{reward_badge(s.get("reward"))}{answer}'
         f'<pre class="prompt">{escape(as_text(s.get("prompt", "")))}</pre>'
@@ -380,7 +389,7 @@ def eval_comparison(before: dict | None, before_label: str, after: dict | None, 
     for x, y in shown:
         d = delta((x, y))
         cls = ' class="up"' if d > 0 else ' class="down"' if d < 0 else ""
-        answer = f'<div class="note">expected: {escape(as_text(y["answer"]))}</div>' if "answer" in y else ""
+        answer = f'<div class="note">expected: {escape(as_text(expected))}</div>' if (expected := _expected(y)) else ""
         rows.append(
             f"<tr><td><pre>{escape(_pair_key(y))}</pre>{answer}</td>"
             f"<td>{reward_badge(x.get('reward'))}<pre>{escape(as_text(x.get('completion', '')))}</pre></td>"

@@ -25,7 +25,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from .base import Example, Score, VerifierError
-from .extract import DEFAULT_MAX_CHARS, ExtractMode, extract_answers, fast_equivalence, find_boxed
+from .extract import (
+    DEFAULT_MAX_CHARS,
+    ExtractMode,
+    extract_answer,
+    extract_answers,
+    fast_equivalence,
+    find_boxed,
+    normalize_answer,
+)
 from .pool import WorkerPool, default_workers
 
 # --- the part that runs inside worker processes -------------------------------------------------------
@@ -204,6 +212,22 @@ class MathVerifier:
         return state
 
     # -- scoring -----------------------------------------------------------------------------------
+
+    @classmethod
+    def row_problems(cls, rows, *, answer_column: str = "answer", **_: Any):
+        """The data contract: every row has a gold answer."""
+        for i, row in enumerate(rows):
+            if row.get(answer_column) is None:
+                yield i, f"no gold answer in column {answer_column!r} (the row has {sorted(row)})"
+
+    def extract_answer(self, completion: str) -> str | None:
+        """The completion's final answer as maj@k and the diversity metrics compare it (None: none, or hedged)."""
+        found = extract_answer(completion, mode=self.extract, pattern=self.pattern, max_chars=self.max_chars)
+        return None if found is None else normalize_answer(found) or None
+
+    def gold_answer(self, example: Example) -> str | None:
+        value = example.get(self.answer_column)
+        return None if value is None else normalize_answer(gold_answer_text(value)) or None
 
     def gold(self, example: Example) -> str:
         if self.answer_column not in example:

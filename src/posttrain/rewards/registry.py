@@ -16,11 +16,12 @@ import importlib
 import inspect
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from .base import NOT_APPLICABLE, Example, Score, VerifierError, as_text, columns_from_rows, verifier_name
+from .extract import gold_answer
 
 BUILTINS: dict[str, str] = {
     "math": "posttrain.rewards.math:MathVerifier",
@@ -63,6 +64,17 @@ def add_search_dir(path: str | Path) -> None:
         _SEARCH_DIRS.append(p)
 
 
+def _raised_while_importing(module_name: str, spec: str, exc: Exception) -> VerifierImportError:
+    """The user's module itself failed: a syntax error names its file and line, anything else what it raised."""
+    if isinstance(exc, SyntaxError):
+        where = f"{exc.filename}:{exc.lineno}" if exc.filename else f"module {module_name!r}"
+        code = f"\n    {exc.text.strip()}" if exc.text and exc.text.strip() else ""
+        return VerifierImportError(f"{where}: syntax error in the module of verifier {spec!r}: {exc.msg}{code}")
+    return VerifierImportError(
+        f"importing module {module_name!r} for verifier {spec!r} raised {type(exc).__name__}: {exc}"
+    )
+
+
 def _import_module(module_name: str, spec: str) -> Any:
     top = module_name.split(".")[0]
     try:
@@ -84,14 +96,14 @@ def _import_module(module_name: str, spec: str) -> Any:
                     raise VerifierImportError(
                         f"cannot import module {module_name!r} for verifier {spec!r}: {again}"
                     ) from again
+                except Exception as again:  # noqa: BLE001 - the user's module raised while importing
+                    raise _raised_while_importing(module_name, spec, again) from again
         where = ", ".join(str(d) for d in looked)
         raise VerifierImportError(
             f"cannot import module {module_name!r} for verifier {spec!r}: no {top}.py on sys.path or in {where}"
         ) from exc
     except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
-        raise VerifierImportError(
-            f"importing module {module_name!r} for verifier {spec!r} raised {type(exc).__name__}: {exc}"
-        ) from exc
+        raise _raised_while_importing(module_name, spec, exc) from exc
 
 
 def import_object(spec: str) -> Any:
@@ -281,3 +293,35 @@ __all__ = [
     "load",
     "verifier_name",
 ]
+
+
+def data_problems(
+    name: str, options: dict[str, Any], rows: Sequence[Mapping[str, Any]], where: Sequence[str], most: int = 5
+) -> list[str]:
+    """The verifier's data contract over ``rows`` (``where[i]`` names row i, e.g. ``train.jsonl:12``): the
+    problems of the rows it could not score honestly (a missing gold column, a gold value it would reject),
+    at most ``most`` of them and a count of the rest, and an invalid option value (e.g. a broken schema) as
+    one line. A verifier without a contract (``row_problems``) has nothing to say."""
+    obj = import_object(BUILTINS[name]) if name in BUILTINS else import_object(name) if ":" in name else None
+    contract = getattr(obj, "row_problems", None) if inspect.isclass(obj) else None
+    if contract is None:
+        return []
+    try:
+        found = list(contract(rows, **options))
+    except (ValueError, TypeError) as exc:
+        return [str(exc)]
+    out = [f"{where[i]}: {problem}" for i, problem in found[:most]]
+    if len(found) > most:
+        out.append(f"... and {len(found) - most} more of the {len(rows)} rows")
+    return out
+
+
+def answer_reader(verifier: Any) -> tuple[Callable[[str], str | None] | None, Callable[[dict], str | None]]:
+    """(extract, gold): how maj@k, the diversity metrics and the report read a completion's final answer and a
+    row's gold answer for this verifier, both canonical, so equal answers compare equal. The built-ins (math,
+    json, label) define their own; a user function may expose ``fn.extract_answer`` (and ``fn.gold_answer``);
+    otherwise extract is None (maj@k not defined) and gold reads the row's ``answer`` / ``label`` column."""
+    inner = getattr(verifier, "fn", verifier)  # a UserFunction wraps the user's function
+    extract = getattr(verifier, "extract_answer", None) or getattr(inner, "extract_answer", None)
+    gold = getattr(verifier, "gold_answer", None) or getattr(inner, "gold_answer", None) or gold_answer
+    return extract, gold

@@ -6,7 +6,7 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,22 @@ def _load_schema(schema: Mapping[str, Any] | str | Path | None) -> dict[str, Any
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read JSON schema from {path}: {exc}") from exc
+        raise ValueError(f"options.schema: cannot read a JSON schema from {path}: {exc}") from exc
+
+
+def schema_validator(schema: Mapping[str, Any] | str | Path | None):
+    """A validator for ``schema`` (None without one); an invalid schema is a ValueError of one line naming
+    what is wrong and where (jsonschema's own error dumps the whole metaschema)."""
+    loaded = _load_schema(schema)
+    if loaded is None:
+        return None
+    cls = jsonschema.validators.validator_for(loaded)
+    try:
+        cls.check_schema(loaded)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path) or "(top level)"
+        raise ValueError(f"options.schema: not a valid JSON Schema at {where}: {exc.message}") from None
+    return cls(loaded)
 
 
 class JsonVerifier:
@@ -150,7 +165,9 @@ class JsonVerifier:
     Options: `schema` (dict or path to a JSON Schema file), `answer_column` (gold object, a dict or a JSON
     string; default "answer"), `fields` (which top-level gold fields to score; default all of them),
     `field_weights` (dict field -> weight, default 1 each), `normalize_strings` (case/whitespace-fold
-    strings, default True), `tolerance` (relative, for numbers), `max_chars` (completion cap, keeps the tail).
+    strings, default True), `tolerance` (relative, for numbers), `max_chars` (completion cap, keeps the tail),
+    `schema_only` (score schema validity alone and read no gold: an explicit choice, never a fallback; a
+    row without its gold column is an error otherwise -- it used to score any schema-valid JSON 1.0).
     """
 
     name = "json"
@@ -165,13 +182,13 @@ class JsonVerifier:
         normalize_strings: bool = True,
         tolerance: float = 1e-6,
         max_chars: int = 20_000,
+        schema_only: bool = False,
     ) -> None:
-        self.schema = _load_schema(schema)
-        self._validator = None
-        if self.schema is not None:
-            cls = jsonschema.validators.validator_for(self.schema)
-            cls.check_schema(self.schema)  # a broken schema is a config error, raised now
-            self._validator = cls(self.schema)
+        self._validator = schema_validator(schema)  # a broken schema is a config error, raised now
+        self.schema = None if self._validator is None else self._validator.schema
+        if schema_only and self._validator is None:
+            raise ValueError("options.schema_only: true needs options.schema")
+        self.schema_only = schema_only
         self.answer_column = answer_column
         self.fields = tuple(fields) if fields is not None else None
         self.field_weights = dict(field_weights or {})
@@ -181,11 +198,81 @@ class JsonVerifier:
         self.tolerance = float(tolerance)
         self.max_chars = int(max_chars)
 
-    def gold(self, example: Example) -> dict[str, Any] | None:
-        if self.answer_column not in example or example[self.answer_column] is None:
-            if self.schema is None:
-                raise KeyError(f"json verifier needs a schema or the gold column {self.answer_column!r}")
+    @classmethod
+    def row_problems(
+        cls,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        schema=None,
+        answer_column: str = "answer",
+        fields=None,
+        schema_only: bool = False,
+        **_: Any,
+    ) -> Iterator[tuple[int, str]]:
+        """The data contract, checked before a run starts: (row index, problem) for every row the verifier
+        could not score honestly. Raises ValueError for an invalid schema."""
+        validator = schema_validator(schema)
+        if schema_only:
+            if validator is None:
+                raise ValueError("options.schema_only: true needs options.schema")
+            return
+        for i, row in enumerate(rows):
+            value = row.get(answer_column)
+            if value is None:
+                hint = "; options.schema_only: true scores schema validity alone" if validator else ""
+                yield i, f"no gold value in column {answer_column!r} (the row has {sorted(row)}){hint}"
+                continue
+            try:
+                gold = json.loads(value) if isinstance(value, str) else value
+            except ValueError as exc:
+                yield i, f"gold column {answer_column!r} is not valid JSON: {exc}"
+                continue
+            if not isinstance(gold, dict):
+                yield i, f"gold column {answer_column!r} holds a {type(gold).__name__}, not a JSON object"
+            elif validator is not None and (errors := list(validator.iter_errors(gold))):
+                yield i, f"the gold object fails the schema: {errors[0].message}"
+            elif fields is not None and (absent := [f for f in fields if f not in gold]):
+                yield i, f"the gold object has no field(s) {absent} of options.fields"
+
+    def _canonical(self, obj: Mapping[str, Any], fields: Sequence[str] | None) -> str:
+        """One spelling for objects the verifier scores alike: the scored fields only, keys sorted, strings
+        folded as ``normalize_strings`` folds them."""
+
+        def fold(v: Any) -> Any:
+            if isinstance(v, str):
+                return _normalize_text(v) if self.normalize_strings else v
+            if isinstance(v, list):
+                return [fold(x) for x in v]
+            if isinstance(v, dict):
+                return {k: fold(x) for k, x in v.items()}
+            return v
+
+        keys = fields if fields is not None else sorted(obj)
+        return json.dumps({k: fold(obj.get(k)) for k in keys}, sort_keys=True, ensure_ascii=False)
+
+    def extract_answer(self, completion: str) -> str | None:
+        """The completion's one JSON object, canonical (its scored fields): what maj@k votes over and the
+        diversity metrics count. None: no object, an invalid or hedged one."""
+        claims = find_json_objects(cap_text(completion, self.max_chars))
+        if not claims or any(c is _INVALID or c != claims[0] for c in claims) or not isinstance(claims[-1], dict):
             return None
+        return self._canonical(claims[-1], self.fields)
+
+    def gold_answer(self, example: Example) -> str | None:
+        try:
+            gold = self.gold(example)
+        except (KeyError, TypeError, ValueError):
+            return None
+        return None if gold is None else self._canonical(gold, self.fields)
+
+    def gold(self, example: Example) -> dict[str, Any] | None:
+        if self.schema_only:
+            return None
+        if self.answer_column not in example or example[self.answer_column] is None:
+            raise KeyError(
+                f"json verifier: the row has no gold value in column {self.answer_column!r} (it has {sorted(example)}); "
+                f"options.schema_only: true scores schema validity alone"
+            )
         gold = example[self.answer_column]
         if isinstance(gold, str):
             gold = json.loads(gold)
@@ -207,7 +294,7 @@ class JsonVerifier:
             return Score(0.0, "not_an_object")
         if self._validator is not None and not self._validator.is_valid(pred):
             return Score(0.0, "schema_violation")
-        if gold is None:
+        if gold is None:  # schema_only
             return Score(1.0, "valid")
         fields = self.fields if self.fields is not None else tuple(gold)
         weights = {f: float(self.field_weights.get(f, 1.0)) for f in fields}
@@ -262,6 +349,40 @@ class LabelVerifier:
         self.allow_bare = allow_bare
         self.max_chars = int(max_chars)
         extract_answers("", mode=extract, pattern=pattern, max_chars=self.max_chars)
+
+    @classmethod
+    def row_problems(
+        cls, rows: Sequence[Mapping[str, Any]], *, answer_column: str | None = None, labels=None, **_: Any
+    ) -> Iterator[tuple[int, str]]:
+        """The data contract: every row has its gold label, inside ``labels`` when they are given."""
+        allowed = None if labels is None else {normalize_label(label) for label in labels}
+        for i, row in enumerate(rows):
+            column = answer_column or ("label" if "label" in row else "answer")
+            gold = row.get(column)
+            if gold is None:
+                yield i, f"no gold label in column {column!r} (the row has {sorted(row)})"
+            elif isinstance(gold, int) and not isinstance(gold, bool):
+                if labels is None or not 0 <= gold < len(labels):
+                    yield i, f"gold label {gold} is an index, but options.labels has {len(labels or ())} labels"
+            elif allowed is not None and normalize_label(str(gold)) not in allowed:
+                yield i, f"gold label {gold!r} is not one of options.labels {list(labels)}: it could never be matched"
+
+    def extract_answer(self, completion: str) -> str | None:
+        """The label the completion gives, normalized as the verifier compares it (a bare label counts when
+        ``allow_bare``); None when it gives none or hedges."""
+        found = extract_answers(completion, mode=self.extract, pattern=self.pattern, max_chars=self.max_chars)
+        if found.hedged:
+            return None
+        answer = found.answer
+        if answer is None and self.allow_bare and self.pattern is None:
+            answer = cap_text(completion, self.max_chars)
+        return normalize_label(answer) or None if answer is not None else None
+
+    def gold_answer(self, example: Example) -> str | None:
+        try:
+            return normalize_label(self.gold(example)) or None
+        except (KeyError, ValueError, IndexError):
+            return None
 
     def gold(self, example: Example) -> str:
         column = self.answer_column

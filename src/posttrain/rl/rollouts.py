@@ -25,6 +25,7 @@ from posttrain.data.tokenize import prompt_ids as encode_prompt
 from posttrain.models.loading import load_model
 from posttrain.rewards import build_reward, is_correct
 from posttrain.rewards.composite import RewardFault
+from posttrain.rewards.registry import answer_reader
 from posttrain.rl.groups import Group
 from posttrain.rl.watch import RunWatch, held_out_metrics
 from posttrain.rollout import make_engine
@@ -240,8 +241,12 @@ class Rollouts:
         run.tracker.log(step, metrics)
         every = self.cfg.samples_every
         if run.dist.is_main and (step == 1 or step == last or (every and step % every == 0)):
-            write_samples(run.dir, step, generated, self.tok)
+            write_samples(run.dir, step, generated, self.tok, self.rows.rows, self.reader()[1])
         return stop
+
+    def reader(self):
+        """(extract, gold) of the first reward, which defines correctness: ``rewards.answer_reader``."""
+        return answer_reader(self.reward_fn.components[0].verifier)
 
     def state_dict(self, dist) -> dict:
         return {"sampler": self.sampler.state_dict(), "rewards": dist.gather(self.reward_fn.state_dict())}
@@ -307,17 +312,19 @@ def rollout_metrics(groups: list[Group], stats) -> dict:
     return out
 
 
-def write_samples(run_dir: Path, step: int, groups: list[Group], tok, per_step: int = 4) -> None:
+def write_samples(
+    run_dir: Path, step: int, groups: list[Group], tok, rows: list[dict] | None = None, gold=None, per_step: int = 4
+) -> None:
+    """The first completion of the first ``per_step`` groups, with its reward and (``gold(row)``: the first
+    reward's reading of the row) the answer it was scored against."""
     with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as fh:
         for g in groups[:per_step]:
-            fh.write(
-                json.dumps(
-                    {
-                        "step": step,
-                        "prompt": tok.decode(g.prompt_ids, skip_special_tokens=True),
-                        "completion": g.texts[0],
-                        "reward": g.rewards[0],
-                    }
-                )
-                + "\n"
-            )
+            sample = {
+                "step": step,
+                "prompt": tok.decode(g.prompt_ids, skip_special_tokens=True),
+                "completion": g.texts[0],
+                "reward": g.rewards[0],
+            }
+            if rows is not None and gold is not None:
+                sample["expected"] = gold(rows[g.row])
+            fh.write(json.dumps(sample) + "\n")

@@ -33,14 +33,25 @@ class RunWatch:
     held-out evaluation (keep_best)."""
 
     def __init__(
-        self, run_dir: Path, cfg: Any, rows: list[dict], start: int = 0, state: dict | None = None, writes: bool = True
+        self,
+        run_dir: Path,
+        cfg: Any,
+        rows: list[dict],
+        start: int = 0,
+        state: dict | None = None,
+        writes: bool = True,
+        reader: tuple | None = None,
     ):
         """``writes``: this process writes warnings.jsonl and best/ (under torchrun, rank 0; every rank
-        watches the same gathered metrics, so all take the same decisions)."""
+        watches the same gathered metrics, so all take the same decisions). ``reader``: (extract, gold) of
+        the reward that defines correctness (``Rollouts.reader``), so the diversity metrics and the collapse
+        warning read a bare label or a JSON object as that verifier does; default: boxed answers and the
+        ``answer`` / ``label`` column."""
         self.dir, self.cfg, self.rows, self.writes = Path(run_dir), cfg, rows, writes
         self.monitor = Monitor(cfg.diagnostics)
         self.best: dict | None = None
-        self._read_answer = canonical_answer(extract_answer)
+        extract, self._gold = reader or (None, gold_answer)
+        self._read_answer = extract or canonical_answer(extract_answer)
         self._is_correct = is_correct
         if state:
             self.monitor.load_state_dict(state.get("monitor", {}))
@@ -56,7 +67,7 @@ class RunWatch:
         return {"monitor": self.monitor.state_dict(), "best": self.best}
 
     def metrics(self, groups: list) -> dict[str, float]:
-        return rollout_diagnostics(groups, self._read_answer, lambda i: gold_answer(self.rows[i]), self._is_correct)
+        return rollout_diagnostics(groups, self._read_answer, lambda i: self._gold(self.rows[i]), self._is_correct)
 
     def check(self, step: int, metrics: dict) -> bool:
         """Turn the step's metrics into warnings: logged, appended to warnings.jsonl, flagged in the

@@ -12,19 +12,21 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from posttrain.config import ConfigError
-from posttrain.data.io import check_source
+from posttrain.data.io import DataError, Rows, check_source, read_rows
 from posttrain.models import tiny
 from posttrain.models.checkpoint import is_complete
-from posttrain.models.loading import ModelError
+from posttrain.models.loading import ModelError, tokenizer_problem
 from posttrain.models.scalar import check_scalar_dir
-from posttrain.rewards.registry import VerifierLoadError, check
+from posttrain.rewards.registry import VerifierLoadError, check, data_problems
 from posttrain.run.rundir import RunDirError, check_run_dir, config_diff, format_changes, is_safe, read_saved_config
 
 
-def model_problem(path: str) -> str | None:
-    if tiny.is_preset(path) or (Path(path) / "config.json").is_file():
+def model_problem(path: str, tokenizer: str = "") -> str | None:
+    if tiny.is_preset(path):
         return None
-    return f"neither a tiny preset ({', '.join(tiny.PRESETS)}) nor a model directory with a config.json"
+    if not (Path(path) / "config.json").is_file():
+        return f"neither a tiny preset ({', '.join(tiny.PRESETS)}) nor a model directory with a config.json"
+    return tokenizer_problem(tokenizer or path)
 
 
 def verifier_problem(name: str, options: dict) -> str | None:
@@ -54,14 +56,23 @@ def recipe_problems(cfg: Any, *, will_exist: Iterable[str] = ()) -> list[str]:
         if problem:
             problems.append(f"data.{name}={value!r}: {problem}")
     model = getattr(getattr(cfg, "model", None), "path", None)
-    if model is not None and model not in later and (problem := model_problem(model)):
+    tokenizer = getattr(getattr(cfg, "model", None), "tokenizer", "")
+    if model is not None and model not in later and (problem := model_problem(model, tokenizer)):
         problems.append(f"model.path={model!r}: {problem}")
     ref = getattr(cfg, "ref_model", None)
     if isinstance(ref, str) and ref not in ("initial", "") and ref not in later and (problem := model_problem(ref)):
         problems.append(f"ref_model={ref!r}: {problem}")
-    for i, reward in enumerate(getattr(cfg, "rewards", ()) or ()):
+    rewards = getattr(cfg, "rewards", ()) or ()
+    sources = _data_rows(cfg, later) if rewards and data is not None else []
+    for i, reward in enumerate(rewards):
         if problem := verifier_problem(reward.name, dict(reward.options)):
             problems.append(f"rewards[{i}].name={reward.name!r}: {problem}")
+            continue
+        for field, rows in sources:  # the reward's data contract, on every row it will score
+            problems += [
+                f"rewards[{i}] ({reward.name}) on {field}: {x}"
+                for x in data_problems(reward.name, dict(reward.options), rows.rows, rows.where)
+            ]
         path = reward.options.get("path") if reward.name == "reward_model" else None
         if path is not None and str(path) not in later and (problem := reward_model_problem(str(path))):
             problems.append(f"rewards[{i}].options.path={path!r}: {problem}")
@@ -69,6 +80,23 @@ def recipe_problems(cfg: Any, *, will_exist: Iterable[str] = ()) -> list[str]:
     if critic not in (None, "policy", "reward_model") and critic not in later and (problem := model_problem(critic)):
         problems.append(f"critic.init={critic!r}: {problem}")
     return problems
+
+
+def _data_rows(cfg: Any, later: set[str]) -> list[tuple[str, Rows]]:
+    """The rows a recipe's rewards will score (training and held-out data), read as the run will read them;
+    a source that cannot be read is left to check_source's message."""
+    data, seed = cfg.data, cfg.train.seed
+    out = []
+    for name in ("path", "eval_path"):
+        value = getattr(data, name, "")
+        if not value or value in later or check_source(value, data.split if name == "path" else "test"):
+            continue
+        split = "test" if name == "eval_path" and value.startswith("builtin:") else data.split
+        try:
+            out.append((f"data.{name}", read_rows(value, split, num_examples=data.num_examples, seed=seed)))
+        except DataError:
+            continue
+    return out
 
 
 def reward_model_problem(path: str) -> str | None:
@@ -93,6 +121,14 @@ def pipeline_problems(cfg: Any, plans: list) -> list[str]:
         problems.append(f"eval.data={e.data!r}: {problem}")
     if problem := verifier_problem(e.verifier, dict(e.verifier_options)):
         problems.append(f"eval.verifier={e.verifier!r}: {problem}")
+    elif not check_source(e.data, e.split):
+        try:
+            rows = read_rows(e.data, e.split, num_examples=e.examples, seed=cfg.seed)
+        except DataError:
+            rows = None
+        if rows is not None:
+            found = data_problems(e.verifier, dict(e.verifier_options), rows.rows[: e.examples or None], rows.where)
+            problems += [f"eval.verifier={e.verifier!r} on eval.data: {x}" for x in found]
     written: set[str] = set()
     for i, p in enumerate(plans):
         label = f"stages[{i}] ({p.name})" if not p.control_of else f"controls ({p.name})"
