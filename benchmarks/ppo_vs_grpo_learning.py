@@ -119,6 +119,7 @@ def run_variant(a, name: str) -> dict:
         "overrides": extra,
         "evals": evals,
         "truncation_last20": sum(trunc) / max(len(trunc), 1),
+        "gen_rounds": sum(m.get("gen_rounds", 1.0) for m in steps) / max(len(steps), 1),  # dynamic sampling's
         "wall_s": wall or time.time() - t0,
     }
 
@@ -142,31 +143,42 @@ def sft_accuracy(a) -> float:
 
 
 def table(rows: list[dict], start: float, n: int) -> str:
+    """Held-out greedy accuracy at each evaluation, the gain over the SFT start, and the gain as a share of
+    GRPO's: the demo's GRPO (dynamic sampling: more samples per step) and GRPO at exactly PPO's samples per
+    step (grpo_nods), the fair comparison."""
     steps = sorted({s for r in rows for s in r["evals"]})
-    grpo = next((r for r in rows if r["name"] == "grpo"), None)
+    last = {r["name"]: r["evals"][max(r["evals"])] - start for r in rows if r["evals"]}
+    refs = [x for x in ("grpo", "grpo_nods") if last.get(x)]
     lo, hi = wilson(start * n, n)
-    head = ["variant", *[f"step {s}" for s in steps], "gain (last)", "x GRPO's gain", "truncated (last 20)", "time"]
+    head = [
+        "variant",
+        *[f"step {s}" for s in steps],
+        "gain",
+        *[f"x {x}'s gain" for x in refs],
+        "truncated (last 20)",
+        "gen rounds / step",
+        "time",
+    ]
     out = [
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
         f"| SFT start | {100 * start:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] |" + " |" * (len(head) - 2),
     ]
-    g_gain = None if grpo is None or not grpo["evals"] else grpo["evals"][max(grpo["evals"])] - start
     for r in rows:
         cells = []
         for s in steps:
             acc = r["evals"].get(s)
-            if acc is None:
-                cells.append("-")
-                continue
-            lo, hi = wilson(acc * n, n)
-            cells.append(f"{100 * acc:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
-        last = r["evals"][max(r["evals"])] if r["evals"] else None
-        gain = None if last is None else last - start
-        share = "-" if gain is None or not g_gain else f"{gain / g_gain:.2f}"
+            lo, hi = wilson((acc or 0) * n, n)
+            cells.append("-" if acc is None else f"{100 * acc:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+        gain = last.get(r["name"])
+        shares = ["-" if gain is None else f"{gain / last[x]:.2f}" for x in refs]
         out.append(
-            f"| {r['name']} | " + " | ".join(cells) + f" | {'-' if gain is None else f'{100 * gain:+.1f}'} | "
-            f"{share} | {100 * r['truncation_last20']:.0f}% | {r['wall_s'] / 60:.1f} min |"
+            f"| {r['name']} | "
+            + " | ".join(cells)
+            + f" | {'-' if gain is None else f'{100 * gain:+.1f}'} | "
+            + " | ".join(shares)
+            + f" | {100 * r['truncation_last20']:.0f}% | {r.get('gen_rounds', 1.0):.2f} | "
+            f"{r['wall_s'] / 60:.1f} min |"
         )
     return "\n".join(out)
 
