@@ -544,3 +544,16 @@ def test_the_recipe_warms_the_critic_up_before_the_policy_moves(tmp_path):
     assert all("value_loss" in r and "critic/grad_norm" in r for r in m)  # the critic trains at every step
     with pytest.raises(ConfigError, match="critic.warmup_steps: 4 warmup steps leave none"):
         _cfg(tmp_path, "train.steps=4", "critic.warmup_steps=4")
+
+
+def test_a_step_whose_completions_are_all_masked_logs_no_entropy(tmp_path, tiny_model, char_tok):
+    """Every completion truncated and masked: there is no token to measure. The step logged entropy 0, which
+    fired the entropy warning again and again in a PPO run escaping into truncation."""
+    model = copy.deepcopy(tiny_model)
+    critic = scalar_from_causal(model, char_tok, zero_head=True)
+    groups = [_group(0, [5, 6], [[7, 8], [9]], [0.0, 1.0], truncated=[True, True])]
+    cfg = _cfg(tmp_path, "mask_truncated_completions=true", "beta=0")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, _, m = _update(model, critic, cfg, groups)
+    assert m["skipped_update"] == 1.0 and m["num_tokens"] == 0.0 and "entropy" not in m
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -241,7 +241,10 @@ def ppo_update(
     g_mask, g_kl, g_adv, g_ret, g_val = gathered(dist, *(x[:n] for x in (mask, kl_NL, adv_NL, ret_NL, s.values_NL)))
     sizes = dist.gather(n)
     offset, n_total = sum(sizes[: dist.rank]), sum(sizes)
-    n_tok = g_mask.sum().clamp(min=1)
+    if g_mask.sum() == 0:  # every completion masked (all truncated): no token to measure, nothing to update
+        timing["logps"] += time.time() - t0
+        return {**correction, "num_tokens": 0.0, "skipped_update": 1.0}
+    n_tok = g_mask.sum()
     out = {
         **correction,
         "num_tokens": g_mask.sum().item(),
@@ -257,8 +260,6 @@ def ppo_update(
         white = batch_normalize(g_adv, mask=g_mask)[offset : offset + n, : adv_NL.shape[1]]
         adv_NL = torch.cat([white.to(adv_NL), adv_NL[n:]])
     timing["logps"] += time.time() - t0
-    if g_mask.sum() == 0:
-        return {**out, "skipped_update": 1.0}  # every completion masked (e.g. all truncated)
 
     t0 = time.time()
     gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)  # the same shuffles on resume
@@ -467,7 +468,9 @@ def train(cfg: PPOConfig) -> Path:
                 run.memory.metrics([model, ref, critic, *reward_models(rollouts.reward_fn)], [optimizer, critic_opt])
             )
             stop = rollouts.record(run, model, step, last, generated, metrics, watch)
-            progress.update(step, f"reward {metrics['reward/mean']:.3f} ev {metrics['explained_variance']:.2f}")
+            progress.update(
+                step, f"reward {metrics['reward/mean']:.3f} ev {metrics.get('explained_variance', 0.0):.2f}"
+            )
             if not cfg.train.progress and loop.should(cfg.train.log_every, step, last):
                 log.info(
                     "ppo step %d/%d reward %.3f acc %.3f value_loss %.4f kl %.4f",
@@ -476,7 +479,7 @@ def train(cfg: PPOConfig) -> Path:
                     metrics["reward/mean"],
                     metrics["accuracy"],
                     metrics.get("value_loss", 0.0),
-                    metrics["kl"],
+                    metrics.get("kl", 0.0),
                 )
             if loop.should(cfg.train.save_every, step, last) or stop:
                 loop.save(
