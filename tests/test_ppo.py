@@ -153,23 +153,26 @@ def test_update_is_the_same_packed_padded_and_in_any_micro_batch_size(tmp_path, 
     assert ma["approx_kl"] > 0 or "ppo_epochs=2" not in overrides
 
 
+# One epoch, gamma = lam = 1, no whitening, no KL, no clipping of gradients: every token's advantage is the
+# completion's score minus the critic's value, so an update can be checked against a hand-made gradient.
+PLAIN_RETURNS = (
+    "ppo_epochs=1",
+    "gamma=1",
+    "lam=1",
+    "whiten_advantages=false",
+    "beta=0",
+    "optim.max_grad_norm=0",
+    "critic.max_grad_norm=0",
+)
+
+
 def test_first_update_is_the_gae_advantage_policy_gradient(tmp_path, tiny_model, char_tok):
     """One epoch, one mini-batch, gamma = lam = 1, no whitening, a zero critic: A_t = score (the return
     from every token), so the policy gradient is that of -sum_t score * logp_t / N_tokens."""
     model = copy.deepcopy(tiny_model).double()
     critic = scalar_from_causal(model, char_tok, zero_head=True)
     groups = _varied_groups()
-    cfg = _cfg(
-        tmp_path,
-        "ppo_epochs=1",
-        "gamma=1",
-        "lam=1",
-        "whiten_advantages=false",
-        "beta=0",
-        "optim.max_grad_norm=0",
-        "critic.max_grad_norm=0",
-        "train.micro_batch_size=12",
-    )
+    cfg = _cfg(tmp_path, *PLAIN_RETURNS, "train.micro_batch_size=12")
     a, _, m = _update(model, critic, cfg, groups, lr=1.0)
     assert m["values/mean"] == 0 and m["explained_variance"] == 0
     # the same step by hand
@@ -435,17 +438,7 @@ def test_a_truncated_completion_is_a_terminal_state_with_its_reward_and_carries_
 
     rewards = per_token_rewards(torch.tensor([0.0, 0.0, 0.0, -1.0, 0.0]), torch.zeros_like(mask), mask, 0.0)
     assert rewards[3].tolist() == ([0.0] * 3 if mask_truncated else [0.0, 0.0, 0.0, -1.0])  # -1 at the last token
-    cfg = _cfg(
-        tmp_path,
-        "ppo_epochs=1",
-        "gamma=1",
-        "lam=1",
-        "whiten_advantages=false",
-        "beta=0",
-        "optim.max_grad_norm=0",
-        "critic.max_grad_norm=0",
-        f"mask_truncated_completions={str(mask_truncated).lower()}",
-    )
+    cfg = _cfg(tmp_path, *PLAIN_RETURNS, f"mask_truncated_completions={str(mask_truncated).lower()}")
     a, _, m = _update(model, critic, cfg, groups, lr=1.0)
     moved = max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), model.parameters()))
     assert m["num_tokens"] == (6 if mask_truncated else 10)
