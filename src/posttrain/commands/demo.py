@@ -44,7 +44,7 @@ FAST_OVERRIDES = {
     "dpo": {"train": {"steps": 5}},
     "grpo": {"train": {"steps": 3}, "prompts_per_step": 4, "num_generations": 4, "eval_examples": 8, "eval_k": 2},
     "rm": {"train": {"steps": 5, "eval_every": 5}},
-    "ppo": {"train": {"steps": 3}, "prompts_per_step": 4, "num_generations": 4},
+    "ppo": {"train": {"steps": 3}, "prompts_per_step": 4, "num_generations": 4, "critic": {"warmup_steps": 1}},
 }
 
 
