@@ -68,7 +68,7 @@ def _open_sink(name: str, run_dir: Path, config: dict, run_name: str):
             tb.close = writer.close
             return tb
         if name == "wandb":
-            import wandb  # noqa: PLC0415
+            import wandb  # noqa: PLC0415 - optional sink
 
             run = wandb.init(project="posttrain", name=run_name, config=config, dir=str(run_dir))
 
@@ -77,7 +77,7 @@ def _open_sink(name: str, run_dir: Path, config: dict, run_name: str):
 
             wb.close = run.finish
             return wb
-        import trackio  # noqa: PLC0415
+        import trackio  # noqa: PLC0415 - optional sink
 
         trackio.init(project="posttrain", name=run_name, config=config)
 
