@@ -383,3 +383,29 @@ def test_collapse_fires_on_a_run_that_collapses_to_one_label():
         assert m["diversity/no_answer"] == 0.0  # a bare label is an answer (it read as none, 1.0, before)
         fired += [a.step for a in mon.observe(step, m) if a.kind == "collapse"]
     assert fired == [5]
+
+
+def test_evaluation_breaks_greedy_answers_down_as_the_verifier_sees_them(char_tok):
+    """A label task gets its confusion matrix, an extraction task its accuracy per field; the report shows
+    both (issue 22)."""
+    from posttrain.report.pipeline import breakdown_table
+    from posttrain.rewards import load
+
+    v = load("label", labels=["pos", "neg"])
+    rows = [
+        {"prompt": "a", "label": "pos"},
+        {"prompt": "b", "label": "pos"},
+        {"prompt": "c", "label": "neg"},
+        {"prompt": "d", "label": "neg"},
+    ]
+    texts = [["pos"], ["neg"], ["maybe"], ["NEG."]]
+    s = evaluate(None, char_tok, rows, v, engine=_Scripted(char_tok, texts))
+    assert s.breakdown["counts"] == {"pos": {"pos": 1, "neg": 1}, "neg": {"(not a label)": 1, "neg": 1}}
+    html = breakdown_table(s.breakdown)
+    assert '<td class="num diag">1</td>' in html and "(not a label)" in html
+    j = load("json", fields=["name", "age"])
+    golds = [{"prompt": "x", "answer": {"name": "Ada", "age": 36}}, {"prompt": "y", "answer": {"name": "Bo", "age": 3}}]
+    texts = [['{"name": "ada", "age": 36}'], ['{"name": "Bo", "age": 4}']]
+    s = evaluate(None, char_tok, golds, j, engine=_Scripted(char_tok, texts))
+    assert s.breakdown == {"kind": "fields", "n": 2, "accuracy": {"name": 1.0, "age": 0.5}}
+    assert "<td>age</td><td class=num>50.0%</td>" in breakdown_table(s.breakdown)

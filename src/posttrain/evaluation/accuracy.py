@@ -44,6 +44,7 @@ class EvalSummary:
     mean_at_k_ci: tuple[float, float] | None = None
     samples: list[dict] = field(default_factory=list)
     maj_at_k_missing: str | None = None  # why maj@k is not reported (the verifier has no answer extractor)
+    breakdown: dict | None = None  # the verifier's own view of the greedy answers (confusion matrix, per field)
     majority_baseline: float | None = None  # accuracy of always answering the most common gold answer
     majority_answer: str | None = None
 
@@ -100,6 +101,8 @@ def evaluate(
         for r, t, s in list(zip(rows, texts, scores))[:keep_samples]
     ]
     summary = dict(n_prompts=len(rows), greedy_accuracy=acc, greedy_ci=wilson(sum(correct), len(rows)), samples=samples)
+    if hasattr(verifier, "breakdown"):
+        summary["breakdown"] = verifier.breakdown(texts, extras)
     majority = majority_baseline(rows, gold)
     if majority is not None:
         summary.update(majority_baseline=majority[0], majority_answer=majority[1])

@@ -128,7 +128,7 @@ svg{max-width:100%;height:auto}
 table{border-collapse:collapse;background:#fff;font-size:13px;margin:8px 0}
 .scroll{overflow-x:auto;max-width:100%}
 th,td{border:1px solid var(--line);padding:5px 9px;text-align:left;vertical-align:top}
-th{background:#f3f4f6;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+th{background:#f3f4f6;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}td.diag{background:#e7f5ec;font-weight:600}
 tr.baseline td{color:var(--muted)}tr.control td{background:#fffbeb}
 pre{margin:0;white-space:pre-wrap;word-break:break-word;font:12px/1.45 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 pre.config{background:#fff;border:1px solid var(--line);border-radius:6px;padding:10px;max-height:520px;overflow:auto}

@@ -282,6 +282,31 @@ def ablation_section(p: PipelineData) -> str:
     return f"<h3>Ablation</h3><ul>{''.join(items)}</ul>" if items else ""
 
 
+def breakdown_table(bd: dict | None) -> str:
+    """The verifier's view of a stage's greedy answers: a confusion matrix (gold label by row, answer by
+    column, the diagonal marked) for a label task, the accuracy of each field for an extraction task."""
+    if not isinstance(bd, dict):
+        return ""
+    if bd.get("kind") == "fields" and isinstance(bd.get("accuracy"), dict):
+        rows = "".join(
+            f"<tr><td>{escape(str(f))}</td><td class=num>{fmt_pct(numeric(a))}</td></tr>"
+            for f, a in bd["accuracy"].items()
+        )
+        return f"<table><tr><th>field</th><th>accuracy (n={int(bd.get('n', 0))})</th></tr>{rows}</table>"
+    if bd.get("kind") == "confusion" and isinstance(bd.get("counts"), dict):
+        counts = bd["counts"]
+        extra = sorted({a for row in counts.values() for a in row} - set(bd.get("labels", [])))
+        cols = [*bd.get("labels", []), *extra]
+        head = "<tr><th>gold \\ answer</th>" + "".join(f"<th>{escape(str(c))}</th>" for c in cols) + "</tr>"
+        body = []
+        for gold in bd.get("labels", []):
+            row = counts.get(gold, {})
+            cells = "".join(f'<td class="num{" diag" if c == gold else ""}">{int(row.get(c, 0))}</td>' for c in cols)
+            body.append(f"<tr><th>{escape(str(gold))}</th>{cells}</tr>")
+        return f'<div class="scroll"><table>{head}{"".join(body)}</table></div>'
+    return ""
+
+
 def stage_section(p: PipelineData, i: int, st: StageData) -> str:
     ev = st.eval or {}
     meta = [
@@ -292,6 +317,9 @@ def stage_section(p: PipelineData, i: int, st: StageData) -> str:
         ("dir", st.dir or "—"),
     ]
     parts = [f'<h2 id="stage-{i}">Stage {i + 1}: {escape(st.name)}</h2>', meta_line(meta)]
+    if table := breakdown_table(ev.get("breakdown")):
+        kind = "Confusion matrix" if ev["breakdown"].get("kind") == "confusion" else "Accuracy per field"
+        parts.append(f"<h3>{kind} of the greedy answers (held-out)</h3>{table}")
     before, label = _before(p, st, with_samples=True)
     cmp = eval_comparison(before, label, st.eval, f"after {st.name}")
     if cmp:

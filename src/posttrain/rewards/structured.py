@@ -250,6 +250,40 @@ class JsonVerifier:
         keys = fields if fields is not None else sorted(obj)
         return json.dumps({k: fold(obj.get(k)) for k in keys}, sort_keys=True, ensure_ascii=False)
 
+    def breakdown(self, completions: Sequence[str], examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Per-field accuracy over a set of completions (the report's extraction table): for each scored field,
+        the share of rows whose offered object (schema-valid, not hedged) matches the gold value."""
+        hits: dict[str, int] = {}
+        for text, example in zip(completions, examples):
+            gold = self.gold_or_none(example)
+            if gold is None:
+                continue
+            fields = self.fields if self.fields is not None else tuple(gold)
+            for f in fields:
+                hits.setdefault(f, 0)
+            claims = find_json_objects(cap_text(text, self.max_chars))
+            if not claims or any(c is _INVALID or c != claims[0] for c in claims) or not isinstance(claims[-1], dict):
+                continue
+            pred = claims[-1]
+            if self._validator is not None and not self._validator.is_valid(pred):
+                continue
+            for f in fields:
+                hits[f] += (
+                    f in pred
+                    and f in gold
+                    and values_match(
+                        gold[f], pred[f], tolerance=self.tolerance, normalize_strings=self.normalize_strings
+                    )
+                )
+        n = len(completions)
+        return {"kind": "fields", "n": n, "accuracy": {f: h / n for f, h in hits.items()} if n else {}}
+
+    def gold_or_none(self, example: Mapping[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self.gold(example)
+        except (KeyError, TypeError, ValueError):
+            return None
+
     def extract_answer(self, completion: str) -> str | None:
         """The completion's one JSON object, canonical (its scored fields): what maj@k votes over and the
         diversity metrics count. None: no object, an invalid or hedged one."""
@@ -259,10 +293,7 @@ class JsonVerifier:
         return self._canonical(claims[-1], self.fields)
 
     def gold_answer(self, example: Example) -> str | None:
-        try:
-            gold = self.gold(example)
-        except (KeyError, TypeError, ValueError):
-            return None
+        gold = self.gold_or_none(example)
         return None if gold is None else self._canonical(gold, self.fields)
 
     def gold(self, example: Example) -> dict[str, Any] | None:
@@ -383,6 +414,27 @@ class LabelVerifier:
             return normalize_label(self.gold(example)) or None
         except (KeyError, ValueError, IndexError):
             return None
+
+    def breakdown(self, completions: Sequence[str], examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The confusion matrix over a set of completions (the report's classification table): counts[gold]
+        [answer], answers outside the label set and no answer under their own names."""
+        counts: dict[str, dict[str, int]] = {}
+        for text, example in zip(completions, examples):
+            gold = self.gold_answer(example)
+            if gold is None:
+                continue
+            answer = self.extract_answer(text)
+            answer = (
+                "(no answer)"
+                if answer is None
+                else answer
+                if self._allowed is None or answer in self._allowed
+                else "(not a label)"
+            )
+            row = counts.setdefault(gold, {})
+            row[answer] = row.get(answer, 0) + 1
+        labels = [normalize_label(x) for x in self.labels] if self.labels is not None else sorted(counts)
+        return {"kind": "confusion", "labels": labels, "counts": counts}
 
     def gold(self, example: Example) -> str:
         column = self.answer_column
