@@ -52,3 +52,55 @@ def test_long_rows_is_an_exact_count_for_every_seed(name, short, options):
         assert long == [187, 562, 937, 1312]  # evenly spread, whatever the seed
         assert {size(rows[i]) for i in range(len(rows)) if i not in long} <= set(range(2, short + 1))
     assert all(size(r) <= short for r in get_task(name, long_rows=0, **options).rows(200))
+
+
+def test_clause_labels_follow_the_verb_unless_the_modal_is_negated():
+    from posttrain.tasks.clauses import VERBS
+
+    rows = get_task("clauses").rows(400, split="train", seed=0)
+    kinds = {verb: kind for kind, verbs in VERBS.items() for verb in verbs}
+    for r in rows:
+        words = r["prompt"].split()
+        verb = next(w for w in words if w in kinds)
+        expected = "prohibition" if " not " in r["prompt"] else kinds[verb]
+        assert r["label"] == expected == r["completion"].strip(), r
+    assert {r["label"] for r in rows} == {"termination", "confidentiality", "assignment", "payment", "prohibition"}
+
+
+def test_clause_sft_rows_negate_only_the_first_kinds_while_rl_and_test_rows_negate_all():
+    from posttrain.tasks.clauses import VERBS
+
+    first_two = {v for kind in list(VERBS)[:2] for v in VERBS[kind]}
+    sft = read_rows("builtin:clauses?negated_in_sft=2", "train", num_examples=500).rows
+    negated = [r for r in sft if " not " in r["prompt"]]
+    assert negated and all(any(f" {v} " in r["prompt"] for v in first_two) for r in negated)
+    for split in ("train", "test"):
+        rows = read_rows("builtin:clauses", split, num_examples=300).rows
+        assert any(" not " in r["prompt"] and not any(f" {v} " in r["prompt"] for v in first_two) for r in rows)
+    test = {r["prompt"] for r in read_rows("builtin:clauses", "test", num_examples=200).rows}
+    assert not test & {r["prompt"] for r in sft}
+    pre = {r["text"] + " =>" for r in read_rows("builtin:clauses/pretrain", "train", num_examples=2000).rows}
+    assert not test & pre
+
+
+def test_clause_gold_completions_verify_with_the_label_set():
+    from posttrain.pipeline.evidence import TASK_REWARDS
+
+    name, options, _, _ = TASK_REWARDS["clauses"]
+    v = load(name, **options)
+    for r in get_task("clauses").rows(50, split="test"):
+        assert v(r["completion"], label=r["label"]) == 1.0
+        assert v(" termination", label=r["label"]) == float(r["label"] == "termination")
+
+
+def test_the_clauses_demo_checks_with_the_label_verifier_everywhere():
+    from posttrain.commands.demo import demo_config
+    from posttrain.config import config_from_dict
+    from posttrain.pipeline.evidence import use_task
+    from posttrain.pipeline.stages import PipelineConfig, plan
+
+    cfg = config_from_dict(PipelineConfig, use_task(demo_config(False, "runs/x"), "clauses"))
+    assert cfg.eval.verifier == "label" and cfg.eval.verifier_options["labels"][-1] == "prohibition"
+    plans = {p.name: p for p in plan(cfg)}
+    assert [(r.name, r.options["labels"][0]) for r in plans["grpo"].cfg.rewards] == [("label", "termination")]
+    assert plans["dpo"].pairs.verifier == "label" and plans["sft"].cfg.data.path == "builtin:clauses?negated_in_sft=2"

@@ -7,7 +7,8 @@ truncation masking). Held-out accuracy is printed after every stage with 95% int
 report.html holds the curves. The held-out split of the task is never trained on.
 
 `--seeds 0,1,2` runs it once per seed and prints the per-seed table, `--task counting` swaps the data for
-the second built-in task, `--evidence` adds a random-reward control and a dynamic-sampling ablation
+the second built-in task, `--task clauses` for a classification task checked by the label verifier (its
+confusion matrix in the report), `--evidence` adds a random-reward control and a dynamic-sampling ablation
 (posttrain/pipeline/evidence.py).
 """
 
@@ -149,7 +150,12 @@ def main(argv: list[str]) -> int:
         default="",
         help="comma-separated seeds (e.g. 0,1,2): one pipeline each in OUTPUT/seed<N>, then the per-seed table",
     )
-    p.add_argument("--task", default="arithmetic", choices=list(TASK_DATA), help="built-in task (only the data change)")
+    p.add_argument(
+        "--task",
+        default="arithmetic",
+        choices=list(TASK_DATA),
+        help="built-in task (its data; for clauses also its verifier and budgets)",
+    )
     p.add_argument(
         "--evidence",
         action="store_true",

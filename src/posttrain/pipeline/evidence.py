@@ -22,6 +22,7 @@ from posttrain.pipeline.stages import evaluate_stage_model, plan
 from posttrain.recipes import grpo
 from posttrain.runtime.files import atomic_write_json
 from posttrain.runtime.tracking import read_metrics
+from posttrain.tasks.clauses import LABELS as CLAUSE_LABELS
 
 log = logging.getLogger("posttrain")
 
@@ -39,6 +40,18 @@ TASK_DATA: dict[str, dict[str, str]] = {
         "sft": "builtin:counting?max_len=8&long_rows=4",
         "rl": "builtin:counting?max_len=8",
     },
+    # A label task: the verifier, its label set and a short answer budget change too (TASK_REWARDS).
+    "clauses": {
+        "pretrain": "builtin:clauses/pretrain",
+        "sft": "builtin:clauses?negated_in_sft=2",
+        "rl": "builtin:clauses",
+    },
+}
+
+# Tasks whose answers another verifier checks: (verifier, its options, tokens an answer needs, tokens a
+# prompt + completion needs).
+TASK_REWARDS: dict[str, tuple[str, dict, int, int]] = {
+    "clauses": ("label", {"labels": list(CLAUSE_LABELS)}, 16, 112),
 }
 
 
@@ -48,16 +61,27 @@ def use_task(data: dict, task: str) -> dict:
         raise ValueError(f"unknown demo task {task!r}; choose from {', '.join(TASK_DATA)}")
     paths = TASK_DATA[task]
     data["eval"]["data"] = paths["rl"]
+    verifier = TASK_REWARDS.get(task)
+    if verifier is not None:
+        name, options, budget, length = verifier
+        data["eval"].update(verifier=name, verifier_options=options, max_new_tokens=budget)
     for stage in data["stages"]:
         cfg = stage["config"]
+        if verifier is not None and stage["recipe"] != "pretrain":
+            cfg["data"]["max_length"] = length
         if stage["recipe"] in ("pretrain", "sft"):
             cfg["data"]["path"] = paths[stage["recipe"]]
         elif stage["recipe"] in ("grpo", "ppo"):
             cfg["data"]["path"] = paths["rl"]
             if cfg["data"].get("eval_path"):
                 cfg["data"]["eval_path"] = paths["rl"]
+            if verifier is not None:
+                cfg["rewards"] = [{"name": name, "options": options}]
+                cfg["max_completion_length"] = budget
         if stage.get("make_pairs"):
             stage["make_pairs"]["data"] = paths["rl"]
+            if verifier is not None:
+                stage["make_pairs"].update(verifier=name, max_new_tokens=budget)
     return data
 
 

@@ -4,9 +4,10 @@ The bottom layer: imports nothing of posttrain outside ``tasks``.
 """
 
 from posttrain.tasks.arithmetic import ArithmeticTask
+from posttrain.tasks.clauses import ClausesTask
 from posttrain.tasks.counting import CountingTask
 
-BUILTIN_TASKS = {"arithmetic": ArithmeticTask, "counting": CountingTask}
+BUILTIN_TASKS = {"arithmetic": ArithmeticTask, "counting": CountingTask, "clauses": ClausesTask}
 
 
 def get_task(name: str, **options):
