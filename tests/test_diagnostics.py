@@ -409,3 +409,10 @@ def test_evaluation_breaks_greedy_answers_down_as_the_verifier_sees_them(char_to
     s = evaluate(None, char_tok, golds, j, engine=_Scripted(char_tok, texts))
     assert s.breakdown == {"kind": "fields", "n": 2, "accuracy": {"name": 1.0, "age": 0.5}}
     assert "<td>age</td><td class=num>50.0%</td>" in breakdown_table(s.breakdown)
+
+
+def test_no_majority_baseline_when_every_gold_answer_differs():
+    """Extraction rows each have their own gold object: "always answer the most common one" scores 1/n, a
+    baseline that says nothing (it flagged every stage as below it)."""
+    rows = [{"answer": str(i)} for i in range(5)]
+    assert majority_baseline(rows) is None and majority_baseline(rows[:1]) == (1.0, "0")

@@ -104,3 +104,34 @@ def test_the_clauses_demo_checks_with_the_label_verifier_everywhere():
     plans = {p.name: p for p in plan(cfg)}
     assert [(r.name, r.options["labels"][0]) for r in plans["grpo"].cfg.rewards] == [("label", "termination")]
     assert plans["dpo"].pairs.verifier == "label" and plans["sft"].cfg.data.path == "builtin:clauses?negated_in_sft=2"
+
+
+def test_extraction_gold_completions_verify_with_the_schema_and_each_field_counts():
+    import json
+
+    from posttrain.pipeline.evidence import TASK_REWARDS
+
+    name, options, budget, _ = TASK_REWARDS["extraction"]
+    v = load(name, **options)
+    rows = get_task("extraction").rows(40, split="test")
+    for r in rows:
+        assert v(r["completion"], answer=r["answer"]) == 1.0
+        wrong = {**r["answer"], "date": "1999-01-01"}
+        assert v(" " + json.dumps(wrong), answer=r["answer"]) == 0.75  # three of four fields
+    from posttrain.models.tiny import build_tokenizer
+
+    tok = build_tokenizer("char")
+    assert max(len(tok(r["completion"])["input_ids"]) for r in rows) < budget
+
+
+def test_extraction_sft_rows_show_only_the_first_months_and_pretraining_pairs_every_month_with_its_number():
+    from posttrain.tasks.extraction import MONTHS
+
+    sft = read_rows("builtin:extraction?months_in_sft=6", "train", num_examples=300).rows
+    assert {int(r["answer"]["date"][5:7]) for r in sft} == set(range(1, 7))
+    rl = read_rows("builtin:extraction", "train", num_examples=300).rows
+    assert {int(r["answer"]["date"][5:7]) for r in rl} == set(range(1, 13))
+    pre = read_rows("builtin:extraction/pretrain", "train", num_examples=600).rows
+    assert all(f"{m} " in " ".join(r["text"] for r in pre) for m in MONTHS)
+    test = {r["prompt"] for r in read_rows("builtin:extraction", "test", num_examples=200).rows}
+    assert not test & {r["prompt"] for r in sft} and not test & {r["text"].split(". ")[0] + ". =>" for r in pre}

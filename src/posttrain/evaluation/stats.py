@@ -68,6 +68,8 @@ def majority_baseline(rows: list[dict], gold=gold_answer) -> tuple[float, str] |
     if not rows or any(g is None for g in golds):
         return None
     answer, count = Counter(golds).most_common(1)[0]
+    if count == 1 and len(rows) > 1:  # every gold differs (extraction): there is no distribution to exploit
+        return None
     return count / len(rows), answer
 
 

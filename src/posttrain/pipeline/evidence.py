@@ -23,6 +23,8 @@ from posttrain.recipes import grpo
 from posttrain.runtime.files import atomic_write_json
 from posttrain.runtime.tracking import read_metrics
 from posttrain.tasks.clauses import LABELS as CLAUSE_LABELS
+from posttrain.tasks.extraction import FIELDS as EXTRACTION_FIELDS
+from posttrain.tasks.extraction import SCHEMA as EXTRACTION_SCHEMA
 
 log = logging.getLogger("posttrain")
 
@@ -46,12 +48,19 @@ TASK_DATA: dict[str, dict[str, str]] = {
         "sft": "builtin:clauses?negated_in_sft=2",
         "rl": "builtin:clauses",
     },
+    # A structured-output task: the json verifier with a schema and partial credit per field.
+    "extraction": {
+        "pretrain": "builtin:extraction/pretrain",
+        "sft": "builtin:extraction?months_in_sft=6",
+        "rl": "builtin:extraction",
+    },
 }
 
 # Tasks whose answers another verifier checks: (verifier, its options, tokens an answer needs, tokens a
 # prompt + completion needs).
 TASK_REWARDS: dict[str, tuple[str, dict, int, int]] = {
     "clauses": ("label", {"labels": list(CLAUSE_LABELS)}, 16, 112),
+    "extraction": ("json", {"schema": EXTRACTION_SCHEMA, "fields": list(EXTRACTION_FIELDS)}, 80, 176),
 }
 
 

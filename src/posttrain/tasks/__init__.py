@@ -6,8 +6,14 @@ The bottom layer: imports nothing of posttrain outside ``tasks``.
 from posttrain.tasks.arithmetic import ArithmeticTask
 from posttrain.tasks.clauses import ClausesTask
 from posttrain.tasks.counting import CountingTask
+from posttrain.tasks.extraction import ExtractionTask
 
-BUILTIN_TASKS = {"arithmetic": ArithmeticTask, "counting": CountingTask, "clauses": ClausesTask}
+BUILTIN_TASKS = {
+    "arithmetic": ArithmeticTask,
+    "counting": CountingTask,
+    "clauses": ClausesTask,
+    "extraction": ExtractionTask,
+}
 
 
 def get_task(name: str, **options):

@@ -1,0 +1,110 @@
+"""Record extraction into JSON: the built-in structured-output task (`posttrain demo --task extraction`).
+
+    prompt:      "Order 4821 from Kim Lee, September 5, 2024, total $1,250. =>"
+    completion:  ' {"id": 4821, "name": "Kim Lee", "date": "2024-09-05", "total": 1250}'
+    answer:      {"id": 4821, "name": "Kim Lee", "date": "2024-09-05", "total": 1250}
+
+Four fields, each checked on its own by the json verifier (a schema, then partial credit per field): copy the
+id and the name, rewrite the date as ISO (a month name becomes its number), read the amount as a number.
+Pretraining text pairs every month's name with its number ("September 5, 2024 is 2024-09-05"); the SFT rows
+show the JSON answer for dates in the first `months_in_sft` months only (with `months_in_sft` < 12), so the
+other months' conversion is known from pretraining but never demonstrated: RL, rewarded per field, has to
+bring it out. The held-out split is a disjoint set of records, chosen by a hash of the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+
+from posttrain.tasks.worked import is_heldout
+
+MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
+FIRST = ("Kim", "Ada", "Omar", "Lena", "Raj", "Mia", "Tom", "Zoe", "Ivan", "Nora", "Eli", "Sara")
+LAST = ("Lee", "Diaz", "Novak", "Berg", "Shah", "Ito", "Cole", "Haas", "Roy", "Khan", "Park", "Moss")
+KINDS = ("Order", "Invoice", "Receipt")
+FIELDS = ("id", "name", "date", "total")
+SCHEMA = {
+    "type": "object",
+    "required": list(FIELDS),
+    "properties": {
+        "id": {"type": "integer"},
+        "name": {"type": "string"},
+        "date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+        "total": {"type": "integer"},
+    },
+}
+
+
+def _amount(n: int) -> str:
+    return f"${n:,}"
+
+
+@dataclass(frozen=True)
+class ExtractionTask:
+    heldout_fraction: float = 0.1
+    months_in_sft: int = 12  # < 12: the train split's records fall in the first N months only
+    verifier: str = "json"
+
+    def __post_init__(self):
+        if not 1 <= self.months_in_sft <= 12:
+            raise ValueError(f"extraction: need 1 <= months_in_sft <= 12, got {self.months_in_sft}")
+
+    def _record(self, rng: random.Random, months: int) -> tuple[str, dict]:
+        month = rng.randrange(months)
+        day, year = rng.randint(1, 28), rng.choice((2023, 2024, 2025))
+        gold = {
+            "id": rng.randint(1000, 9999),
+            "name": f"{rng.choice(FIRST)} {rng.choice(LAST)}",
+            "date": f"{year}-{month + 1:02d}-{day:02d}",
+            "total": rng.choice((rng.randint(5, 99), rng.randint(100, 9999))),
+        }
+        text = (
+            f"{rng.choice(KINDS)} {gold['id']} from {gold['name']}, {MONTHS[month]} {day}, {year}, "
+            f"total {_amount(gold['total'])}."
+        )
+        return text, gold
+
+    def rows(self, n: int, split: str = "train", seed: int = 0) -> list[dict]:
+        if split not in ("train", "test"):
+            raise ValueError(f"split {split!r}: expected 'train' or 'test'")
+        rng = random.Random(f"extraction-{split}-{seed}")
+        months = self.months_in_sft if split == "train" else 12
+        out, seen, tries = [], set(), 0
+        while len(out) < n:
+            tries += 1
+            if tries > 200 * n + 1000:
+                raise ValueError(f"cannot draw {n} distinct {split} records; widen the task")
+            text, gold = self._record(rng, months)
+            if text in seen or is_heldout(text, self.heldout_fraction) != (split == "test"):
+                continue
+            seen.add(text)
+            out.append({"prompt": f"{text} =>", "completion": " " + json.dumps(gold), "answer": gold})
+        return out
+
+    def pretrain_text(self, n: int, seed: int = 0) -> list[dict]:
+        """Records of every month and the dates they name, written both ways; no JSON answers, never a
+        held-out record."""
+        rng = random.Random(f"extraction-pretrain-{seed}")
+        out = []
+        while len(out) < n:
+            text, gold = self._record(rng, 12)
+            if is_heldout(text, self.heldout_fraction):
+                continue
+            year, month, day = gold["date"].split("-")
+            out.append({"text": f"{text} {MONTHS[int(month) - 1]} {int(day)}, {year} is {gold['date']}."})
+        return out
