@@ -390,6 +390,7 @@ _POSITIVE = {
     "rearm_steps",
     "flat_window",
     "truncation_window",
+    "entropy_window",
 }
 _NON_NEGATIVE = {"lr", "weight_decay", "warmup_steps", "save_every", "eval_every", "beta", "r"}
 

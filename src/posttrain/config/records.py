@@ -278,6 +278,7 @@ class DiagnosticsConfig:
     collapse_steps: int = doc(3, "collapse: consecutive steps at or above collapse_share")
     entropy_ratio: float = doc(0.1, "entropy: warn below this fraction of the start entropy")
     entropy_start_steps: int = doc(3, "entropy: the start value is the mean over the first steps")
+    entropy_window: int = doc(10, "entropy: re-arms only when its mean over this many recent steps is clearly back")
     zero_variance_frac: float = doc(0.8, "zero_variance: share of groups with identical rewards ...")
     zero_variance_steps: int = doc(20, "zero_variance: ... for this many consecutive steps")
     eval_drops: int = doc(3, "eval_decline: held-out accuracy fell at this many evaluations in a row")

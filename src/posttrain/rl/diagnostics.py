@@ -141,6 +141,7 @@ class Monitor:
         self.rewards: list[float] = []  # the last flat_window steps' mean training reward
         self.reward_start: float | None = None  # its mean over the run's first flat_window / 2 steps
         self.truncation: list[float] = []  # the last truncation_window steps' truncation rate
+        self.entropy_recent: list[float] = []  # the last rearm_steps steps' entropy
 
     def state_dict(self) -> dict:
         return {
@@ -152,6 +153,7 @@ class Monitor:
             "rewards": list(self.rewards),
             "reward_start": self.reward_start,
             "truncation": list(self.truncation),
+            "entropy_recent": list(self.entropy_recent),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -163,6 +165,7 @@ class Monitor:
         self.rewards = list(state.get("rewards", []))
         self.reward_start = state.get("reward_start")
         self.truncation = list(state.get("truncation", []))
+        self.entropy_recent = list(state.get("entropy_recent", []))
 
     def observe(self, step: int, m: dict[str, float]) -> list[Alert]:
         alerts = [
@@ -231,7 +234,15 @@ class Monitor:
             return None
         start = sum(self.entropy_start) / len(self.entropy_start)
         threshold = self.t.entropy_ratio * start
-        if start <= 0 or not self._track("entropy", ent < threshold, 1, ent >= threshold * (1 + self.t.rearm_margin)):
+        # Entropy is noisy from step to step: "clearly back" is judged on its mean over the last
+        # entropy_window steps, so a few steps above the threshold do not re-arm it (a clauses run re-warned
+        # 15 times with single steps re-arming it).
+        self.entropy_recent = [*self.entropy_recent, float(ent)][-self.t.entropy_window :]
+        back = sum(self.entropy_recent) / len(self.entropy_recent) >= threshold * (1 + self.t.rearm_margin)
+        # Most groups all correct: the policy has learned these prompts, low entropy is what that looks like.
+        solved = m.get("zero_variance/all_correct", 0.0) >= 0.5
+        holds = None if solved else ent < threshold
+        if start <= 0 or not self._track("entropy", holds, 1, back):
             return None
         return Alert(
             "entropy",
