@@ -1,11 +1,14 @@
 """Record extraction into JSON: the built-in structured-output task (`posttrain demo --task extraction`).
 
-    prompt:      "Order 4821 from Kim Lee, September 5, 2024, total $1,250. =>"
-    completion:  ' {"id": 4821, "name": "Kim Lee", "date": "2024-09-05", "total": 1250}'
-    answer:      {"id": 4821, "name": "Kim Lee", "date": "2024-09-05", "total": 1250}
+    prompt:      "Order 48 from Kim Lee, September 5, 2024, total $25. =>"
+    completion:  ' {"id": 48, "name": "Kim Lee", "date": "2024-09-05", "total": 25}'
+    answer:      {"id": 48, "name": "Kim Lee", "date": "2024-09-05", "total": 25}
 
 Four fields, each checked on its own by the json verifier (a schema, then partial credit per field): copy the
 id and the name, rewrite the date as ISO (a month name becomes its number), read the amount as a number.
+Numbers have two digits: with four-digit ids and amounts the SFT model of the demo got the id right on 0.5%
+of the held-out records and the amount on 1.0%, while the date, whose day has two digits, was right on 46.5%:
+about every record whose month SFT had shown.
 Pretraining text pairs every month's name with its number ("September 5, 2024 is 2024-09-05"); the SFT rows
 show the JSON answer for dates in the first `months_in_sft` months only (with `months_in_sft` < 12), so the
 other months' conversion is known from pretraining but never demonstrated: RL, rewarded per field, has to
@@ -68,10 +71,10 @@ class ExtractionTask:
         month = rng.randrange(months)
         day, year = rng.randint(1, 28), rng.choice((2023, 2024, 2025))
         gold = {
-            "id": rng.randint(1000, 9999),
+            "id": rng.randint(10, 99),
             "name": f"{rng.choice(FIRST)} {rng.choice(LAST)}",
             "date": f"{year}-{month + 1:02d}-{day:02d}",
-            "total": rng.choice((rng.randint(5, 99), rng.randint(100, 9999))),
+            "total": rng.randint(10, 99),
         }
         text = (
             f"{rng.choice(KINDS)} {gold['id']} from {gold['name']}, {MONTHS[month]} {day}, {year}, "
