@@ -133,5 +133,6 @@ def test_extraction_sft_rows_show_only_the_first_months_and_pretraining_pairs_ev
     assert {int(r["answer"]["date"][5:7]) for r in rl} == set(range(1, 13))
     pre = read_rows("builtin:extraction/pretrain", "train", num_examples=600).rows
     assert all(f"{m} " in " ".join(r["text"] for r in pre) for m in MONTHS)
+    assert all(f"-{k:02d}-" in " ".join(r["text"] for r in pre) for k in range(1, 13))  # every month's number
     test = {r["prompt"] for r in read_rows("builtin:extraction", "test", num_examples=200).rows}
     assert not test & {r["prompt"] for r in sft} and not test & {r["text"].split(". ")[0] + ". =>" for r in pre}

@@ -9,10 +9,10 @@ id and the name, rewrite the date as ISO (a month name becomes its number), read
 Numbers have two digits: with four-digit ids and amounts the SFT model of the demo got the id right on 0.5%
 of the held-out records and the amount on 1.0%, while the date, whose day has two digits, was right on 46.5%:
 about every record whose month SFT had shown.
-Pretraining text pairs every month's name with its number ("September 5, 2024 is 2024-09-05"); the SFT rows
-show the JSON answer for dates in the first `months_in_sft` months only (with `months_in_sft` < 12), so the
-other months' conversion is known from pretraining but never demonstrated: RL, rewarded per field, has to
-bring it out. The held-out split is a disjoint set of records, chosen by a hash of the prompt.
+Pretraining text follows every record, of every month, with its facts in words ("The id is 48, the name Kim
+Lee, the date 2024-09-05, the total 25."); the SFT rows show the JSON answer for dates in the first
+`months_in_sft` months only (with `months_in_sft` < 12), so the other months' conversion is known from
+pretraining but never demonstrated in the answer format: RL, rewarded per field, has to bring it out. The held-out split is a disjoint set of records, chosen by a hash of the prompt.
 """
 
 from __future__ import annotations
@@ -100,14 +100,19 @@ class ExtractionTask:
         return out
 
     def pretrain_text(self, n: int, seed: int = 0) -> list[dict]:
-        """Records of every month and the dates they name, written both ways; no JSON answers, never a
-        held-out record."""
+        """Records of every month, each followed by its facts in words (the id, the name, the ISO date, the
+        total): reading a record is learned here, for every month; the JSON form is SFT's to show. No JSON
+        answers, never a held-out record."""
         rng = random.Random(f"extraction-pretrain-{seed}")
         out = []
         while len(out) < n:
             text, gold = self._record(rng, 12)
             if is_heldout(text, self.heldout_fraction):
                 continue
-            year, month, day = gold["date"].split("-")
-            out.append({"text": f"{text} {MONTHS[int(month) - 1]} {int(day)}, {year} is {gold['date']}."})
+            out.append(
+                {
+                    "text": f"{text} The id is {gold['id']}, the name {gold['name']}, the date {gold['date']}, "
+                    f"the total {gold['total']}."
+                }
+            )
         return out
