@@ -261,11 +261,8 @@ class JsonVerifier:
             fields = self.fields if self.fields is not None else tuple(gold)
             for f in fields:
                 hits.setdefault(f, 0)
-            claims = find_json_objects(cap_text(text, self.max_chars))
-            if not claims or any(c is _INVALID or c != claims[0] for c in claims) or not isinstance(claims[-1], dict):
-                continue
-            pred = claims[-1]
-            if self._validator is not None and not self._validator.is_valid(pred):
+            pred, _ = self._offered(text)
+            if pred is None or (self._validator is not None and not self._validator.is_valid(pred)):
                 continue
             for f in fields:
                 hits[f] += (
@@ -287,10 +284,8 @@ class JsonVerifier:
     def extract_answer(self, completion: str) -> str | None:
         """The completion's one JSON object, canonical (its scored fields): what maj@k votes over and the
         diversity metrics count. None: no object, an invalid or hedged one."""
-        claims = find_json_objects(cap_text(completion, self.max_chars))
-        if not claims or any(c is _INVALID or c != claims[0] for c in claims) or not isinstance(claims[-1], dict):
-            return None
-        return self._canonical(claims[-1], self.fields)
+        pred, _ = self._offered(completion)
+        return None if pred is None else self._canonical(pred, self.fields)
 
     def gold_answer(self, example: Example) -> str | None:
         gold = self.gold_or_none(example)
@@ -311,18 +306,25 @@ class JsonVerifier:
             raise TypeError(f"gold column {self.answer_column!r} must hold a JSON object, got {type(gold).__name__}")
         return gold
 
-    def __call__(self, completion: str, **example: Any) -> Score:
-        gold = self.gold(example)
+    def _offered(self, completion: str) -> tuple[dict[str, Any] | None, str]:
+        """The one JSON object the completion offers, or None and why not: no_json, invalid_json, hedged (two
+        different objects), not_an_object. The schema is not checked here."""
         claims = find_json_objects(cap_text(completion, self.max_chars))
         if not claims:
-            return Score(0.0, "no_json")
+            return None, "no_json"
         if any(c is _INVALID for c in claims):
-            return Score(0.0, "invalid_json")
+            return None, "invalid_json"
         if any(c != claims[0] for c in claims[1:]):
-            return Score(0.0, "hedged")
-        pred = claims[-1]
-        if not isinstance(pred, dict):
-            return Score(0.0, "not_an_object")
+            return None, "hedged"
+        if not isinstance(claims[-1], dict):
+            return None, "not_an_object"
+        return claims[-1], "offered"
+
+    def __call__(self, completion: str, **example: Any) -> Score:
+        gold = self.gold(example)
+        pred, why = self._offered(completion)
+        if pred is None:
+            return Score(0.0, why)
         if self._validator is not None and not self._validator.is_valid(pred):
             return Score(0.0, "schema_violation")
         if gold is None:  # schema_only
@@ -398,16 +400,23 @@ class LabelVerifier:
             elif allowed is not None and normalize_label(str(gold)) not in allowed:
                 yield i, f"gold label {gold!r} is not one of options.labels {list(labels)}: it could never be matched"
 
+    def _given(self, completion: str) -> tuple[str | None, str]:
+        """The answer the completion gives (tagged or boxed; else, with ``allow_bare``, the whole completion),
+        or None and why not: hedged or no_answer."""
+        found = extract_answers(completion, mode=self.extract, pattern=self.pattern, max_chars=self.max_chars)
+        if found.hedged:
+            return None, "hedged"
+        if found.answer is not None:
+            return found.answer, "given"
+        if self.allow_bare and self.pattern is None:
+            return cap_text(completion, self.max_chars), "bare"
+        return None, "no_answer"
+
     def extract_answer(self, completion: str) -> str | None:
         """The label the completion gives, normalized as the verifier compares it (a bare label counts when
         ``allow_bare``); None when it gives none or hedges."""
-        found = extract_answers(completion, mode=self.extract, pattern=self.pattern, max_chars=self.max_chars)
-        if found.hedged:
-            return None
-        answer = found.answer
-        if answer is None and self.allow_bare and self.pattern is None:
-            answer = cap_text(completion, self.max_chars)
-        return normalize_label(answer) or None if answer is not None else None
+        answer, _ = self._given(completion)
+        return None if answer is None else normalize_label(answer) or None
 
     def gold_answer(self, example: Example) -> str | None:
         try:
@@ -451,14 +460,9 @@ class LabelVerifier:
 
     def __call__(self, completion: str, **example: Any) -> Score:
         gold = normalize_label(self.gold(example))
-        found = extract_answers(completion, mode=self.extract, pattern=self.pattern, max_chars=self.max_chars)
-        if found.hedged:
-            return Score(0.0, "hedged")
-        answer = found.answer
+        answer, why = self._given(completion)
         if answer is None:
-            if not (self.allow_bare and self.pattern is None):
-                return Score(0.0, "no_answer")
-            answer = cap_text(completion, self.max_chars)
+            return Score(0.0, why)
         normalized = normalize_label(answer)
         if not normalized:
             return Score(0.0, "no_answer", answer)
