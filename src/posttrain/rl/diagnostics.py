@@ -121,6 +121,12 @@ class Alert:
         return f"[{self.kind}] step {self.step}: {self.cause} Suggestion: {self.suggestion}"
 
 
+def halves(window: list[float]) -> tuple[float, float]:
+    """The means of a window's older half and of its newer half: did a measure move over the window?"""
+    half = len(window) // 2
+    return sum(window[:half]) / half, sum(window[-half:]) / half
+
+
 class Monitor:
     """Feed it each step's metrics (``observe``); it returns the warnings that step raised.
 
@@ -314,7 +320,7 @@ class Monitor:
             self.reward_start = sum(self.rewards) / half
         if len(self.rewards) < w:
             return None
-        first, second = sum(self.rewards[:half]) / half, sum(self.rewards[-half:]) / half
+        first, second = halves(self.rewards)
         rise, need = second - first, self.t.flat_min_rise
         gained = second - (self.reward_start if self.reward_start is not None else first)
         solved = m.get("zero_variance/all_correct", 0.0) >= 0.5
@@ -357,7 +363,7 @@ class Monitor:
         if len(self.truncation) < w:
             return None
         half = w // 2
-        first, second = sum(self.truncation[:half]) / half, sum(self.truncation[-half:]) / half
+        first, second = halves(self.truncation)
         holds = second >= self.t.truncation_share and second - first >= self.t.truncation_rise
         cleared = second < self.t.truncation_share * (1 - self.t.rearm_margin)
         if not self._track("truncation", holds, 1, cleared):
