@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from posttrain.tasks.worked import is_heldout
+from posttrain.tasks.worked import draw_split, is_heldout
 
 PARTIES = ("The Supplier", "The Customer", "Either party", "The Licensee", "The Company", "The Contractor")
 VERBS = {
@@ -63,20 +63,11 @@ class ClausesTask:
         return clause, "prohibition" if negated else kind
 
     def rows(self, n: int, split: str = "train", seed: int = 0) -> list[dict]:
-        if split not in ("train", "test"):
-            raise ValueError(f"split {split!r}: expected 'train' or 'test'")
-        rng = random.Random(f"clauses-{split}-{seed}")
-        out, seen, tries = [], set(), 0
-        while len(out) < n:
-            tries += 1
-            if tries > 200 * n + 1000:
-                raise ValueError(f"cannot draw {n} distinct {split} clauses; widen the task")
+        def draw(rng: random.Random, _: int) -> tuple[str, dict]:
             clause, label = self._clause(rng, split)
-            if clause in seen or is_heldout(clause, self.heldout_fraction) != (split == "test"):
-                continue
-            seen.add(clause)
-            out.append({"prompt": f"{clause} =>", "completion": f" {label}", "label": label})
-        return out
+            return clause, {"prompt": f"{clause} =>", "completion": f" {label}", "label": label}
+
+        return draw_split("clauses", n, split, seed, self.heldout_fraction, draw)
 
     def pretrain_text(self, n: int, seed: int = 0) -> list[dict]:
         """Clauses of every combination, without labels; never a held-out clause."""

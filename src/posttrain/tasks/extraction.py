@@ -21,7 +21,7 @@ import json
 import random
 from dataclasses import dataclass
 
-from posttrain.tasks.worked import is_heldout
+from posttrain.tasks.worked import draw_split, is_heldout
 
 MONTHS = (
     "January",
@@ -83,21 +83,13 @@ class ExtractionTask:
         return text, gold
 
     def rows(self, n: int, split: str = "train", seed: int = 0) -> list[dict]:
-        if split not in ("train", "test"):
-            raise ValueError(f"split {split!r}: expected 'train' or 'test'")
-        rng = random.Random(f"extraction-{split}-{seed}")
         months = self.months_in_sft if split == "train" else 12
-        out, seen, tries = [], set(), 0
-        while len(out) < n:
-            tries += 1
-            if tries > 200 * n + 1000:
-                raise ValueError(f"cannot draw {n} distinct {split} records; widen the task")
+
+        def draw(rng: random.Random, _: int) -> tuple[str, dict]:
             text, gold = self._record(rng, months)
-            if text in seen or is_heldout(text, self.heldout_fraction) != (split == "test"):
-                continue
-            seen.add(text)
-            out.append({"prompt": f"{text} =>", "completion": " " + json.dumps(gold), "answer": gold})
-        return out
+            return text, {"prompt": f"{text} =>", "completion": " " + json.dumps(gold), "answer": gold}
+
+        return draw_split("extraction", n, split, seed, self.heldout_fraction, draw)
 
     def pretrain_text(self, n: int, seed: int = 0) -> list[dict]:
         """Records of every month, each followed by its facts in words (the id, the name, the ISO date, the

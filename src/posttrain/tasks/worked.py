@@ -16,6 +16,26 @@ def is_heldout(query: str, fraction: float) -> bool:
     return (h % 10_000) < fraction * 10_000
 
 
+def draw_split(tag: str, n: int, split: str, seed: int, heldout_fraction: float, draw) -> list[dict]:
+    """``n`` rows with distinct prompts from one split ("train" or "test") of a task: ``draw(rng, i)`` makes
+    candidate i as (its key, its row), and a candidate whose key is taken, or is on the other side of the
+    held-out hash, is drawn again. The stream is ``tag-split-seed``: the same rows for the same arguments."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split {split!r}: expected 'train' or 'test'")
+    rng = random.Random(f"{tag}-{split}-{seed}")
+    out, seen, tries = [], set(), 0
+    while len(out) < n:
+        tries += 1
+        if tries > 200 * n + 1000:
+            raise ValueError(f"cannot draw {n} distinct {split} prompts; widen the task")
+        key, row = draw(rng, len(out))
+        if key in seen or is_heldout(key, heldout_fraction) != (split == "test"):
+            continue
+        seen.add(key)
+        out.append(row)
+    return out
+
+
 class WorkedTask:
     _tag = "task"
 
@@ -24,26 +44,20 @@ class WorkedTask:
         exactly that many rows are long instances, spread evenly through the rows (a count, not a rate:
         with a handful of long rows, chance would make the count, and with it what SFT learns, differ from
         seed to seed)."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split {split!r}: expected 'train' or 'test'")
-        rng = random.Random(f"{self._tag}-{split}-{seed}")
-        out, seen = [], set()
         long_slots = (
             {(2 * j + 1) * n // (2 * self.long_rows) for j in range(self.long_rows)} if self.long_rows > 0 else set()
         )
-        tries = 0
-        while len(out) < n:
-            tries += 1
-            if tries > 200 * n + 1000:
-                raise ValueError(f"cannot draw {n} distinct {split} prompts; widen the task")
-            query, steps, answer = self._instance(rng, (len(out) in long_slots) if self.long_rows >= 0 else None)
-            if query in seen or is_heldout(query, self.heldout_fraction) != (split == "test"):
-                continue
-            seen.add(query)
-            out.append(
-                {"prompt": f"{query}=", "completion": ",".join(steps) + f" \\boxed{{{answer}}}", "answer": str(answer)}
-            )
-        return out
+
+        def draw(rng: random.Random, i: int) -> tuple[str, dict]:
+            query, steps, answer = self._instance(rng, (i in long_slots) if self.long_rows >= 0 else None)
+            row = {
+                "prompt": f"{query}=",
+                "completion": ",".join(steps) + f" \\boxed{{{answer}}}",
+                "answer": str(answer),
+            }
+            return query, row
+
+        return draw_split(self._tag, n, split, seed, self.heldout_fraction, draw)
 
     def pretrain_text(self, n: int, seed: int = 0) -> list[dict]:
         """The worked steps alone, "query=step,step,...": no answer format, never a held-out prompt."""
