@@ -26,7 +26,7 @@ from rich.table import Table
 
 from posttrain.commands import verifier_options
 from posttrain.config import at_least
-from posttrain.data.io import read_rows
+from posttrain.data.io import heldout_split, read_rows
 from posttrain.evaluation import sample_completions
 from posttrain.rewards.audit import AuditReport, ProbeResult, run_audit
 
@@ -36,7 +36,7 @@ from posttrain.rewards.audit import AuditReport, ProbeResult, run_audit
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Rows of any data file the project reads (jsonl, json, parquet, csv, dataset dir, builtin:<task>);
     an error names the file and line."""
-    return read_rows(str(path), "test" if str(path).startswith("builtin:") else "train").rows
+    return read_rows(str(path), heldout_split(str(path), "train")).rows
 
 
 def _sample(args: argparse.Namespace, rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:

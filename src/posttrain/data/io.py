@@ -34,6 +34,12 @@ class Rows:
         return Rows([self.rows[i] for i in idx], [self.where[i] for i in idx], self.source)
 
 
+def heldout_split(path: str, split: str) -> str:
+    """The split held-out data is read from: a builtin task's test split (its train split is what the recipes
+    train on), else the configured one."""
+    return "test" if path.startswith("builtin:") else split
+
+
 def read_rows(path: str, split: str = "train", *, num_examples: int = 0, seed: int = 0) -> Rows:
     """Rows from ``path``; for ``builtin:<task>`` the task generates them (split train/test)."""
     if not path:

@@ -16,7 +16,7 @@ import torch
 from posttrain.config import SFTConfig
 from posttrain.data.collate import EpochSampler, LMBatch, collate_packed, collate_padded, pack
 from posttrain.data.formats import validate
-from posttrain.data.io import Rows, read_rows
+from posttrain.data.io import Rows, heldout_split, read_rows
 from posttrain.data.tokenize import Example, encode_rows
 from posttrain.losses.logprobs import forward_logits, token_logps
 from posttrain.losses.sft import sft_loss
@@ -30,7 +30,7 @@ log = logging.getLogger("posttrain")
 def split_rows(rows: Rows, eval_path: str, eval_fraction: float, seed: int, split: str) -> tuple[Rows, Rows | None]:
     """(train, eval): eval_path when given, else a seeded eval_fraction of the rows."""
     if eval_path:
-        return rows, read_rows(eval_path, "test" if eval_path.startswith("builtin:") else split, seed=seed)
+        return rows, read_rows(eval_path, heldout_split(eval_path, split), seed=seed)
     if eval_fraction <= 0 or len(rows) < 4:
         return rows, None
     idx = list(range(len(rows)))

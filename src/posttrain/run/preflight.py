@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from posttrain.config import ConfigError
-from posttrain.data.io import DataError, Rows, check_source, read_rows
+from posttrain.data.io import DataError, Rows, check_source, heldout_split, read_rows
 from posttrain.models import tiny
 from posttrain.models.checkpoint import is_complete
 from posttrain.models.loading import ModelError, tokenizer_problem
@@ -47,14 +47,17 @@ def recipe_problems(cfg: Any, *, will_exist: Iterable[str] = ()) -> list[str]:
     later = set(will_exist)
     problems = []
     data = getattr(cfg, "data", None)
+    readable = []  # (field, path, split) of the data sources that check out: the rewards' contracts read them
     for name in ("path", "eval_path"):
         value = getattr(data, name, None)
         if value is None or value in later or (name == "eval_path" and not value):
             continue
-        split = "test" if name == "eval_path" and value.startswith("builtin:") else data.split
+        split = heldout_split(value, data.split) if name == "eval_path" else data.split
         problem = check_source(value, split)
         if problem:
             problems.append(f"data.{name}={value!r}: {problem}")
+        else:
+            readable.append((f"data.{name}", value, split))
     model = getattr(getattr(cfg, "model", None), "path", None)
     tokenizer = getattr(getattr(cfg, "model", None), "tokenizer", "")
     if model is not None and model not in later and (problem := model_problem(model, tokenizer)):
@@ -63,7 +66,7 @@ def recipe_problems(cfg: Any, *, will_exist: Iterable[str] = ()) -> list[str]:
     if isinstance(ref, str) and ref not in ("initial", "") and ref not in later and (problem := model_problem(ref)):
         problems.append(f"ref_model={ref!r}: {problem}")
     rewards = getattr(cfg, "rewards", ()) or ()
-    sources = _data_rows(cfg, later) if rewards and data is not None else []
+    sources = _read(readable, data.num_examples, cfg.train.seed) if rewards and readable else []
     for i, reward in enumerate(rewards):
         if problem := verifier_problem(reward.name, dict(reward.options)):
             problems.append(f"rewards[{i}].name={reward.name!r}: {problem}")
@@ -82,18 +85,13 @@ def recipe_problems(cfg: Any, *, will_exist: Iterable[str] = ()) -> list[str]:
     return problems
 
 
-def _data_rows(cfg: Any, later: set[str]) -> list[tuple[str, Rows]]:
+def _read(sources: list[tuple[str, str, str]], num_examples: int, seed: int) -> list[tuple[str, Rows]]:
     """The rows a recipe's rewards will score (training and held-out data), read as the run will read them;
-    a source that cannot be read is left to check_source's message."""
-    data, seed = cfg.data, cfg.train.seed
+    a source that fails to read here is the run's to report, with its own message."""
     out = []
-    for name in ("path", "eval_path"):
-        value = getattr(data, name, "")
-        if not value or value in later or check_source(value, data.split if name == "path" else "test"):
-            continue
-        split = "test" if name == "eval_path" and value.startswith("builtin:") else data.split
+    for field, path, split in sources:
         try:
-            out.append((f"data.{name}", read_rows(value, split, num_examples=data.num_examples, seed=seed)))
+            out.append((field, read_rows(path, split, num_examples=num_examples, seed=seed)))
         except DataError:
             continue
     return out
