@@ -86,8 +86,8 @@ def test_clause_sft_rows_negate_only_the_first_kinds_while_rl_and_test_rows_nega
 def test_clause_gold_completions_verify_with_the_label_set():
     from posttrain.pipeline.evidence import TASK_REWARDS
 
-    name, options, _, _, _ = TASK_REWARDS["clauses"]
-    v = load(name, **options)
+    r = TASK_REWARDS["clauses"]
+    v = load(r.verifier, **r.options)
     for r in get_task("clauses").rows(50, split="test"):
         assert v(r["completion"], label=r["label"]) == 1.0
         assert v(" termination", label=r["label"]) == float(r["label"] == "termination")
@@ -111,8 +111,8 @@ def test_extraction_gold_completions_verify_with_the_schema_and_each_field_count
 
     from posttrain.pipeline.evidence import TASK_REWARDS
 
-    name, options, budget, _, _ = TASK_REWARDS["extraction"]
-    v = load(name, **options)
+    r = TASK_REWARDS["extraction"]
+    v, budget = load(r.verifier, **r.options), r.answer_tokens
     rows = get_task("extraction").rows(40, split="test")
     for r in rows:
         assert v(r["completion"], answer=r["answer"]) == 1.0

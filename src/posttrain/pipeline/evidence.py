@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +56,29 @@ TASK_DATA: dict[str, dict[str, str]] = {
     },
 }
 
-# Tasks whose answers another verifier checks: (verifier, its options, tokens an answer needs, tokens a
-# prompt + completion needs, GRPO steps: 0 keeps the demo's).
-TASK_REWARDS: dict[str, tuple[str, dict, int, int, int]] = {
-    "clauses": ("label", {"labels": list(CLAUSE_LABELS)}, 16, 112, 0),
+
+@dataclass(frozen=True)
+class TaskReward:
+    """How a task's answers are checked when not by the demo's math verifier, and the budgets they need."""
+
+    verifier: str
+    options: dict
+    answer_tokens: int  # max new tokens of an answer (GRPO, make-pairs, evaluation)
+    max_length: int  # tokens of prompt + answer (every stage after pretraining)
+    rl_steps: int = 0  # GRPO steps; 0 keeps the demo's
+
+
+TASK_REWARDS: dict[str, TaskReward] = {
+    "clauses": TaskReward("label", {"labels": list(CLAUSE_LABELS)}, answer_tokens=16, max_length=112),
     # 80-token answers make a GRPO step ~3x the arithmetic one; held-out accuracy was 99% at step 100 of 600
     # (dynamic sampling then spends up to 3 rounds a step on groups that vary): 200 steps fit the 12 minutes.
-    "extraction": ("json", {"schema": EXTRACTION_SCHEMA, "fields": list(EXTRACTION_FIELDS)}, 80, 176, 200),
+    "extraction": TaskReward(
+        "json",
+        {"schema": EXTRACTION_SCHEMA, "fields": list(EXTRACTION_FIELDS)},
+        answer_tokens=80,
+        max_length=176,
+        rl_steps=200,
+    ),
 }
 
 
@@ -72,30 +88,29 @@ def use_task(data: dict, task: str) -> dict:
         raise ValueError(f"unknown demo task {task!r}; choose from {', '.join(TASK_DATA)}")
     paths = TASK_DATA[task]
     data["eval"]["data"] = paths["rl"]
-    verifier = TASK_REWARDS.get(task)
-    if verifier is not None:
-        name, options, budget, length, rl_steps = verifier
-        data["eval"].update(verifier=name, verifier_options=options, max_new_tokens=budget)
+    r = TASK_REWARDS.get(task)
+    if r is not None:
+        data["eval"].update(verifier=r.verifier, verifier_options=r.options, max_new_tokens=r.answer_tokens)
     for stage in data["stages"]:
         cfg = stage["config"]
-        if verifier is not None and stage["recipe"] != "pretrain":
-            cfg["data"]["max_length"] = length
+        if r is not None and stage["recipe"] != "pretrain":
+            cfg["data"]["max_length"] = r.max_length
         if stage["recipe"] in ("pretrain", "sft"):
             cfg["data"]["path"] = paths[stage["recipe"]]
         elif stage["recipe"] in ("grpo", "ppo"):
             cfg["data"]["path"] = paths["rl"]
             if cfg["data"].get("eval_path"):
                 cfg["data"]["eval_path"] = paths["rl"]
-            if verifier is not None:
-                cfg["rewards"] = [{"name": name, "options": options}]
-                cfg["max_completion_length"] = budget
-                if rl_steps:
-                    cfg["train"]["steps"] = rl_steps
-                    cfg["eval_every"] = min(cfg.get("eval_every", rl_steps), rl_steps // 2)
+            if r is not None:
+                cfg["rewards"] = [{"name": r.verifier, "options": r.options}]
+                cfg["max_completion_length"] = r.answer_tokens
+                if r.rl_steps:
+                    cfg["train"]["steps"] = r.rl_steps
+                    cfg["eval_every"] = min(cfg.get("eval_every", r.rl_steps), r.rl_steps // 2)
         if stage.get("make_pairs"):
             stage["make_pairs"]["data"] = paths["rl"]
-            if verifier is not None:
-                stage["make_pairs"].update(verifier=name, max_new_tokens=budget)
+            if r is not None:
+                stage["make_pairs"].update(verifier=r.verifier, max_new_tokens=r.answer_tokens)
     return data
 
 
