@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -30,9 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from posttrain.evaluation import wilson
 from posttrain.models.checkpoint import is_complete
-
-Z95 = 1.959963984540054
 
 # PPO's sweep: every variant differs from `ppo` only in what its overrides say.
 PPO_BASE = [
@@ -63,16 +61,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # the setting the issue measured escaping into truncation (for the record: masking + beta 0)
     "ppo_masked": ("ppo", [*PPO_BASE, "mask_truncated_completions=true"]),
 }
-
-
-def wilson(successes: float, n: int) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 1.0)
-    p, z = successes / n, Z95
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def grpo_stage() -> dict:

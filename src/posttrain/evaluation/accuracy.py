@@ -19,7 +19,7 @@ from posttrain.config import ModelConfig
 from posttrain.data.formats import reward_columns, validate
 from posttrain.data.io import read_rows
 from posttrain.data.tokenize import prompt_ids
-from posttrain.evaluation.stats import majority_baseline, majority_correct, mean_ci, pass_at_k, versus_majority, wilson
+from posttrain.evaluation.stats import majority_baseline, majority_correct, mean_ci, pass_at_k, versus_baseline, wilson
 from posttrain.models.loading import load_model
 from posttrain.rewards import extract_answer, is_correct, score_all
 from posttrain.rewards import load as load_verifier
@@ -57,7 +57,9 @@ class EvalSummary:
     @property
     def versus_majority(self) -> str | None:
         """above | not significantly above | below the majority baseline (``stats.versus_baseline``)."""
-        return versus_majority(asdict(self))
+        if self.majority_baseline is None:
+            return None
+        return versus_baseline(self.greedy_accuracy, self.greedy_ci, self.majority_baseline)
 
     def to_json(self) -> dict:
         return asdict(self)
