@@ -187,3 +187,39 @@ def grpo_bench_config(a, model_dir, run_dir):
             *(getattr(a, "set", None) or []),
         ],
     )
+
+
+def trl_dapo_args(**overrides) -> dict:
+    """TRL GRPOConfig keyword arguments for the runs compared with posttrain's: DAPO's loss and Clip-Higher, no KL,
+    one update per rollout, group-scaled rewards, constant lr, AdamW, no logging, saving or shuffling. The caller
+    adds its batch, lengths, steps, lr, device and paths."""
+    return {
+        "gradient_accumulation_steps": 1,
+        "steps_per_generation": 1,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "loss_type": "dapo",
+        "epsilon": 0.2,
+        "epsilon_high": 0.28,
+        "beta": 0.0,
+        "num_iterations": 1,
+        "scale_rewards": "group",
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8,
+        "optim": "adamw_torch",
+        "gradient_checkpointing": False,
+        "shuffle_dataset": False,
+        "dataloader_num_workers": 0,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1_000_000,
+        "disable_tqdm": True,
+        "log_completions": False,
+        **overrides,
+    }

@@ -59,9 +59,11 @@ def _collapsing_groups(step, P=4, G=4):
 
 def _metrics_of(groups):
     from posttrain.rewards import extract_answer, is_correct
+    from posttrain.rewards.registry import per_text
     from posttrain.rl.diagnostics import canonical_answer
 
-    return rollout_diagnostics(groups, canonical_answer(extract_answer), lambda i: str(i + 10), is_correct)
+    read = per_text(canonical_answer(extract_answer))
+    return rollout_diagnostics(groups, read, lambda i: str(i + 10), is_correct)
 
 
 def test_a_synthetic_collapsing_run_triggers_the_collapse_warning_once():
@@ -90,7 +92,10 @@ def test_no_collapse_warning_when_the_gold_answers_themselves_agree():
     # A two-label task where every prompt's gold answer is "1": answering 1 everywhere is right, not collapse.
     mon = Monitor(DiagnosticsConfig(collapse_steps=1))
     m = rollout_diagnostics(
-        [_group(p, ["\\boxed{1}"] * 4, [1.0] * 4) for p in range(4)], lambda t: "1", lambda i: "1", lambda s: s >= 1
+        [_group(p, ["\\boxed{1}"] * 4, [1.0] * 4) for p in range(4)],
+        lambda texts, rows: ["1"] * len(texts),
+        lambda i: "1",
+        lambda s: s >= 1,
     )
     assert m["diversity/top_share"] == 1.0 and m["diversity/gold_top_share"] == 1.0
     assert mon.observe(1, m) == []
@@ -365,7 +370,11 @@ def test_diversity_and_maj_at_k_read_json_answers_by_their_checked_fields(char_t
     from posttrain.rewards.registry import answer_reader
 
     v = load("json", fields=["name", "age"])
-    extract, gold = answer_reader(v)
+    read, gold = answer_reader(v)
+
+    def extract(text):
+        return read([text], [{}])[0]
+
     a = extract('{"name": "Ada", "age": 36, "note": "x"}')
     assert a == extract('```json\n{"age": 36, "name": "ada"}\n```') == gold({"answer": {"name": "ADA", "age": 36}})
     assert extract('{"name": "Ada", "age": 37}') != a and extract("no json here") is None
@@ -375,7 +384,7 @@ def test_diversity_and_maj_at_k_read_json_answers_by_their_checked_fields(char_t
     ]
     assert majority_correct(answers, [True, True, False])
     groups = [_group(p, ['{"name": "Ada", "age": 36}'] * 3 + ["oops"], [1.0, 1.0, 1.0, 0.0]) for p in range(2)]
-    m = rollout_diagnostics(groups, extract, lambda i: [a, extract('{"name": "Bo", "age": 3}')][i], lambda s: s >= 1)
+    m = rollout_diagnostics(groups, read, lambda i: [a, extract('{"name": "Bo", "age": 3}')][i], lambda s: s >= 1)
     assert m["diversity/no_answer"] == pytest.approx(2 / 8) and m["diversity/top_share"] == 1.0
     assert m["diversity/gold_top_share"] == 0.5
 
@@ -384,14 +393,14 @@ def test_collapse_fires_on_a_run_that_collapses_to_one_label():
     from posttrain.rewards import load
     from posttrain.rewards.registry import answer_reader
 
-    extract, gold = answer_reader(load("label", labels=["indemnity", "termination", "warranty"]))
+    answers, gold = answer_reader(load("label", labels=["indemnity", "termination", "warranty"]))
     golds = ["indemnity", "termination", "warranty", "termination"]
     mon, fired = Monitor(DiagnosticsConfig(collapse_steps=3)), []
     for step in range(1, 9):
         # bare labels, as a classifier answers: varied at first, then "indemnity" for every prompt from step 3
         texts = [[golds[p]] * 4 if step < 3 else ["Indemnity."] * 4 for p in range(4)]
         groups = [_group(p, texts[p], [float(t.lower().startswith(golds[p])) for t in texts[p]]) for p in range(4)]
-        m = rollout_diagnostics(groups, extract, lambda i: gold({"label": golds[i]}), lambda s: s >= 1)
+        m = rollout_diagnostics(groups, answers, lambda i: gold({"label": golds[i]}), lambda s: s >= 1)
         assert m["diversity/no_answer"] == 0.0  # a bare label is an answer (it read as none, 1.0, before)
         fired += [a.step for a in mon.observe(step, m) if a.kind == "collapse"]
     assert fired == [5]

@@ -97,6 +97,25 @@ def recipes(pairs: Path, world: int) -> dict[str, list[str]]:
         "rm": ["reward-model", *TINY, f"data.path={pairs}", *data],
         "grpo": ["grpo", *TINY, *RL, "dynamic_sampling=true", "max_gen_batches=3", "scale=batch", "num_iterations=2"],
         "ppo": ["ppo", *TINY, *RL, "critic.lr=3e-3", "ppo_epochs=2", "num_mini_batches=2"],
+        # multi-turn episodes (a game: every turn without the right guess gets a reply and goes on)
+        "grpo_env": [
+            "grpo",
+            *TINY,
+            *RL,
+            f"data.path={pairs.parent / 'guess.jsonl'}",
+            "data.max_length=480",
+            "data.eval_path=",
+            "env.name=guess_number",
+            "env.max_turns=3",
+            # a random model rarely samples <|im_end|>; a common character as the turn's stop token gives its
+            # episodes several turns
+            "env.stop_token=e",
+            "max_completion_length=48",
+            "rewards=[toy_rewards:parity, env_reward]",
+            # the rollouts, rewards and losses agree exactly (to 1e-8); 200-token sequences summed in another
+            # order move Adam's near-zero-gradient coordinates by ~lr * 1e-2: at the others' 3e-3 that is 3e-5
+            "optim.lr=3e-4",
+        ],
     }
 
 
@@ -111,6 +130,11 @@ def single(tmp_path_factory):
         for r in get_task("arithmetic").rows(40):
             wrong = r["completion"].replace(f"{{{r['answer']}}}", f"{{{int(r['answer']) + 1}}}")
             fh.write(json.dumps({"prompt": r["prompt"], "chosen": r["completion"], "rejected": wrong}) + "\n")
+    with (root / "guess.jsonl").open("w") as fh:
+        for i in range(40):
+            fh.write(
+                json.dumps({"prompt": "Guess my number.", "secret": 1 + (7 * i) % 20, "low": 1, "high": 20}) + "\n"
+            )
     sys.path.insert(0, str(TESTS))
     for name, argv in recipes(pairs, 1).items():
         assert main([*argv, f"train.output_dir={root / name}"]) == 0, name

@@ -345,3 +345,44 @@ def test_ppo_with_vllm_pushes_every_update_and_learns_like_native(tmp_path):
     for name, m in runs.items():
         r = [x["reward/mean"] for x in m]
         assert sum(r[-4:]) / 4 > sum(r[:4]) / 4, name
+
+
+def test_multi_turn_episodes_on_vllm_are_token_exact(char_tok):
+    """Episodes sampled by vLLM from token ids (each turn the whole trajectory, prefix-cached): the
+    trainer's forward over the final buffer reproduces vLLM's log-probs on every sampled token, and greedy
+    episodes equal the native engine's with its KV cache kept across turns."""
+    from posttrain.config import EnvConfig
+    from posttrain.envs import EpisodeRunner
+    from posttrain.rollout.engine import row_seeds
+
+    model = _model(char_tok, 0.1)
+    # the character the random model samples most ends a turn, so its episodes run several turns
+    probe = KVCacheEngine(model, char_tok).generate(_prompts(char_tok), 4, SamplingParams(20, temperature=1.0))
+    ids = [t for c in probe.completion_ids for t in c]
+    common = char_tok.convert_ids_to_tokens(max(set(ids), key=ids.count))
+    # a game: every turn without the secret gets a reply and the episode goes on
+    env = EnvConfig(name="guess_number", max_turns=3, stop_token=common)
+    runner = EpisodeRunner(env, char_tok, context=400, turn_tokens=20)
+    rows = [{"prompt": "", "secret": s, "low": 1, "high": 9} for s in (3, 5, 7, 9)]
+    engine = make_engine("vllm", model, char_tok, max_model_len=400, max_batch=64)
+    try:
+        eps = runner.run(
+            engine, rows, 2, SamplingParams(20, 1.0, 1.0, True, runner.stop_ids), lambda t: row_seeds((3, t), range(8))
+        )
+        greedy_v = runner.run(engine, rows, 1, SamplingParams(20, 0.0, stop_ids=runner.stop_ids))
+    finally:
+        engine.close()
+    greedy_n = runner.run(KVCacheEngine(model, char_tok), rows, 1, SamplingParams(20, 0.0, stop_ids=runner.stop_ids))
+    runner.close()
+    assert [e.traj.ids for e in greedy_v] == [e.traj.ids for e in greedy_n]
+    assert max(e.turns for e in eps) > 1
+    worst, n = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for e in eps:
+            logits = model(input_ids=torch.tensor([e.traj.ids])).logits[0].float().log_softmax(-1)
+            for t in range(e.traj.prompt_len, len(e.traj.ids)):
+                if e.traj.sampled[t]:
+                    worst = max(worst, abs(logits[t - 1, e.traj.ids[t]].item() - e.traj.logps[t]))
+                    n += 1
+    assert n > 30 and worst < 1e-4, (n, worst)

@@ -46,7 +46,10 @@ FAST_OVERRIDES = {
     "grpo": {"train": {"steps": 3}, "prompts_per_step": 4, "num_generations": 4, "eval_examples": 8, "eval_k": 2},
     "rm": {"train": {"steps": 5, "eval_every": 5}},
     "ppo": {"train": {"steps": 3}, "prompts_per_step": 4, "num_generations": 4, "critic": {"warmup_steps": 1}},
+    "sft_direct": {"train": {"steps": 30}},
+    "grpo_direct": {"train": {"steps": 3}, "prompts_per_step": 4, "num_generations": 4, "eval_examples": 8},
 }
+TOOL_TASK = "tools"  # its own pipeline (demo_tools.yaml): tool-call SFT -> multi-turn GRPO, and a no-tool control
 
 
 def _task_yaml(name: str) -> dict:
@@ -61,14 +64,16 @@ def rlhf_stages(demo_stages: list[dict]) -> list[dict]:
     return [by_name["pretrain"], by_name["sft"], *_task_yaml("demo_rlhf.yaml")["stages"], grpo]
 
 
-def demo_config(fast: bool, output_dir: str, rlhf: bool = False) -> dict:
-    data = _task_yaml("demo_pipeline.yaml")
+def demo_config(fast: bool, output_dir: str, rlhf: bool = False, task: str = "arithmetic") -> dict:
+    """The demo pipeline as plain data: the arithmetic pipeline (``use_task`` swaps in another task's data),
+    or for the tool task its own (demo_tools.yaml)."""
+    data = _task_yaml("demo_tools.yaml" if task == TOOL_TASK else "demo_pipeline.yaml")
     data.pop("recipe", None)
     data["output_dir"] = output_dir
     if rlhf:
         data["stages"] = rlhf_stages(data["stages"])
     if fast:
-        data["eval"].update(examples=40, k=2)
+        data["eval"].update(examples=40, k=2 if task != TOOL_TASK else 0)
         for stage in data["stages"]:
             extra = FAST_OVERRIDES.get(stage["name"], {})
             for key, value in extra.items():
@@ -85,7 +90,7 @@ def demo_config(fast: bool, output_dir: str, rlhf: bool = False) -> dict:
     return data
 
 
-def check_targets(summary: dict) -> list[str]:
+def check_targets(summary: dict, controls: tuple[str, ...] = ()) -> list[str]:
     """The demo's promises, as lines to print: no stage lowers accuracy; DPO adds >= 3 points and GRPO
     >= 15; every stage after pretraining beats the majority baseline.
 
@@ -111,7 +116,7 @@ def check_targets(summary: dict) -> list[str]:
                 f"({100 * (acc - prev[1]):+.1f} points, {verdict})"
             )
             target = {"grpo": ("GRPO", 15), "preference": ("DPO", 3)}.get(e["recipe"])
-            if target:
+            if target and e["name"] not in controls:  # a control stage has no target of its own
                 gain = 100 * (acc - prev[1])
                 lines.append(
                     f"{target[0]} gain over {prev[0]}: {gain:+.1f} points (target >= {target[1]}: "
@@ -127,6 +132,24 @@ def check_targets(summary: dict) -> list[str]:
             )
         prev = (e["name"], acc, e["eval"].get("greedy_ci", (0.0, 1.0)))
     return lines
+
+
+def tool_targets(summary: dict) -> list[str]:
+    """The tool demo's promises: the tool pipeline ends >= 80% held-out, its GRPO adds >= 15 points over its
+    SFT start, and single-turn GRPO without the tool ends <= 30%."""
+    acc = {e["name"]: e["eval"].get("greedy_accuracy") for e in summary["stages"]}
+    if None in (acc.get("sft"), acc.get("grpo"), acc.get("grpo_direct")):
+        return []
+    checks = [
+        (f"tool pipeline final accuracy {100 * acc['grpo']:.1f}%", acc["grpo"] >= 0.8, ">= 80%"),
+        (
+            f"tool GRPO gain over its SFT start {100 * (acc['grpo'] - acc['sft']):+.1f} points",
+            acc["grpo"] - acc["sft"] >= 0.15,
+            ">= +15",
+        ),
+        (f"single-turn GRPO without the tool {100 * acc['grpo_direct']:.1f}%", acc["grpo_direct"] <= 0.3, "<= 30%"),
+    ]
+    return [f"{text} (target {target}: {'met' if ok else 'NOT met'})" for text, ok, target in checks]
 
 
 def main(argv: list[str]) -> int:
@@ -153,8 +176,9 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--task",
         default="arithmetic",
-        choices=list(TASK_DATA),
-        help="built-in task (its data; for clauses also its verifier and budgets)",
+        choices=[*TASK_DATA, TOOL_TASK],
+        help="built-in task (its data; for clauses and extraction also its verifier and budgets; tools: a calculator "
+        "environment, multi-turn GRPO against a single-turn control)",
     )
     p.add_argument(
         "--evidence",
@@ -168,7 +192,11 @@ def main(argv: list[str]) -> int:
     console = Console()
     rows = []
     for seed in seeds:
-        data = use_task(demo_config(a.fast, str(out / f"seed{seed}" if a.seeds else out), rlhf=a.rlhf), a.task)
+        if a.task == TOOL_TASK and (a.rlhf or a.evidence):
+            p.error("--task tools has its own pipeline: --rlhf and --evidence do not apply to it")
+        data = demo_config(a.fast, str(out / f"seed{seed}" if a.seeds else out), rlhf=a.rlhf, task=a.task)
+        if a.task != TOOL_TASK:
+            data = use_task(data, a.task)
         if seed is not None:
             use_seed(data, seed)
         if a.evidence:
@@ -179,7 +207,10 @@ def main(argv: list[str]) -> int:
         if not is_main_process():
             continue  # under torchrun the tables are printed once, by rank 0
         console.print(format_table(summary))
-        for line in check_targets(summary):
+        tools = a.task == TOOL_TASK
+        for line in check_targets(summary, ("grpo_direct",) if tools else ()) + (
+            tool_targets(summary) if tools else []
+        ):
             console.print(line)
         if a.evidence:
             ablation = run_ablation(Path(cfg.output_dir), cfg)

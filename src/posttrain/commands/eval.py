@@ -6,13 +6,14 @@ import argparse
 from pathlib import Path
 
 from posttrain.commands import verifier_options
-from posttrain.config import at_least, is_data_file
+from posttrain.config import ConfigError, EnvConfig, at_least, config_from_dict, is_data_file
 from posttrain.evaluation import evaluate_model_dir, format_summary
 from posttrain.runtime.files import atomic_write_json
 
 
 def main(argv: list[str]) -> int:
-    """posttrain eval --model DIR --data FILE --verifier NAME [-k 8] [--temperature 1.0] [--json OUT]"""
+    """posttrain eval --model DIR --data FILE --verifier NAME [-k 8] [--temperature 1.0] [--env calculator]
+    [--json OUT]"""
     p = argparse.ArgumentParser(prog="posttrain eval", description=main.__doc__)
     p.add_argument("--model", required=True, help="local model directory")
     p.add_argument("--data", required=True, help="prompt rows with the verifier's columns (e.g. answer)")
@@ -29,7 +30,30 @@ def main(argv: list[str]) -> int:
     p.add_argument("--limit", type=at_least(0), default=0, help="evaluate the first N rows only")
     p.add_argument("--json", default="", help="write the summary here")
     p.add_argument("--engine", default="native", choices=["native", "vllm"], help="rollout engine")
+    p.add_argument(
+        "--env",
+        default="",
+        help="answer in multi-turn episodes in this environment (calculator | python | tools | guess_number | "
+        "module:name); the verifier scores each episode's last turn",
+    )
+    p.add_argument(
+        "--env-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an EnvConfig field (max_turns=3, parser=hermes, turn_tokens=96) or options.KEY=VALUE for the "
+        "environment's own options; repeatable",
+    )
+    p.add_argument("--max-length", type=at_least(0), default=0, help="with --env: most tokens of an episode")
     a = p.parse_args(argv)
+    env = None
+    if a.env:
+        try:
+            env = config_from_dict(EnvConfig, {"name": a.env}, a.env_option)
+        except ConfigError as e:
+            p.error(f"--env-option: {e}")
+    elif a.env_option:
+        p.error("--env-option needs --env")
     if a.split is not None and is_data_file(a.data):
         p.error(f"--split {a.split!r} cannot apply to the file {a.data!r}: a single file has no splits")
     s = evaluate_model_dir(
@@ -43,6 +67,8 @@ def main(argv: list[str]) -> int:
         temperature=a.temperature,
         max_new_tokens=a.max_new_tokens,
         engine=a.engine,
+        env=env,
+        max_length=a.max_length,
     )
     print(format_summary(s))
     if a.json:

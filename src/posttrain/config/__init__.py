@@ -30,6 +30,7 @@ from posttrain.config.records import (
     CriticConfig,
     DataConfig,
     DiagnosticsConfig,
+    EnvConfig,
     GRPOConfig,
     LoraConfig,
     ModelConfig,
@@ -49,6 +50,7 @@ from posttrain.config.records import (
 )
 
 __all__ = [
+    "EnvConfig",
     "ConfigError",
     "at_least",
     "config_from_dict",

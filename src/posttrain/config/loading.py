@@ -78,8 +78,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return the typed value."""
     origin = get_origin(tp)
     bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})", where)
-    if tp is Any:
-        return value
+    if tp is Any or (dataclasses.is_dataclass(tp) and isinstance(value, tp)):
+        return value  # (a typed record: a nested default merged by _build, already checked when it was built)
     if origin is Literal:
         if value not in get_args(tp):
             close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
@@ -363,6 +363,13 @@ _RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     # vLLM: a share of the GPU's memory, a size
     "gpu_memory_utilization": (0, False, 1, True),
     "kv_cache_gb": (0, True, None, False),
+    # environments (EnvConfig): 0 means "derive it" or "never" where the field's doc says so
+    "turn_tokens": (0, True, None, False),
+    "max_tokens": (0, True, None, False),
+    "max_tool_tokens": (0, True, None, False),
+    "tool_timeout_s": (0, False, None, False),
+    "max_tool_errors": (0, True, None, False),
+    "episode_tokens": (0, True, None, False),
 }
 # Numeric fields that take any finite value, with the reason; every other numeric field of every recipe has a
 # range above (tests/test_config.py checks that no field is left out).
@@ -391,6 +398,8 @@ _POSITIVE = {
     "flat_window",
     "truncation_window",
     "entropy_window",
+    "max_turns",
+    "workers",
 }
 _NON_NEGATIVE = {"lr", "weight_decay", "warmup_steps", "save_every", "eval_every", "beta", "r"}
 

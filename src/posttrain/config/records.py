@@ -156,6 +156,43 @@ class VLLMConfig:
     )
 
 
+@dataclass(frozen=True)
+class EnvConfig:
+    """A multi-turn environment (envs/): the policy's turns alternate with the environment's observations
+    (tool results, game replies) until it is done or a budget runs out. Empty ``name``: single-turn."""
+
+    name: str = doc(
+        "",
+        "environment: calculator | python | tools | guess_number (built-in) or module:Class / module:function "
+        "(tools: plain typed functions; a class whose methods are tools; or an Environment); empty: single-turn",
+    )
+    options: dict = dict_doc("keyword options for the environment, e.g. {tools: [calculator, python]}")
+    parser: Literal["auto", "hermes", "llama3_json", "code"] = doc(
+        "auto",
+        "tool-call format: hermes (<tool_call>{json}</tool_call>) | llama3_json | code (```python blocks) | auto "
+        "(the environment's own: hermes, code for python); a module:name environment takes it in options",
+    )
+    max_turns: int = doc(4, "most policy turns per episode")
+    turn_tokens: int = doc(0, "most new tokens per policy turn (0: max_completion_length)")
+    max_tokens: int = doc(0, "most tokens after the prompt, policy's and environment's (0: data.max_length - prompt)")
+    max_tool_tokens: int = doc(64, "tool output beyond this many tokens is cut (head and tail kept, a marker between)")
+    tool_timeout_s: float = doc(30.0, "a step of the environment running past this is a timeout")
+    on_timeout: Literal["error", "end"] = doc("error", "a timeout: a tool-error observation, or the episode ends")
+    max_tool_errors: int = doc(0, "end an episode at this many tool errors (stop_reason tool_error; 0: never)")
+    history: Literal["keep", "error"] = doc(
+        "keep", "a chat template that rewrites earlier turns: keep the append-only context, or stop"
+    )
+    stop_token: str = doc(
+        "auto", "the token that ends a policy turn (auto: <|im_end|> or <|eot_id|> if known, else EOS)"
+    )
+    workers: int = doc(8, "threads stepping environments concurrently (one trajectory's steps stay in order)")
+    reuse_kv: bool = doc(True, "native engine: keep the KV cache across turns (prefill only the new tokens)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Recipe configs
 
@@ -361,6 +398,7 @@ class RLConfig:
     eval_examples: int = doc(200, "held-out rows to evaluate")
     samples_every: int = doc(10, "write sample completions to samples.jsonl every N steps")
     eval_k: int = doc(4, "held-out samples per prompt for pass@k beside greedy accuracy (0: greedy only)")
+    env: EnvConfig = doc(EnvConfig(), "multi-turn environment and tools (name empty: single-turn)")
     diagnostics: DiagnosticsConfig = doc(DiagnosticsConfig(), "thresholds of the collapse / futility warnings")
     stop_on: tuple[str, ...] = doc(
         (), "warnings that stop the run: collapse, entropy, zero_variance, eval_decline, flat_reward, truncation"

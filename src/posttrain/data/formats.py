@@ -30,7 +30,19 @@ def _check_messages(value: Any, where: str, column: str, *, need_assistant: bool
             raise DataError(f"{where}: column {column!r}, message {i}: unknown role {m['role']!r} ({', '.join(ROLES)})")
         if not isinstance(m["content"], str):
             raise DataError(f"{where}: column {column!r}, message {i}: content must be a string")
-    if need_assistant and not any(m["role"] == "assistant" and m["content"].strip() for m in value):
+        for j, call in enumerate(m.get("tool_calls") or []):
+            # TRL's convention: {"type": "function", "function": {"name": ..., "arguments": {...}}}
+            f = call.get("function", call) if isinstance(call, dict) else None
+            if not (
+                isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("arguments"), (dict, str))
+            ):
+                raise DataError(
+                    f"{where}: column {column!r}, message {i}, tool_calls[{j}]: expected "
+                    '{"type": "function", "function": {"name": str, "arguments": {...}}}'
+                )
+    if need_assistant and not any(
+        m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls")) for m in value
+    ):
         raise DataError(f"{where}: column {column!r} has no non-empty assistant message to train on")
 
 

@@ -124,6 +124,8 @@ def _builtin(path: str, split: str, n: int, seed: int) -> Rows:
     try:
         if kind == "pretrain":
             rows = task.pretrain_text(n, seed=seed)
+        elif kind == "sft" and hasattr(task, "sft_rows"):  # a task whose SFT data differs (tools: conversations)
+            rows = task.sft_rows(n, seed=seed)
         elif kind in ("", "sft"):
             rows = task.rows(n, split="test" if split == "test" else "train", seed=seed)
         else:

@@ -85,21 +85,29 @@ def encode_prompt_completion(tokenizer, prompt: Any, completion: Any, *, complet
     )
 
 
-def encode_messages(tokenizer, messages: list[dict], *, assistant_only: bool = True) -> Example:
-    """A conversation through the chat template; with ``assistant_only`` only assistant turns train.
+def encode_messages(
+    tokenizer, messages: list[dict], *, assistant_only: bool = True, tools: list | None = None
+) -> Example:
+    """A conversation through the chat template; with ``assistant_only`` only assistant turns train (their
+    tool calls included; tool results and user turns are context). ``tools``: the JSON schemas the
+    template is given (a row's ``tools`` column, TRL's convention), as the environment gives them in RL.
 
     Assistant spans are found by rendering prefixes of the conversation (works with any chat
     template, with or without `{% generation %}` markers) and mapped to tokens by offsets.
     """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+
+    def render(msgs, gen=False):
+        return tokenizer.apply_chat_template(msgs, tools=tools or None, tokenize=False, add_generation_prompt=gen)
+
+    text = render(messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)) if i else 0
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        start = len(render(messages[:i], gen=True)) if i else 0
+        end = len(render(messages[: i + 1]))
         spans.append((start, end))
     if assistant_only:
         mask = [int(any(s <= off[0] < e for s, e in spans)) for off in enc["offset_mapping"]]
@@ -119,7 +127,9 @@ def encode_text(tokenizer, text: str) -> Example:
 
 def encode_row(tokenizer, row: dict, kind: str, *, completion_only: bool = True) -> Example:
     if "messages" in row:
-        return encode_messages(tokenizer, row["messages"], assistant_only=(kind == "sft" and completion_only))
+        return encode_messages(
+            tokenizer, row["messages"], assistant_only=(kind == "sft" and completion_only), tools=row.get("tools")
+        )
     if kind == "lm":
         return encode_text(tokenizer, row["text"])
     return encode_prompt_completion(tokenizer, row["prompt"], row["completion"], completion_only=completion_only)

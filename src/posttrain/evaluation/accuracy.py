@@ -15,16 +15,17 @@ from typing import Any, Callable
 
 import torch
 
-from posttrain.config import ModelConfig
+from posttrain.config import EnvConfig, ModelConfig
 from posttrain.data.formats import reward_columns, validate
 from posttrain.data.io import read_rows
 from posttrain.data.tokenize import prompt_ids
+from posttrain.envs import EpisodeRunner
 from posttrain.evaluation.stats import majority_baseline, majority_correct, mean_ci, pass_at_k, versus_baseline, wilson
 from posttrain.models.loading import load_model
 from posttrain.rewards import extract_answer, is_correct, score_all
 from posttrain.rewards import load as load_verifier
 from posttrain.rewards.base import verifier_name
-from posttrain.rewards.registry import answer_reader
+from posttrain.rewards.registry import Answers, answer_reader, per_text
 from posttrain.rollout import make_engine
 from posttrain.rollout.engine import KVCacheEngine, SamplingParams
 
@@ -75,32 +76,47 @@ def evaluate(
     temperature: float = 1.0,
     max_new_tokens: int = 64,
     batch_size: int = 64,
-    extract: Callable[[str], str | None] | None = None,
+    answers: Answers | None = None,
     keep_samples: int = 8,
     engine=None,
+    runner=None,
 ) -> EvalSummary:
     """Greedy accuracy on every row; with k > 0 also k samples per row for pass@k, maj@k, mean@k.
     ``engine``: a rollout engine to generate with (e.g. a recipe's vLLM engine); default: the native
-    KV-cache engine on ``model``. ``extract``: how maj@k reads an answer; default: the verifier's own
-    (``rewards.registry.answer_reader``), which also gives each row's expected answer and the majority
-    baseline's gold."""
+    KV-cache engine on ``model``. ``answers(completions, rows)``: how maj@k and the kept samples' "got" read
+    answers; default: the verifier's own (``rewards.registry.answer_reader``), which also gives each row's
+    expected answer and the majority baseline's gold. ``runner`` (envs.EpisodeRunner): each answer is a
+    multi-turn episode's last policy turn, scored with the episode's columns (env_reward, stop_reason) beside
+    the row's."""
     engine = engine or KVCacheEngine(model, tokenizer, max_batch=batch_size)
-    own_extract, gold = answer_reader(verifier)
-    extract = extract or own_extract
+    own_answers, gold = answer_reader(verifier)
+    answers = answers or own_answers
     prompts = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    greedy = engine.generate(prompts, 1, SamplingParams(max_new_tokens, temperature=0.0))
-    texts = [decode(c) for c in greedy.completion_ids]
     extras = [reward_columns(r) for r in rows]
-    scores = [float(x) for x in score_all(verifier, texts, extras)]
+
+    def complete(n: int, temp: float) -> tuple[list[str], list[dict]]:
+        """n answers per row (row-major) and the columns each is scored with."""
+        if runner is None:
+            gen = engine.generate(prompts, n, SamplingParams(max_new_tokens, temperature=temp))
+            return [decode(c) for c in gen.completion_ids], [ex for ex in extras for _ in range(n)]
+        eps = runner.run(engine, rows, n, SamplingParams(max_new_tokens, temperature=temp, stop_ids=runner.stop_ids))
+        cols = [{**extras[i // n], "env_reward": e.env_reward, "stop_reason": e.stop_reason} for i, e in enumerate(eps)]
+        return [e.final_text for e in eps], cols
+
+    texts, greedy_extras = complete(1, 0.0)
+    scores = [float(x) for x in score_all(verifier, texts, greedy_extras)]
     correct = [is_correct(s) for s in scores]
     acc = sum(correct) / max(1, len(rows))
+    got = (
+        answers(texts[:keep_samples], greedy_extras[:keep_samples]) if answers and keep_samples else [None] * len(rows)
+    )
     samples = [
-        {"prompt": r["prompt"], "completion": t, "reward": s, "answer": r.get("answer"), "expected": gold(r)}
-        for r, t, s in list(zip(rows, texts, scores))[:keep_samples]
+        {"prompt": r["prompt"], "completion": t, "reward": s, "answer": r.get("answer"), "expected": gold(r), "got": a}
+        for r, t, s, a in list(zip(rows, texts, scores, got))[:keep_samples]
     ]
     summary = dict(n_prompts=len(rows), greedy_accuracy=acc, greedy_ci=wilson(sum(correct), len(rows)), samples=samples)
     if hasattr(verifier, "breakdown"):
@@ -109,17 +125,17 @@ def evaluate(
     if majority is not None:
         summary.update(majority_baseline=majority[0], majority_answer=majority[1])
     if k > 0:
-        gen = engine.generate(prompts, k, SamplingParams(max_new_tokens, temperature=temperature))
         p_at, maj, mean = [], [], []
-        all_texts = [decode(c) for c in gen.completion_ids]
-        all_ok = [is_correct(x) for x in score_all(verifier, all_texts, [ex for ex in extras for _ in range(k)])]
+        all_texts, all_extras = complete(k, temperature)
+        all_ok = [is_correct(x) for x in score_all(verifier, all_texts, all_extras)]
+        all_answers = answers(all_texts, all_extras) if answers is not None else None
         for i in range(len(extras)):
-            outs, ok = all_texts[i * k : (i + 1) * k], all_ok[i * k : (i + 1) * k]
+            ok = all_ok[i * k : (i + 1) * k]
             c = sum(ok)
             p_at.append(pass_at_k(k, c, k))
             mean.append(c / k)
-            if extract is not None:
-                maj.append(float(majority_correct([extract(t) for t in outs], ok)))
+            if all_answers is not None:
+                maj.append(float(majority_correct(all_answers[i * k : (i + 1) * k], ok)))
         summary.update(
             k=k,
             temperature=temperature,
@@ -130,18 +146,19 @@ def evaluate(
         )
         if maj:
             summary.update(maj_at_k=sum(maj) / len(maj), maj_at_k_ci=wilson(sum(maj), len(maj)))
-        elif extract is None:
+        elif answers is None:
             summary["maj_at_k_missing"] = (
                 f"verifier {verifier_name(verifier)!r} exposes no answer extractor "
-                f"(a reward function can: fn.extract_answer = a function text -> answer)"
+                f"(a reward function can: fn.extract_answer = a function text -> answer, or "
+                f"fn.extract_row_answers = a function (completions, rows) -> answers)"
             )
     return EvalSummary(**summary)
 
 
-def answer_extractor(verifier_name: str) -> Callable[[str], str | None] | None:
-    """How maj@k reads an answer for a verifier family (None: maj@k not defined for it)."""
+def answer_extractor(verifier_name: str) -> Answers | None:
+    """How maj@k reads answers for a verifier family without its own extractor (None: maj@k not defined)."""
     if verifier_name in ("math", "label", "incorrect", "format_only"):
-        return extract_answer
+        return per_text(extract_answer)
     return None
 
 
@@ -171,24 +188,31 @@ def evaluate_model_dir(
     max_new_tokens: int = 64,
     seed: int = 0,
     engine: str = "native",
+    env: EnvConfig | None = None,
+    max_length: int = 0,
 ) -> EvalSummary:
     """Load a model directory and a prompt dataset, evaluate with a named verifier (used by
-    `posttrain eval` and by the pipeline between stages); ``engine``: native | vllm."""
+    `posttrain eval` and by the pipeline between stages); ``engine``: native | vllm. ``env``: every answer is
+    a multi-turn episode in that environment, of at most ``max_length`` tokens (0: the model's context)."""
 
     check = load_verifier(verifier, **(verifier_options or {}))  # a bad name fails before any loading
-    gen = None
+    gen = runner = None
     try:
         rows = read_rows(data, split, num_examples=num_examples, seed=seed)
         validate(rows, "prompt")
         torch.manual_seed(seed)
         model, tok = load_model(ModelConfig(path=model_dir))
         data = rows.rows[:limit] if limit else rows.rows
+        context = max_length or int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        if env is not None:
+            runner = EpisodeRunner(env, tok, context=context, turn_tokens=max_new_tokens)
         if engine != "native":
             longest = max(len(prompt_ids(tok, r["prompt"])) for r in data)
-            gen = make_engine(engine, model, tok, max_batch=64, seed=seed, max_model_len=longest + max_new_tokens)
+            room = context if env is not None else longest + max_new_tokens
+            gen = make_engine(engine, model, tok, max_batch=64, seed=seed, max_model_len=room)
         # maj@k needs the verifier's notion of "the answer": built-ins have one; a user function may
-        # expose its own as an `extract_answer` attribute.
-        extract = answer_reader(check)[0] or answer_extractor(verifier)
+        # expose its own as an `extract_answer` (or `extract_row_answers`) attribute.
+        answers = answer_reader(check).answers or answer_extractor(verifier)
         return evaluate(
             model,
             tok,
@@ -197,13 +221,16 @@ def evaluate_model_dir(
             k=k,
             temperature=temperature,
             max_new_tokens=max_new_tokens,
-            extract=extract,
+            answers=answers,
             engine=gen,
+            runner=runner,
         )
     finally:
         getattr(check, "close", lambda: None)()
         if gen is not None:
             gen.close()
+        if runner is not None:
+            runner.close()
 
 
 def format_summary(s: EvalSummary) -> str:

@@ -38,10 +38,20 @@ PRESETS: dict[str, dict[str, int]] = {
 
 SPECIAL_TOKENS = {"pad": "<|pad|>", "eos": "<|endoftext|>", "unk": "<|unk|>"}
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
-# ChatML, as Qwen models use; assistant turns end with <|im_end|>.
+# ChatML, as Qwen models use; assistant turns end with <|im_end|>. With ``tools`` (apply_chat_template(...,
+# tools=[schemas])) a system turn names them, and an assistant message's ``tool_calls`` render as Hermes-style
+# <tool_call>{"name": ..., "arguments": ...}</tool_call> blocks (what the `hermes` parser reads back); tool
+# results are turns of role "tool". Kept short: every character is a token for the char tokenizer.
 CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\ntools: ' }}"
+    "{% for t in tools %}{{ (t.function.name if t.function is defined else t.name) }}"
+    "{% if not loop.last %}{{ ', ' }}{% endif %}{% endfor %}{{ '<|im_end|>\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') }}"
+    "{% for call in message.get('tool_calls') or [] %}{% set f = call.function if call.function is defined else call %}"
+    "{{ '<tool_call>{\"name\": \"' + f.name + '\", \"arguments\": ' + (f.arguments if f.arguments is string else f.arguments | tojson) + '}</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )

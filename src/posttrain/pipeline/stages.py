@@ -30,6 +30,7 @@ from rich.table import Table
 from posttrain.config import (
     RECIPE_CONFIGS,
     ConfigError,
+    EnvConfig,
     ModelConfig,
     config_from_dict,
     dict_doc,
@@ -69,6 +70,8 @@ class EvalConfig:
     max_new_tokens: int = doc(64, "generation budget")
     baseline: bool = doc(False, "also evaluate the model the first stage starts from")
     engine: Literal["native", "vllm"] = doc("native", "rollout engine for the evaluation: native | vllm")
+    env: EnvConfig = doc(EnvConfig(), "multi-turn environment the answers are episodes in (name empty: single-turn)")
+    episode_tokens: int = doc(0, "with env: most tokens of an episode, prompt included (0: the model's context)")
 
     def check(self) -> None:
         if self.split != "test" and is_data_file(self.data):
@@ -104,6 +107,7 @@ class StageConfig:
     )
     config: dict = dict_doc("the recipe's config (any field; model defaults to the previous stage's output)")
     make_pairs: PairsConfig = doc(PairsConfig(), "preference / reward_model stages: make pairs from the starting model")
+    eval_env: bool = doc(True, "evaluate with eval.env (false: single-turn, e.g. a control branch without tools)")
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ class StagePlan:
     control_of: str = ""
     start_stage: str = ""  # the earlier stage whose model this one starts from ("" for a model path)
     extra: dict = field(default_factory=dict)
+    eval_env: bool = True  # evaluated in the pipeline's eval.env (StageConfig.eval_env)
 
     @property
     def final(self) -> Path:
@@ -230,7 +235,17 @@ def plan(cfg: PipelineConfig) -> list[StagePlan]:
             rcfg = replace(rcfg, data=replace(rcfg.data, path=str(out / "pairs.jsonl")))
         start_stage = next((n for n, p in finals.items() if p == model_path), "")
         plans.append(
-            StagePlan(stage.name, stage.recipe, out, rcfg, model_path, ref_label, pairs, start_stage=start_stage)
+            StagePlan(
+                stage.name,
+                stage.recipe,
+                out,
+                rcfg,
+                model_path,
+                ref_label,
+                pairs,
+                start_stage=start_stage,
+                eval_env=stage.eval_env,
+            )
         )
     if errors:
         raise ConfigError(
@@ -263,13 +278,15 @@ def plan(cfg: PipelineConfig) -> list[StagePlan]:
                 base.ref_label,
                 control_of=base.name,
                 start_stage=base.start_stage,
+                eval_env=base.eval_env,
             )
         )
     return plans
 
 
-def evaluate_stage_model(model_dir: str, cfg: PipelineConfig) -> dict:
-    """A model directory scored on the pipeline's held-out set (``cfg.eval``), as the summary records it."""
+def evaluate_stage_model(model_dir: str, cfg: PipelineConfig, env: bool = True) -> dict:
+    """A model directory scored on the pipeline's held-out set (``cfg.eval``), as the summary records it;
+    ``env``: in ``cfg.eval.env``'s episodes when it names one (a stage's ``eval_env``)."""
     e = cfg.eval
     return evaluate_model_dir(
         model_dir,
@@ -284,6 +301,8 @@ def evaluate_stage_model(model_dir: str, cfg: PipelineConfig) -> dict:
         max_new_tokens=e.max_new_tokens,
         seed=cfg.seed,
         engine=e.engine,
+        env=e.env if env and e.env.enabled else None,
+        max_length=e.episode_tokens,
     ).to_json()
 
 
@@ -304,7 +323,7 @@ def _pair_eval(stage_dir: Path) -> dict:
 
 
 def _stage_eval(p: StagePlan, cfg: PipelineConfig) -> dict:
-    return _pair_eval(p.dir) if p.recipe == "reward_model" else evaluate_stage_model(str(p.final), cfg)
+    return _pair_eval(p.dir) if p.recipe == "reward_model" else evaluate_stage_model(str(p.final), cfg, p.eval_env)
 
 
 def _make_pairs(plan_: StagePlan) -> int:

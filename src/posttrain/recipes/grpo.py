@@ -72,11 +72,13 @@ def compute_advantages(rewards_PG: torch.Tensor, cfg: GRPOConfig) -> torch.Tenso
 
 
 def sequences(groups: list[Group], mask_truncated: bool) -> list[tuple[Example, bool]]:
-    """Flatten groups into (prompt + completion example, trained?) in group order."""
+    """Flatten groups into (prompt + completion example, trained?) in group order; the example's mask is
+    the completion's sampled mask (multi-turn: environment tokens are context, never loss)."""
     out = []
     for g in groups:
-        for ids, trunc in zip(g.completion_ids, g.truncated):
-            ex = Example(g.prompt_ids + ids, (0,) * len(g.prompt_ids) + (1,) * len(ids))
+        for i, (ids, trunc) in enumerate(zip(g.completion_ids, g.truncated)):
+            # Only sampled tokens are trained: a multi-turn completion's environment tokens get mask 0.
+            ex = Example(g.prompt_ids + ids, (0,) * len(g.prompt_ids) + g.sampled_mask(i))
             out.append((ex, not (mask_truncated and trunc)))
     return out
 

@@ -141,7 +141,10 @@ def engine_logps(groups: list[Group], mask_NL: torch.Tensor) -> torch.Tensor | N
     if any(g.logps is None for g in groups):
         return None
     out = torch.zeros_like(mask_NL)
-    for n, lp in enumerate(lp for g in groups for lp in g.logps):
+    # The completion layout holds sampled tokens only (a multi-turn completion's environment tokens are not
+    # in it), so the engine's log-probs are taken at the sampled positions.
+    sampled = [[x for x, m in zip(lp, g.sampled_mask(i)) if m] for g in groups for i, lp in enumerate(g.logps)]
+    for n, lp in enumerate(sampled):
         k = int(mask_NL[n].sum())
         out[n, :k] = torch.tensor(lp[:k], dtype=out.dtype)
     return out

@@ -6,6 +6,7 @@ loss (token mean over the step), backward per micro-batch -> clip, AdamW step ->
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -46,6 +47,12 @@ def corpus_of(rows: Rows) -> list[str]:
         for k in ("text", "prompt", "completion", "chosen", "rejected"):
             if isinstance(r.get(k), str):
                 out.append(r[k])
+        for m in r.get("messages") or []:  # a conversation: its turns, tool calls as the template writes them
+            out.append(m.get("content") or "")
+            for call in m.get("tool_calls") or []:
+                f = call.get("function", call)
+                args = f["arguments"] if isinstance(f["arguments"], str) else json.dumps(f["arguments"])
+                out.append(f'<tool_call>{{"name": "{f["name"]}", "arguments": {args}}}</tool_call>')
     return out
 
 

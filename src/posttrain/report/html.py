@@ -39,6 +39,12 @@ CHARTS: tuple[ChartSpec, ...] = (
     ChartSpec(
         "Completion length (tokens)", ("completion_len/mean",), band=("completion_len/min", "completion_len/max")
     ),
+    ChartSpec(
+        "Episodes: per trajectory",
+        ("episode/turns", "episode/tool_calls", "episode/tool_errors", "episode/parse_errors"),
+        y_range=(0.0, None),
+    ),
+    ChartSpec("Episodes: stop reasons (share)", ("stop_reason/*",), y_range=(0.0, 1.0)),
     ChartSpec("KL to reference", ("kl",)),
     ChartSpec("Loss", ("loss", "eval_loss")),
     ChartSpec("Reward margin (chosen - rejected)", ("rewards/margin", "eval_rewards/margin")),
@@ -136,6 +142,7 @@ pre.config{background:#fff;border:1px solid var(--line);border-radius:6px;paddin
 .sample{background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px 10px;margin-bottom:8px}
 .sample .prompt{color:var(--muted);border-bottom:1px dashed var(--line);padding-bottom:4px;margin-bottom:4px}
 .sample pre.completion{max-height:220px;overflow:auto}
+.sample .env{display:block;background:#eef2ff;color:#3730a3;border-left:3px solid #818cf8;padding:0 6px;margin:2px 0}
 .badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;font-weight:600;margin-bottom:4px}
 .good{background:#dcfce7;color:#166534}.bad{background:#fee2e2;color:#991b1b}.mid{background:#fef3c7;color:#92400e}
 .na{background:#f3f4f6;color:var(--muted)}
@@ -331,12 +338,39 @@ def _expected(sample: dict):
     return None
 
 
+def _got(sample: dict) -> str:
+    """The answer the verifier read from a completion (``got``: a label, canonical JSON, a program's output
+    signature), as a note; empty when none was read."""
+    got = sample.get("got")
+    return f'<div class="note">got: {escape(as_text(got))}</div>' if got is not None else ""
+
+
+def _trajectory(s: dict) -> str:
+    """A multi-turn sample: the policy's turns as written, the environment's tokens (tool results, replies,
+    the template's boundaries) set apart, and the episode's turns / tool calls / stop reason."""
+    parts = "".join(
+        escape(as_text(text)) if who == "policy" else f'<span class="env">{escape(as_text(text))}</span>'
+        for who, text in s["segments"]
+    )
+    ep = s.get("episode") or {}
+    line = ", ".join(
+        f"{k.replace('_', ' ')}: {escape(as_text(ep[k]))}"
+        for k in ("turns", "tool_calls", "tool_errors", "stop_reason")
+        if k in ep
+    )
+    return f'<pre class="completion">{parts}</pre><div class="note">{line}</div>'
+
+
 def _sample_card(s: dict) -> str:
     answer = f' <span class="note">expected: {escape(as_text(expected))}</span>' if (expected := _expected(s)) else ""
+    body = (
+        _trajectory(s)
+        if s.get("segments")
+        else f'<pre class="completion">{escape(as_text(s.get("completion", "")))}</pre>'
+    )
     return (
         f'<div class="sample">{reward_badge(s.get("reward"))}{answer}'
-        f'<pre class="prompt">{escape(as_text(s.get("prompt", "")))}</pre>'
-        f'<pre class="completion">{escape(as_text(s.get("completion", "")))}</pre></div>'
+        f'<pre class="prompt">{escape(as_text(s.get("prompt", "")))}</pre>{body}{_got(s)}</div>'
     )
 
 
@@ -392,9 +426,9 @@ def eval_comparison(before: dict | None, before_label: str, after: dict | None, 
         answer = f'<div class="note">expected: {escape(as_text(expected))}</div>' if (expected := _expected(y)) else ""
         rows.append(
             f"<tr><td><pre>{escape(_pair_key(y))}</pre>{answer}</td>"
-            f"<td>{reward_badge(x.get('reward'))}<pre>{escape(as_text(x.get('completion', '')))}</pre></td>"
+            f"<td>{reward_badge(x.get('reward'))}<pre>{escape(as_text(x.get('completion', '')))}</pre>{_got(x)}</td>"
             f"<td{cls}>{reward_badge(y.get('reward'))}<pre>{escape(as_text(y.get('completion', '')))}</pre>"
-            f"</td></tr>"
+            f"{_got(y)}</td></tr>"
         )
     return (
         f'<p class="note">{len(pairs)} eval prompts paired: {up} improved, {down} got worse, '

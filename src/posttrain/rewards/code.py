@@ -26,15 +26,20 @@ once, like a judge's function harness); if a case hangs or kills the process, th
 in a fresh child. Stdio cases get one forked child each inside the same launch (fork from the already-started
 supervisor, no new interpreter), so RLIMIT_NPROC never sees more than init + supervisor + one program.
 When `partial` is off, the run stops at the first case that crashed or timed out (the reward is 0 anyway).
+
+The answer (what maj@k votes over and the diversity metrics count) is the program's output signature on the
+row's tests, `output_signature`: two programs written differently that output the same agree.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +52,8 @@ from posttrain.rewards.sandbox import Backend, Sandbox, SandboxLimits, SandboxRe
 _FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[^\n`]*\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = {"python", "py", "python3", "py3"}
 _DETAIL_CHARS = 200
+_SIGNATURE_CHARS = 240  # a longer output signature keeps its head and a hash of the whole
+_REMEMBERED_RUNS = 4096  # recent complete runs kept for the answer extractor
 
 
 def extract_program(completion: str) -> str:
@@ -356,7 +363,8 @@ class CodeVerifier:
     `bwrap_path`, `python` (interpreter used inside), `uid`/`gid` (the unprivileged ids the launcher drops to
     when run as root), `workers` (concurrent sandboxes in `batch`), resource limits (`memory_mb`, `file_size_mb`,
     `tmpfs_mb`, `max_procs`, `max_open_files`, `max_output_bytes`), `float_rel_tol` / `float_abs_tol`.
-    Raises SandboxUnavailable at construction when bubblewrap is missing or broken.
+    Raises SandboxUnavailable at construction when bubblewrap is missing or broken. Its answer to a row (maj@k,
+    the diversity metrics, the report) is the program's output signature: `extract_row_answers`, `gold_answer`.
     """
 
     name = "code"
@@ -402,6 +410,8 @@ class CodeVerifier:
             max_total_output_bytes=max(8 * max_output_bytes, 8 << 20),
         )
         self.sandbox = Sandbox(sandbox, bwrap_path=bwrap_path, python=python, uid=uid, gid=gid, limits=limits)
+        self._ran: dict[str, tuple[CaseResult, ...]] = {}  # recent complete runs by `_run_key` (insertion order)
+        self._lock = threading.Lock()
 
     def __call__(self, completion: str, **example: Any) -> CodeScore:
         if self.tests_column not in example:
@@ -416,9 +426,20 @@ class CodeVerifier:
         program = extract_program(as_text(completion))
         if not program.strip():
             return CodeScore(0.0, "no_code", program)
-        job = {"mode": plan.mode, "program": program, "cases": list(plan.cases), "fail_fast": not self.partial}
+        return self._run(plan, program, fail_fast=not self.partial, remember=True)
+
+    def _run(self, plan: TestPlan, program: str, *, fail_fast: bool, remember: bool = False) -> CodeScore:
+        job = {"mode": plan.mode, "program": program, "cases": list(plan.cases), "fail_fast": fail_fast}
         report = self.sandbox.run(job, self.timeout)
-        return self._grade(plan, program, report)
+        score = self._grade(plan, program, report)
+        # The RL diagnostics read the answers of the completions just scored: a run that reported every case
+        # is remembered (a digest, not the text), so that reading them does not run each program twice.
+        if remember and report.results is not None and all(c.status != "skipped" for c in score.cases):
+            with self._lock:
+                self._ran[_run_key(plan, program)] = score.cases
+                while len(self._ran) > _REMEMBERED_RUNS:
+                    self._ran.pop(next(iter(self._ran)))
+        return score
 
     def batch(self, completions: Sequence[str], tests: Sequence[Any]) -> list[CodeScore]:
         """Score `completions[i]` against `tests[i]`, running up to `workers` sandboxes at once."""
@@ -435,6 +456,42 @@ class CodeVerifier:
             if self.tests_column not in ex:
                 raise ValueError(f"an example has no {self.tests_column!r} column")
         return self.batch(completions, [ex[self.tests_column] for ex in examples])
+
+    # ------------------------------------------------------------------------ the answer
+
+    def extract_row_answers(
+        self, completions: Sequence[str], examples: Sequence[Mapping[str, Any]]
+    ) -> list[str | None]:
+        """Each completion's program's output signature on its row's tests (`output_signature`): what maj@k
+        votes over, the diversity metrics count and the report shows as "got". Each program runs once, every
+        case (no fail-fast), up to `workers` at once; one this verifier has just scored is not run again."""
+        if len(completions) != len(examples):
+            raise ValueError(f"{len(completions)} completions but {len(examples)} rows")
+        for ex in examples:
+            if self.tests_column not in ex:
+                raise ValueError(f"an example has no {self.tests_column!r} column")
+        if len(completions) <= 1:
+            return [self._answer(c, ex) for c, ex in zip(completions, examples)]
+        with ThreadPoolExecutor(max_workers=min(self.workers, len(completions))) as pool:
+            return list(pool.map(self._answer, completions, examples))
+
+    def _answer(self, completion: str, example: Mapping[str, Any]) -> str | None:
+        plan = parse_tests(example[self.tests_column])
+        program = extract_program(as_text(completion))
+        if not program.strip():
+            return None
+        with self._lock:
+            cases = self._ran.get(_run_key(plan, program))
+        if cases is None:
+            cases = self._run(plan, program, fail_fast=False).cases
+        return output_signature(plan.mode, cases)
+
+    def gold_answer(self, example: Mapping[str, Any]) -> str | None:
+        """The signature of a program that outputs what the row's tests expect; None without readable tests."""
+        try:
+            return expected_signature(parse_tests(example[self.tests_column]))
+        except (KeyError, ValueError):
+            return None
 
     # ------------------------------------------------------------------------ grading
 
@@ -485,6 +542,63 @@ class CodeVerifier:
             tuple_is_list=expected.json_source,
         )
         return CaseResult(passed, "ok", value=value, detail="" if passed else f"got {repr(value)[:_DETAIL_CHARS]}")
+
+
+# ---------------------------------------------------------------------------- the answer: an output signature
+
+
+def _plain(value: Any) -> Any:
+    """A JSON spelling of a decoded value in which values the comparison accepts as equal mostly spell alike:
+    tuples as lists (expected values from JSON have no tuples), floats to 12 significant digits, sets and dict
+    items sorted; types stay apart (1, 1.0, True and "1" differ, as they do in `values_match`)."""
+    if isinstance(value, float):
+        return value if not math.isfinite(value) else float(f"{value:.12g}")
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return {"set": sorted((_plain(v) for v in value), key=json.dumps)}
+    if isinstance(value, dict):
+        return {"dict": sorted(([_plain(k), _plain(v)] for k, v in value.items()), key=json.dumps)}
+    if isinstance(value, (complex, bytes)):
+        return {type(value).__name__: repr(value)}
+    return value  # None, bool, int, str
+
+
+def _signature(outputs: list[Any]) -> str:
+    text = json.dumps(outputs, ensure_ascii=False, separators=(",", ":"))
+    if len(text) <= _SIGNATURE_CHARS:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{text[: _SIGNATURE_CHARS - 30]}... sha256:{digest}"
+
+
+def output_signature(mode: str, cases: Sequence[CaseResult]) -> str | None:
+    """A program's answer to a row: canonical JSON of what it output on each case (stdio: the output lines as
+    they are compared; call: the returned value, `_plain`), a failed case as {"failed": status}; long ones
+    end in a hash of the whole. None when no case ran to the end: a program that never ran is no answer,
+    as a completion without a boxed answer is none."""
+    if not any(c.status == "ok" for c in cases):
+        return None
+    outputs = [
+        {"failed": c.status}
+        if c.status != "ok"
+        else "\n".join(normalize_output(c.stdout or ""))
+        if mode == "stdio"
+        else _plain(c.value)
+        for c in cases
+    ]
+    return _signature(outputs)
+
+
+def _run_key(plan: TestPlan, program: str) -> str:
+    return hashlib.sha256(json.dumps([program, plan.mode, plan.cases], default=repr).encode()).hexdigest()
+
+
+def expected_signature(plan: TestPlan) -> str:
+    """The signature of a program that outputs exactly what the tests expect (the row's gold answer)."""
+    if plan.mode == "stdio":
+        return _signature(["\n".join(normalize_output(e)) for e in plan.expected])
+    return _signature([_plain(e.value) for e in plan.expected])
 
 
 # ---------------------------------------------------------------------------- benchmark

@@ -18,7 +18,7 @@ import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from .base import NOT_APPLICABLE, Example, Score, VerifierError, as_text, columns_from_rows, verifier_name
 from .extract import gold_answer
@@ -35,6 +35,7 @@ BUILTINS: dict[str, str] = {
     "incorrect": "posttrain.rewards.spurious:IncorrectReward",
     "format_only": "posttrain.rewards.spurious:FormatOnlyReward",
     "reward_model": "posttrain.rewards.reward_model:RewardModelReward",
+    "env_reward": "posttrain.rewards.episode:EnvReward",
 }
 
 
@@ -156,7 +157,8 @@ class UserFunction:
         self.fn = fn
         self.form = form
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
-        # How maj@k reads this reward's answer: the function's own `extract_answer(text) -> str | None`.
+        # How maj@k reads this reward's answer: the function's own `extract_answer(text) -> str | None` (or its
+        # row-aware `extract_row_answers`, which `answer_reader` finds on the function).
         self.extract_answer = getattr(fn, "extract_answer", None)
 
     @staticmethod
@@ -284,13 +286,16 @@ def accepts_option(name: str, option: str) -> bool:
 
 __all__ = [
     "BUILTINS",
+    "AnswerReader",
     "UserFunction",
     "VerifierLoadError",
     "accepts_option",
     "add_search_dir",
+    "answer_reader",
     "check",
     "import_object",
     "load",
+    "per_text",
     "verifier_name",
 ]
 
@@ -316,12 +321,44 @@ def data_problems(
     return out
 
 
-def answer_reader(verifier: Any) -> tuple[Callable[[str], str | None] | None, Callable[[dict], str | None]]:
-    """(extract, gold): how maj@k, the diversity metrics and the report read a completion's final answer and a
-    row's gold answer for this verifier, both canonical, so equal answers compare equal. The built-ins (math,
-    json, label) define their own; a user function may expose ``fn.extract_answer`` (and ``fn.gold_answer``);
-    otherwise extract is None (maj@k not defined) and gold reads the row's ``answer`` / ``label`` column."""
+Answers = Callable[[Sequence[str], Sequence[Mapping[str, Any]]], list[str | None]]
+
+
+class AnswerReader(NamedTuple):
+    """How maj@k, the diversity metrics and the report read answers for one verifier (``answer_reader``).
+
+    answers(completions, rows)  each completion's final answer, canonical (equal answers spelled alike),
+                                read against the row it answers; None: no answer. Batched, because some
+                                answers need work per row (a program's answer is what it prints on the
+                                row's tests). None when the verifier has no answer extractor.
+    gold(row)                   the row's gold answer in the same spelling; None: the row has none.
+    """
+
+    answers: Answers | None
+    gold: Callable[[Mapping[str, Any]], str | None]
+
+
+def per_text(extract: Callable[[str], str | None]) -> Answers:
+    """A text-only extractor (``extract_answer(text)``) as a batched, row-aware one that ignores the rows."""
+
+    def answers(completions: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> list[str | None]:
+        return [extract(text) for text in completions]
+
+    return answers
+
+
+def answer_reader(verifier: Any) -> AnswerReader:
+    """The verifier's ``AnswerReader``. A verifier (or a user function) defines one of two extractors:
+    ``extract_row_answers(completions, rows) -> list[str | None]`` where the answer depends on the row (code:
+    the program's output signature on the row's tests), else ``extract_answer(text) -> str | None`` (math,
+    json, label: the answer is in the text); and ``gold_answer(row)``. Without an extractor ``answers`` is
+    None (maj@k not defined); without ``gold_answer`` gold reads the row's ``answer`` / ``label`` column."""
     inner = getattr(verifier, "fn", verifier)  # a UserFunction wraps the user's function
-    extract = getattr(verifier, "extract_answer", None) or getattr(inner, "extract_answer", None)
-    gold = getattr(verifier, "gold_answer", None) or getattr(inner, "gold_answer", None) or gold_answer
-    return extract, gold
+
+    def own(attr: str) -> Any:
+        return getattr(verifier, attr, None) or getattr(inner, attr, None)
+
+    answers = own("extract_row_answers")
+    if answers is None and (extract := own("extract_answer")) is not None:
+        answers = per_text(extract)
+    return AnswerReader(answers, own("gold_answer") or gold_answer)

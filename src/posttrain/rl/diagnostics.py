@@ -78,14 +78,19 @@ def zero_variance_split(
 
 def rollout_diagnostics(
     groups: Iterable,
-    answer_of: Callable[[str], str | None],
+    answers_of: Callable[[Sequence[str], Sequence[int]], list[str | None]],
     gold_of: Callable[[int], str | None],
     correct_of: Callable[[float], bool],
 ) -> dict[str, float]:
     """Both metric families for GRPO/PPO ``Group`` records (``row``, ``texts``, ``rewards``, and
-    ``components``, whose first verifier defines correctness)."""
+    ``components``, whose first verifier defines correctness). ``answers_of(texts, row_indices)`` reads every
+    completion's answer in one call (a program's answer needs its row and a sandbox run)."""
     groups = list(groups)
-    answers = [[answer_of(t) for t in g.texts] for g in groups]
+    flat = answers_of([t for g in groups for t in g.texts], [g.row for g in groups for _ in g.texts])
+    answers, start = [], 0
+    for g in groups:
+        answers.append(flat[start : start + len(g.texts)])
+        start += len(g.texts)
     correct = [[correct_of(x) for x in next(iter(g.components.values()))] for g in groups]
     return {
         **answer_diversity(answers, [gold_of(g.row) for g in groups]),

@@ -26,6 +26,19 @@ class Group:
     # The engine's sampling log-probs per completion token, when it was asked for them (the
     # off-policy correction of losses/importance.py compares them with the trainer's).
     logps: tuple[tuple[float, ...], ...] | None = None
+    # Multi-turn episodes (envs/): a completion is everything after the prompt -- the policy's turns and the
+    # environment's tokens between them -- and ``sampled_masks`` marks the tokens the policy sampled (1), the
+    # only ones that carry loss; ``episodes`` holds each trajectory's summary (turns, stop_reason, tool calls
+    # and errors, its segments for the report). None for single-turn groups (every token sampled).
+    sampled_masks: tuple[tuple[int, ...], ...] | None = None
+    episodes: tuple[dict, ...] | None = None
+
+    def sampled_mask(self, i: int) -> tuple[int, ...]:
+        """Completion i's loss mask: 1 on the tokens the policy sampled."""
+        return self.sampled_masks[i] if self.sampled_masks is not None else (1,) * len(self.completion_ids[i])
+
+    def num_sampled(self, i: int) -> int:
+        return sum(self.sampled_masks[i]) if self.sampled_masks is not None else len(self.completion_ids[i])
 
     @property
     def has_variance(self) -> bool:

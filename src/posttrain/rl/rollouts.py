@@ -22,6 +22,7 @@ from posttrain.data.collate import EpochSampler
 from posttrain.data.formats import reward_columns, validate
 from posttrain.data.io import DataError, read_rows
 from posttrain.data.tokenize import prompt_ids as encode_prompt
+from posttrain.envs import STOP_REASONS, EpisodeRunner
 from posttrain.models.loading import load_model
 from posttrain.rewards import build_reward, is_correct
 from posttrain.rewards.composite import RewardFault
@@ -79,23 +80,53 @@ def sample_groups(
     timing: dict,
     seeds: list[int] | None = None,
     where: list[str] | None = None,
+    runner: EpisodeRunner | None = None,
 ) -> list[Group]:
     """Steps 1-2 for the rows ``picked``: G samples each from ``engine`` (``seeds``: one per sample, see
     ``rollout_seeds``), scored by ``reward_fn`` (the dataset's extra columns reach the verifiers), as one
     Group per prompt. ``timing["reward"]`` gains the scoring time; ``where`` (``Rows.where``) names the data
     rows in a reward fault's message. Shared by every RL recipe (GRPO, PPO). The rewards are trained on as
     they come: ``reward_fn`` (a `RewardFunction`) has already failed or zeroed any non-finite one, per
-    ``reward_non_finite``."""
-    gen = engine.generate([prompt_ids[i] for i in picked], G, sampling, seeds=seeds)
-    texts = [tok.decode(c, skip_special_tokens=True) for c in gen.completion_ids]
+    ``reward_non_finite``.
+
+    With a ``runner`` (envs.EpisodeRunner) each sample is a multi-turn episode: its completion is the
+    trajectory after the prompt (the policy's turns and the environment's tokens, ``sampled_masks`` telling
+    them apart), its text the last policy turn (what final-answer verifiers score), and the rewards also see
+    the columns ``env_reward`` (the environment's summed step rewards) and ``stop_reason``."""
     row_of = [i for i in picked for _ in range(G)]
     columns = {k: [rows[i].get(k) for i in row_of] for k in reward_columns(rows[picked[0]])}
+    masks = episodes = None
+    if runner is None:
+        gen = engine.generate([prompt_ids[i] for i in picked], G, sampling, seeds=seeds)
+        completions, truncated, logps = gen.completion_ids, gen.truncated, gen.logps
+        texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
+        lengths = [len(c) for c in completions]
+    else:
+        turn_seeds = (
+            None if seeds is None else (lambda turn: [row_seeds((s,), range(turn, turn + 1))[0] for s in seeds])
+        )
+        eps = runner.run(engine, [rows[i] for i in picked], G, sampling, turn_seeds)
+        completions = [e.traj.completion_ids for e in eps]
+        truncated = [e.truncated for e in eps]
+        logps = [e.traj.completion_logps for e in eps] if sampling.return_logps else None
+        texts = [e.final_text for e in eps]
+        lengths = [e.traj.num_sampled for e in eps]
+        for k in range(len(picked)):
+            if len({tuple(e.traj.ids[: e.traj.prompt_len]) for e in eps[k * G : (k + 1) * G]}) > 1:
+                raise ValueError(
+                    f"environment {runner.name!r}: reset() gave different first observations for one row; a "
+                    "group's G episodes must start from the same prompt (draw randomness from the row, e.g. a seed column)"
+                )
+        masks = [tuple(e.traj.completion_mask) for e in eps]
+        episodes = [e.summary() for e in eps]
+        columns["env_reward"] = [e.env_reward for e in eps]
+        columns["stop_reason"] = [e.stop_reason for e in eps]
     t0 = time.time()
     scores = reward_fn(
         texts,
         [rows[i]["prompt"] for i in row_of],
         columns,
-        completion_lengths=[len(c) for c in gen.completion_ids],
+        completion_lengths=lengths,
         where=[where[i] for i in row_of] if where is not None else None,
     )
     timing["reward"] += time.time() - t0
@@ -106,17 +137,23 @@ def sample_groups(
             "the reward_non_finite policy"
         )
     faulty = [i // G for i in scores.non_finite]
+
+    def part(xs, k):
+        return None if xs is None else tuple(tuple(x) if isinstance(x, list) else x for x in xs[k * G : (k + 1) * G])
+
     return [
         Group(
             row,
-            tuple(prompt_ids[row]),
-            tuple(tuple(c) for c in gen.completion_ids[k * G : (k + 1) * G]),
+            tuple(prompt_ids[row]) if runner is None else tuple(eps[k * G].traj.ids[: eps[k * G].traj.prompt_len]),
+            part(completions, k),
             tuple(texts[k * G : (k + 1) * G]),
-            tuple(gen.truncated[k * G : (k + 1) * G]),
+            tuple(truncated[k * G : (k + 1) * G]),
             tuple(total[k * G : (k + 1) * G].tolist()),
             {n: tuple(v[k * G : (k + 1) * G]) for n, v in scores.components.items()},
             faulty.count(k),
-            None if gen.logps is None else tuple(tuple(x) for x in gen.logps[k * G : (k + 1) * G]),
+            part(logps, k),
+            part(masks, k),
+            None if episodes is None else tuple(episodes[k * G : (k + 1) * G]),
         )
         for k, row in enumerate(picked)
     ]
@@ -138,6 +175,7 @@ class Rollouts:
     reward_fn: object
     engine: object
     sampling: SamplingParams
+    runner: EpisodeRunner | None = None  # multi-turn episodes (cfg.env); None: single-turn
 
     @classmethod
     def build(cls, cfg, rows, model, tok) -> Rollouts:
@@ -156,11 +194,17 @@ class Rollouts:
             max_model_len=cfg.data.max_length,
         )  # prompt + completion
         # The engine's log-probs feed the mismatch metrics (vllm) and the off-policy correction.
+        runner = (
+            EpisodeRunner(cfg.env, tok, context=cfg.data.max_length, turn_tokens=cfg.max_completion_length)
+            if cfg.env.enabled
+            else None
+        )
         sampling = SamplingParams(
             cfg.max_completion_length,
             cfg.temperature,
             cfg.top_p,
             return_logps=cfg.rollout_engine != "native" or cfg.rollout_is != "none",
+            stop_ids=runner.stop_ids if runner is not None else (),
         )
         prompt_ids, usable = encode_prompts(tok, rows, cfg.data.max_length, cfg.max_completion_length)
         eval_rows = (
@@ -169,7 +213,7 @@ class Rollouts:
             else []
         )
         sampler = EpochSampler(len(usable), cfg.train.seed, shuffle=cfg.data.shuffle)
-        return cls(cfg, rows, tok, prompt_ids, usable, eval_rows, sampler, reward_fn, engine, sampling)
+        return cls(cfg, rows, tok, prompt_ids, usable, eval_rows, sampler, reward_fn, engine, sampling, runner)
 
     def start(self, run, model, state: dict, start: int) -> None:
         """Continue from a checkpoint's ``state`` (or start afresh: an empty one)."""
@@ -204,6 +248,7 @@ class Rollouts:
                 timing,
                 seeds,
                 self.rows.where,
+                self.runner,
             )
 
     def sync(self, model, dist) -> None:
@@ -225,6 +270,7 @@ class Rollouts:
                     self.eval_rows,
                     self.cfg,
                     self.engine if self.cfg.rollout_engine != "native" else None,
+                    self.runner,
                 )
                 if dist.is_main
                 else None
@@ -254,6 +300,8 @@ class Rollouts:
     def close(self) -> None:
         self.reward_fn.close()
         self.engine.close()
+        if self.runner is not None:
+            self.runner.close()
 
 
 def start_rl(cfg, recipe: str):
@@ -281,7 +329,7 @@ def load_reward_state(reward_fn, saved, dist) -> None:
 
 def rollout_metrics(groups: list[Group], stats) -> dict:
     totals = [r for g in groups for r in g.rewards]
-    lengths = [len(c) for g in groups for c in g.completion_ids]
+    lengths = [g.num_sampled(i) for g in groups for i in range(len(g.completion_ids))]  # the policy's tokens
     trunc = [t for g in groups for t in g.truncated]
     out = {
         "gen_rounds": stats.rounds,
@@ -309,6 +357,22 @@ def rollout_metrics(groups: list[Group], stats) -> dict:
         out[f"reward/{name}/std"] = v.std().item() if len(v) > 1 else 0.0
     first = [x for g in groups for x in g.components[names[0]]]
     out["accuracy"] = sum(is_correct(x) for x in first) / len(first)
+    out.update(episode_metrics([e for g in groups for e in g.episodes or ()]))
+    return out
+
+
+def episode_metrics(episodes: list[dict]) -> dict:
+    """Multi-turn rollouts: turns, tool calls, tool and parse errors per trajectory, the stop-reason mix."""
+    if not episodes:
+        return {}
+    n = len(episodes)
+    out = {
+        f"episode/{k}": sum(e[k] for e in episodes) / n
+        for k in ("turns", "tool_calls", "tool_errors", "parse_errors", "timeouts")
+    }
+    out["episode/template_rewrites"] = sum(e["rewrites"] for e in episodes)
+    for reason in STOP_REASONS:
+        out[f"stop_reason/{reason}"] = sum(e["stop_reason"] == reason for e in episodes) / n
     return out
 
 
@@ -325,6 +389,21 @@ def write_samples(
                 "completion": g.texts[0],
                 "reward": g.rewards[0],
             }
+            if g.episodes is not None:
+                # The whole trajectory, the policy's turns and the environment's tokens as separate segments.
+                sample["episode"] = g.episodes[0]
+                sample["segments"] = segments(tok, g.completion_ids[0], g.sampled_mask(0))
             if rows is not None and gold is not None:
                 sample["expected"] = gold(rows[g.row])
             fh.write(json.dumps(sample) + "\n")
+
+
+def segments(tok, ids, mask) -> list[list[str]]:
+    """[[who, text], ...]: the runs of a trajectory's tokens, "policy" where sampled, "env" elsewhere."""
+    out: list[list[str]] = []
+    start = 0
+    for t in range(1, len(ids) + 1):
+        if t == len(ids) or mask[t] != mask[start]:
+            out.append(["policy" if mask[start] else "env", tok.decode(list(ids[start:t]), skip_special_tokens=False)])
+            start = t
+    return out

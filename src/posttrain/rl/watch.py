@@ -21,6 +21,7 @@ from typing import Any
 from posttrain.evaluation import evaluate
 from posttrain.rewards import extract_answer, is_correct, load
 from posttrain.rewards.extract import gold_answer
+from posttrain.rewards.registry import AnswerReader, per_text
 from posttrain.rl.diagnostics import Alert, Monitor, canonical_answer, rollout_diagnostics
 from posttrain.runtime.files import atomic_write_json, keep_steps_upto
 
@@ -40,18 +41,18 @@ class RunWatch:
         start: int = 0,
         state: dict | None = None,
         writes: bool = True,
-        reader: tuple | None = None,
+        reader: AnswerReader | None = None,
     ):
         """``writes``: this process writes warnings.jsonl and best/ (under torchrun, rank 0; every rank
-        watches the same gathered metrics, so all take the same decisions). ``reader``: (extract, gold) of
+        watches the same gathered metrics, so all take the same decisions). ``reader``: the ``AnswerReader`` of
         the reward that defines correctness (``Rollouts.reader``), so the diversity metrics and the collapse
-        warning read a bare label or a JSON object as that verifier does; default: boxed answers and the
-        ``answer`` / ``label`` column."""
+        warning read a bare label, a JSON object or a program's outputs as that verifier does; default: boxed
+        answers and the ``answer`` / ``label`` column."""
         self.dir, self.cfg, self.rows, self.writes = Path(run_dir), cfg, rows, writes
         self.monitor = Monitor(cfg.diagnostics)
         self.best: dict | None = None
-        extract, self._gold = reader or (None, gold_answer)
-        self._read_answer = extract or canonical_answer(extract_answer)
+        answers, self._gold = reader or (None, gold_answer)
+        self._answers = answers or per_text(canonical_answer(extract_answer))
         self._is_correct = is_correct
         if state:
             self.monitor.load_state_dict(state.get("monitor", {}))
@@ -67,7 +68,12 @@ class RunWatch:
         return {"monitor": self.monitor.state_dict(), "best": self.best}
 
     def metrics(self, groups: list) -> dict[str, float]:
-        return rollout_diagnostics(groups, self._read_answer, lambda i: self._gold(self.rows[i]), self._is_correct)
+        return rollout_diagnostics(
+            groups,
+            lambda texts, rows: self._answers(texts, [self.rows[i] for i in rows]),
+            lambda i: self._gold(self.rows[i]),
+            self._is_correct,
+        )
 
     def check(self, step: int, metrics: dict) -> bool:
         """Turn the step's metrics into warnings: logged, appended to warnings.jsonl, flagged in the
@@ -102,7 +108,7 @@ class RunWatch:
         )
 
 
-def held_out_metrics(model, tokenizer, rows: list[dict], cfg: Any, engine=None) -> dict[str, float]:
+def held_out_metrics(model, tokenizer, rows: list[dict], cfg: Any, engine=None, runner=None) -> dict[str, float]:
     """Greedy accuracy on the held-out rows and, with ``eval_k``, pass@k at the sampling temperature:
     a pass@k that falls to the greedy figure means the policy no longer explores (the gap is logged)."""
     first = cfg.rewards[0]
@@ -118,6 +124,7 @@ def held_out_metrics(model, tokenizer, rows: list[dict], cfg: Any, engine=None) 
             max_new_tokens=cfg.max_completion_length,
             keep_samples=0,
             engine=engine,
+            runner=runner,
         )
     finally:
         getattr(check, "close", lambda: None)()  # its worker processes (math) go now, not when collected

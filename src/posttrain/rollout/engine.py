@@ -27,6 +27,8 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     return_logps: bool = False
+    # Tokens that end a completion besides the engine's EOS (kept, like EOS): a chat turn's end-of-turn token.
+    stop_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class Generation:
 
     prompt_ids: list[list[int]]  # P prompts
     completion_ids: list[list[int]]  # P * n completions, EOS kept, nothing after it
-    truncated: list[bool]  # hit max_new_tokens without EOS
+    truncated: list[bool]  # hit max_new_tokens without EOS (or a stop id)
     logps: list[list[float]] | None  # sampling log-probs per completion token, when asked for
 
     @property
@@ -96,6 +98,7 @@ class HFEngine(_OnPolicyWeights):
             raise ValueError("HFEngine samples with transformers' own RNG: per-row seeds need KVCacheEngine")
         seqs = [p for p in prompt_ids for _ in range(n)]
         eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
+        stops = [eos, *params.stop_ids]
         was_training = self.model.training
         self.model.eval()
         completions: list[list[int]] = []
@@ -114,7 +117,7 @@ class HFEngine(_OnPolicyWeights):
                     temperature=None if greedy else params.temperature,
                     top_p=None if greedy else params.top_p,
                     top_k=None if greedy else 0,
-                    eos_token_id=eos,
+                    eos_token_id=stops,
                     pad_token_id=pad,
                     use_cache=True,
                     return_dict_in_generate=True,
@@ -125,9 +128,10 @@ class HFEngine(_OnPolicyWeights):
                     # scores are the processed logits the sampler drew from (temperature, top-p applied)
                     step_logps = torch.stack(out.scores, 1).float().log_softmax(-1)  # (B, T_new, V)
                 for b, toks in enumerate(new):
-                    cut = toks.index(eos) + 1 if eos in toks else len(toks)
+                    ends = [i for i, t in enumerate(toks) if t in stops]
+                    cut = ends[0] + 1 if ends else len(toks)
                     completions.append(toks[:cut])
-                    truncated.append(eos not in toks)
+                    truncated.append(not ends)
                     if logps is not None:
                         idx = torch.tensor(toks[:cut], device=step_logps.device)
                         logps.append(step_logps[b, torch.arange(cut, device=idx.device), idx].tolist())
@@ -238,6 +242,7 @@ class KVCacheEngine(_OnPolicyWeights):
         truncated: list[bool] = []
         logps: list[list[float]] | None = [] if params.return_logps else None
         per_chunk = max(1, self.max_batch // n)
+        self._stops = torch.tensor(sorted({self.eos, *params.stop_ids}), device=next(self.model.parameters()).device)
         try:
             for s in range(0, len(prompt_ids), per_chunk):
                 chunk = prompt_ids[s : s + per_chunk]
@@ -306,7 +311,7 @@ class KVCacheEngine(_OnPolicyWeights):
             tokens_BN[rows_A[live_A], t] = nxt_A[live_A]
             if lp_A is not None:
                 logps_BN[rows_A[live_A], t] = lp_A[live_A]
-            ended_A = live_A & (nxt_A == self.eos)
+            ended_A = live_A & torch.isin(nxt_A, self._stops)
             length_B[rows_A[ended_A]] = t + 1
             done_A |= ended_A
             n_done = int(done_A.sum())
@@ -334,7 +339,8 @@ class KVCacheEngine(_OnPolicyWeights):
         lengths = length_B.tolist()
         toks = tokens_BN.tolist()
         completions = [row[:k] for row, k in zip(toks, lengths)]
-        truncated = [k == T_new and (k == 0 or row[k - 1] != self.eos) for row, k in zip(toks, lengths)]
+        stops = set(self._stops.tolist())
+        truncated = [k == T_new and (k == 0 or row[k - 1] not in stops) for row, k in zip(toks, lengths)]
         lps = None
         if logps_BN is not None:
             lps = [row[:k] for row, k in zip(logps_BN.tolist(), lengths)]
@@ -398,7 +404,7 @@ class KVCacheEngine(_OnPolicyWeights):
             tokens_BN[:, t] = torch.where(live_B, nxt_B, pad)
             if lp_B is not None:
                 logps_BN[:, t] = torch.where(live_B, lp_B, 0.0)
-            ended_B = live_B & (nxt_B == self.eos)
+            ended_B = live_B & torch.isin(nxt_B, self._stops)
             length_B = torch.where(ended_B, t + 1, length_B)
             done_B |= ended_B
             # Every row runs to the end of the chunk or until all are done (checked every 8 tokens:

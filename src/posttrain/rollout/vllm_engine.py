@@ -262,7 +262,7 @@ class VLLMEngine:
                 temperature=0.0 if greedy else params.temperature,
                 top_p=1.0 if greedy else params.top_p,
                 top_k=0,
-                stop_token_ids=[self.eos],
+                stop_token_ids=[self.eos, *params.stop_ids],
                 ignore_eos=True,
                 detokenize=False,
                 seed=seed,
@@ -279,7 +279,7 @@ class VLLMEngine:
             for o in req.outputs:
                 ids = list(o.token_ids)
                 completions.append(ids)
-                truncated.append(not ids or ids[-1] != self.eos)
+                truncated.append(not ids or ids[-1] not in (self.eos, *params.stop_ids))
                 if logps is not None:
                     logps.append([d[t].logprob for d, t in zip(o.logprobs, ids)])
         return Generation([list(p) for p in prompt_ids], completions, truncated, logps)

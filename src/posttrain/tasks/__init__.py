@@ -7,12 +7,14 @@ from posttrain.tasks.arithmetic import ArithmeticTask
 from posttrain.tasks.clauses import ClausesTask
 from posttrain.tasks.counting import CountingTask
 from posttrain.tasks.extraction import ExtractionTask
+from posttrain.tasks.toolcalc import ToolCalcTask
 
 BUILTIN_TASKS = {
     "arithmetic": ArithmeticTask,
     "counting": CountingTask,
     "clauses": ClausesTask,
     "extraction": ExtractionTask,
+    "tools": ToolCalcTask,
 }
 
 
