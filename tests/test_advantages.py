@@ -142,3 +142,22 @@ def test_batch_normalize_with_mask_matches_loop():
 def test_batch_normalize_constant_batch_is_zero():
     assert torch.equal(batch_normalize(torch.full((3, 4), 0.3)), torch.zeros(3, 4))
     assert torch.equal(batch_normalize(torch.ones(2, 2), mask=torch.zeros(2, 2)), torch.zeros(2, 2))
+
+
+def test_excluded_samples_leave_the_group_baseline_and_get_zero_advantage():
+    from posttrain.rl.advantages import group_advantages
+
+    nan = float("nan")
+    r = torch.tensor([[1.0, 0.0, nan, 1.0], [0.5, nan, nan, 0.5], [1.0, 0.0, 0.0, 0.0]])
+    valid = ~torch.isnan(r)
+    for scale in ("std", "none"):
+        adv = group_advantages(r, scale=scale, valid_PG=valid)
+        # row 0: a slow reference over the valid samples only
+        v = torch.tensor([1.0, 0.0, 1.0])
+        want = v - v.mean()
+        if scale == "std":
+            want = want / (v.std() + 1e-6)
+        assert torch.allclose(adv[0, [0, 1, 3]], want) and adv[0, 2] == 0
+        assert (adv[1] == 0).all()  # the valid rewards are equal: no signal
+        assert torch.allclose(adv[2], group_advantages(r[2:], scale=scale)[0])  # nothing excluded: unchanged
+        assert not torch.isnan(adv).any()

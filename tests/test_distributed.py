@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from posttrain.commands.main import main
 from posttrain.models.checkpoint import latest_checkpoint
+from posttrain.models.tiny import build_tiny_model, build_tokenizer
 from posttrain.rl.groups import Group, collect_groups
 from posttrain.runtime.tracking import read_metrics
 
@@ -97,6 +98,13 @@ def recipes(pairs: Path, world: int) -> dict[str, list[str]]:
         "rm": ["reward-model", *TINY, f"data.path={pairs}", *data],
         "grpo": ["grpo", *TINY, *RL, "dynamic_sampling=true", "max_gen_batches=3", "scale=batch", "num_iterations=2"],
         "ppo": ["ppo", *TINY, *RL, "critic.lr=3e-3", "ppo_epochs=2", "num_mini_batches=2"],
+        # a judge (a local causal LM) as the reward: each rank judges its own completions
+        "grpo_judge": [
+            "grpo",
+            *TINY,
+            *RL,
+            f"rewards=[toy_rewards:parity, {{name: judge, options: {{path: {pairs.parent / 'judge'}}}}}]",
+        ],
         # multi-turn episodes (a game: every turn without the right guess gets a reply and goes on)
         "grpo_env": [
             "grpo",
@@ -130,6 +138,9 @@ def single(tmp_path_factory):
         for r in get_task("arithmetic").rows(40):
             wrong = r["completion"].replace(f"{{{r['answer']}}}", f"{{{int(r['answer']) + 1}}}")
             fh.write(json.dumps({"prompt": r["prompt"], "chosen": r["completion"], "rejected": wrong}) + "\n")
+    judge_tok = build_tokenizer("char")
+    build_tiny_model("tiny", judge_tok, seed=5).save_pretrained(root / "judge")
+    judge_tok.save_pretrained(root / "judge")
     with (root / "guess.jsonl").open("w") as fh:
         for i in range(40):
             fh.write(

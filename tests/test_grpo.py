@@ -224,7 +224,7 @@ def test_kl_in_reward_subtracts_the_summed_sequence_kl_before_the_baseline(tmp_p
     cfg = _cfg(tmp_path, "beta=0.5", "kl_in=reward", "kl_estimator=k1", "train.micro_batch_size=8")
     seen = []
     real = grpo.compute_advantages
-    monkeypatch.setattr(grpo, "compute_advantages", lambda r, c: seen.append(r.clone()) or real(r, c))
+    monkeypatch.setattr(grpo, "compute_advantages", lambda r, c, v=None: seen.append(r.clone()) or real(r, c, v))
     ref_same = copy.deepcopy(tiny_model).requires_grad_(False)
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

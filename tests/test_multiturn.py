@@ -394,8 +394,12 @@ def test_multi_turn_resume_is_exact(tmp_path, game_rows):
 def test_tool_task_sft_rows_follow_trl_conventions(char_tok):
 
     task = get_task("tools")
-    rows = task.sft_rows(100)
-    assert sum(any(m.get("tool_calls") for m in r["messages"]) for r in rows) == 50  # tool_share 0.5, exactly
+    rows = task.sft_rows(400)
+    calls = [any(m.get("tool_calls") for m in r["messages"]) for r in rows]
+    taught = [r["messages"][0]["content"].startswith(("What is", "Multiply")) for r in rows]
+    share = lambda want: sum(c for c, t in zip(calls, taught) if t == want) / sum(t == want for t in taught)
+    # the call is shown mostly on the first two phrasings (tool_share 0.9), less on the others (0.3)
+    assert 0.82 < share(True) < 0.97 and 0.2 < share(False) < 0.4
     assert CALCULATOR_SCHEMA == Toolbox([calculator]).schemas[0]  # SFT shows the template what RL's env gives
     held = {r["prompt"] for r in task.rows(200, split="test")}
     assert not held & {r["messages"][0]["content"] for r in rows}

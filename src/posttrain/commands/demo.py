@@ -47,6 +47,8 @@ FAST_OVERRIDES = {
     "rm": {"train": {"steps": 5, "eval_every": 5}},
     "ppo": {"train": {"steps": 3}, "prompts_per_step": 4, "num_generations": 4, "critic": {"warmup_steps": 1}},
     "sft_direct": {"train": {"steps": 30}},
+    "judge": {"train": {"steps": 5}},
+    "grpo_judge": {"train": {"steps": 3}, "prompts_per_step": 4, "num_generations": 4, "eval_examples": 8, "eval_k": 2},
     "grpo_direct": {"train": {"steps": 3}, "prompts_per_step": 4, "num_generations": 4, "eval_examples": 8},
 }
 TOOL_TASK = "tools"  # its own pipeline (demo_tools.yaml): tool-call SFT -> multi-turn GRPO, and a no-tool control
@@ -64,6 +66,17 @@ def rlhf_stages(demo_stages: list[dict]) -> list[dict]:
     return [by_name["pretrain"], by_name["sft"], *_task_yaml("demo_rlhf.yaml")["stages"], grpo]
 
 
+def judge_stages(demo_stages: list[dict]) -> list[dict]:
+    """The judge branch (demo_judge.yaml): the task's pretrain and SFT stages, a judge trained from the SFT
+    model's samples, then GRPO against the judge and GRPO against the verifier, both from SFT with the
+    task's GRPO settings."""
+    by_name = {s["name"]: s for s in demo_stages}
+    grpo = {**by_name["grpo"], "config": {**by_name["grpo"]["config"], "model": "sft"}}
+    judge, grpo_judge = _task_yaml("demo_judge.yaml")["stages"]
+    grpo_judge = {**grpo_judge, "config": {**grpo["config"], **grpo_judge["config"]}}
+    return [by_name["pretrain"], by_name["sft"], judge, grpo_judge, grpo]
+
+
 def demo_config(fast: bool, output_dir: str, rlhf: bool = False, task: str = "arithmetic") -> dict:
     """The demo pipeline as plain data: the arithmetic pipeline (``use_task`` swaps in another task's data),
     or for the tool task its own (demo_tools.yaml)."""
@@ -74,19 +87,26 @@ def demo_config(fast: bool, output_dir: str, rlhf: bool = False, task: str = "ar
         data["stages"] = rlhf_stages(data["stages"])
     if fast:
         data["eval"].update(examples=40, k=2 if task != TOOL_TASK else 0)
-        for stage in data["stages"]:
-            extra = FAST_OVERRIDES.get(stage["name"], {})
-            for key, value in extra.items():
-                if isinstance(value, dict):
-                    stage["config"].setdefault(key, {}).update(value)
-                else:
-                    stage["config"][key] = value
-            if stage.get("make_pairs"):
-                stage["make_pairs"]["limit"] = 40
-                if stage["recipe"] == "reward_model":
-                    # A 30-step SFT model never answers correctly, so the math verifier would make no
-                    # pair; random labels run the same code path (a smoke test, not a result).
-                    stage["make_pairs"]["verifier"] = "random"
+        data = _fast_stages(data, [s["name"] for s in data["stages"]])
+    return data
+
+
+def _fast_stages(data: dict, names) -> dict:
+    """``--fast``: the stages ``names`` cut to a few steps (FAST_OVERRIDES), their pairs to a few prompts."""
+    for stage in data["stages"]:
+        if stage["name"] not in names:
+            continue
+        for key, value in FAST_OVERRIDES.get(stage["name"], {}).items():
+            if isinstance(value, dict):
+                stage["config"] = {**stage["config"], key: {**stage["config"].get(key, {}), **value}}
+            else:
+                stage["config"] = {**stage["config"], key: value}
+        if stage.get("make_pairs"):
+            stage["make_pairs"] = {**stage["make_pairs"], "limit": 40, "judge_eval_prompts": 10}
+            if stage["recipe"] == "reward_model":
+                # A 30-step SFT model never answers correctly, so the math verifier would make no
+                # pair; random labels run the same code path (a smoke test, not a result).
+                stage["make_pairs"]["verifier"] = "random"
     return data
 
 
@@ -106,6 +126,8 @@ def check_targets(summary: dict, controls: tuple[str, ...] = ()) -> list[str]:
             continue
         acc = e["eval"]["greedy_accuracy"]
         start = accs.get(e.get("start_stage", ""))
+        if e.get("start_stage") == "" and prev is not None:  # a branch from a model path, not from a stage
+            prev = None
         if start is not None:  # a branch: compare with the stage it started from, not the one listed before
             prev = (start["name"], start["eval"]["greedy_accuracy"], start["eval"].get("greedy_ci", (0.0, 1.0)))
         if prev is not None:
@@ -131,6 +153,30 @@ def check_targets(summary: dict, controls: tuple[str, ...] = ()) -> list[str]:
                 f"{e['eval'].get('majority_answer')!r}: {100 * e['eval']['majority_baseline']:.1f}%)"
             )
         prev = (e["name"], acc, e["eval"].get("greedy_ci", (0.0, 1.0)))
+    return lines
+
+
+def judge_targets(summary: dict) -> list[str]:
+    """The judge demo's promise: GRPO against the trained judge gains >= 70% of what GRPO against the verifier
+    gains from the same SFT start (both measured by the verifier on held-out prompts)."""
+    by = {e["name"]: e["eval"] for e in summary["stages"]}
+    if not all(k in by for k in ("sft", "judge", "grpo_judge", "grpo")):
+        return []
+    sft, judged, verified = (by[k]["greedy_accuracy"] for k in ("sft", "grpo_judge", "grpo"))
+    j = by["judge"]
+    lines = [
+        f"judge: agrees with the verifier on {100 * j['judge_accuracy']:.1f}% of held-out samples "
+        f"[{100 * j['judge_ci'][0]:.1f}, {100 * j['judge_ci'][1]:.1f}] (false positives {100 * j['false_positive_rate']:.1f}%)"
+    ]
+    gain_j, gain_v = judged - sft, verified - sft
+    if gain_v <= 0:
+        lines.append(f"GRPO with the verifier gained {100 * gain_v:+.1f} points: no gain to compare the judge's with")
+        return lines
+    share = gain_j / gain_v
+    lines.append(
+        f"GRPO with the judge {100 * gain_j:+.1f} points vs with the verifier {100 * gain_v:+.1f}: {100 * share:.0f}% "
+        f"of the verifier's gain (target >= 70%: {'met' if share >= 0.7 else 'NOT met'})"
+    )
     return lines
 
 
@@ -181,12 +227,26 @@ def main(argv: list[str]) -> int:
         "environment, multi-turn GRPO against a single-turn control)",
     )
     p.add_argument(
+        "--judge",
+        action="store_true",
+        help="the judge branch on the clauses task: a generative judge trained from the SFT model's samples under "
+        "the label verifier, then GRPO against the judge (verifier logged only) beside GRPO against the verifier",
+    )
+    p.add_argument(
         "--evidence",
         action="store_true",
         help="also a random-reward control and a dynamic-sampling ablation of the GRPO stage",
     )
     a = p.parse_args(argv)
-    default = "runs/demo" + ("-rlhf" if a.rlhf else "") + ("" if a.task == "arithmetic" else f"-{a.task}")
+    if a.judge and (a.rlhf or a.evidence or a.task not in ("arithmetic", "clauses")):
+        p.error("--judge runs its own branch on the clauses task: --rlhf, --evidence and --task do not apply")
+    if a.judge:
+        a.task = "clauses"
+    default = (
+        "runs/demo"
+        + ("-rlhf" if a.rlhf else "-judge" if a.judge else "")
+        + ("" if a.task == "arithmetic" or a.judge else f"-{a.task}")
+    )
     out = Path(a.output or default)
     seeds = parse_seeds(a.seeds) if a.seeds else [a.seed]
     console = Console()
@@ -197,6 +257,10 @@ def main(argv: list[str]) -> int:
         data = demo_config(a.fast, str(out / f"seed{seed}" if a.seeds else out), rlhf=a.rlhf, task=a.task)
         if a.task != TOOL_TASK:
             data = use_task(data, a.task)
+        if a.judge:
+            data["stages"] = judge_stages(data["stages"])
+            if a.fast:  # the fast overrides were applied before the judge stages existed
+                data = _fast_stages(data, ("judge", "grpo_judge", "grpo"))
         if seed is not None:
             use_seed(data, seed)
         if a.evidence:
@@ -208,9 +272,9 @@ def main(argv: list[str]) -> int:
             continue  # under torchrun the tables are printed once, by rank 0
         console.print(format_table(summary))
         tools = a.task == TOOL_TASK
-        for line in check_targets(summary, ("grpo_direct",) if tools else ()) + (
-            tool_targets(summary) if tools else []
-        ):
+        controls = ("grpo_direct",) if tools else ("grpo_judge",) if a.judge else ()
+        extra = tool_targets(summary) if tools else judge_targets(summary) if a.judge else []
+        for line in check_targets(summary, controls) + extra:
             console.print(line)
         if a.evidence:
             ablation = run_ablation(Path(cfg.output_dir), cfg)

@@ -21,7 +21,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,9 +44,12 @@ from posttrain.data.io import DataError, read_rows, write_jsonl
 from posttrain.evaluation import evaluate_model_dir, versus_majority, wilson
 from posttrain.models.checkpoint import MARKER, is_complete
 from posttrain.models.loading import load_model
+from posttrain.pipeline.judge_data import hard_negatives, judge_accuracy, judge_rows
 from posttrain.pipeline.pairs import make_pairs
 from posttrain.report import build_report
 from posttrain.rewards import load as load_verifier
+from posttrain.rewards.judge import JudgeReward
+from posttrain.rewards.pairwise import PairwiseJudge
 from posttrain.run.loop import setup_logging
 from posttrain.run.preflight import pipeline_problems
 from posttrain.runtime import distributed
@@ -91,12 +94,37 @@ class PairsConfig:
     max_new_tokens: int = doc(64, "generation budget")
     pairs_per_prompt: int = doc(1, "pairs written per prompt")
     kto: bool = doc(False, "write KTO rows (prompt, completion, label) instead of pairs")
+    judge: bool = doc(
+        False,
+        "write a judge's SFT rows instead (the judge prompt of the `judge` reward for each sample -> the verifier's "
+        "Yes / No, balanced): an sft stage then trains a generative judge, evaluated against the verifier",
+    )
+    judge_eval_prompts: int = doc(100, "judge stages: held-out prompts (eval.data) whose samples measure the judge")
     engine: Literal["native", "vllm"] = doc("native", "rollout engine that samples: native | vllm")
     gold_column: str = doc(
         "",
         "column with a reference solution (e.g. completion): a prompt with no correct sample "
         "takes it as the chosen one, if the verifier accepts it (empty: off)",
     )
+    pairwise_judge: str = doc(
+        "",
+        "a judge model directory, or an earlier stage's name, that ranks the samples instead of the verifier "
+        "(RLAIF): each pair judged in both orders and averaged; position-inconsistent pairs, ties and judge "
+        "failures are counted, never preferences (empty: the verifier ranks)",
+    )
+    pairwise_judge_options: dict = dict_doc(
+        "the pairwise judge's options: template ({question}, {answer_a}, {answer_b}), labels (default [A, B]), "
+        "margin (default 0.1: an average within it of 0.5 is a tie), system, mode, ..."
+    )
+
+    def check(self) -> None:
+        if self.pairwise_judge and (self.kto or self.judge or self.gold_column):
+            raise ConfigError(
+                "pairwise_judge gives preferences between samples, not a verdict per sample: kto, judge and "
+                "gold_column need the verifier"
+            )
+        if "path" in self.pairwise_judge_options:
+            raise ConfigError("pairwise_judge_options.path: name the judge model in pairwise_judge")
 
 
 @dataclass(frozen=True)
@@ -148,6 +176,7 @@ RECIPE_MODULES = {
     "ppo": "posttrain.recipes.ppo",
 }
 PAIR_RECIPES = ("preference", "reward_model")  # stages that train on pairs, which make_pairs can write
+JUDGE_RECIPES = ("sft",)  # make_pairs with judge: true writes SFT rows
 
 
 @dataclass
@@ -225,11 +254,14 @@ def plan(cfg: PipelineConfig) -> list[StagePlan]:
         elif ref_label == "initial":
             ref_label = f"initial ({next((n for n, p in finals.items() if p == model_path), model_path)})"
         pairs = stage.make_pairs if stage.make_pairs.data else None
-        if pairs and stage.recipe not in PAIR_RECIPES:
+        if pairs and stage.recipe not in (JUDGE_RECIPES if pairs.judge else PAIR_RECIPES):
             errors.append(
-                f"stages[{i - 1}] ({stage.name}): make_pairs only applies to preference and reward_model stages"
+                f"stages[{i - 1}] ({stage.name}): make_pairs only applies to preference and reward_model stages "
+                f"(with judge: true, to sft stages)"
             )
             continue
+        if pairs and pairs.pairwise_judge in finals and pairs.pairwise_judge != stage.name:
+            pairs = replace(pairs, pairwise_judge=finals[pairs.pairwise_judge])  # an earlier stage's model
         if pairs:
             # The pairs file is the stage's training data; it is written before the stage trains.
             rcfg = replace(rcfg, data=replace(rcfg.data, path=str(out / "pairs.jsonl")))
@@ -322,8 +354,35 @@ def _pair_eval(stage_dir: Path) -> dict:
     }
 
 
+def _judge_eval(p: StagePlan, cfg: PipelineConfig) -> dict:
+    """A judge stage's evaluation: the trained judge against the verifier on samples of its starting model
+    (the policy it was made from) for held-out prompts."""
+    rows = read_rows(cfg.eval.data, cfg.eval.split, num_examples=p.pairs.judge_eval_prompts, seed=cfg.seed).rows
+    policy, tok = load_model(ModelConfig(path=p.start_model))
+    verifier = load_verifier(p.pairs.verifier, **cfg.eval.verifier_options)
+    judge = JudgeReward(path=str(p.final), cache=False)
+    try:
+        out = judge_accuracy(
+            judge,
+            policy,
+            tok,
+            rows[: p.pairs.judge_eval_prompts],
+            verifier,
+            n=p.pairs.n,
+            max_new_tokens=p.pairs.max_new_tokens,
+            seed=cfg.seed,
+        )
+    finally:
+        getattr(verifier, "close", lambda: None)()
+    return {**out, "identity": judge.identity()}
+
+
 def _stage_eval(p: StagePlan, cfg: PipelineConfig) -> dict:
-    return _pair_eval(p.dir) if p.recipe == "reward_model" else evaluate_stage_model(str(p.final), cfg, p.eval_env)
+    if p.recipe == "reward_model":
+        return _pair_eval(p.dir)
+    if p.pairs is not None and p.pairs.judge:
+        return _judge_eval(p, cfg)
+    return evaluate_stage_model(str(p.final), cfg, p.eval_env)
 
 
 def _make_pairs(plan_: StagePlan) -> int:
@@ -334,8 +393,9 @@ def _make_pairs(plan_: StagePlan) -> int:
         return sum(1 for line in path.read_text().splitlines() if line.strip())
     rows = read_rows(p.data, "train", seed=plan_.cfg.train.seed)
     data = rows.rows[: p.limit] if p.limit else rows.rows
+    ranker = dict(judge=PairwiseJudge(path=p.pairwise_judge, **p.pairwise_judge_options)) if p.pairwise_judge else {}
     model, tok = load_model(ModelConfig(path=plan_.start_model))
-    verifier = load_verifier(p.verifier)
+    verifier = None if ranker else load_verifier(p.verifier)
     try:
         out, stats = make_pairs(
             model,
@@ -343,20 +403,38 @@ def _make_pairs(plan_: StagePlan) -> int:
             data,
             verifier,
             p.n,
+            **ranker,
             max_new_tokens=p.max_new_tokens,
             temperature=p.temperature,
             pairs_per_prompt=p.pairs_per_prompt,
-            kto=p.kto,
+            kto=p.kto or p.judge,
             seed=plan_.cfg.train.seed,
             progress=plan_.cfg.train.progress,
             engine=p.engine,
             gold_column=p.gold_column,
         )
+        if p.judge:
+            negatives = hard_negatives(out, verifier, seed=plan_.cfg.train.seed)
+            out, counts = judge_rows(out + negatives, seed=plan_.cfg.train.seed)
     finally:
         getattr(verifier, "close", lambda: None)()
-    log.info("stage %s: %d pairs from %s (%s)", plan_.name, len(out), p.data, stats)
+    if p.judge:
+        log.info(
+            "stage %s: %d judge rows from %s (verifier said yes %d, no %d, %d of them near misses and master "
+            "keys of %d made; balanced)",
+            plan_.name,
+            len(out),
+            p.data,
+            counts["yes"],
+            counts["no"],
+            counts["near_misses"],
+            len(negatives),
+        )
+    else:
+        log.info("stage %s: %d pairs from %s (%s)", plan_.name, len(out), p.data, stats)
+    plan_.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(plan_.dir / "pairs_stats.json", asdict(stats))  # e.g. a judge's position consistency
     if out:
-        plan_.dir.mkdir(parents=True, exist_ok=True)
         write_jsonl(path, out)
     return len(out)
 
@@ -433,6 +511,8 @@ def run(cfg: PipelineConfig) -> dict:
             if made == 0 and dist.is_main:
                 # Every prompt's samples were all right or all wrong: nothing to prefer.
                 reason = "make_pairs found no prompt with both a correct and an incorrect sample"
+                if p.pairs.pairwise_judge:  # see pairs_stats.json: inconsistent, ties, judge failures
+                    reason = "the pairwise judge preferred no sample over another in both orders"
                 if p.recipe == "reward_model":  # its output is a reward model: the policy cannot stand in
                     raise DataError(f"stage {p.name}: {reason}; a reward model needs pairs to train on")
                 _pass_through(p, reason)
@@ -510,6 +590,11 @@ def format_table(summary: dict) -> Any:
         if ev.get("kind") == "pairs":  # a reward model: held-out pair accuracy
             acc, n = ev.get("pair_accuracy"), ev.get("n_pairs", 0)
             cell = "-" if acc is None else f"pairs {100 * acc:.1f}% (n={n})"
+            t.add_row(name, recipe, cell, "-", "-", f"{secs:.0f}s")
+            continue
+        if ev.get("kind") == "judge":  # a judge: its agreement with the verifier on held-out samples
+            lo, hi = ev["judge_ci"]
+            cell = f"judge {100 * ev['judge_accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n={ev['n_judged']})"
             t.add_row(name, recipe, cell, "-", "-", f"{secs:.0f}s")
             continue
         lo, hi = ev["greedy_ci"]

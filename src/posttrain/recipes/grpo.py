@@ -63,12 +63,13 @@ def make_policy_loss(cfg: GRPOConfig) -> PolicyLoss:
     return lambda lp, old, adv, m: cispo_loss(lp, old, per_token(adv), eps_high=cfg.eps_high)
 
 
-def compute_advantages(rewards_PG: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
+def compute_advantages(rewards_PG: torch.Tensor, cfg: GRPOConfig, valid_PG: torch.Tensor | None = None) -> torch.Tensor:
+    """``valid_PG``: False for samples without a reward (excluded judge failures): out of every baseline."""
     if cfg.advantage == "rloo":
-        adv = rloo_advantages(rewards_PG)
+        adv = rloo_advantages(rewards_PG, valid_PG)
     else:
-        adv = group_advantages(rewards_PG, scale="none" if cfg.scale in ("none", "batch") else "std")
-    return batch_normalize(adv) if cfg.scale == "batch" else adv
+        adv = group_advantages(rewards_PG, scale="none" if cfg.scale in ("none", "batch") else "std", valid_PG=valid_PG)
+    return batch_normalize(adv, mask=valid_PG) if cfg.scale == "batch" else adv
 
 
 def sequences(groups: list[Group], mask_truncated: bool) -> list[tuple[Example, bool]]:
@@ -79,7 +80,8 @@ def sequences(groups: list[Group], mask_truncated: bool) -> list[tuple[Example, 
         for i, (ids, trunc) in enumerate(zip(g.completion_ids, g.truncated)):
             # Only sampled tokens are trained: a multi-turn completion's environment tokens get mask 0.
             ex = Example(g.prompt_ids + ids, (0,) * len(g.prompt_ids) + g.sampled_mask(i))
-            out.append((ex, not (mask_truncated and trunc)))
+            excluded = g.excluded is not None and g.excluded[i]  # no reward to learn from
+            out.append((ex, not (mask_truncated and trunc) and not excluded))
     return out
 
 
@@ -387,7 +389,11 @@ def update_policy(
     if refs is not None and cfg.kl_in == "reward":
         # Subtract beta * (summed KL of the completion) from its reward, before the baseline.
         rewards_PG = rewards_PG - cfg.beta * sequence_kl(model, mbs, refs, cfg)[: len(seqs)].view_as(rewards_PG)
-    adv = torch.cat([global_advantages(rewards_PG, cfg, dist).flatten(), torch.zeros(1)])  # 0: the empty slot
+    valid_PG = torch.tensor([[not x for x in (g.excluded or (False,) * G)] for g in groups], dtype=torch.bool).view(
+        -1, G
+    )
+    adv = global_advantages(rewards_PG, cfg, dist, valid_PG).flatten()
+    adv = torch.cat([adv, torch.zeros(1)])  # 0: the empty slot
     advs = [adv[idx].to(device) for _, idx in mbs]
     old = frozen_logps(model, mbs, cfg.temperature) if cfg.num_iterations > 1 else None
     rollout = rollout_logps(groups, mbs)
@@ -464,14 +470,15 @@ def update_policy(
     return out
 
 
-def global_advantages(rewards_PG: torch.Tensor, cfg, dist) -> torch.Tensor:
+def global_advantages(rewards_PG: torch.Tensor, cfg, dist, valid_PG: torch.Tensor | None = None) -> torch.Tensor:
     """``compute_advantages`` of this rank's groups. Group baselines need only the rank's own (whole)
     groups; batch whitening needs every rank's, so they are gathered first and the rank's rows kept."""
     if cfg.scale != "batch" or not dist.enabled:
-        return compute_advantages(rewards_PG, cfg)
+        return compute_advantages(rewards_PG, cfg, valid_PG)
     parts = dist.gather(rewards_PG)
+    valid = dist.gather(valid_PG if valid_PG is not None else torch.ones_like(rewards_PG, dtype=torch.bool))
     start = sum(len(p) for p in parts[: dist.rank])
-    return compute_advantages(torch.cat(parts), cfg)[start : start + len(rewards_PG)]
+    return compute_advantages(torch.cat(parts), cfg, torch.cat(valid))[start : start + len(rewards_PG)]
 
 
 def aggregation_counts(cfg, mbs, dist=None) -> tuple[float, dict]:

@@ -29,6 +29,12 @@ class VerifierError(RuntimeError):
 # None, TRL's convention): left out of a weighted sum. Any other non-finite score is a fault.
 NOT_APPLICABLE = "not_applicable"
 
+# The status (`Score.reason`) of a judged reward (rewards.judge, rewards.rubric): a verdict; nothing to judge
+# (an empty answer, 0.0 without a judge call); no verdict from the judge (0.0 or, under on_failure="exclude",
+# a NaN the composite reward leaves out and reports); a programmatic gate failed (0.0, the rubric not asked).
+SCORED, POLICY_INVALID, JUDGE_FAILED, GATED = "scored", "policy_invalid", "judge_failed", "gated"
+STATUSES = (SCORED, POLICY_INVALID, JUDGE_FAILED, GATED)
+
 
 class Score(float):
     """A float that also says why it has its value. Behaves as a plain float everywhere.

@@ -7,6 +7,12 @@ as a number) is a verifier fault, and so is a row that no weighted component app
 `non_finite="error"` the call raises `RewardFault` naming the component, the row and the completion;
 under `"zero"` the value (or the row's total) is 0, a warning says so and `RewardScores.non_finite`
 lists the rows, for a metric. No clamped or NaN value ever reaches training.
+
+A judged reward (judge, rubric) tags each score with a status (base.STATUSES), counted per component in
+`RewardScores.status_counts`. Its NaN tagged "judge_failed" (on_failure="exclude": the judge gave no verdict)
+is no fault: like "does not apply" it is left out of the row's total, and a row where it hit a weighted
+component is listed in `RewardScores.excluded`: its total is not a measure of the completion (finite, the sum
+of the other components, 0 when none applies), and the RL round drops the sample from its group's advantages.
 """
 
 from __future__ import annotations
@@ -14,10 +20,10 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .base import NOT_APPLICABLE, VerifierError, score_all
+from .base import JUDGE_FAILED, NOT_APPLICABLE, STATUSES, VerifierError, score_all
 from .registry import accepts_option, load
 
 log = logging.getLogger("posttrain")
@@ -37,11 +43,19 @@ class RewardScores:
     A component may be NaN for a row (a user function returned None: "does not apply"); the total then
     sums the other components. `total` is always finite: `non_finite` lists the rows where a faulty
     value (or a row no weighted component applies to) was scored 0 under the "zero" policy.
+
+    `excluded` lists the rows whose total left out a weighted component's "judge_failed" NaN (a judge gave
+    no verdict, under on_failure="exclude"): train on none of them. `status_counts` counts the judged
+    rewards' statuses, keyed "<component key>/<status>" (e.g. {"judge/judge_failed": 2}); `row_statuses`
+    lists the rows of each (e.g. {"judge/judge_failed": (3, 7)}), for counts per group.
     """
 
     total: list[float]
     components: dict[str, list[float]]
     non_finite: tuple[int, ...] = ()
+    excluded: tuple[int, ...] = ()
+    status_counts: dict[str, int] = field(default_factory=dict)
+    row_statuses: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -94,11 +108,18 @@ class RewardFunction:
         examples = self._rows(n, prompts, columns, completion_lengths)
         components: dict[str, list[float]] = {}
         faults: list[tuple[int, str]] = []  # (row, what was wrong)
+        row_statuses: dict[str, list[int]] = {}
+        excluded: set[int] = set()
         for component in self.components:
             values = []
             for i, s in enumerate(score_all(component.verifier, completions, examples)):
-                v = float(s)
-                if not math.isfinite(v) and not (math.isnan(v) and getattr(s, "reason", "") == NOT_APPLICABLE):
+                v, reason = float(s), getattr(s, "reason", "")
+                if reason in STATUSES:
+                    row_statuses.setdefault(f"{component.key}/{reason}", []).append(i)
+                if math.isnan(v) and reason == JUDGE_FAILED:
+                    if component.weight != 0:
+                        excluded.add(i)
+                elif not math.isfinite(v) and not (math.isnan(v) and reason == NOT_APPLICABLE):
                     faults.append((i, f"reward {component.key!r} returned {v!r}"))
                     v = 0.0  # what "zero" trains on; "error" raises below
                 values.append(v)
@@ -107,6 +128,9 @@ class RewardFunction:
         for i in range(n):
             terms = [c.weight * components[c.key][i] for c in self.components if c.weight != 0]
             applied = [t for t in terms if not math.isnan(t)]
+            if i in excluded and not applied:
+                total.append(0.0)  # nothing else applies; the row is excluded, not a fault
+                continue
             if terms and not applied:
                 faults.append((i, "no weighted reward applies (every one returned None)"))
                 total.append(0.0)
@@ -118,7 +142,14 @@ class RewardFunction:
             total.append(value)
         if faults:
             self._fault(faults, completions, where)
-        return RewardScores(total=total, components=components, non_finite=tuple(sorted({i for i, _ in faults})))
+        return RewardScores(
+            total=total,
+            components=components,
+            non_finite=tuple(sorted({i for i, _ in faults})),
+            excluded=tuple(sorted(excluded)),
+            status_counts={key: len(rows) for key, rows in row_statuses.items()},
+            row_statuses={key: tuple(rows) for key, rows in row_statuses.items()},
+        )
 
     def _fault(self, faults: list[tuple[int, str]], completions: Sequence[str], where: Sequence[str] | None) -> None:
         row, what = faults[0]

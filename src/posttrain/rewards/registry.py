@@ -35,6 +35,8 @@ BUILTINS: dict[str, str] = {
     "incorrect": "posttrain.rewards.spurious:IncorrectReward",
     "format_only": "posttrain.rewards.spurious:FormatOnlyReward",
     "reward_model": "posttrain.rewards.reward_model:RewardModelReward",
+    "judge": "posttrain.rewards.judge:JudgeReward",
+    "rubric": "posttrain.rewards.rubric:RubricReward",
     "env_reward": "posttrain.rewards.episode:EnvReward",
 }
 

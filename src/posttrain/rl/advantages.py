@@ -50,6 +50,7 @@ def group_advantages(
     *,
     scale: Literal["std", "none"] = "std",
     eps: float = 1e-6,
+    valid_PG: Tensor | None = None,
 ) -> Tensor:
     """GRPO outcome advantages (Shao et al. 2024, arXiv 2402.03300, §4.1.2), (P, G):
 
@@ -57,7 +58,13 @@ def group_advantages(
         scale="none": A_pg =  R_pg - mean_g R_p                          (Dr. GRPO, arXiv 2503.20783)
 
     std is unbiased (N - 1); zero-variance groups give exactly 0 (module docstring).
+
+    ``valid_PG`` (bool): samples without a reward (a judge that gave no verdict, under ``on_failure:
+    exclude``) are left out: mean and std are over the group's valid samples, an invalid sample's advantage
+    is 0, and a group with fewer than 2 valid samples, or whose valid rewards are equal, gets 0.
     """
+    if valid_PG is not None and not bool(valid_PG.all()):
+        return _masked_group_advantages(_check_groups(rewards_PG), valid_PG.bool(), scale, eps)
     rewards = _check_groups(rewards_PG)
     centred_PG = rewards - rewards.mean(dim=-1, keepdim=True)
     if scale == "std":
@@ -70,7 +77,26 @@ def group_advantages(
     return torch.where(flat_P1, torch.zeros_like(adv_PG), adv_PG)
 
 
-def rloo_advantages(rewards_PG: Tensor) -> Tensor:
+def _masked_group_advantages(rewards: Tensor, valid: Tensor, scale: str, eps: float) -> Tensor:
+    """``group_advantages`` over each group's valid samples only (see its ``valid_PG``)."""
+    zero = torch.zeros_like(rewards)
+    r = torch.where(valid, rewards, zero)  # an excluded reward may be NaN: never in the sums
+    n_P1 = valid.sum(-1, keepdim=True).to(rewards.dtype)
+    mean_P1 = r.sum(-1, keepdim=True) / n_P1.clamp(min=1)
+    centred = torch.where(valid, r - mean_P1, zero)
+    if scale == "std":
+        std_P1 = ((centred**2).sum(-1, keepdim=True) / (n_P1 - 1).clamp(min=1)).sqrt()
+        adv = centred / (std_P1 + eps)
+    elif scale == "none":
+        adv = centred
+    else:
+        raise ValueError(f"unknown scale {scale!r}; expected 'std' or 'none'")
+    big = torch.finfo(rewards.dtype).max
+    flat_P1 = (torch.where(valid, r, -big).amax(-1) == torch.where(valid, r, big).amin(-1))[:, None] | (n_P1 < 2)
+    return torch.where(flat_P1 | ~valid, zero, adv)
+
+
+def rloo_advantages(rewards_PG: Tensor, valid_PG: Tensor | None = None) -> Tensor:
     """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024,
     arXiv 2402.14740), (P, G):
 
@@ -80,6 +106,14 @@ def rloo_advantages(rewards_PG: Tensor) -> Tensor:
     penalty must already be folded into R (RLOO puts the sequence-summed k1 in the reward).
     """
     rewards = _check_groups(rewards_PG)
+    if valid_PG is not None and not bool(valid_PG.all()):
+        # the leave-one-out baseline over the group's other valid samples (see group_advantages' valid_PG)
+        valid = valid_PG.bool()
+        r = torch.where(valid, rewards, torch.zeros_like(rewards))
+        n_P1 = valid.sum(-1, keepdim=True).to(rewards.dtype)
+        adv_PG = r - (r.sum(-1, keepdim=True) - r) / (n_P1 - 1).clamp(min=1)
+        flat = _masked_group_advantages(rewards, valid, "none", 0.0) == 0
+        return torch.where(flat | ~valid, torch.zeros_like(adv_PG), adv_PG)
     group_size = rewards.shape[1]
     baseline_PG = (rewards.sum(dim=-1, keepdim=True) - rewards) / (group_size - 1)
     adv_PG = rewards - baseline_PG

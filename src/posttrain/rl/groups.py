@@ -32,6 +32,11 @@ class Group:
     # and errors, its segments for the report). None for single-turn groups (every token sampled).
     sampled_masks: tuple[tuple[int, ...], ...] | None = None
     episodes: tuple[dict, ...] | None = None
+    # Samples without a reward to train on (a judge that gave no verdict, under on_failure: exclude): left out
+    # of the group's baseline, advantage 0, no loss. None: every sample counts.
+    excluded: tuple[bool, ...] | None = None
+    # Reward statuses counted over the group ("<reward>/<status>": judge_failed, policy_invalid, ...)
+    status_counts: dict | None = None
 
     def sampled_mask(self, i: int) -> tuple[int, ...]:
         """Completion i's loss mask: 1 on the tokens the policy sampled."""
@@ -41,8 +46,16 @@ class Group:
         return sum(self.sampled_masks[i]) if self.sampled_masks is not None else len(self.completion_ids[i])
 
     @property
+    def valid_rewards(self) -> tuple[float, ...]:
+        """The rewards of the samples that count (``excluded`` left out)."""
+        if self.excluded is None:
+            return self.rewards
+        return tuple(r for r, x in zip(self.rewards, self.excluded) if not x)
+
+    @property
     def has_variance(self) -> bool:
-        return max(self.rewards) - min(self.rewards) > 1e-9
+        valid = self.valid_rewards
+        return len(valid) >= 2 and max(valid) - min(valid) > 1e-9
 
 
 @dataclass(frozen=True)

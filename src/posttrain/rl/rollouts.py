@@ -32,7 +32,7 @@ from posttrain.rl.watch import RunWatch, held_out_metrics
 from posttrain.rollout import make_engine
 from posttrain.rollout.engine import SamplingParams, row_seeds
 from posttrain.run import loop
-from posttrain.runtime.files import keep_steps_upto
+from posttrain.runtime.files import atomic_write_json, keep_steps_upto
 
 log = logging.getLogger("posttrain")
 
@@ -130,6 +130,10 @@ def sample_groups(
         where=[where[i] for i in row_of] if where is not None else None,
     )
     timing["reward"] += time.time() - t0
+    components = dict(scores.components)
+    for c in getattr(reward_fn, "components", ()):  # a rubric's criteria, each logged as reward/<key>/<criterion>
+        for name, values in (getattr(c.verifier, "last_criteria", None) or {}).items():
+            components[f"{c.key}/{name}"] = list(values)
     total = torch.tensor(scores.total, dtype=torch.float32)
     if not torch.isfinite(total).all():  # never clamp a fault into a trainable number
         raise RewardFault(
@@ -137,6 +141,8 @@ def sample_groups(
             "the reward_non_finite policy"
         )
     faulty = [i // G for i in scores.non_finite]
+    excluded = set(getattr(scores, "excluded", ()))  # samples without a reward (judge failures under exclude)
+    statuses = getattr(scores, "row_statuses", None)  # {"<reward>/<status>": [row, ...]}
 
     def part(xs, k):
         return None if xs is None else tuple(tuple(x) if isinstance(x, list) else x for x in xs[k * G : (k + 1) * G])
@@ -149,11 +155,15 @@ def sample_groups(
             tuple(texts[k * G : (k + 1) * G]),
             tuple(truncated[k * G : (k + 1) * G]),
             tuple(total[k * G : (k + 1) * G].tolist()),
-            {n: tuple(v[k * G : (k + 1) * G]) for n, v in scores.components.items()},
+            {n: tuple(v[k * G : (k + 1) * G]) for n, v in components.items()},
             faulty.count(k),
             part(logps, k),
             part(masks, k),
             None if episodes is None else tuple(episodes[k * G : (k + 1) * G]),
+            tuple(i in excluded for i in range(k * G, (k + 1) * G)) if excluded else None,
+            {key: sum(k * G <= i < (k + 1) * G for i in rows_) for key, rows_ in statuses.items()}
+            if statuses
+            else None,
         )
         for k, row in enumerate(picked)
     ]
@@ -184,6 +194,9 @@ class Rollouts:
             workers=cfg.reward_workers,
             non_finite=cfg.reward_non_finite,
         )
+        for c in reward_fn.components:  # a judge trained against: its audit passes, or the run warns / refuses
+            if c.weight != 0 and callable(getattr(c.verifier, "audit_check", None)):
+                c.verifier.audit_check()
         engine = make_engine(
             cfg.rollout_engine,
             model,
@@ -216,8 +229,12 @@ class Rollouts:
         return cls(cfg, rows, tok, prompt_ids, usable, eval_rows, sampler, reward_fn, engine, sampling, runner)
 
     def start(self, run, model, state: dict, start: int) -> None:
-        """Continue from a checkpoint's ``state`` (or start afresh: an empty one)."""
+        """Continue from a checkpoint's ``state`` (or start afresh: an empty one). Writes ``rewards.json``:
+        each reward's name, weight, options and, for a judge or rubric, its identity (the model's fingerprint,
+        the template's hash, labels, mode)."""
         dist = run.dist
+        if dist.is_main:
+            atomic_write_json(run.dir / "rewards.json", reward_record(self.reward_fn))
         if state:
             with dist.unsharded(model):
                 self.engine.sync_weights()  # the checkpoint's weights replaced those the engine started from
@@ -283,6 +300,10 @@ class Rollouts:
         """The end of an RL step: the held-out evaluation when due, the diagnostics' verdict, the metrics
         and some sample completions written. True when ``stop_on`` says stop."""
         metrics.update(self.evaluate(run, model, step, last, watch))
+        for c in self.reward_fn.components:  # a judge's cache: calls answered without running the judge
+            if hasattr(c.verifier, "cache_hits"):
+                metrics[f"reward/{c.key}/cache_hits"] = run.dist.sum(c.verifier.cache_hits)
+                metrics[f"reward/{c.key}/cache_misses"] = run.dist.sum(c.verifier.cache_misses)
         stop = watch.check(step, metrics)
         run.tracker.log(step, metrics)
         every = self.cfg.samples_every
@@ -358,6 +379,12 @@ def rollout_metrics(groups: list[Group], stats) -> dict:
     first = [x for g in groups for x in g.components[names[0]]]
     out["accuracy"] = sum(is_correct(x) for x in first) / len(first)
     out.update(episode_metrics([e for g in groups for e in g.episodes or ()]))
+    n = sum(len(g.rewards) for g in groups)
+    for key in sorted({k for g in groups for k in g.status_counts or {}}):
+        # e.g. reward/judge/judge_failed: the share of the step's samples the judge gave no verdict for
+        out[f"reward/{key}"] = sum((g.status_counts or {}).get(key, 0) for g in groups) / n
+    if any(g.excluded for g in groups):
+        out["reward/excluded"] = sum(sum(g.excluded or ()) for g in groups) / n
     return out
 
 
@@ -406,4 +433,16 @@ def segments(tok, ids, mask) -> list[list[str]]:
         if t == len(ids) or mask[t] != mask[start]:
             out.append(["policy" if mask[start] else "env", tok.decode(list(ids[start:t]), skip_special_tokens=False)])
             start = t
+    return out
+
+
+def reward_record(reward_fn) -> list[dict]:
+    """What the run record says of each reward: its key, weight and, when it has one, its identity (a judge's
+    model fingerprint, template hash, labels and mode)."""
+    out = []
+    for c in reward_fn.components:
+        entry = {"key": c.key, "name": c.name, "weight": c.weight}
+        if callable(getattr(c.verifier, "identity", None)):
+            entry["identity"] = c.verifier.identity()
+        out.append(entry)
     return out

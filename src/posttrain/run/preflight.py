@@ -17,6 +17,7 @@ from posttrain.models import tiny
 from posttrain.models.checkpoint import is_complete
 from posttrain.models.loading import ModelError, tokenizer_problem
 from posttrain.models.scalar import check_scalar_dir
+from posttrain.rewards.pairwise import check_options as check_pairwise
 from posttrain.rewards.registry import VerifierLoadError, check, data_problems
 from posttrain.run.rundir import RunDirError, check_run_dir, config_diff, format_changes, is_safe, read_saved_config
 
@@ -134,7 +135,13 @@ def pipeline_problems(cfg: Any, plans: list) -> list[str]:
         if p.pairs is not None:
             if problem := check_source(p.pairs.data):
                 problems.append(f"{label}: make_pairs.data={p.pairs.data!r}: {problem}")
-            if problem := verifier_problem(p.pairs.verifier, {}):
+            if p.pairs.pairwise_judge:
+                judge = p.pairs.pairwise_judge
+                try:
+                    check_pairwise({**p.pairs.pairwise_judge_options, "path": judge}, path_exists=judge not in written)
+                except (ValueError, ModelError) as e:
+                    problems.append(f"{label}: make_pairs.pairwise_judge={judge!r}: {e}")
+            elif problem := verifier_problem(p.pairs.verifier, {}):
                 problems.append(f"{label}: make_pairs.verifier={p.pairs.verifier!r}: {problem}")
         problems += [f"{label}: {x}" for x in recipe_problems(p.cfg, will_exist=written | {pairs_file})]
         if is_complete(p.final):

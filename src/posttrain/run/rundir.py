@@ -43,6 +43,7 @@ RUN_FILES = (
     "metrics.jsonl",
     "samples.jsonl",
     "resumes.jsonl",
+    "rewards.json",
     "checkpoints",
     "final",
     "report.html",

@@ -1,0 +1,168 @@
+"""A generative judge you can train here: a verifier's labels on a model's own samples become judge data.
+
+    make-pairs with kto: every distinct sample of a prompt, labelled by the verifier (pairs.make_pairs)
+    hard_negatives:      near misses of the correct samples and the judge master keys, which the verifier
+                         rejects: what a policy trained against the judge would otherwise find first
+    judge_rows:          each (question, answer, label) as a chat SFT row, the prompt rendered exactly as the
+                         `judge` reward renders it (its template, the answer fenced), the completion "Yes" / "No"
+    SFT on those rows    (any SFT stage: a judge is a causal LM that answers the template)
+    judge_accuracy:      the trained judge against the verifier on held-out prompts' samples
+
+The labels are balanced (the majority label subsampled), so a judge that always says one thing scores 50% on
+its own training data, not the share of that label. This is GenRM's recipe (Zhang et al. 2024, P("Yes") as
+the score) with a program's verdicts as the labels: the judge learns the verifier where it can be measured,
+and the demo checks what a policy trained against it learns (``posttrain demo --judge``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from posttrain.data.formats import reward_columns
+from posttrain.data.tokenize import prompt_ids as encode_prompt
+from posttrain.evaluation.stats import wilson
+from posttrain.rewards import is_correct, score_all
+from posttrain.rewards.judge import DEFAULT_TEMPLATE, fill, prompt_values
+from posttrain.rollout.engine import KVCacheEngine, SamplingParams
+
+VERDICTS = ("No", "Yes")
+
+
+def judge_messages(
+    question: Any, answer: str, template: str = DEFAULT_TEMPLATE, system: str | None = None
+) -> list[dict]:
+    """The judge's chat prompt for one answer, as ``JudgeReward`` renders it (one-pass fill, fenced answer)."""
+    user = fill(template, prompt_values(answer, {"prompt": question}, 0, None))
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+
+def judge_rows(
+    labelled: Sequence[dict],
+    *,
+    template: str = DEFAULT_TEMPLATE,
+    system: str | None = None,
+    seed: int = 0,
+    balance: bool = True,
+) -> tuple[list[dict], dict]:
+    """KTO rows (``prompt``, ``completion``, ``label``) as judge SFT rows ``{"prompt": [messages],
+    "completion": [{"role": "assistant", "content": "Yes" | "No"}]}``, shuffled. Near misses
+    (``hard_negatives``) are kept up to the number of real wrong samples; with ``balance`` the more common
+    verdict is then subsampled to the other's count. Returns (rows, counts)."""
+    by_label: dict[bool, list[dict]] = {True: [], False: []}
+    rng = random.Random(seed)
+    real_no = sum(1 for r in labelled if not r["label"] and not r.get("near_miss"))
+    misses = [r for r in labelled if r.get("near_miss")]
+    # near misses teach the judge what a policy would try first, but the real wrong samples are the verdicts it
+    # must get right: at most as many near misses as real negatives
+    keep_misses = {id(r) for r in rng.sample(misses, min(len(misses), max(real_no, 1)))}
+    for r in labelled:
+        if r.get("near_miss") and id(r) not in keep_misses:
+            continue
+        answer = r["completion"] if isinstance(r["completion"], str) else r["completion"][-1]["content"]
+        by_label[bool(r["label"])].append(
+            {
+                "prompt": judge_messages(r["prompt"], answer, template, system),
+                "completion": [{"role": "assistant", "content": VERDICTS[bool(r["label"])]}],
+            }
+        )
+    counts = {"yes": len(by_label[True]), "no": len(by_label[False]), "near_misses": len(keep_misses)}
+    if balance and by_label[True] and by_label[False]:
+        k = min(len(by_label[True]), len(by_label[False]))
+        by_label = {label: rng.sample(rows, k) for label, rows in by_label.items()}
+    out = by_label[True] + by_label[False]
+    rng.shuffle(out)
+    counts["written"] = len(out)
+    return out, counts
+
+
+MASTER_KEYS = (":", "Thought process:", "Solution", "Let's solve this step by step.")
+
+
+def corruptions(text: str, rng: random.Random, k: int) -> list[str]:
+    """``k`` near misses of an answer (a character dropped, swapped, doubled or replaced; the answer cut short)
+    and the master keys that fool judges (Zhao et al. 2025): the negatives a judge must see, since a policy
+    trained against it will find them and its own samples rarely contain them."""
+    out = list(MASTER_KEYS)
+    body = text.strip()
+    for _ in range(k):
+        if len(body) < 2:
+            break
+        i = rng.randrange(len(body) - 1)
+        kind = rng.randrange(5)
+        if kind == 0:
+            cand = body[:i] + body[i + 1 :]
+        elif kind == 1:
+            cand = body[:i] + body[i + 1] + body[i] + body[i + 2 :]
+        elif kind == 2:
+            cand = body[: i + 1] + body[i] + body[i + 1 :]
+        elif kind == 3:
+            cand = body[:i] + rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") + body[i + 1 :]
+        else:
+            cand = body[: max(1, len(body) // 2)]
+        out.append(text[: len(text) - len(text.lstrip())] + cand)
+    return out
+
+
+def hard_negatives(
+    labelled: Sequence[dict], verifier: Callable[..., float], *, per_answer: int = 2, seed: int = 0
+) -> list[dict]:
+    """For each correct answer in ``labelled`` (KTO rows), its corruptions that the verifier rejects, as rows
+    labelled False (the verifier decides: a corruption that is still right is not a negative)."""
+    rng = random.Random(seed)
+    cands = []
+    for r in labelled:
+        if r["label"] and isinstance(r["completion"], str):
+            cands += [(r, c) for c in corruptions(r["completion"], rng, per_answer)]
+    if not cands:
+        return []
+    scores = score_all(verifier, [c for _, c in cands], [reward_columns(r) for r, _ in cands])
+    seen, out = set(), []
+    for (r, c), s in zip(cands, scores):
+        key = (str(r["prompt"]), c)
+        if s == s and not is_correct(s) and key not in seen:
+            seen.add(key)
+            out.append({**r, "completion": c, "label": False, "near_miss": True})
+    return out
+
+
+def judge_accuracy(
+    judge,
+    policy,
+    tok,
+    rows: Sequence[dict],
+    verifier: Callable[..., float],
+    *,
+    n: int = 4,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> dict:
+    """How often ``judge`` (a JudgeReward) agrees with ``verifier`` on ``n`` samples per held-out row from
+    ``policy``: accuracy with a Wilson interval over the samples, and the two error rates (a false positive is
+    a wrong answer the judge passes: the one a policy can exploit)."""
+    torch.manual_seed(seed)
+    engine = KVCacheEngine(policy, tok)
+    gen = engine.generate(
+        [encode_prompt(tok, r["prompt"]) for r in rows], n, SamplingParams(max_new_tokens, temperature=temperature)
+    )
+    texts = [tok.decode(c, skip_special_tokens=True) for c in gen.completion_ids]
+    examples = [{**reward_columns(r), "prompt": r["prompt"]} for r in rows for _ in range(n)]
+    gold = [is_correct(s) for s in score_all(verifier, texts, examples)]
+    scores = judge.score_batch(texts, examples)
+    said = [s >= 0.5 for s in scores]  # NaN (a judge failure under exclude) counts as "No"
+    agree = sum(a == b for a, b in zip(said, gold))
+    pos, neg = sum(gold), len(gold) - sum(gold)
+    return {
+        "kind": "judge",
+        "judge_accuracy": agree / max(1, len(gold)),
+        "judge_ci": wilson(agree, len(gold)),
+        "n_judged": len(gold),
+        "gold_positive_share": pos / max(1, len(gold)),
+        "false_positive_rate": sum(s and not g for s, g in zip(said, gold)) / max(1, neg),
+        "false_negative_rate": sum(g and not s for s, g in zip(said, gold)) / max(1, pos),
+        "judge_failed": sum(getattr(s, "reason", "") == "judge_failed" for s in scores),
+    }

@@ -1,0 +1,270 @@
+"""`rubric`: typed criteria, each judged by a local judge model, combined as a weighted normalized mean.
+
+    rewards:
+      - name: rubric
+        options:
+          path: runs/judge/final
+          criteria:
+            - {name: accurate, text: "The answer states the correct total.", weight: 3}
+            - {name: concise, text: "The answer is at most two sentences.", weight: 1}
+          gates: [{name: json, options: {schema: {type: object}}}]    # must pass before the rubric counts
+
+Each criterion is one judge call (rewards.judge: the same model options, labels, modes, statuses, cache and
+failure policy) on ``template`` with ``{criterion}`` (the criterion's text) beside ``{question}``,
+``{answer}`` and optionally ``{reference}``; all criteria x completions of a batch go to the judge in one
+batched pass. A completion's score is
+
+    sum_i w_i s_i / sum_i w_i      over the criteria i the judge scored (s_i in the label scores' range)
+
+A criterion the judge gave no verdict for is left out of BOTH sums and counted (``last_failures``), so a
+failure never pulls the score below, or changes the sign of, what the other criteria give (RLCF summed its
+-1 into the reward); when no weighted criterion was scored the completion is ``judge_failed`` (0.0 or NaN,
+``on_failure``). Per-criterion scores of the last batch are ``last_criteria[name]`` (NaN where a criterion
+was not scored: failed, gated or an empty answer), for the metrics ``reward/<key>/<criterion>``.
+
+Gates are programmatic verifiers (any registry name, with options): a completion must score 1 on every
+gate (a NaN "does not apply" is not a pass) before the rubric counts; one that fails a gate scores 0.0
+with reason "gated" and costs no judge call. An empty answer is ``policy_invalid`` (0.0) before any gate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .audit_report import check_audit
+from .base import GATED, POLICY_INVALID, SCORED, Example, Score, as_text, is_correct, score_all
+from .judge import (
+    ON_FAILURE,
+    Judge,
+    Verdict,
+    check_choice,
+    check_failure_rate,
+    check_fraction,
+    check_reference,
+    check_template,
+    failed_score,
+    fill,
+    prompt_values,
+    sha256_text,
+)
+from .registry import check, load
+
+DEFAULT_TEMPLATE = (
+    "Question:\n{question}\n\nAnswer:\n{answer}\n\nCriterion: {criterion}\n\n"
+    "Does the answer meet the criterion? Reply Yes or No."
+)
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One rubric item: ``name`` (the metric key), ``text`` (what the judge checks), ``weight`` (>= 0, finite;
+    a weight-0 criterion is judged and logged but does not count)."""
+
+    name: str
+    text: str
+    weight: float = 1.0
+
+
+def check_criteria(criteria: Any) -> tuple[Criterion, ...]:
+    """The criteria as records; a ValueError naming the field (``criteria[i].weight``) when one is malformed,
+    the rubric is empty, two share a name, or no criterion has a positive weight."""
+    if isinstance(criteria, (str, Mapping)) or not isinstance(criteria, Sequence) or not criteria:
+        raise ValueError(f"rubric option criteria must be a non-empty list of {{name, text, weight}}, got {criteria!r}")
+    out = []
+    for i, c in enumerate(criteria):
+        if isinstance(c, Mapping):
+            unknown = sorted(set(c) - {"name", "text", "weight"})
+            if unknown:
+                raise ValueError(f"rubric option criteria[{i}]: unknown field(s) {unknown}; fields: name, text, weight")
+            c = Criterion(c.get("name"), c.get("text"), c.get("weight", 1.0))
+        if not isinstance(c, Criterion):
+            raise ValueError(f"rubric option criteria[{i}] must be a mapping {{name, text, weight}}, got {c!r}")
+        for key in ("name", "text"):
+            value = getattr(c, key)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"rubric option criteria[{i}].{key} must be a non-empty string, got {value!r}")
+        w = c.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"rubric option criteria[{i}].weight must be a finite number >= 0, got {w!r}")
+        out.append(Criterion(c.name, c.text, float(w)))
+    names = [c.name for c in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"rubric option criteria: names must be unique, got {names}")
+    if not any(c.weight > 0 for c in out):
+        raise ValueError("rubric option criteria: at least one criterion needs a weight > 0")
+    return tuple(out)
+
+
+def check_gates(gates: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(name, options) per gate, each checked by the registry (known name, known options) without building it."""
+    if isinstance(gates, (str, Mapping)) or not isinstance(gates, Sequence):
+        raise ValueError(f"rubric option gates must be a list of {{name, options}}, got {gates!r}")
+    out = []
+    for i, g in enumerate(gates):
+        if not isinstance(g, Mapping) or not isinstance(g.get("name"), str) or set(g) - {"name", "options"}:
+            raise ValueError(f"rubric option gates[{i}] must be a mapping {{name, options}}, got {g!r}")
+        options = dict(g.get("options") or {})
+        check(g["name"], **options)
+        out.append((g["name"], options))
+    return out
+
+
+def combine(scored: Sequence[tuple[float, float]]) -> float | None:
+    """The weighted normalized mean of (weight, score) pairs; None when no weight is positive."""
+    total = math.fsum(w for w, _ in scored)
+    return math.fsum(w * s for w, s in scored) / total if total > 0 else None
+
+
+class RubricReward:
+    """The `rubric` reward source (module docstring). Judge options as for `judge`; ``criteria`` and
+    ``gates`` are its own."""
+
+    name = "rubric"
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        criteria: Sequence[Mapping[str, Any] | Criterion],
+        template: str = DEFAULT_TEMPLATE,
+        system: str | None = None,
+        labels: Sequence[str] = ("No", "Yes"),
+        label_scores: Sequence[float] | None = None,
+        mode: str = "probs",
+        max_new_tokens: int = 256,
+        reference_column: str | None = None,
+        gates: Sequence[Mapping[str, Any]] = (),
+        on_failure: str = "zero",
+        max_failure_rate: float = 0.5,
+        min_label_mass: float = 0.0,
+        batch_size: int = 16,
+        device: str = "auto",
+        dtype: str = "float32",
+        cache: bool = True,
+        cache_dir: str | None = None,
+        cache_entries: int = 100_000,
+        audit: str | None = None,
+        max_false_positive: float = 0.1,
+        audit_policy: str = "warn",
+    ) -> None:
+        # what RL checks before training against this rubric (audit_check): its audit report, the worst attack's
+        # false-positive rate it tolerates, and warn | refuse above it
+        self.audit = audit
+        self.max_false_positive = check_fraction(max_false_positive, "rubric option max_false_positive")
+        self.audit_policy = check_choice(audit_policy, ("warn", "refuse"), "rubric option audit_policy")
+        if audit is not None and not Path(audit).is_file():
+            raise ValueError(f"rubric option audit: no audit report at {audit} (write one with audit-verifier --json)")
+        self.criteria = check_criteria(criteria)
+        found = check_template(
+            template,
+            "rubric option template",
+            ("question", "answer", "reference", "criterion"),
+            ("answer", "criterion"),
+        )
+        check_reference(found, reference_column, "rubric")
+        self.template, self.reference_column = template, reference_column
+        self.on_failure = check_choice(on_failure, ON_FAILURE, "rubric option on_failure")
+        self.max_failure_rate = check_fraction(max_failure_rate, "rubric option max_failure_rate")
+        self.gate_specs = check_gates(gates)
+        self.judge = Judge(
+            path=path,
+            field="rubric",
+            system=system,
+            labels=labels,
+            label_scores=label_scores,
+            mode=mode,
+            max_new_tokens=max_new_tokens,
+            min_label_mass=min_label_mass,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            cache=cache,
+            cache_dir=cache_dir,
+            cache_entries=cache_entries,
+        )
+        self.gates = [load(name, **options) for name, options in self.gate_specs]
+        self.last_criteria: dict[str, list[float]] = {c.name: [] for c in self.criteria}
+        self.last_failures: dict[str, int] = {c.name: 0 for c in self.criteria}
+
+    @property
+    def cache_hits(self) -> int:
+        return self.judge.cache_hits
+
+    @property
+    def cache_misses(self) -> int:
+        return self.judge.cache_misses
+
+    def audit_check(self) -> None:
+        """Warn (or refuse) before training against this rubric when its audit says attacks get through."""
+        check_audit(self.audit, self.max_false_positive, self.audit_policy, "rubric")
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "reward": self.name,
+            **self.judge.identity(),
+            "template_sha256": sha256_text(self.template),
+            "criteria": [{"name": c.name, "text": c.text, "weight": c.weight} for c in self.criteria],
+            "gates": [{"name": n, "options": o} for n, o in self.gate_specs],
+            "reference_column": self.reference_column,
+            "on_failure": self.on_failure,
+            "max_failure_rate": self.max_failure_rate,
+        }
+
+    def prompt(self, completion: str, example: Example, criterion: Criterion, row: int = 0) -> str:
+        values = {**prompt_values(completion, example, row, self.reference_column), "criterion": criterion.text}
+        return self.judge.render(fill(self.template, values))
+
+    def criterion_verdicts(self, prompts: Sequence[str]) -> list[Verdict]:
+        """The judge's verdicts for criterion prompts (a seam: tests substitute known verdicts here)."""
+        return self.judge.verdicts(prompts)
+
+    def passes_gates(self, texts: Sequence[str], examples: Sequence[Example]) -> list[bool]:
+        ok = [True] * len(texts)
+        for gate in self.gates:
+            for i, s in enumerate(score_all(gate, texts, examples)):
+                ok[i] = ok[i] and not math.isnan(float(s)) and is_correct(s)
+        return ok
+
+    def score_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Score]:
+        texts = [as_text(c) for c in completions]
+        n, C = len(texts), len(self.criteria)
+        scores: list[Score] = [Score(0.0, POLICY_INVALID)] * n
+        rows = [i for i, t in enumerate(texts) if t.strip()]
+        if self.gates:
+            passed = self.passes_gates([texts[i] for i in rows], [examples[i] for i in rows])
+            for i in (i for i, ok in zip(rows, passed) if not ok):
+                scores[i] = Score(0.0, GATED)
+            rows = [i for i, ok in zip(rows, passed) if ok]
+        # One pass over every (completion, criterion): row-major, criterion c of row k at k * C + c.
+        prompts = [self.prompt(texts[i], examples[i], c, i) for i in rows for c in self.criteria]
+        verdicts = self.criterion_verdicts(prompts)
+        self.last_criteria = {c.name: [math.nan] * n for c in self.criteria}
+        self.last_failures = {c.name: 0 for c in self.criteria}
+        for k, i in enumerate(rows):
+            scored = []
+            for c, v in zip(self.criteria, verdicts[k * C : (k + 1) * C]):
+                if v.status == SCORED:
+                    self.last_criteria[c.name][i] = v.value
+                    scored.append((c.weight, v.value))
+                else:
+                    self.last_failures[c.name] += 1
+            value = combine(scored)
+            scores[i] = failed_score(self.on_failure) if value is None else Score(value, SCORED)
+        check_failure_rate("rubric", verdicts, self.max_failure_rate, self.judge.labels)
+        return scores
+
+    def __call__(self, completion: str, **example: Any) -> Score:
+        return self.score_batch([completion], [example])[0]
+
+    def close(self) -> None:
+        for gate in self.gates:
+            closer = getattr(gate, "close", None)
+            if callable(closer):
+                closer()
+
+
+__all__ = ["Criterion", "RubricReward", "check_criteria", "combine"]
