@@ -8,7 +8,7 @@ import torch
 
 from posttrain.config import GRPOConfig, config_from_dict
 from posttrain.models.tiny import build_tiny_model, build_tokenizer
-from posttrain.pipeline.judge_data import hard_negatives, judge_messages, judge_rows
+from posttrain.pipeline.judge_data import hard_negatives, judge_messages, judge_rows, source_key
 from posttrain.recipes import grpo
 from posttrain.rewards.judge import DEFAULT_TEMPLATE, JudgeReward
 from posttrain.rl.groups import Group
@@ -134,9 +134,31 @@ def test_near_misses_are_negatives_the_verifier_rejects_and_never_outnumber_real
         {"prompt": "pay =>", "completion": " payment", "label": True},
         {"prompt": "pay =>", "completion": " termination", "label": False},
     ]
-    negs = hard_negatives(rows, lambda c, **ex: float(c.strip() == "payment"))
+    sources = {source_key("pay =>"): {"prompt": "pay =>", "answer": "payment"}}
+    negs = hard_negatives(rows, lambda c, answer=None, **ex: float(c.strip() == answer), sources)
     assert negs and all(not n["label"] and n["completion"].strip() != "payment" for n in negs)
     assert any(n["completion"] == ":" for n in negs)  # a master key is a negative too
     out, counts = judge_rows(rows + negs, seed=0)
-    assert counts["near_misses"] == 1  # as many as the real wrong samples (one here), no more
+    assert counts["near_misses"] == 2  # at most twice the real wrong samples (one here)
     assert counts["written"] == 2  # balanced: one Yes, one No
+
+
+def test_the_judge_demo_runs_end_to_end(tmp_path):
+    from posttrain.commands.main import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--judge", "--fast", "--output", str(out)]) == 0
+    summary = json.loads((out / "pipeline.json").read_text())
+    judge = next(s for s in summary["stages"] if s["name"] == "judge")["eval"]
+    assert judge["kind"] == "judge" and judge["n_judged"] > 0 and judge["identity"]["template_sha256"]
+    assert [s["name"] for s in summary["stages"]] == ["pretrain", "sft", "judge", "grpo_judge", "grpo"]
+    assert (out / "stages" / "04_grpo_judge" / "rewards.json").exists()
+
+
+def test_a_judge_behind_a_gate_never_judges_what_the_gate_refuses(judge_dir):
+    labels = "termination|payment|prohibition"
+    judge = JudgeReward(path=str(judge_dir), gates=[{"name": "regex", "options": {"pattern": rf"\s*({labels})\s*"}}])
+    scores = judge.score_batch([" payment", " paymnet", " confidentialiti"], [{"prompt": "q =>"}] * 3)
+    assert [s.reason for s in scores] == ["scored", "gated", "gated"] and scores[1] == scores[2] == 0.0
+    assert judge.cache_misses == 1  # the gated answers cost no judge call
+    assert judge.identity()["gates"][0]["name"] == "regex"

@@ -525,3 +525,19 @@ def test_environments_step_concurrently(char_tok):
     eps = run(char_tok, [["a"]] * 8, lambda: SlowEnv(0.5), [{"prompt": "q"}] * 8, budgets)
     # 8 episodes x 2 steps of 0.5 s: 8 s in a row, about 1 s when the 8 steps of a turn run together
     assert time.time() - t0 < 3 and all(ep.turns == 2 for ep in eps)
+
+
+def test_rollout_logps_line_up_with_sampled_tokens_for_the_off_policy_correction(char_tok):
+    # TIS / MIS compare the sampler's log-probs with the trainer's token by token: in a multi-turn completion the
+    # sampler's value of every sampled token must sit at that token's loss position, env tokens carry none
+    tok = char_tok
+    prompt = tuple(tok.encode("q?"))
+    parts = [(tok.encode("call"), 1), (tok.encode("\nresult\n"), 0), (tok.encode("ans"), 1)]
+    ids = tuple(t for p, _ in parts for t in p)
+    mask = tuple(m for p, m in parts for _ in p)
+    lps = tuple(-(i + 1) / 10 if m else 0.0 for i, m in enumerate(mask))
+    g = Group(0, prompt, (ids,), ("ans",), (False,), (1.0,), {"r": (1.0,)}, 0, (lps,), (mask,), ({},))
+    mbs = micro_batches(sequences([g], False), 4, tok.pad_token_id, "cpu")
+    (r_BT,) = grpo.rollout_logps([g], mbs)
+    m = mbs[0][0].target_mask_BT
+    assert r_BT[m > 0].tolist() == pytest.approx([x for x, k in zip(lps, mask) if k])

@@ -16,8 +16,9 @@ and the demo checks what a policy trained against it learns (``posttrain demo --
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,11 +34,18 @@ VERDICTS = ("No", "Yes")
 
 
 def judge_messages(
-    question: Any, answer: str, template: str = DEFAULT_TEMPLATE, system: str | None = None
+    question: Any, answer: str, template: str = DEFAULT_TEMPLATE, system: str | None = None, reference: Any = None
 ) -> list[dict]:
-    """The judge's chat prompt for one answer, as ``JudgeReward`` renders it (one-pass fill, fenced answer)."""
-    user = fill(template, prompt_values(answer, {"prompt": question}, 0, None))
+    """The judge's chat prompt for one answer, as ``JudgeReward`` renders it (one-pass fill, fenced answer and
+    reference)."""
+    example = {"prompt": question, "reference": reference}
+    user = fill(template, prompt_values(answer, example, 0, "reference" if reference is not None else None))
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+
+def source_key(prompt: Any) -> str:
+    """The key a sampled row's prompt finds its data row by (``sources``)."""
+    return json.dumps(prompt, sort_keys=True)
 
 
 def judge_rows(
@@ -45,27 +53,32 @@ def judge_rows(
     *,
     template: str = DEFAULT_TEMPLATE,
     system: str | None = None,
+    reference_column: str | None = None,
+    sources: Mapping[str, dict] | None = None,
     seed: int = 0,
     balance: bool = True,
 ) -> tuple[list[dict], dict]:
     """KTO rows (``prompt``, ``completion``, ``label``) as judge SFT rows ``{"prompt": [messages],
     "completion": [{"role": "assistant", "content": "Yes" | "No"}]}``, shuffled. Near misses
-    (``hard_negatives``) are kept up to the number of real wrong samples; with ``balance`` the more common
+    (``hard_negatives``) are kept up to twice the number of real wrong samples; with ``balance`` the more common
     verdict is then subsampled to the other's count. Returns (rows, counts)."""
     by_label: dict[bool, list[dict]] = {True: [], False: []}
     rng = random.Random(seed)
     real_no = sum(1 for r in labelled if not r["label"] and not r.get("near_miss"))
     misses = [r for r in labelled if r.get("near_miss")]
     # near misses teach the judge what a policy would try first, but the real wrong samples are the verdicts it
-    # must get right: at most as many near misses as real negatives
-    keep_misses = {id(r) for r in rng.sample(misses, min(len(misses), max(real_no, 1)))}
+    # must get right: at most twice as many near misses as real negatives
+    keep_misses = {id(r) for r in rng.sample(misses, min(len(misses), 2 * max(real_no, 1)))}
     for r in labelled:
         if r.get("near_miss") and id(r) not in keep_misses:
             continue
         answer = r["completion"] if isinstance(r["completion"], str) else r["completion"][-1]["content"]
+        reference = None
+        if reference_column is not None:  # the data row's reference answer (KTO rows keep no gold column)
+            reference = (sources or {})[source_key(r["prompt"])][reference_column]
         by_label[bool(r["label"])].append(
             {
-                "prompt": judge_messages(r["prompt"], answer, template, system),
+                "prompt": judge_messages(r["prompt"], answer, template, system, reference),
                 "completion": [{"role": "assistant", "content": VERDICTS[bool(r["label"])]}],
             }
         )
@@ -82,17 +95,29 @@ def judge_rows(
 MASTER_KEYS = (":", "Thought process:", "Solution", "Let's solve this step by step.")
 
 
-def corruptions(text: str, rng: random.Random, k: int) -> list[str]:
-    """``k`` near misses of an answer (a character dropped, swapped, doubled or replaced; the answer cut short)
-    and the master keys that fool judges (Zhao et al. 2025): the negatives a judge must see, since a policy
-    trained against it will find them and its own samples rarely contain them."""
+def corruptions(text: str, rng: random.Random, k: int, others: Sequence[str] = ()) -> list[str]:
+    """``k`` near misses of an answer (a character dropped, swapped, doubled or replaced; the answer cut short;
+    its characters scrambled; a piece of it repeated; spliced with another answer of ``others``) and the master
+    keys that fool judges (Zhao et al. 2025): the negatives a judge must see, since a policy trained against it
+    explores exactly these (answer-like strings) and its own samples rarely contain them."""
     out = list(MASTER_KEYS)
     body = text.strip()
     for _ in range(k):
         if len(body) < 2:
             break
         i = rng.randrange(len(body) - 1)
-        kind = rng.randrange(5)
+        kind = rng.randrange(8 if others else 7)
+        if kind == 5:
+            out.append(" " + "".join(rng.sample(body, len(body))))
+            continue
+        if kind == 6:
+            piece = body[i : i + rng.randint(2, 4)]
+            out.append(" " + body[:i] + piece * rng.randint(2, 4))
+            continue
+        if kind == 7:
+            other = rng.choice(others).strip()
+            out.append(" " + body[: rng.randint(1, len(body))] + other[rng.randint(0, max(0, len(other) - 1)) :])
+            continue
         if kind == 0:
             cand = body[:i] + body[i + 1 :]
         elif kind == 1:
@@ -108,18 +133,26 @@ def corruptions(text: str, rng: random.Random, k: int) -> list[str]:
 
 
 def hard_negatives(
-    labelled: Sequence[dict], verifier: Callable[..., float], *, per_answer: int = 2, seed: int = 0
+    labelled: Sequence[dict],
+    verifier: Callable[..., float],
+    sources: Mapping[str, dict],
+    *,
+    per_answer: int = 4,
+    seed: int = 0,
 ) -> list[dict]:
     """For each correct answer in ``labelled`` (KTO rows), its corruptions that the verifier rejects, as rows
-    labelled False (the verifier decides: a corruption that is still right is not a negative)."""
+    labelled False (the verifier decides, with the data row's columns from ``sources``: a corruption that is
+    still right is not a negative)."""
     rng = random.Random(seed)
+    others = sorted({r["completion"] for r in labelled if r["label"] and isinstance(r["completion"], str)})
     cands = []
     for r in labelled:
         if r["label"] and isinstance(r["completion"], str):
-            cands += [(r, c) for c in corruptions(r["completion"], rng, per_answer)]
+            cands += [(r, c) for c in corruptions(r["completion"], rng, per_answer, others)]
     if not cands:
         return []
-    scores = score_all(verifier, [c for _, c in cands], [reward_columns(r) for r, _ in cands])
+    columns = [reward_columns(sources[source_key(r["prompt"])]) for r, _ in cands]
+    scores = score_all(verifier, [c for _, c in cands], columns)
     seen, out = set(), []
     for (r, c), s in zip(cands, scores):
         key = (str(r["prompt"]), c)

@@ -44,7 +44,7 @@ from posttrain.data.io import DataError, read_rows, write_jsonl
 from posttrain.evaluation import evaluate_model_dir, versus_majority, wilson
 from posttrain.models.checkpoint import MARKER, is_complete
 from posttrain.models.loading import load_model
-from posttrain.pipeline.judge_data import hard_negatives, judge_accuracy, judge_rows
+from posttrain.pipeline.judge_data import hard_negatives, judge_accuracy, judge_rows, source_key
 from posttrain.pipeline.pairs import make_pairs
 from posttrain.report import build_report
 from posttrain.rewards import load as load_verifier
@@ -100,6 +100,9 @@ class PairsConfig:
         "Yes / No, balanced): an sft stage then trains a generative judge, evaluated against the verifier",
     )
     judge_eval_prompts: int = doc(100, "judge stages: held-out prompts (eval.data) whose samples measure the judge")
+    judge_options: dict = dict_doc(
+        "judge stages: the judge prompt (template, system, reference_column), as the `judge` reward will be given it"
+    )
     engine: Literal["native", "vllm"] = doc("native", "rollout engine that samples: native | vllm")
     gold_column: str = doc(
         "",
@@ -360,7 +363,7 @@ def _judge_eval(p: StagePlan, cfg: PipelineConfig) -> dict:
     rows = read_rows(cfg.eval.data, cfg.eval.split, num_examples=p.pairs.judge_eval_prompts, seed=cfg.seed).rows
     policy, tok = load_model(ModelConfig(path=p.start_model))
     verifier = load_verifier(p.pairs.verifier, **cfg.eval.verifier_options)
-    judge = JudgeReward(path=str(p.final), cache=False)
+    judge = JudgeReward(path=str(p.final), cache=False, **p.pairs.judge_options)
     try:
         out = judge_accuracy(
             judge,
@@ -414,8 +417,9 @@ def _make_pairs(plan_: StagePlan) -> int:
             gold_column=p.gold_column,
         )
         if p.judge:
-            negatives = hard_negatives(out, verifier, seed=plan_.cfg.train.seed)
-            out, counts = judge_rows(out + negatives, seed=plan_.cfg.train.seed)
+            sources = {source_key(r["prompt"]): r for r in data}
+            negatives = hard_negatives(out, verifier, sources, seed=plan_.cfg.train.seed)
+            out, counts = judge_rows(out + negatives, **p.judge_options, sources=sources, seed=plan_.cfg.train.seed)
     finally:
         getattr(verifier, "close", lambda: None)()
     if p.judge:

@@ -59,7 +59,8 @@ from posttrain.runtime.errors import ModelError
 from posttrain.runtime.files import atomic_write_text
 
 from .audit_report import check_audit
-from .base import JUDGE_FAILED, POLICY_INVALID, SCORED, Example, Score, VerifierError, as_text
+from .base import GATED, JUDGE_FAILED, POLICY_INVALID, SCORED, Example, Score, VerifierError, as_text
+from .gates import Gates, check_gates
 
 log = logging.getLogger("posttrain")
 
@@ -547,7 +548,9 @@ class JudgeReward:
         audit: str | None = None,
         max_false_positive: float = 0.1,
         audit_policy: str = "warn",
+        gates: Sequence[Mapping[str, Any]] = (),
     ) -> None:
+        self.gates = Gates(check_gates(gates, "judge"))  # programs a completion must pass before it is judged
         # what RL checks before training against this judge (audit_check): its audit report, the worst attack's
         # false-positive rate it tolerates, and warn | refuse above it
         self.audit = audit
@@ -594,6 +597,7 @@ class JudgeReward:
             "reward": self.name,
             **self.judge.identity(),
             "template_sha256": sha256_text(self.template),
+            "gates": self.gates.describe(),
             "reference_column": self.reference_column,
             "on_failure": self.on_failure,
             "max_failure_rate": self.max_failure_rate,
@@ -609,6 +613,11 @@ class JudgeReward:
         texts = [as_text(c) for c in completions]
         scores: list[Score] = [Score(0.0, POLICY_INVALID)] * len(texts)  # an empty answer: nothing to judge
         rows = [i for i, t in enumerate(texts) if t.strip()]
+        if self.gates:  # a hard constraint a program checks: failing it scores 0, no judge call
+            passed = self.gates.passes([texts[i] for i in rows], [examples[i] for i in rows])
+            for i in (i for i, ok in zip(rows, passed) if not ok):
+                scores[i] = Score(0.0, GATED)
+            rows = [i for i, ok in zip(rows, passed) if ok]
         verdicts = self.judge.verdicts([self.prompt(texts[i], examples[i], i) for i in rows])
         for i, v in zip(rows, verdicts):
             scores[i] = Score(v.value, SCORED) if v.status == SCORED else failed_score(self.on_failure)
@@ -617,6 +626,9 @@ class JudgeReward:
 
     def __call__(self, completion: str, **example: Any) -> Score:
         return self.score_batch([completion], [example])[0]
+
+    def close(self) -> None:
+        self.gates.close()
 
 
 def check_reference(found: frozenset[str], reference_column: Any, field: str) -> None:

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from .audit_report import check_audit
-from .base import GATED, POLICY_INVALID, SCORED, Example, Score, as_text, is_correct, score_all
+from .base import GATED, POLICY_INVALID, SCORED, Example, Score, as_text
+from .gates import Gates, check_gates
 from .judge import (
     ON_FAILURE,
     Judge,
@@ -51,7 +52,6 @@ from .judge import (
     prompt_values,
     sha256_text,
 )
-from .registry import check, load
 
 DEFAULT_TEMPLATE = (
     "Question:\n{question}\n\nAnswer:\n{answer}\n\nCriterion: {criterion}\n\n"
@@ -97,20 +97,6 @@ def check_criteria(criteria: Any) -> tuple[Criterion, ...]:
     if not any(c.weight > 0 for c in out):
         raise ValueError("rubric option criteria: at least one criterion needs a weight > 0")
     return tuple(out)
-
-
-def check_gates(gates: Any) -> list[tuple[str, dict[str, Any]]]:
-    """(name, options) per gate, each checked by the registry (known name, known options) without building it."""
-    if isinstance(gates, (str, Mapping)) or not isinstance(gates, Sequence):
-        raise ValueError(f"rubric option gates must be a list of {{name, options}}, got {gates!r}")
-    out = []
-    for i, g in enumerate(gates):
-        if not isinstance(g, Mapping) or not isinstance(g.get("name"), str) or set(g) - {"name", "options"}:
-            raise ValueError(f"rubric option gates[{i}] must be a mapping {{name, options}}, got {g!r}")
-        options = dict(g.get("options") or {})
-        check(g["name"], **options)
-        out.append((g["name"], options))
-    return out
 
 
 def combine(scored: Sequence[tuple[float, float]]) -> float | None:
@@ -169,7 +155,7 @@ class RubricReward:
         self.template, self.reference_column = template, reference_column
         self.on_failure = check_choice(on_failure, ON_FAILURE, "rubric option on_failure")
         self.max_failure_rate = check_fraction(max_failure_rate, "rubric option max_failure_rate")
-        self.gate_specs = check_gates(gates)
+        self.gate_specs = check_gates(gates, "rubric")
         self.judge = Judge(
             path=path,
             field="rubric",
@@ -186,7 +172,7 @@ class RubricReward:
             cache_dir=cache_dir,
             cache_entries=cache_entries,
         )
-        self.gates = [load(name, **options) for name, options in self.gate_specs]
+        self.gates = Gates(self.gate_specs)
         self.last_criteria: dict[str, list[float]] = {c.name: [] for c in self.criteria}
         self.last_failures: dict[str, int] = {c.name: 0 for c in self.criteria}
 
@@ -223,11 +209,7 @@ class RubricReward:
         return self.judge.verdicts(prompts)
 
     def passes_gates(self, texts: Sequence[str], examples: Sequence[Example]) -> list[bool]:
-        ok = [True] * len(texts)
-        for gate in self.gates:
-            for i, s in enumerate(score_all(gate, texts, examples)):
-                ok[i] = ok[i] and not math.isnan(float(s)) and is_correct(s)
-        return ok
+        return self.gates.passes(texts, examples)
 
     def score_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Score]:
         texts = [as_text(c) for c in completions]
@@ -261,10 +243,7 @@ class RubricReward:
         return self.score_batch([completion], [example])[0]
 
     def close(self) -> None:
-        for gate in self.gates:
-            closer = getattr(gate, "close", None)
-            if callable(closer):
-                closer()
+        self.gates.close()
 
 
 __all__ = ["Criterion", "RubricReward", "check_criteria", "combine"]
