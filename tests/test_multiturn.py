@@ -7,7 +7,10 @@ several turns; a tiny random model drives the real engines where log-probs and K
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +38,7 @@ from posttrain.envs.chat import ChatTrack, TemplateRewrite
 from posttrain.evaluation import evaluate_model_dir
 from posttrain.losses.aggregation import aggregate
 from posttrain.losses.logprobs import completion_logps
+from posttrain.models.checkpoint import latest_checkpoint
 from posttrain.recipes import grpo, ppo
 from posttrain.recipes.grpo import micro_batches, policy_logps, sequences
 from posttrain.rl.groups import Group
@@ -541,3 +545,44 @@ def test_rollout_logps_line_up_with_sampled_tokens_for_the_off_policy_correction
     (r_BT,) = grpo.rollout_logps([g], mbs)
     m = mbs[0][0].target_mask_BT
     assert r_BT[m > 0].tolist() == pytest.approx([x for x, k in zip(lps, mask) if k])
+
+
+def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_multi_turn_run(tmp_path, game_rows):
+    steps = 24  # the kill lands at step >= 4, before the end
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+
+    def cli(out):
+        return [
+            sys.executable,
+            "-m",
+            "posttrain.commands.main",
+            "grpo",
+            *GAME,
+            f"data.path={game_rows}",
+            "train.save_every=2",
+            "samples_every=0",
+            f"train.steps={steps}",
+            f"train.output_dir={out}",
+        ]
+
+    subprocess.run(cli(tmp_path / "full"), check=True, capture_output=True, env=env)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cli(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (killed / "metrics.jsonl").exists() and len(read_metrics(killed)) >= 5:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    ckpt = latest_checkpoint(killed)
+    assert ckpt is not None and int(ckpt.name.split("-")[1]) < steps
+    subprocess.run(cli(killed), check=True, capture_output=True, env=env)
+    wa = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    wb = load_file(killed / "final" / "model.safetensors")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    ma, mb = read_metrics(tmp_path / "full"), read_metrics(killed)
+    assert [r["step"] for r in mb] == list(range(1, steps + 1))
+    for key in ("reward/mean", "episode/turns", "num_tokens"):
+        assert [r.get(key) for r in mb] == pytest.approx([r.get(key) for r in ma], abs=1e-6), key
