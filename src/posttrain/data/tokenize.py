@@ -44,7 +44,8 @@ def render_prompt(tokenizer, prompt: Any) -> str:
     return prompt
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+def text_ids(tokenizer, text: str) -> list[int]:
+    """The token ids of ``text`` as it stands (no special tokens added: a rendered template has its own)."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -61,12 +62,12 @@ def _completion_text(tokenizer, prompt: Any, completion: Any) -> str:
 
 
 def prompt_ids(tokenizer, prompt: Any) -> list[int]:
-    return _ids(tokenizer, render_prompt(tokenizer, prompt))
+    return text_ids(tokenizer, render_prompt(tokenizer, prompt))
 
 
 def completion_ids(tokenizer, prompt: Any, completion: Any) -> list[int]:
     """Completion tokens, ending with EOS (the policy must learn to stop)."""
-    ids = _ids(tokenizer, _completion_text(tokenizer, prompt, completion))
+    ids = text_ids(tokenizer, _completion_text(tokenizer, prompt, completion))
     if not ids or ids[-1] != tokenizer.eos_token_id:
         ids.append(tokenizer.eos_token_id)
     return ids
@@ -121,7 +122,7 @@ def encode_messages(
 
 
 def encode_text(tokenizer, text: str) -> Example:
-    ids = _ids(tokenizer, text) + [tokenizer.eos_token_id]
+    ids = text_ids(tokenizer, text) + [tokenizer.eos_token_id]
     return Example(tuple(ids), tuple([0] + [1] * (len(ids) - 1)))
 
 

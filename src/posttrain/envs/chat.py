@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from posttrain.data.tokenize import text_ids
+
 _DUMMY = [{"role": "user", "content": "x"}]
 
 
@@ -26,10 +28,6 @@ class TemplateRewrite(ValueError):
 
 def _render(tok, messages, tools, gen: bool) -> str:
     return tok.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=gen)
-
-
-def encode_text(tok, text: str) -> list[int]:
-    return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
 class ChatTrack:
@@ -45,7 +43,7 @@ class ChatTrack:
         self.rewrites = 0
 
     def prompt_ids(self) -> list[int]:
-        return encode_text(self.tok, self.rendered)
+        return text_ids(self.tok, self.rendered)
 
     def observe(self, turn_text: str, stop_text: str, observation: list[dict[str, Any]]) -> list[int]:
         """The policy said ``turn_text`` (decoded, its stop token ``stop_text`` excluded; "" when it ended
@@ -69,7 +67,7 @@ class ChatTrack:
             with_turn, after, tail = self._dummy_delta(observation)
         if stop_text and tail.startswith(stop_text):
             tail = tail[len(stop_text) :]  # the policy sampled the end-of-turn token itself
-        return encode_text(self.tok, tail + after[len(with_turn) :])
+        return text_ids(self.tok, tail + after[len(with_turn) :])
 
     def finish(self, turn_text: str) -> None:
         """The policy's last turn (nothing follows it): kept in ``messages``, nothing to append."""

@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from posttrain.data.tokenize import text_ids
 from posttrain.envs.base import TRUNCATED_STOPS, Environment, ParsedTurn, StepResult
-from posttrain.envs.chat import ChatTrack, encode_text
+from posttrain.envs.chat import ChatTrack
 from posttrain.rollout.engine import SamplingParams
 from posttrain.rollout.trajectory import Trajectory
 
@@ -86,7 +87,7 @@ class Episode:
 
 def cut_tokens(tok, text: str, limit: int) -> str:
     """``text`` cut to at most ~``limit`` tokens: head and tail kept, a marker saying how many were cut."""
-    ids = encode_text(tok, text)
+    ids = text_ids(tok, text)
     if limit <= 0 or len(ids) <= limit:
         return text
     head, tail = limit // 2, limit - limit // 2

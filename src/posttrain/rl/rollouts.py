@@ -141,8 +141,8 @@ def sample_groups(
             "the reward_non_finite policy"
         )
     faulty = [i // G for i in scores.non_finite]
-    excluded = set(getattr(scores, "excluded", ()))  # samples without a reward (judge failures under exclude)
-    statuses = getattr(scores, "row_statuses", None)  # {"<reward>/<status>": [row, ...]}
+    excluded = set(scores.excluded)  # samples without a reward (judge failures under exclude)
+    statuses = scores.row_statuses  # {"<reward>/<status>": [row, ...]}
 
     def part(xs, k):
         return None if xs is None else tuple(tuple(x) if isinstance(x, list) else x for x in xs[k * G : (k + 1) * G])
