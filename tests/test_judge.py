@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import re
+import shutil
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from posttrain.rewards import load
 from posttrain.rewards.base import GATED, JUDGE_FAILED, POLICY_INVALID, SCORED
 from posttrain.rewards.composite import RewardComponent, RewardFunction
 from posttrain.rewards.judge import JudgeFailureError, JudgeReward, Verdict, fence, fill, read_verdict
+from posttrain.rewards.pairwise import PairwiseJudge
 from posttrain.rewards.registry import VerifierLoadError, check
 from posttrain.rewards.rubric import RubricReward
 from posttrain.runtime.errors import ModelError
@@ -149,6 +152,27 @@ def test_a_reference_column_is_fenced_into_the_template(judge_dir):
         judge.score_batch(["5"], [EX])
 
 
+def test_a_verdict_does_not_depend_on_what_else_is_in_its_batch(judge_dir):
+    """Two ranks judge different halves of what one process judges at once: each score must be bit-equal
+    (left padding to a batch's longest prompt moved them by ~1e-7, which GRPO's std normalization amplified)."""
+    judge = JudgeReward(path=judge_dir, cache=False, device="cpu")
+    rng = random.Random(0)
+    texts = ["".join(rng.choice("0123456789+= ab\n") for _ in range(rng.randint(1, 40))) + "x" for _ in range(24)]
+    examples = [{"prompt": f"{rng.randint(0, 99)}+{rng.randint(0, 99999)}="} for _ in texts]
+    together = [float(s) for s in judge.score_batch(texts, examples)]
+    halves = [float(s) for h in (slice(0, 12), slice(12, 24)) for s in judge.score_batch(texts[h], examples[h])]
+    alone = [float(judge.score_batch([t], [e])[0]) for t, e in zip(texts, examples)]
+    assert together == halves == alone
+    assert len(set(together)) > 12  # the answers matter: a test that can fail
+
+
+def test_whitespace_around_an_answer_or_a_reference_does_not_change_what_the_judge_reads(judge_dir):
+    judge = JudgeReward(path=judge_dir, template="{answer} / {reference}", reference_column="gold", device="cpu")
+    # a policy writing " payment" and a reference "payment" are one answer (the clauses task writes the former)
+    assert judge.prompt(" 4\n", {**EX, "gold": "4"}) == judge.prompt("4", {**EX, "gold": " 4 "})
+    assert judge.prompt(" 4 2", EX | {"gold": "4"}) != judge.prompt("42", EX | {"gold": "4"})  # inside: kept
+
+
 # --- statuses and the failure policy ------------------------------------------------------------------------
 
 
@@ -211,6 +235,53 @@ def test_text_mode_generates_and_scores_the_verdict(judge_dir, monkeypatch):
     ok, bad = judge.score_batch(["5", "6"], [EX] * 2)
     assert (float(ok), ok.reason) == (1.0, SCORED)
     assert math.isnan(bad) and bad.reason == JUDGE_FAILED
+
+
+def test_text_mode_replies_are_greedy_generate_cut_at_the_first_end_token(judge_dir, tmp_path, monkeypatch):
+    """Text mode generates on the project's KV-cache engine: each reply is transformers' greedy `generate` on
+    the prompt alone (no padding), cut at the first end token, special tokens kept. Here a character the model
+    writes often is also an end token (generation_config), so replies end at different lengths."""
+    model, tok = load_model(ModelConfig(path=judge_dir, device="cpu"))
+    model.eval()
+    answers = ["4", "four", "5", "2+2=4", "The answer is 4.", "x" * 30]
+    prompts = [JudgeReward(path=judge_dir, device="cpu").prompt(a, EX) for a in answers]
+    seqs = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+    def greedy(ids, eos):
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12, eos_token_id=eos)
+        return out[0, len(ids) :].tolist()
+
+    free = [t for ids in seqs for t in greedy(ids, tok.eos_token_id)]
+    stop = max(set(free), key=free.count)
+    d = tmp_path / "judge"
+    shutil.copytree(judge_dir, d)
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    model.generation_config.save_pretrained(d)
+
+    judge = JudgeReward(path=str(d), mode="text", max_new_tokens=12, batch_size=4, cache=False, device="cpu")
+    engine, made = judge.judge._native, []
+    generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: made.append(generate(*a, **k)) or made[-1])
+    got = [r["text"] for r in judge.judge._run(prompts)]
+    refs = [greedy(ids, [tok.eos_token_id, stop]) for ids in seqs]
+    ends = {tok.eos_token_id, tok.pad_token_id, stop}
+    cuts = [next((k for k, t in enumerate(r) if t in ends), len(r)) for r in refs]
+    assert got == [tok.decode(r[:k], skip_special_tokens=False) for r, k in zip(refs, cuts)]
+    assert len(set(cuts)) >= 3 and max(cuts) == 12  # cut at different steps, and one reply never ends
+    # and generation stopped there: each reply is its text plus the end token, nothing after it
+    assert sorted(len(c) for c in made[0].completion_ids) == sorted(min(k + 1, 12) for k in cuts)
+
+
+def test_the_engine_is_recorded_but_a_verdict_cached_by_one_engine_serves_the_other(judge_dir, tmp_path, monkeypatch):
+    native = JudgeReward(path=judge_dir, cache_dir=str(tmp_path), device="cpu")
+    a = native.score_batch(["4", "5"], [EX] * 2)
+    # vLLM starts at the first call that needs the model: with every prompt cached, none does
+    other = JudgeReward(path=judge_dir, cache_dir=str(tmp_path), engine="vllm", device="cpu")
+    monkeypatch.setattr(other.judge, "_run", lambda prompts: pytest.fail(f"judged {len(prompts)} prompts again"))
+    b = other.score_batch(["4", "5"], [EX] * 2)
+    assert [float(x) for x in b] == [float(x) for x in a] and (other.cache_misses, other.cache_hits) == (0, 2)
+    assert (native.identity()["engine"], other.identity()["engine"]) == ("native", "vllm")
+    other.close()
 
 
 # --- a judge failure through the composite reward (the published bugs) ---------------------------------------
@@ -328,11 +399,21 @@ def test_identity_names_the_model_template_and_settings(judge_dir, tmp_path):
         ({"min_label_mass": 1.0}, r"min_label_mass must be a number in \[0, 1\)"),
         ({"batch_size": 0}, r"batch_size must be a positive integer"),
         ({"dtype": "int8"}, r"dtype must be one of"),
+        ({"engine": "sglang"}, r"judge option engine must be one of \['native', 'vllm'\]"),
     ],
 )
 def test_bad_options_are_refused_naming_the_option_before_weights_load(judge_dir, no_weights, options, match):
     with pytest.raises(ValueError, match=match):
         JudgeReward(path=judge_dir, **options)
+
+
+def test_the_engine_option_reaches_rubric_and_pairwise_judges_and_a_bad_one_is_named(judge_dir, no_weights):
+    check("judge", path=judge_dir, engine="vllm")  # an option name the registry knows
+    check("rubric", path=judge_dir, criteria=[], engine="vllm")
+    with pytest.raises(ValueError, match=r"rubric option engine must be one of \['native', 'vllm'\]"):
+        RubricReward(path=judge_dir, criteria=[{"name": "a", "text": "t"}], engine="gpu")
+    with pytest.raises(ValueError, match=r"pairwise_judge option engine must be one of \['native', 'vllm'\]"):
+        PairwiseJudge(path=judge_dir, engine="gpu")
 
 
 def test_a_directory_that_is_not_a_causal_lm_is_refused_naming_the_path(rm_dir, tmp_path, no_weights):
@@ -459,3 +540,15 @@ def test_rubric_template_needs_criterion_and_gates_are_checked_first(judge_dir, 
         RubricReward(path=judge_dir, criteria=CRITERIA, template="{question} {answer}")
     with pytest.raises(VerifierLoadError, match="unknown verifier 'jsn'"):
         RubricReward(path=judge_dir, criteria=CRITERIA, gates=[{"name": "jsn"}])
+
+
+def test_the_engine_options_are_checked_by_name_for_each_judge_reward_without_loading_anything(no_weights):
+    from posttrain.rewards.registry import VerifierOptionError, accepts_option
+
+    for name in ("judge", "rubric"):
+        check(name, path="x", batch_size=4, engine="vllm", cache_dir="c")  # forwarded to the engine: known
+        with pytest.raises(VerifierOptionError, match=r"batch_sise.*batch_size"):
+            check(name, path="x", batch_sise=4)
+        assert accepts_option(name, "device") and not accepts_option(name, "workers")
+    with pytest.raises(ValueError, match="label_scores"):  # a pairwise call's value is fixed: P(first label)
+        PairwiseJudge(path="x", label_scores=[0, 1])

@@ -18,6 +18,7 @@ from posttrain.rewards import (
     extract_answer,
     extract_answers,
     load,
+    score_all,
 )
 from posttrain.rewards.format import soft_overlong_penalty
 from posttrain.rewards.math import MathVerifier
@@ -481,3 +482,10 @@ def test_extraction_keeps_the_text_after_the_final_answer():
     assert extract_answers("a \\boxed{1} b \\boxed{\\frac{1}{2}} tail").after == " tail"
     assert extract_answers("no claim here").after is None
     assert extract_answers("\\boxed 5 rest", mode="boxed").after == " rest"
+
+
+def test_a_rows_own_completion_column_never_clashes_with_the_completion_scored():
+    # an SFT row (builtin:clauses) carries its reference completion; a verifier scores the one it is given
+    label = load("label", labels=["payment", "prohibition"])
+    row = {"prompt": "pay =>", "completion": " payment", "label": "payment"}
+    assert score_all(label, [" payment", " prohibition"], [row, row]) == [1.0, 0.0]

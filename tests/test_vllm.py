@@ -386,3 +386,64 @@ def test_multi_turn_episodes_on_vllm_are_token_exact(char_tok):
                     worst = max(worst, abs(logits[t - 1, e.traj.ids[t]].item() - e.traj.logps[t]))
                     n += 1
     assert n > 30 and worst < 1e-4, (n, worst)
+
+
+def _judge_dir(tmp_path, tok, scale, name="judge"):
+    """A `small` judge with the char tokenizer (ChatML template), saved as a local HF directory."""
+    d = tmp_path / name
+    _model(tok, scale).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+JUDGED = ["4", "four", "5", "2+2=4", "The answer is 4.", "x" * 30, "no", "Yes", "22", "4.0", "{answer}", "``` 4"]
+
+
+def test_judge_on_vllm_gives_the_native_label_logps_and_scores(tmp_path, char_tok):
+    """Probs mode on each engine: the labels' raw full-vocabulary log-probabilities (not renormalised, so
+    min_label_mass reads the same mass) and the scores agree to float32 rounding."""
+    from posttrain.rewards.judge import JudgeReward
+
+    d = _judge_dir(tmp_path, char_tok, 0.1)
+    ex = [{"prompt": "What is 2+2?"}] * len(JUDGED)
+    native = JudgeReward(path=d, cache=False, device="cpu")
+    vllm = JudgeReward(path=d, cache=False, device="cpu", engine="vllm")
+    try:
+        prompts = [native.prompt(a, e) for a, e in zip(JUDGED, ex)]
+        raw = native.judge._run(prompts), vllm.judge._run(prompts)
+        scores = native.score_batch(JUDGED, ex), vllm.score_batch(JUDGED, ex)
+    finally:
+        vllm.close()
+    d_logp = max(abs(x - y) for a, b in zip(*raw) for x, y in zip(a["logps"], b["logps"]))
+    d_score = max(abs(float(x) - float(y)) for x, y in zip(*scores))
+    assert d_logp < 1e-4 and d_score < 1e-4, (d_logp, d_score)
+    assert max(math.exp(x) for r in raw[1] for x in r["logps"]) < 0.5  # raw mass, not a softmax over the labels
+    assert len({round(float(s), 4) for s in scores[0]}) > 6  # the answers matter: a test that can fail
+
+
+def test_judge_text_mode_on_vllm_writes_the_native_replies(tmp_path, char_tok):
+    from posttrain.rewards.judge import JudgeReward
+
+    d = _judge_dir(tmp_path, char_tok, 0.3)
+    native = JudgeReward(path=d, mode="text", max_new_tokens=16, cache=False, device="cpu")
+    vllm = JudgeReward(path=d, mode="text", max_new_tokens=16, cache=False, device="cpu", engine="vllm")
+    prompts = [native.prompt(a, {"prompt": "What is 2+2?"}) for a in JUDGED]
+    try:
+        replies = vllm.judge._run(prompts)
+    finally:
+        vllm.close()
+    assert replies == native.judge._run(prompts)
+    assert len({r["text"] for r in replies}) > 6
+
+
+def test_judge_on_vllm_refuses_a_tiny_judge_naming_the_head_size(tmp_path, char_tok):
+    if torch.cuda.is_available():
+        pytest.skip("a CPU constraint")
+    from posttrain.rewards.judge import JudgeReward
+
+    d = tmp_path / "tiny"
+    build_tiny_model("tiny", char_tok).save_pretrained(d)
+    char_tok.save_pretrained(d)
+    judge = JudgeReward(path=str(d), cache=False, device="cpu", engine="vllm")
+    with pytest.raises(ValueError, match="head size of 32"):
+        judge.score_batch(["4"], [{"prompt": "What is 2+2?"}])

@@ -111,7 +111,8 @@ def main(argv: list[str]) -> int:
             judge=judge,
         )
     finally:
-        getattr(verifier, "close", lambda: None)()
+        for ranker in (verifier, judge):
+            getattr(ranker, "close", lambda: None)()
     write_jsonl(a.out, out)
     print(format_stats(stats, a.kto))
     print(f"wrote {len(out)} rows to {a.out}")

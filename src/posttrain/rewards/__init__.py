@@ -14,7 +14,8 @@ other "pkg.module:function" imports a user function (TRL batch form or per-examp
 See base.py for the failure policy (what scores 0 and what raises). Importing this package imports
 neither math-verify, the code sandbox nor torch (a reward model loads them when it is built).
 
-May import: models, data, config, runtime; never evaluation, rollout, run, rl, recipes or above.
+May import: rollout (a judge runs on its engines), models, data, config, runtime; never evaluation, run, rl,
+recipes or above.
 """
 
 from .base import Score, Verifier, VerifierError, as_text, batch, is_correct, score_all

@@ -111,9 +111,10 @@ def columns_from_rows(rows: Sequence[Example]) -> dict[str, list[Any]]:
 
 
 def call_one(verifier: Callable[..., float], completion: str, example: Example, row: int) -> float:
-    """Call a per-example verifier, naming the verifier and the row if it raises."""
+    """Call a per-example verifier, naming the verifier and the row if it raises. A row's own ``completion``
+    column (an SFT row's reference answer) is not passed: the completion scored is the one given."""
     try:
-        return verifier(completion, **example)
+        return verifier(completion, **{k: v for k, v in example.items() if k != "completion"})
     except VerifierError:
         raise
     except Exception as exc:

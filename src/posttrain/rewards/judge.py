@@ -21,6 +21,11 @@ Scoring (``mode``):
 * ``text``: greedy generation of up to ``max_new_tokens``; the verdict is the LAST label in the text after
   the last ``</think>`` (a ``<think>`` that never closes is no verdict: a draft is not a verdict).
 
+Engines (``engine``): ``native`` (default) runs the forward pass itself and generates with the project's
+``KVCacheEngine``; ``vllm`` starts a colocated ``VLLMEngine`` at the first call that needs the model (the
+weights pushed once: a judge never changes) and reads the labels' log-probabilities from it. Both give the
+same raw full-vocabulary log-probabilities up to float32 rounding and the same greedy replies.
+
 Every score says what it is in ``Score.reason`` (one of ``STATUSES``): ``scored``; ``policy_invalid`` (an
 empty or blank completion: 0.0, no judge call); ``judge_failed`` (text: no verdict; probs: the labels'
 total probability under ``min_label_mass``). A judge failure is never a number that could pass for a
@@ -32,12 +37,14 @@ whose failure rate exceeds ``max_failure_rate`` raises `JudgeFailureError`: a br
 Judge calls are cached by content: key = sha256(judge identity, rendered prompt), in memory (LRU) and,
 with ``cache_dir``, on disk (one small JSON file per call, written atomically), so a prompt judged twice in
 a batch, a step or a resumed run is computed once (``cache_hits`` / ``cache_misses``). ``identity()`` is
-what the run record stores: the model's content fingerprint, the template's sha256, labels, mode, sampling.
+what the run record stores: the model's content fingerprint, the template's sha256, labels, mode, engine,
+sampling (the engine is left out of the cache key: both engines give the same verdicts).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -45,6 +52,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +62,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from posttrain.data.tokenize import is_conversational
 from posttrain.models.loading import DTYPES, TOKENIZER_FILES, load_tokenizer, no_progress_bars
+from posttrain.rollout.engine import KVCacheEngine, SamplingParams
+from posttrain.rollout.vllm_engine import VLLMEngine
 from posttrain.runtime.distributed import resolve_device
 from posttrain.runtime.errors import ModelError
 from posttrain.runtime.files import atomic_write_text
@@ -66,10 +76,12 @@ log = logging.getLogger("posttrain")
 
 DEFAULT_TEMPLATE = "Question:\n{question}\n\nAnswer:\n{answer}\n\nIs the answer correct? Reply Yes or No."
 MODES = ("probs", "text")
+ENGINES = ("native", "vllm")
 ON_FAILURE = ("exclude", "zero")
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+PAD_MULTIPLE = 32  # a judge prompt's padded length: its own length rounded up to this (Judge._label_logps)
 _SAMPLE = 1 << 16  # bytes read from the head, middle and tail of a weights file for the fingerprint
 
 
@@ -126,14 +138,16 @@ def question_text(prompt: Any) -> str:
 
 
 def prompt_values(completion: str, example: Example, row: int, reference_column: str | None) -> dict[str, str]:
-    """The values of ``{question}``, ``{answer}``, ``{reference}`` for one row."""
-    values = {"answer": fence(completion)}
+    """The values of ``{question}``, ``{answer}``, ``{reference}`` for one row. The answer and the reference
+    are judged without the whitespace around them (invisible to a reader, it should not move a verdict: a
+    policy writing " payment" and a reference "payment" are the same answer)."""
+    values = {"answer": fence(completion.strip())}
     if "prompt" in example:
         values["question"] = question_text(example["prompt"])
     if reference_column is not None:
         if example.get(reference_column) is None:
             raise VerifierError(f"row {row} has no value in the judge's reference_column {reference_column!r}")
-        values["reference"] = fence(str(example[reference_column]))
+        values["reference"] = fence(str(example[reference_column]).strip())
     return values
 
 
@@ -293,6 +307,7 @@ class Judge:
         max_new_tokens: int = 256,
         min_label_mass: float = 0.0,
         batch_size: int = 16,
+        engine: str = "native",
         device: str = "auto",
         dtype: str = "float32",
         cache: bool = True,
@@ -300,6 +315,7 @@ class Judge:
         cache_entries: int = 100_000,
     ) -> None:
         self.mode = check_choice(mode, MODES, f"{field} option mode")
+        self.engine = check_choice(engine, ENGINES, f"{field} option engine")
         self.labels, self.label_scores = check_labels(labels, label_scores, mode, field)
         if system is not None and not isinstance(system, str):
             raise ValueError(f"{field} option system must be a string, got {system!r}")
@@ -326,16 +342,24 @@ class Judge:
         self.use_cache, self.cache_dir = cache, (Path(cache_dir) if cache_dir is not None else None)
         self._memory: OrderedDict[str, dict] = OrderedDict()
         self.cache_hits = self.cache_misses = 0
-        self._key_prefix = json.dumps({k: v for k, v in self.identity().items() if k != "path"}, sort_keys=True)
+        # Not in the key: the path (the fingerprint names the model) and the engine (native and vLLM compute the
+        # same verdict up to float32 rounding, tests/test_vllm.py, so a verdict cached by one serves the other).
+        self._key_prefix = json.dumps(
+            {k: v for k, v in self.identity().items() if k not in ("path", "engine")}, sort_keys=True
+        )
 
         with no_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=DTYPES[self.dtype])
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.eos_ids = {self.tok.eos_token_id, self.tok.pad_token_id, *_as_ids(model.generation_config.eos_token_id)}
+        ends = {self.tok.eos_token_id, self.tok.pad_token_id, *_as_ids(model.generation_config.eos_token_id)}
+        self.end_ids = tuple(sorted(t for t in ends if t is not None))  # a reply stops at the first of these
+        self._native = KVCacheEngine(self.model, self.tok, max_batch=self.batch_size, eos_token_id=self.end_ids[0])
+        self._vllm: VLLMEngine | None = None  # started at the first call that needs it (cache hits need none)
 
     def identity(self) -> dict[str, Any]:
         """What the run record stores about this judge: the model (path and content fingerprint), the system
-        message, labels and their scores, mode and sampling settings (the rewards add their template's hash)."""
+        message, labels and their scores, mode, engine and sampling settings (the rewards add their template's
+        hash)."""
         return {
             "path": str(self.path.resolve()),
             "model_sha256": self.fingerprint,
@@ -343,6 +367,7 @@ class Judge:
             "labels": list(self.labels),
             "label_scores": list(self.label_scores),
             "mode": self.mode,
+            "engine": self.engine,
             "sampling": {"greedy": True, "max_new_tokens": self.max_new_tokens if self.mode == "text" else 0},
             "min_label_mass": self.min_label_mass,
             "dtype": self.dtype,
@@ -407,17 +432,54 @@ class Judge:
 
     # -- model calls --
 
-    @torch.no_grad()
     def _run(self, prompts: list[str]) -> list[dict]:
-        """Raw outputs for ``prompts``: one left-padded forward (or greedy generate) per ``batch_size``, the
-        prompts sorted by length so a batch carries little padding."""
+        """Raw outputs for ``prompts`` on the judge's engine, the prompts sorted by length so a batch carries
+        little padding: the labels' log-probabilities at the next-token position (probs), or the greedy
+        reply (text)."""
         seqs = [self.encode(p) for p in prompts]
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        ordered = [seqs[i] for i in order]
+        if self.mode == "text":
+            params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0, stop_ids=self.end_ids)
+            rows = [{"text": self._decode(r)} for r in self._engine().generate(ordered, 1, params).completion_ids]
+        elif self.engine == "vllm":
+            rows = [{"logps": r} for r in self._engine().next_token_logps(ordered, self.label_ids)]
+        else:
+            rows = [{"logps": r} for r in self._label_logps(ordered)]
         out: list[dict] = [{} for _ in seqs]
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s : s + self.batch_size]
-            ids_BT, mask_BT = self._left_pad([seqs[i] for i in idx])
-            if self.mode == "probs":
+        for i, row in zip(order, rows):
+            out[i] = row
+        return out
+
+    def _engine(self) -> KVCacheEngine | VLLMEngine:
+        if self.engine == "native":
+            return self._native
+        if self._vllm is None:
+            # The judge's weights never change: the push at start-up is the only one.
+            self._vllm = VLLMEngine(
+                self.model,
+                self.tok,
+                max_model_len=self.model.config.max_position_embeddings,
+                max_batch=self.batch_size,
+                eos_token_id=self.end_ids[0],
+            )
+        return self._vllm
+
+    @torch.no_grad()
+    def _label_logps(self, seqs: list[list[int]]) -> list[list[float]]:
+        """The labels' first tokens' log-probabilities (full-vocabulary log-softmax) after each sequence (sorted
+        by length, the batches are fewer): one left-padded forward per ``batch_size`` sequences of the same
+        padded length.
+
+        Each sequence is padded to its own length rounded up to ``PAD_MULTIPLE``, never to its batch's longest:
+        left padding to another length moves a score by ~1e-7 (the attention's sums group differently), so a
+        verdict would depend on what else was judged with it, and GRPO's std normalization can amplify that
+        (a group whose other reward is constant) until two ranks disagree with one process."""
+        out: list[list[float]] = []
+        for T, same in groupby(seqs, key=lambda s: -(-len(s) // PAD_MULTIPLE) * PAD_MULTIPLE):
+            same = list(same)
+            for s in range(0, len(same), self.batch_size):
+                ids_BT, mask_BT = self._left_pad(same[s : s + self.batch_size], T)
                 positions_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
                 # Left padding: the last position is every row's next-token position, and the only one whose
                 # logits are computed (a real vocabulary x every position would be gigabytes).
@@ -428,23 +490,10 @@ class Judge:
                     use_cache=False,
                     logits_to_keep=1,
                 ).logits[:, -1, :]
-                logps_BL = torch.log_softmax(logits_BV.float(), dim=-1)[:, self.label_ids]
-                for i, row in zip(idx, logps_BL.tolist()):
-                    out[i] = {"logps": row}
-            else:
-                gen = self.model.generate(
-                    input_ids=ids_BT,
-                    attention_mask=mask_BT,
-                    do_sample=False,
-                    max_new_tokens=self.max_new_tokens,
-                    pad_token_id=self.tok.pad_token_id,
-                )[:, ids_BT.shape[1] :]
-                for i, row in zip(idx, gen.tolist()):
-                    out[i] = {"text": self._decode(row)}
+                out += torch.log_softmax(logits_BV.float(), dim=-1)[:, self.label_ids].tolist()
         return out
 
-    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        T = max(len(s) for s in seqs)
+    def _left_pad(self, seqs: list[list[int]], T: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids_BT = torch.full((len(seqs), T), self.tok.pad_token_id, dtype=torch.long)
         mask_BT = torch.zeros((len(seqs), T), dtype=torch.long)
         for b, s in enumerate(seqs):
@@ -454,8 +503,14 @@ class Judge:
 
     def _decode(self, ids: list[int]) -> str:
         # Up to the first end token, special tokens kept: a model's <think> may be one, and it must be seen.
-        end = next((k for k, t in enumerate(ids) if t in self.eos_ids), len(ids))
+        end = next((k for k, t in enumerate(ids) if t in self.end_ids), len(ids))
         return self.tok.decode(ids[:end], skip_special_tokens=False)
+
+    def close(self) -> None:
+        """Shut the vLLM engine down, if one was started."""
+        if self._vllm is not None:
+            self._vllm.close()
+            self._vllm = None
 
     # -- cache --
 
@@ -494,6 +549,76 @@ class Judge:
             self._memory.popitem(last=False)
 
 
+# The engine's options (model, labels, mode, batching, device, cache), which the `judge`, `rubric` and pairwise
+# rewards forward as they are: each lists them as ``forwarded_options``, which the registry checks like its own.
+JUDGE_OPTIONS = tuple(n for n in inspect.signature(Judge).parameters if n not in ("path", "field"))
+
+
+def make_judge(
+    path: Any, field: str, options: Mapping[str, Any], allowed: Sequence[str] = JUDGE_OPTIONS, **fixed: Any
+) -> Judge:
+    """A `Judge` for the reward ``field`` from the engine options a user gave it (an unknown one named, before
+    anything loads) and those the reward sets itself (``fixed``)."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{field}: unknown option(s) {unknown}; the judge engine's options are {list(allowed)}")
+    return Judge(path=path, field=field, **options, **fixed)
+
+
+@dataclass(frozen=True)
+class AuditGate:
+    """What RL checks before training against a judge (``check``): its audit report, the worst attack's
+    false-positive rate it tolerates, and warn | refuse above it."""
+
+    audit: str | None
+    max_false_positive: float
+    policy: str
+
+    @classmethod
+    def checked(cls, field: str, audit: Any, max_false_positive: Any, policy: Any) -> AuditGate:
+        if audit is not None and not Path(audit).is_file():
+            raise ValueError(f"{field} option audit: no audit report at {audit} (write one with audit-verifier --json)")
+        return cls(
+            audit,
+            check_fraction(max_false_positive, f"{field} option max_false_positive"),
+            check_choice(policy, ("warn", "refuse"), f"{field} option audit_policy"),
+        )
+
+    def check(self, field: str) -> None:
+        check_audit(self.audit, self.max_false_positive, self.policy, field)
+
+
+class JudgeCounters:
+    """The judge cache's counters of whatever runs a `Judge` (logged per step by the RL round)."""
+
+    judge: Judge
+
+    @property
+    def cache_hits(self) -> int:
+        return self.judge.cache_hits
+
+    @property
+    def cache_misses(self) -> int:
+        return self.judge.cache_misses
+
+
+class JudgeBacked(JudgeCounters):
+    """What the rewards a `Judge` runs share (`judge`, `rubric`): the cache counters, the audit check RL makes
+    before training against them, and closing the engine and the gates."""
+
+    name: str
+    audit: AuditGate
+    gates: Gates
+
+    def audit_check(self) -> None:
+        """Warn (or refuse) before training against this reward when its audit says attacks get through."""
+        self.audit.check(self.name)
+
+    def close(self) -> None:
+        self.gates.close()
+        self.judge.close()
+
+
 def _as_ids(value: Any) -> list[int]:
     if value is None:
         return []
@@ -519,78 +644,36 @@ def check_failure_rate(field: str, verdicts: Sequence[Verdict], max_rate: float,
 # --- the reward ----------------------------------------------------------------------------------------
 
 
-class JudgeReward:
+class JudgeReward(JudgeBacked):
     """The `judge` reward source (module docstring). ``score_batch(completions, examples)`` judges a
     batch in as few model calls as the cache and ``batch_size`` allow; ``identity()`` is for the run record."""
 
     name = "judge"
+
+    forwarded_options = JUDGE_OPTIONS  # passed to the Judge engine as they are (registry: checked like its own)
 
     def __init__(
         self,
         *,
         path: str,
         template: str = DEFAULT_TEMPLATE,
-        system: str | None = None,
-        labels: Sequence[str] = ("No", "Yes"),
-        label_scores: Sequence[float] | None = None,
-        mode: str = "probs",
-        max_new_tokens: int = 256,
         reference_column: str | None = None,
         on_failure: str = "zero",
         max_failure_rate: float = 0.5,
-        min_label_mass: float = 0.0,
-        batch_size: int = 16,
-        device: str = "auto",
-        dtype: str = "float32",
-        cache: bool = True,
-        cache_dir: str | None = None,
-        cache_entries: int = 100_000,
         audit: str | None = None,
         max_false_positive: float = 0.1,
         audit_policy: str = "warn",
         gates: Sequence[Mapping[str, Any]] = (),
+        **engine: Any,
     ) -> None:
         self.gates = Gates(check_gates(gates, "judge"))  # programs a completion must pass before it is judged
-        # what RL checks before training against this judge (audit_check): its audit report, the worst attack's
-        # false-positive rate it tolerates, and warn | refuse above it
-        self.audit = audit
-        self.max_false_positive = check_fraction(max_false_positive, "judge option max_false_positive")
-        self.audit_policy = check_choice(audit_policy, ("warn", "refuse"), "judge option audit_policy")
-        if audit is not None and not Path(audit).is_file():
-            raise ValueError(f"judge option audit: no audit report at {audit} (write one with audit-verifier --json)")
+        self.audit = AuditGate.checked("judge", audit, max_false_positive, audit_policy)
         found = check_template(template, "judge option template", ("question", "answer", "reference"), ("answer",))
         check_reference(found, reference_column, "judge")
         self.template, self.reference_column = template, reference_column
         self.on_failure = check_choice(on_failure, ON_FAILURE, "judge option on_failure")
         self.max_failure_rate = check_fraction(max_failure_rate, "judge option max_failure_rate")
-        self.judge = Judge(
-            path=path,
-            field="judge",
-            system=system,
-            labels=labels,
-            label_scores=label_scores,
-            mode=mode,
-            max_new_tokens=max_new_tokens,
-            min_label_mass=min_label_mass,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            cache=cache,
-            cache_dir=cache_dir,
-            cache_entries=cache_entries,
-        )
-
-    @property
-    def cache_hits(self) -> int:
-        return self.judge.cache_hits
-
-    @property
-    def cache_misses(self) -> int:
-        return self.judge.cache_misses
-
-    def audit_check(self) -> None:
-        """Warn (or refuse) before training against this judge when its audit says attacks get through."""
-        check_audit(self.audit, self.max_false_positive, self.audit_policy, "judge")
+        self.judge = make_judge(path, "judge", engine)
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -626,9 +709,6 @@ class JudgeReward:
 
     def __call__(self, completion: str, **example: Any) -> Score:
         return self.score_batch([completion], [example])[0]
-
-    def close(self) -> None:
-        self.gates.close()
 
 
 def check_reference(found: frozenset[str], reference_column: Any, field: str) -> None:

@@ -40,7 +40,8 @@ from typing import Any
 
 from .base import JUDGE_FAILED, SCORED, Example, VerifierError
 from .judge import (
-    Judge,
+    JUDGE_OPTIONS,
+    JudgeCounters,
     Verdict,
     check_causal_dir,
     check_fraction,
@@ -48,6 +49,7 @@ from .judge import (
     check_template,
     fence,
     fill,
+    make_judge,
     prompt_values,
     sha256_text,
 )
@@ -128,7 +130,8 @@ def check_options(options: Mapping[str, Any], *, path_exists: bool = True) -> No
     """The checks `PairwiseJudge` makes before it loads anything (option names, template, labels, margin,
     the directory a causal LM), for a preflight; ``path_exists=False``: the judge is written by an earlier
     stage, so its directory is not looked at yet."""
-    known = [n for n in inspect.signature(PairwiseJudge).parameters]
+    known = [*inspect.signature(PairwiseJudge).parameters, *PairwiseJudge.forwarded_options]
+    known.remove("engine")  # the catch-all: its names are the forwarded options
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"{FIELD}: unknown option(s) {unknown}; its options are {known}")
@@ -145,30 +148,24 @@ def check_options(options: Mapping[str, Any], *, path_exists: bool = True) -> No
         check_causal_dir(options.get("path"), f"{FIELD} option path")
 
 
-class PairwiseJudge:
+class PairwiseJudge(JudgeCounters):
     """A local judge model comparing two answers in both orders (module docstring). ``compare(examples,
     xs, ys)`` judges every comparison of a batch in one batched, cached pass; ``identity()`` is for records."""
 
     name = FIELD
+
+    # the Judge engine's options, passed as they are (label_scores excepted: a call's value is P(first label))
+    forwarded_options = tuple(n for n in JUDGE_OPTIONS if n not in ("labels", "label_scores"))
 
     def __init__(
         self,
         *,
         path: str,
         template: str = DEFAULT_TEMPLATE,
-        system: str | None = None,
         labels: Sequence[str] = ("A", "B"),
         margin: float = 0.1,
-        mode: str = "probs",
-        max_new_tokens: int = 256,
         reference_column: str | None = None,
-        min_label_mass: float = 0.0,
-        batch_size: int = 16,
-        device: str = "auto",
-        dtype: str = "float32",
-        cache: bool = True,
-        cache_dir: str | None = None,
-        cache_entries: int = 100_000,
+        **engine: Any,
     ) -> None:
         found = check_template(
             template,
@@ -180,30 +177,9 @@ class PairwiseJudge:
         self.template, self.reference_column = template, reference_column
         self.asks_question = "question" in found
         self.margin = check_margin(margin)
-        self.judge = Judge(
-            path=path,
-            field=FIELD,
-            system=system,
-            labels=check_labels(labels),
-            label_scores=(1.0, 0.0),  # a call's value is P(first label) = P(the answer in position A is better)
-            mode=mode,
-            max_new_tokens=max_new_tokens,
-            min_label_mass=min_label_mass,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            cache=cache,
-            cache_dir=cache_dir,
-            cache_entries=cache_entries,
-        )
-
-    @property
-    def cache_hits(self) -> int:
-        return self.judge.cache_hits
-
-    @property
-    def cache_misses(self) -> int:
-        return self.judge.cache_misses
+        # a call's value is P(first label) = P(the answer in position A is better)
+        fixed = {"labels": check_labels(labels), "label_scores": (1.0, 0.0)}
+        self.judge = make_judge(path, FIELD, engine, self.forwarded_options, **fixed)
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -236,6 +212,9 @@ class PairwiseJudge:
         prompts += [self.prompt(ex, y, x, i) for i, (ex, x, y) in enumerate(zip(examples, xs, ys))]
         found = self.verdicts(prompts)
         return [combine(a, b, self.margin) for a, b in zip(found[:n], found[n:])]
+
+    def close(self) -> None:
+        self.judge.close()
 
 
 __all__ = [

@@ -254,8 +254,10 @@ def _check_options(name: str, cls: type, options: dict[str, Any]) -> None:
         params = inspect.signature(cls).parameters
     except (TypeError, ValueError):
         return
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    known = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    # a class that forwards its **options to a component lists their names (e.g. a judge's engine options)
+    forwarded = list(getattr(cls, "forwarded_options", ()))
+    takes_any = not forwarded and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    known = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)] + forwarded
     unknown = sorted(set(options) - set(known)) if not takes_any else []
     if unknown:
         raise VerifierOptionError(f"verifier {name!r}: unknown option(s) {unknown}; its options are {known}")
@@ -274,7 +276,7 @@ def _construct(name: str, cls: type, options: dict[str, Any]) -> Any:
 
 def accepts_option(name: str, option: str) -> bool:
     """Whether the built-in (or imported class) `name` names the keyword `option` explicitly in its
-    constructor. A catch-all `**options` does not count: `format` forwards those to the regex verifier,
+    constructor (or among its ``forwarded_options``). A catch-all `**options` does not count: `format` forwards those to the regex verifier,
     which would reject e.g. `workers`."""
     spec = BUILTINS.get(name, name if ":" in name else None)
     if spec is None:
@@ -282,6 +284,8 @@ def accepts_option(name: str, option: str) -> bool:
     obj = import_object(spec)
     if not inspect.isclass(obj):
         return False
+    if option in getattr(obj, "forwarded_options", ()):
+        return True
     param = inspect.signature(obj).parameters.get(option)
     return param is not None and param.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 

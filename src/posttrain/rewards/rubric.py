@@ -32,15 +32,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .audit_report import check_audit
 from .base import GATED, POLICY_INVALID, SCORED, Example, Score, as_text
 from .gates import Gates, check_gates
 from .judge import (
+    JUDGE_OPTIONS,
     ON_FAILURE,
-    Judge,
+    AuditGate,
+    JudgeBacked,
     Verdict,
     check_choice,
     check_failure_rate,
@@ -49,6 +49,7 @@ from .judge import (
     check_template,
     failed_score,
     fill,
+    make_judge,
     prompt_values,
     sha256_text,
 )
@@ -105,11 +106,13 @@ def combine(scored: Sequence[tuple[float, float]]) -> float | None:
     return math.fsum(w * s for w, s in scored) / total if total > 0 else None
 
 
-class RubricReward:
+class RubricReward(JudgeBacked):
     """The `rubric` reward source (module docstring). Judge options as for `judge`; ``criteria`` and
     ``gates`` are its own."""
 
     name = "rubric"
+
+    forwarded_options = JUDGE_OPTIONS  # passed to the Judge engine as they are (registry: checked like its own)
 
     def __init__(
         self,
@@ -117,33 +120,16 @@ class RubricReward:
         path: str,
         criteria: Sequence[Mapping[str, Any] | Criterion],
         template: str = DEFAULT_TEMPLATE,
-        system: str | None = None,
-        labels: Sequence[str] = ("No", "Yes"),
-        label_scores: Sequence[float] | None = None,
-        mode: str = "probs",
-        max_new_tokens: int = 256,
         reference_column: str | None = None,
         gates: Sequence[Mapping[str, Any]] = (),
         on_failure: str = "zero",
         max_failure_rate: float = 0.5,
-        min_label_mass: float = 0.0,
-        batch_size: int = 16,
-        device: str = "auto",
-        dtype: str = "float32",
-        cache: bool = True,
-        cache_dir: str | None = None,
-        cache_entries: int = 100_000,
         audit: str | None = None,
         max_false_positive: float = 0.1,
         audit_policy: str = "warn",
+        **engine: Any,
     ) -> None:
-        # what RL checks before training against this rubric (audit_check): its audit report, the worst attack's
-        # false-positive rate it tolerates, and warn | refuse above it
-        self.audit = audit
-        self.max_false_positive = check_fraction(max_false_positive, "rubric option max_false_positive")
-        self.audit_policy = check_choice(audit_policy, ("warn", "refuse"), "rubric option audit_policy")
-        if audit is not None and not Path(audit).is_file():
-            raise ValueError(f"rubric option audit: no audit report at {audit} (write one with audit-verifier --json)")
+        self.audit = AuditGate.checked("rubric", audit, max_false_positive, audit_policy)
         self.criteria = check_criteria(criteria)
         found = check_template(
             template,
@@ -156,37 +142,10 @@ class RubricReward:
         self.on_failure = check_choice(on_failure, ON_FAILURE, "rubric option on_failure")
         self.max_failure_rate = check_fraction(max_failure_rate, "rubric option max_failure_rate")
         self.gate_specs = check_gates(gates, "rubric")
-        self.judge = Judge(
-            path=path,
-            field="rubric",
-            system=system,
-            labels=labels,
-            label_scores=label_scores,
-            mode=mode,
-            max_new_tokens=max_new_tokens,
-            min_label_mass=min_label_mass,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            cache=cache,
-            cache_dir=cache_dir,
-            cache_entries=cache_entries,
-        )
+        self.judge = make_judge(path, "rubric", engine)
         self.gates = Gates(self.gate_specs)
         self.last_criteria: dict[str, list[float]] = {c.name: [] for c in self.criteria}
         self.last_failures: dict[str, int] = {c.name: 0 for c in self.criteria}
-
-    @property
-    def cache_hits(self) -> int:
-        return self.judge.cache_hits
-
-    @property
-    def cache_misses(self) -> int:
-        return self.judge.cache_misses
-
-    def audit_check(self) -> None:
-        """Warn (or refuse) before training against this rubric when its audit says attacks get through."""
-        check_audit(self.audit, self.max_false_positive, self.audit_policy, "rubric")
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -241,9 +200,6 @@ class RubricReward:
 
     def __call__(self, completion: str, **example: Any) -> Score:
         return self.score_batch([completion], [example])[0]
-
-    def close(self) -> None:
-        self.gates.close()
 
 
 __all__ = ["Criterion", "RubricReward", "check_criteria", "combine"]

@@ -23,6 +23,8 @@ How it is set up, and why:
   cached prompt keys/values belong to the old weights.
 * Sampling log-probs: ``logprobs_mode="processed_logprobs"``, the log-probs of the distribution the
   token was drawn from (after temperature and top-p), the same convention as ``KVCacheEngine``.
+* Scoring (``next_token_logps``, a judge's labels): the raw log-softmax at a prompt's next-token
+  position, from one greedy token per prompt asked for ``logprob_token_ids``.
 * Stopping: at ``eos_token_id`` only (``stop_token_ids`` with ``ignore_eos``), EOS kept, as the
   native engine does; a custom EOS thus behaves the same on both engines.
 * The G samples of a prompt are one request with ``n=G``: with prefix caching the prompt is
@@ -283,3 +285,19 @@ class VLLMEngine:
                 if logps is not None:
                     logps.append([d[t].logprob for d, t in zip(o.logprobs, ids)])
         return Generation([list(p) for p in prompt_ids], completions, truncated, logps)
+
+    def next_token_logps(self, prompt_ids: list[list[int]], token_ids: list[int]) -> list[list[float]]:
+        """log p(t | prompt) of each of ``token_ids`` at each prompt's next-token position: the full-vocabulary
+        float32 log-softmax of the raw logits, as a plain forward gives it (what a judge reads its labels
+        from). One greedy token per prompt with ``logprob_token_ids``: a greedy request's log-probs are
+        ``log_softmax`` of the logits after the logits processors, which the default parameters leave as
+        they are (no penalty, bias or min_tokens), and no temperature or top-p touches them. (Prompt
+        log-probs of the prompt + each token would give the same numbers, but a request that asks for
+        them skips the prefix cache: the whole prompt would be prefilled once per token.)"""
+        from vllm import SamplingParams as VSamplingParams  # noqa: PLC0415 - vLLM is optional (posttrain[vllm])
+
+        if self._sleeping:
+            self.sync_weights()
+        sp = VSamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(token_ids), detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], sp, use_tqdm=False)
+        return [[req.outputs[0].logprobs[0][t].logprob for t in token_ids] for req in outs]
