@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from posttrain.config import GRPOConfig, config_from_dict
 from posttrain.models.tiny import build_tiny_model, build_tokenizer
@@ -97,7 +98,13 @@ def test_an_excluded_sample_is_out_of_the_baseline_and_the_loss():
 def test_judge_rows_render_what_the_judge_reads_and_are_balanced(judge_dir):
     labelled = [{"prompt": "2+2=", "completion": c, "label": c == "4"} for c in ("4", "5", "6", "7")]
     rows, counts = judge_rows(labelled, seed=0)
-    assert counts == {"yes": 1, "no": 3, "near_misses": 0, "written": 2}  # balanced: the majority subsampled
+    assert counts == {
+        "yes": 1,
+        "no": 3,
+        "near_misses": 0,
+        "swapped": 0,
+        "written": 2,
+    }  # balanced: the majority subsampled
     assert sorted(r["completion"][0]["content"] for r in rows) == ["No", "Yes"]
     judge = JudgeReward(path=str(judge_dir), cache=False)
     # the SFT prompt, through the judge's chat template, is exactly the prompt the judge scores
@@ -141,6 +148,24 @@ def test_near_misses_are_negatives_the_verifier_rejects_and_never_outnumber_real
     out, counts = judge_rows(rows + negs, seed=0)
     assert counts["near_misses"] == 2  # at most twice the real wrong samples (one here)
     assert counts["written"] == 2  # balanced: one Yes, one No
+    no = next(r for r in out if r["completion"][0]["content"] == "No")
+    assert "termination" in no["prompt"][-1]["content"]  # the real wrong sample is kept before any near miss
+
+
+def test_answers_right_for_another_prompt_become_negatives_where_the_verifier_rejects_them():
+    labels = ("payment", "termination", "prohibition")
+    rows = [{"prompt": f"{x} =>", "completion": f" {x}", "label": True} for x in labels]
+    rows.append({"prompt": "not pay =>", "completion": " prohibition", "label": True})
+    sources = {source_key(r["prompt"]): {"prompt": r["prompt"], "answer": r["completion"].strip()} for r in rows}
+    negs = hard_negatives(rows, lambda c, answer=None, **ex: float(c.strip() == answer), sources, swaps=5)
+    swapped = {(n["prompt"], n["completion"]) for n in negs if n.get("swap")}
+    # every other prompt's right answer, except where it is right here too (" prohibition" for "not pay")
+    assert swapped == {
+        (p, f" {x}") for p, y in [(r["prompt"], r["completion"].strip()) for r in rows] for x in labels if x != y
+    }
+    assert not any(n.get("near_miss") and n.get("swap") for n in negs)
+    out, counts = judge_rows(rows + negs, seed=0)
+    assert counts["swapped"] == len(swapped) == 8 and counts["written"] == 8  # 4 Yes, 4 No
 
 
 def test_the_judge_demo_runs_end_to_end(tmp_path):
@@ -153,6 +178,21 @@ def test_the_judge_demo_runs_end_to_end(tmp_path):
     assert judge["kind"] == "judge" and judge["n_judged"] > 0 and judge["identity"]["template_sha256"]
     assert [s["name"] for s in summary["stages"]] == ["pretrain", "sft", "judge", "grpo_judge", "grpo"]
     assert (out / "stages" / "04_grpo_judge" / "rewards.json").exists()
+    # the judge stage audits its judge: per-attack false-positive rates in its evaluation, the whole report in
+    # audit.json, which the judge reward of grpo_judge names (audit: judge) and checks before training
+    audit = judge["audit"]
+    attacks = {a["attack"] for a in audit["attacks"]}
+    assert {"master_key_colon", "empty", "injected_verdict", "fake_think_verdict"} <= attacks
+    saved = json.loads((out / "stages" / "03_judge" / "audit.json").read_text())
+    # the golds are written as the policy writes its answers, so the judge's label-set gate lets them through
+    assert saved["gold_template"] == "{answer}" and not any(g["reason"] == "gated" for g in saved["gold"])
+    assert all("rate_without_gates" in a for a in audit["attacks"])  # a gated judge is audited bare too
+    assert saved["false_positive_rate"] == {a["attack"]: a["rate"] for a in audit["attacks"]}
+    grpo_judge = yaml.safe_load((out / "stages" / "04_grpo_judge" / "config.yaml").read_text())
+    judge_opts = next(r["options"] for r in grpo_judge["rewards"] if r["name"] == "judge")
+    assert judge_opts["audit"] == str(out / "stages" / "03_judge" / "audit.json")
+    html = (out / "report.html").read_text()
+    assert "Audit: false-positive rate per attack" in html and "master_key_colon" in html
 
 
 def test_a_judge_behind_a_gate_never_judges_what_the_gate_refuses(judge_dir):

@@ -142,6 +142,23 @@ def test_demo_config_is_a_valid_pipeline_and_fast_mode_shrinks_it():
     assert (g.aggregation, g.eps_low, g.eps_high, g.dynamic_sampling, g.beta) == ("token_mean", 0.2, 0.28, True, 0.0)
 
 
+def test_a_tasks_own_rl_budget_applies_but_fast_mode_still_wins():
+    from posttrain.commands.demo import assemble
+
+    def rl(data):
+        return {
+            p.name: (p.cfg.train.steps, p.cfg.optim.lr)
+            for p in plan(config_from_dict(PipelineConfig, data))
+            if p.recipe == "grpo"
+        }
+
+    assert rl(assemble("clauses", "runs/x")) == {"grpo": (200, 1e-4)}
+    assert rl(assemble("clauses", "runs/x", judge=True)) == {"grpo_judge": (200, 1e-4), "grpo": (200, 1e-4)}
+    assert rl(assemble("extraction", "runs/x"))["grpo"][0] == 200
+    assert rl(assemble("extraction", "runs/x", fast=True))["grpo"][0] == 3  # was 200: use_task came after --fast
+    assert rl(assemble("clauses", "runs/x", fast=True, judge=True)) == {"grpo_judge": (3, 1e-4), "grpo": (3, 1e-4)}
+
+
 def test_check_targets_flags_a_drop_and_the_grpo_gain():
     s = {
         "stages": [

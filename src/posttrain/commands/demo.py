@@ -91,6 +91,22 @@ def demo_config(fast: bool, output_dir: str, rlhf: bool = False, task: str = "ar
     return data
 
 
+def assemble(
+    task: str, output_dir: str, fast: bool = False, rlhf: bool = False, judge: bool = False, seed: int | None = None
+) -> dict:
+    """The demo pipeline as plain data: the task's (use_task), with the RLHF or judge branch, seeded."""
+    data = demo_config(fast, output_dir, rlhf=rlhf, task=task)
+    if task != TOOL_TASK:
+        data = use_task(data, task)
+    if judge:
+        data["stages"] = judge_stages(data["stages"])
+    if fast:  # again after the task's own budgets (use_task) and the judge stages: --fast wins
+        data = _fast_stages(data, [s["name"] for s in data["stages"]])
+    if seed is not None:
+        use_seed(data, seed)
+    return data
+
+
 def _fast_stages(data: dict, names) -> dict:
     """``--fast``: the stages ``names`` cut to a few steps (FAST_OVERRIDES), their pairs to a few prompts."""
     for stage in data["stages"]:
@@ -156,6 +172,11 @@ def check_targets(summary: dict, controls: tuple[str, ...] = ()) -> list[str]:
     return lines
 
 
+def _worst(attacks: list[dict], key: str) -> str:
+    worst = max(attacks, key=lambda a: a.get(key) or 0.0, default=None)
+    return f", worst false-positive rate {100 * (worst.get(key) or 0.0):.0f}% ({worst['attack']})" if worst else ""
+
+
 def judge_targets(summary: dict) -> list[str]:
     """The judge demo's promise: GRPO against the trained judge gains >= 70% of what GRPO against the verifier
     gains from the same SFT start (both measured by the verifier on held-out prompts)."""
@@ -168,6 +189,19 @@ def judge_targets(summary: dict) -> list[str]:
         f"judge: agrees with the verifier on {100 * j['judge_accuracy']:.1f}% of held-out samples "
         f"[{100 * j['judge_ci'][0]:.1f}, {100 * j['judge_ci'][1]:.1f}] (false positives {100 * j['false_positive_rate']:.1f}%)"
     ]
+    if audit := j.get("audit"):
+        lines.append(
+            f"judge audit ({len(audit['attacks'])} attacks on held-out rows): "
+            + ("passed" if audit["ok"] else "FAILED")
+            + _worst(audit["attacks"], "rate")
+            + f", golds rejected {100 * audit['gold_rejection_rate']:.0f}%"
+            + (
+                f"; without its gates {'passed' if audit['ok_without_gates'] else 'FAILED'}"
+                + _worst(audit["attacks"], "rate_without_gates")
+                if "ok_without_gates" in audit
+                else ""
+            )
+        )
     gain_j, gain_v = judged - sft, verified - sft
     if gain_v <= 0:
         lines.append(f"GRPO with the verifier gained {100 * gain_v:+.1f} points: no gain to compare the judge's with")
@@ -254,15 +288,7 @@ def main(argv: list[str]) -> int:
     for seed in seeds:
         if a.task == TOOL_TASK and (a.rlhf or a.evidence):
             p.error("--task tools has its own pipeline: --rlhf and --evidence do not apply to it")
-        data = demo_config(a.fast, str(out / f"seed{seed}" if a.seeds else out), rlhf=a.rlhf, task=a.task)
-        if a.task != TOOL_TASK:
-            data = use_task(data, a.task)
-        if a.judge:
-            data["stages"] = judge_stages(data["stages"])
-            if a.fast:  # the fast overrides were applied before the judge stages existed
-                data = _fast_stages(data, ("judge", "grpo_judge", "grpo"))
-        if seed is not None:
-            use_seed(data, seed)
+        data = assemble(a.task, str(out / f"seed{seed}" if a.seeds else out), a.fast, a.rlhf, a.judge, seed)
         if a.evidence:
             data["controls"] = ["random_reward"]
         cfg = config_from_dict(PipelineConfig, data)

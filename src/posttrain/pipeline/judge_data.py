@@ -1,15 +1,16 @@
 """A generative judge you can train here: a verifier's labels on a model's own samples become judge data.
 
     make-pairs with kto: every distinct sample of a prompt, labelled by the verifier (pairs.make_pairs)
-    hard_negatives:      near misses of the correct samples and the judge master keys, which the verifier
-                         rejects: what a policy trained against the judge would otherwise find first
+    hard_negatives:      near misses of the correct samples, the judge master keys, and answers that are right
+                         for another prompt (swapped), which the verifier rejects: what a policy trained against
+                         the judge would otherwise find first
     judge_rows:          each (question, answer, label) as a chat SFT row, the prompt rendered exactly as the
                          `judge` reward renders it (its template, the answer fenced), the completion "Yes" / "No"
     SFT on those rows    (any SFT stage: a judge is a causal LM that answers the template)
     judge_accuracy:      the trained judge against the verifier on held-out prompts' samples
 
-The labels are balanced (the majority label subsampled), so a judge that always says one thing scores 50% on
-its own training data, not the share of that label. This is GenRM's recipe (Zhang et al. 2024, P("Yes") as
+The labels are balanced (the majority label subsampled; on the "No" side the real wrong samples are kept first),
+so a judge that always says one thing scores 50% on its own training data, not the share of that label. This is GenRM's recipe (Zhang et al. 2024, P("Yes") as
 the score) with a program's verdicts as the labels: the judge learns the verifier where it can be measured,
 and the demo checks what a policy trained against it learns (``posttrain demo --judge``).
 """
@@ -61,10 +62,12 @@ def judge_rows(
     """KTO rows (``prompt``, ``completion``, ``label``) as judge SFT rows ``{"prompt": [messages],
     "completion": [{"role": "assistant", "content": "Yes" | "No"}]}``, shuffled. Near misses
     (``hard_negatives``) are kept up to twice the number of real wrong samples; with ``balance`` the more common
-    verdict is then subsampled to the other's count. Returns (rows, counts)."""
+    verdict is then subsampled to the other's count, the "No" side keeping the real wrong samples first and
+    filling up with swapped answers and near misses. Returns (rows, counts)."""
     by_label: dict[bool, list[dict]] = {True: [], False: []}
+    synthetic: list[dict] = []  # swapped answers and near misses: kept after the real wrong samples
     rng = random.Random(seed)
-    real_no = sum(1 for r in labelled if not r["label"] and not r.get("near_miss"))
+    real_no = sum(1 for r in labelled if not r["label"] and not r.get("near_miss") and not r.get("swap"))
     misses = [r for r in labelled if r.get("near_miss")]
     # near misses teach the judge what a policy would try first, but the real wrong samples are the verdicts it
     # must get right: at most twice as many near misses as real negatives
@@ -76,16 +79,24 @@ def judge_rows(
         reference = None
         if reference_column is not None:  # the data row's reference answer (KTO rows keep no gold column)
             reference = (sources or {})[source_key(r["prompt"])][reference_column]
-        by_label[bool(r["label"])].append(
-            {
-                "prompt": judge_messages(r["prompt"], answer, template, system, reference),
-                "completion": [{"role": "assistant", "content": VERDICTS[bool(r["label"])]}],
-            }
-        )
-    counts = {"yes": len(by_label[True]), "no": len(by_label[False]), "near_misses": len(keep_misses)}
-    if balance and by_label[True] and by_label[False]:
-        k = min(len(by_label[True]), len(by_label[False]))
-        by_label = {label: rng.sample(rows, k) for label, rows in by_label.items()}
+        row = {
+            "prompt": judge_messages(r["prompt"], answer, template, system, reference),
+            "completion": [{"role": "assistant", "content": VERDICTS[bool(r["label"])]}],
+        }
+        (synthetic if r.get("near_miss") or r.get("swap") else by_label[bool(r["label"])]).append(row)
+    counts = {
+        "yes": len(by_label[True]),
+        "no": len(by_label[False]) + len(synthetic),
+        "near_misses": len(keep_misses),
+        "swapped": sum(1 for r in labelled if r.get("swap")),
+    }
+    rng.shuffle(synthetic)
+    if balance and by_label[True] and (by_label[False] or synthetic):
+        k = min(len(by_label[True]), counts["no"])
+        no = rng.sample(by_label[False], min(k, len(by_label[False])))
+        by_label = {True: rng.sample(by_label[True], k), False: no + synthetic[: k - len(no)]}
+    else:
+        by_label[False] += synthetic
     out = by_label[True] + by_label[False]
     rng.shuffle(out)
     counts["written"] = len(out)
@@ -138,27 +149,35 @@ def hard_negatives(
     sources: Mapping[str, dict],
     *,
     per_answer: int = 4,
+    swaps: int = 2,
     seed: int = 0,
 ) -> list[dict]:
-    """For each correct answer in ``labelled`` (KTO rows), its corruptions that the verifier rejects, as rows
-    labelled False (the verifier decides, with the data row's columns from ``sources``: a corruption that is
-    still right is not a negative)."""
+    """For each correct answer in ``labelled`` (KTO rows), its corruptions and up to ``swaps`` answers that
+    were right for other prompts, each kept where the verifier rejects it, as rows labelled False (the verifier
+    decides, with the data row's columns from ``sources``: a candidate that is still right is not a negative).
+
+    A swapped answer is the negative a reference-based judge needs most: the policy's own mistakes cover only
+    the confusions it makes (a model that writes "payment" for "prohibition" never shows the judge "prohibition"
+    against "payment"), and a policy trained against the judge moves to the answers the judge never saw judged
+    wrong (measured: the demo's GRPO collapsed to "prohibition", passed at 0.9 against every reference)."""
     rng = random.Random(seed)
     others = sorted({r["completion"] for r in labelled if r["label"] and isinstance(r["completion"], str)})
     cands = []
     for r in labelled:
         if r["label"] and isinstance(r["completion"], str):
-            cands += [(r, c) for c in corruptions(r["completion"], rng, per_answer, others)]
+            cands += [(r, c, "near_miss") for c in corruptions(r["completion"], rng, per_answer, others)]
+            swapped = [o for o in others if o.strip() != r["completion"].strip()]
+            cands += [(r, c, "swap") for c in rng.sample(swapped, min(swaps, len(swapped)))]
     if not cands:
         return []
-    columns = [reward_columns(sources[source_key(r["prompt"])]) for r, _ in cands]
-    scores = score_all(verifier, [c for _, c in cands], columns)
+    columns = [reward_columns(sources[source_key(r["prompt"])]) for r, _, _ in cands]
+    scores = score_all(verifier, [c for _, c, _ in cands], columns)
     seen, out = set(), []
-    for (r, c), s in zip(cands, scores):
+    for (r, c, kind), s in zip(cands, scores):
         key = (str(r["prompt"]), c)
         if s == s and not is_correct(s) and key not in seen:
             seen.add(key)
-            out.append({**r, "completion": c, "label": False, "near_miss": True})
+            out.append({**r, "completion": c, "label": False, kind: True})
     return out
 
 

@@ -48,6 +48,7 @@ from posttrain.pipeline.judge_data import hard_negatives, judge_accuracy, judge_
 from posttrain.pipeline.pairs import make_pairs
 from posttrain.report import build_report
 from posttrain.rewards import load as load_verifier
+from posttrain.rewards.audit import run_audit
 from posttrain.rewards.judge import JudgeReward
 from posttrain.rewards.pairwise import PairwiseJudge
 from posttrain.run.loop import setup_logging
@@ -100,8 +101,19 @@ class PairsConfig:
         "Yes / No, balanced): an sft stage then trains a generative judge, evaluated against the verifier",
     )
     judge_eval_prompts: int = doc(100, "judge stages: held-out prompts (eval.data) whose samples measure the judge")
+    judge_audit_rows: int = doc(
+        20,
+        "judge stages: held-out rows each attack of the judge audit (posttrain audit-verifier) is tried on; the "
+        "report goes to the stage's audit.json, which a later `judge` reward names as `audit: <this stage>` (0: no audit)",
+    )
+    judge_audit_gold_template: str = doc(
+        "{answer}",
+        "judge stages: how the audit writes a row's reference answer as a completion ({answer} marks it): the "
+        "policy's answer format, which a gated judge must let through (e.g. 'The answer is \\boxed{{answer}}.')",
+    )
     judge_options: dict = dict_doc(
-        "judge stages: the judge prompt (template, system, reference_column), as the `judge` reward will be given it"
+        "judge stages: the `judge` reward's options as a later stage will give them: its prompt (template, system, "
+        "reference_column: what the judge rows render) and gates (what its evaluation and audit apply)"
     )
     engine: Literal["native", "vllm"] = doc("native", "rollout engine that samples: native | vllm")
     gold_column: str = doc(
@@ -128,6 +140,11 @@ class PairsConfig:
             )
         if "path" in self.pairwise_judge_options:
             raise ConfigError("pairwise_judge_options.path: name the judge model in pairwise_judge")
+        if self.judge and "{answer}" not in self.judge_audit_gold_template:
+            raise ConfigError(
+                f"judge_audit_gold_template {self.judge_audit_gold_template!r} has no {{answer}}: "
+                "where the reference answer goes"
+            )
 
 
 @dataclass(frozen=True)
@@ -179,6 +196,8 @@ RECIPE_MODULES = {
     "ppo": "posttrain.recipes.ppo",
 }
 PAIR_RECIPES = ("preference", "reward_model")  # stages that train on pairs, which make_pairs can write
+AUDIT_FILE = "audit.json"  # a judge stage's audit report, beside its final model
+JUDGE_PROMPT_OPTIONS = ("template", "system", "reference_column")  # what a judge row's prompt is rendered with
 JUDGE_RECIPES = ("sft",)  # make_pairs with judge: true writes SFT rows
 
 
@@ -220,6 +239,9 @@ def _resolve_model_refs(data: dict, finals: dict[str, str]) -> None:
     for reward in data.get("rewards") or []:
         if isinstance(reward, dict) and isinstance(reward.get("options"), dict):
             resolve(reward["options"], "path")
+            audit = reward["options"].get("audit")
+            if isinstance(audit, str) and audit in finals:  # a judge stage's audit report
+                reward["options"]["audit"] = str(Path(finals[audit]).parent / AUDIT_FILE)
 
 
 def _stage_overrides(stage: StageConfig, start: str | None, out_dir: Path, finals: dict[str, str]) -> dict:
@@ -357,6 +379,23 @@ def _pair_eval(stage_dir: Path) -> dict:
     }
 
 
+def _judge_audit(p: StagePlan, rows: list[dict]) -> dict:
+    """The attacks that fool judges, on held-out rows (golds must pass), against the judge as the reward will
+    use it (its gates too): the report goes to audit.json, which a later judge reward checks. A gated judge is
+    audited without its gates as well, so the report shows what the gates stop."""
+    options = {"path": str(p.final), **p.pairs.judge_options}
+    audit = dict(probe_rows=p.pairs.judge_audit_rows, gold_template=p.pairs.judge_audit_gold_template)
+    report = run_audit("judge", options, rows, **audit)
+    atomic_write_json(p.dir / AUDIT_FILE, report.to_dict())
+    out = report.summary()
+    if options.get("gates"):
+        bare = run_audit("judge", {**options, "gates": []}, rows, **audit).summary()
+        without = {a["attack"]: a["rate"] for a in bare["attacks"]}
+        out["attacks"] = [{**a, "rate_without_gates": without.get(a["attack"])} for a in out["attacks"]]
+        out["ok_without_gates"] = bare["ok"]
+    return out
+
+
 def _judge_eval(p: StagePlan, cfg: PipelineConfig) -> dict:
     """A judge stage's evaluation: the trained judge against the verifier on samples of its starting model
     (the policy it was made from) for held-out prompts."""
@@ -364,6 +403,7 @@ def _judge_eval(p: StagePlan, cfg: PipelineConfig) -> dict:
     policy, tok = load_model(ModelConfig(path=p.start_model))
     verifier = load_verifier(p.pairs.verifier, **cfg.eval.verifier_options)
     judge = JudgeReward(path=str(p.final), cache=False, **p.pairs.judge_options)
+    audit = _judge_audit(p, rows) if p.pairs.judge_audit_rows else None
     try:
         out = judge_accuracy(
             judge,
@@ -377,7 +417,7 @@ def _judge_eval(p: StagePlan, cfg: PipelineConfig) -> dict:
         )
     finally:
         getattr(verifier, "close", lambda: None)()
-    return {**out, "identity": judge.identity()}
+    return {**out, "identity": judge.identity(), **({"audit": audit} if audit is not None else {})}
 
 
 def _stage_eval(p: StagePlan, cfg: PipelineConfig) -> dict:
@@ -419,19 +459,22 @@ def _make_pairs(plan_: StagePlan) -> int:
         if p.judge:
             sources = {source_key(r["prompt"]): r for r in data}
             negatives = hard_negatives(out, verifier, sources, seed=plan_.cfg.train.seed)
-            out, counts = judge_rows(out + negatives, **p.judge_options, sources=sources, seed=plan_.cfg.train.seed)
+            prompt = {k: v for k, v in p.judge_options.items() if k in JUDGE_PROMPT_OPTIONS}
+            out, counts = judge_rows(out + negatives, **prompt, sources=sources, seed=plan_.cfg.train.seed)
     finally:
-        getattr(verifier, "close", lambda: None)()
+        for closing in (verifier, *ranker.values()):
+            getattr(closing, "close", lambda: None)()
     if p.judge:
         log.info(
-            "stage %s: %d judge rows from %s (verifier said yes %d, no %d, %d of them near misses and master "
-            "keys of %d made; balanced)",
+            "stage %s: %d judge rows from %s (verifier said yes %d, no %d: %d near misses and master keys and %d "
+            "swapped answers of %d made; balanced, real wrong samples first)",
             plan_.name,
             len(out),
             p.data,
             counts["yes"],
             counts["no"],
             counts["near_misses"],
+            counts["swapped"],
             len(negatives),
         )
     else:

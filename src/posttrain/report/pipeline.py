@@ -71,6 +71,8 @@ def stage_table(p: PipelineData) -> str:
         acc_cell = fmt_pct(acc, _ev(s, "greedy_ci"))
         if _ev(s, "kind") == "pairs":  # a reward model: its held-out pair accuracy
             acc_cell = f"pairs {fmt_pct(_ev(s, 'pair_accuracy'), _ev(s, 'pair_ci'))}"
+        elif _ev(s, "kind") == "judge":  # a judge: its agreement with the verifier on held-out samples
+            acc_cell = f"judge {fmt_pct(_ev(s, 'judge_accuracy'), _ev(s, 'judge_ci'))}"
         cells = [
             escape(name),
             escape(s.recipe or "—"),
@@ -307,6 +309,45 @@ def breakdown_table(bd: dict | None) -> str:
     return ""
 
 
+def judge_section(ev: dict) -> str:
+    """A judge stage: how often it agrees with the verifier on held-out samples of the policy it was made from,
+    and its audit (the false-positive rate of each attack that fools judges: a wrong answer it passes)."""
+    if ev.get("kind") != "judge":
+        return ""
+    meta = [
+        (
+            "agrees with the verifier",
+            f"{fmt_pct(ev.get('judge_accuracy'), ev.get('judge_ci'))} of {ev.get('n_judged')}",
+        ),
+        ("false positives", fmt_pct(ev.get("false_positive_rate"))),
+        ("false negatives", fmt_pct(ev.get("false_negative_rate"))),
+        ("judge failed", str(ev.get("judge_failed", 0))),
+    ]
+    parts = ["<h3>The judge against the verifier (held-out samples)</h3>", meta_line(meta)]
+    audit = ev.get("audit")
+    if isinstance(audit, dict) and isinstance(audit.get("attacks"), list):
+        tol = numeric(audit.get("max_false_positive")) or 0.0
+        gated = "ok_without_gates" in audit  # a gated judge, audited with and without its gates
+        rows = "".join(
+            f"<tr{' class=bad' if (numeric(a.get('rate')) or 0.0) > tol else ''}><td>{escape(str(a.get('attack')))}</td>"
+            f"<td class=num>{int(a.get('n', 0))}</td><td class=num>{fmt_pct(a.get('rate'))}</td>"
+            + (f"<td class=num>{fmt_pct(a.get('rate_without_gates'))}</td>" if gated else "")
+            + f"<td class=num>{numeric(a.get('mean_score')) or 0.0:.3f}</td></tr>"
+            for a in audit["attacks"]
+        )
+        head = "<th>attack</th><th>n</th><th>false positives</th>"
+        head += "<th>without its gates</th>" if gated else ""
+        verdict = "passed" if audit.get("ok") else "FAILED: " + "; ".join(map(str, audit.get("flags") or []))
+        parts.append(
+            f"<h3>Audit: false-positive rate per attack (score &ge; {numeric(audit.get('threshold')) or 0.5:g}; "
+            f"tolerated {fmt_pct(tol)}): {escape(verdict)}</h3>"
+            f"<p>golds rejected: {fmt_pct(audit.get('gold_rejection_rate'))} of {audit.get('n_gold')}; "
+            f"long minus short answer: {numeric(audit.get('length_bias')) or 0.0:+.3f}</p>"
+            f'<div class="scroll"><table><tr>{head}<th>mean score</th></tr>{rows}</table></div>'
+        )
+    return "".join(parts)
+
+
 def stage_section(p: PipelineData, i: int, st: StageData) -> str:
     ev = st.eval or {}
     meta = [
@@ -317,6 +358,7 @@ def stage_section(p: PipelineData, i: int, st: StageData) -> str:
         ("dir", st.dir or "—"),
     ]
     parts = [f'<h2 id="stage-{i}">Stage {i + 1}: {escape(st.name)}</h2>', meta_line(meta)]
+    parts.append(judge_section(ev))
     if table := breakdown_table(ev.get("breakdown")):
         kind = "Confusion matrix" if ev["breakdown"].get("kind") == "confusion" else "Accuracy per field"
         parts.append(f"<h3>{kind} of the greedy answers (held-out)</h3>{table}")

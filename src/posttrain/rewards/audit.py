@@ -154,6 +154,21 @@ class AuditReport:
     def false_positive_rate(self) -> dict[str, float]:
         return {a.attack: a.rate for a in self.attack_rates}
 
+    def summary(self) -> dict[str, Any]:
+        """The audit in brief, as a pipeline's stage evaluation keeps it (the whole report is audit.json)."""
+        return {
+            "ok": self.ok,
+            "threshold": self.threshold,
+            "max_false_positive": self.max_false_positive,
+            "n_gold": len(self.gold),
+            "gold_rejection_rate": self.gold_rejection_rate,
+            "attacks": [
+                {"attack": a.attack, "n": a.n, "rate": a.rate, "mean_score": a.mean_score} for a in self.attack_rates
+            ],
+            "length_bias": None if self.length_bias is None else self.length_bias.difference,
+            "flags": list(self.flags),
+        }
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["ok"] = self.ok
