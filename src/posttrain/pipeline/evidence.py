@@ -70,9 +70,10 @@ class TaskReward:
 
 
 TASK_REWARDS: dict[str, TaskReward] = {
-    # The demo's lr 3e-4 over 600 steps reached 100% at seed 1 but 85% at seeds 2 and 3 (from SFT): once most
-    # groups are all correct, the negative advantages of " confidentiality" on negated clauses wore its last
-    # character down everywhere (" confidentialiti", not a label); lr 1e-4 over 200 steps: 99.5% and 97.0%.
+    # At the demo's lr 3e-4, GRPO from SFT reached 100% at seed 1 (600 steps) but 85% at seeds 2 and 3 (200
+    # steps): once most groups are all correct, the negative advantages of " confidentiality" on negated clauses
+    # wore its last character down everywhere (" confidentialiti", not a label); lr 1e-4 over 200 steps: 99.5,
+    # 99.5 and 97.0% at seeds 1, 2, 3.
     "clauses": TaskReward(
         "label", {"labels": list(CLAUSE_LABELS)}, answer_tokens=16, max_length=112, rl_steps=200, rl_lr=1e-4
     ),
