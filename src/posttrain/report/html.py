@@ -34,6 +34,11 @@ class ChartSpec:
 CHARTS: tuple[ChartSpec, ...] = (
     ChartSpec("Reward", ("reward/mean", "reward/*/mean"), std="reward/std"),
     ChartSpec("Accuracy", ("accuracy", "eval_accuracy"), y_range=(0.0, 1.0)),
+    ChartSpec(
+        "Judge verdicts (share of samples)",
+        ("reward/*/judge_failed", "reward/*/policy_invalid", "reward/*/gated", "reward/excluded"),
+        y_range=(0.0, 1.0),
+    ),
     ChartSpec("Entropy", ("entropy",)),
     ChartSpec("Truncation rate", ("truncation_rate",), y_range=(0.0, None)),
     ChartSpec(
