@@ -194,6 +194,7 @@ def test_the_judge_demo_runs_end_to_end(tmp_path):
     html = (out / "report.html").read_text()
     assert "Audit: false-positive rate per attack" in html and "master_key_colon" in html
     assert "Judge verdicts (share of samples)" in html  # the judge's statuses per step, charted
+    assert "A judge as the reward vs the verifier" in html  # the two GRPO branches' gains side by side
 
 
 def test_a_judge_behind_a_gate_never_judges_what_the_gate_refuses(judge_dir):

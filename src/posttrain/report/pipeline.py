@@ -19,6 +19,7 @@ from posttrain.report.html import (
     meta_line,
     metric_series,
     page,
+    reward_roles,
     run_body,
     svg,
     when_text,
@@ -259,6 +260,42 @@ def branch_comparison(p: PipelineData) -> str:
     )
 
 
+JUDGE_REWARDS = ("judge", "rubric")
+
+
+def _trains_a_judge(s: StageData) -> bool:
+    trained, _ = reward_roles(s.run.config_text if s.run else None)
+    return any(k.rstrip("0123456789").removesuffix("_") in JUDGE_REWARDS for k in trained)  # judge, judge_2
+
+
+def judge_comparison(p: PipelineData) -> str:
+    """RL against a judge (or a rubric) beside RL against the verifier from the same start: the judge's gain
+    as a share of the verifier's, both measured by the verifier on held-out prompts (the judge's score is
+    never the only measure of its own run: its proxy-vs-gold plot is in its stage's section)."""
+    rl = [s for s in p.stages if s.recipe in RL_RECIPES and s.start_stage]
+    lines = []
+    for j in (s for s in rl if _trains_a_judge(s)):
+        v = next((s for s in rl if s.start_stage == j.start_stage and not _trains_a_judge(s)), None)
+        start = numeric((_ev(_stage_named(p, j.start_stage), "greedy_accuracy")))
+        acc_j = numeric(_ev(j, "greedy_accuracy"))
+        acc_v = numeric(_ev(v, "greedy_accuracy")) if v else None
+        if None in (start, acc_j, acc_v):
+            continue
+        gain_j, gain_v = acc_j - start, acc_v - start
+        share = f": <b>{100 * gain_j / gain_v:.0f}%</b> of the verifier's gain" if gain_v > 0 else ""
+        lines.append(
+            f"<li>from <b>{escape(j.start_stage)}</b> ({fmt_pct(start)}): <b>{escape(j.name)}</b> (against the judge) "
+            f"{fmt_pct(acc_j, _ev(j, 'greedy_ci'))}, {100 * gain_j:+.1f} pts; <b>{escape(v.name)}</b> (against the "
+            f"verifier) {fmt_pct(acc_v, _ev(v, 'greedy_ci'))}, {100 * gain_v:+.1f} pts{share}</li>"
+        )
+    if not lines:
+        return ""
+    return (
+        "<h3>A judge as the reward vs the verifier (held-out accuracy, as the verifier measures it)</h3>"
+        f"<ul>{''.join(lines)}</ul>"
+    )
+
+
 def ablation_section(p: PipelineData) -> str:
     """ablations.json: the same stage with one setting on and off at an equal generation budget."""
     items = []
@@ -399,6 +436,7 @@ def render_pipeline(p: PipelineData) -> str:
         stage_table(p),
         control_comparison(p),
         branch_comparison(p),
+        judge_comparison(p),
         ablation_section(p),
     ]
     body += [stage_section(p, i, s) for i, s in enumerate(p.stages)]
