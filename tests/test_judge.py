@@ -23,7 +23,8 @@ from posttrain.models.tiny import build_tiny_model, build_tokenizer
 from posttrain.rewards import load
 from posttrain.rewards.base import GATED, JUDGE_FAILED, POLICY_INVALID, SCORED
 from posttrain.rewards.composite import RewardComponent, RewardFunction
-from posttrain.rewards.judge import JudgeFailureError, JudgeReward, Verdict, fence, fill, read_verdict
+from posttrain.rewards.judge import JudgeFailureError, JudgeReward, fence, fill
+from posttrain.rewards.judge_engine import Verdict, read_verdict
 from posttrain.rewards.pairwise import PairwiseJudge
 from posttrain.rewards.registry import VerifierLoadError, check
 from posttrain.rewards.rubric import RubricReward
@@ -276,7 +277,7 @@ def test_the_engine_is_recorded_but_a_verdict_cached_by_one_engine_serves_the_ot
     native = JudgeReward(path=judge_dir, cache_dir=str(tmp_path), device="cpu")
     a = native.score_batch(["4", "5"], [EX] * 2)
     # vLLM starts at the first call that needs the model: with every prompt cached, none does (nor needs it here)
-    monkeypatch.setattr("posttrain.rewards.judge.importlib.util.find_spec", lambda name: object())
+    monkeypatch.setattr("posttrain.rewards.judge_engine.importlib.util.find_spec", lambda name: object())
     other = JudgeReward(path=judge_dir, cache_dir=str(tmp_path), engine="vllm", device="cpu")
     monkeypatch.setattr(other.judge, "_run", lambda prompts: pytest.fail(f"judged {len(prompts)} prompts again"))
     b = other.score_batch(["4", "5"], [EX] * 2)

@@ -15,7 +15,8 @@ from judge_models import save_tiny_judge, train_verdicts
 from posttrain.commands.audit import main
 from posttrain.rewards import load
 from posttrain.rewards.audit import audited_false_positive, run_audit
-from posttrain.rewards.judge import Judge, JudgeReward
+from posttrain.rewards.judge import JudgeReward
+from posttrain.rewards.judge_engine import Judge
 from posttrain.rewards.probes import MASTER_KEYS, gold_template, wrong_math_answer
 from posttrain.tasks import get_task
 

@@ -21,7 +21,7 @@ from posttrain.pipeline.pairs import format_stats, make_pairs
 from posttrain.pipeline.stages import PipelineConfig, plan, run
 from posttrain.rewards.audit import audited_false_positive, run_audit
 from posttrain.rewards.base import JUDGE_FAILED, SCORED
-from posttrain.rewards.judge import Judge, Verdict
+from posttrain.rewards.judge_engine import Judge, Verdict
 from posttrain.rewards.pairwise import INCONSISTENT, PREFERRED, TIE, PairwiseJudge, combine, consistency_rate
 from posttrain.run.preflight import pipeline_problems
 from posttrain.runtime.tracking import read_metrics

@@ -40,17 +40,19 @@ from typing import Any
 
 from .base import JUDGE_FAILED, SCORED, Example, VerifierError
 from .judge import (
+    check_reference,
+    check_template,
+    fence,
+    fill,
+    prompt_values,
+)
+from .judge_engine import (
     JUDGE_OPTIONS,
     JudgeCounters,
     Verdict,
     check_causal_dir,
     check_fraction,
-    check_reference,
-    check_template,
-    fence,
-    fill,
     make_judge,
-    prompt_values,
     sha256_text,
 )
 

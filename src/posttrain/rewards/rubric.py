@@ -37,20 +37,22 @@ from typing import Any
 from .base import GATED, POLICY_INVALID, SCORED, Example, Score, as_text
 from .gates import Gates, check_gates
 from .judge import (
-    JUDGE_OPTIONS,
     ON_FAILURE,
     AuditGate,
     JudgeBacked,
-    Verdict,
-    check_choice,
     check_failure_rate,
-    check_fraction,
     check_reference,
     check_template,
     failed_score,
     fill,
-    make_judge,
     prompt_values,
+)
+from .judge_engine import (
+    JUDGE_OPTIONS,
+    Verdict,
+    check_choice,
+    check_fraction,
+    make_judge,
     sha256_text,
 )
 
