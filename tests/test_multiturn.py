@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kill_resume import kill_mid_run
 from posttrain.commands.main import main
 from posttrain.config import EnvConfig, GRPOConfig, PPOConfig, config_from_dict
 from posttrain.data.tokenize import encode_row
@@ -38,7 +38,6 @@ from posttrain.envs.chat import ChatTrack, TemplateRewrite
 from posttrain.evaluation import evaluate_model_dir
 from posttrain.losses.aggregation import aggregate
 from posttrain.losses.logprobs import completion_logps
-from posttrain.models.checkpoint import latest_checkpoint
 from posttrain.recipes import grpo, ppo
 from posttrain.recipes.grpo import micro_batches, policy_logps, sequences
 from posttrain.rl.groups import Group
@@ -567,17 +566,8 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_multi_turn_run(tm
 
     subprocess.run(cli(tmp_path / "full"), check=True, capture_output=True, env=env)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cli(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if (killed / "metrics.jsonl").exists() and len(read_metrics(killed)) >= 5:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    ckpt = latest_checkpoint(killed)
-    assert ckpt is not None and int(ckpt.name.split("-")[1]) < steps
+    ckpt = kill_mid_run(cli(killed), killed, 5, env=env, timeout=300)
+    assert int(ckpt.name.split("-")[1]) < steps
     subprocess.run(cli(killed), check=True, capture_output=True, env=env)
     wa = load_file(tmp_path / "full" / "final" / "model.safetensors")
     wb = load_file(killed / "final" / "model.safetensors")

@@ -7,19 +7,17 @@ import copy
 import json
 import os
 import random
-import signal
 import string
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from kill_resume import kill_mid_run
 from posttrain.config import ConfigError, GRPOConfig, PPOConfig, RewardModelConfig, config_from_dict
-from posttrain.models.checkpoint import latest_checkpoint
 from posttrain.models.loading import ModelError
 from posttrain.models.scalar import scalar_from_causal
 from posttrain.recipes import grpo, ppo
@@ -363,17 +361,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     full = tmp_path / "full"
     subprocess.run(_cli(full, steps), check=True, capture_output=True, env=env)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(killed, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if (killed / "metrics.jsonl").exists() and len(read_metrics(killed)) >= 6:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    ckpt = latest_checkpoint(killed)
-    assert ckpt is not None and int(ckpt.name.split("-")[1]) < steps and (ckpt / "critic").is_dir()
+    ckpt = kill_mid_run(_cli(killed, steps), killed, 6, env=env)
+    assert int(ckpt.name.split("-")[1]) < steps and (ckpt / "critic").is_dir()
     subprocess.run(_cli(killed, steps), check=True, capture_output=True, env=env)
     for name in ("final", "critic"):
         wa, wb = load_file(full / name / "model.safetensors"), load_file(killed / name / "model.safetensors")

@@ -1,13 +1,12 @@
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from kill_resume import kill_mid_run
 from posttrain.config import SFTConfig, config_from_dict
 from posttrain.data.collate import collate_packed, collate_padded, pack
 from posttrain.data.tokenize import encode_prompt_completion
@@ -130,18 +129,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     full = tmp_path / "full"
     subprocess.run(_cli(full, steps), check=True, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(killed, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if len(read_metrics(killed)) >= 17 if (killed / "metrics.jsonl").exists() else False:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    ckpt = kill_mid_run(_cli(killed, steps), killed, 17)
     assert not (killed / "final").exists()
-    ckpt = latest_checkpoint(killed)
-    assert ckpt is not None and int(ckpt.name.split("-")[1]) < steps
+    assert int(ckpt.name.split("-")[1]) < steps
     subprocess.run(_cli(killed, steps), check=True, capture_output=True)
     w_full = load_file(full / "final" / "model.safetensors")
     w_res = load_file(killed / "final" / "model.safetensors")
